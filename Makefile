@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NETBUILD := $(BIN)/netbuild
+# Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
+PYTEST_WORKERS ?= auto
+
+.PHONY: demo test test-slow data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(NETBUILD) check configs/digits-mlp.yaml
+	$(NETBUILD) train configs/digits-mlp.yaml --overwrite
+	$(NETBUILD) eval runs/digits-mlp
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m slow
+
+# Regenerate configs/data/digits-*.npz from scikit-learn's copy of UCI optical digits.
+data: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[data]'
+	$(BIN)/python configs/data/make_digits.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,90 @@
+"""The one place that configures PyTensor: C backend, BLAS, float type, compile cache.
+
+PyTensor from PyPI links no BLAS; netbuild points it at the OpenBLAS that the
+``scipy-openblas32`` wheel ships (its symbols carry a ``scipy_`` prefix, mapped here with
+``-D`` defines). A user's own ``blas__ldflags`` (in ``PYTENSOR_FLAGS`` or ``.pytensorrc``) wins.
+Import this module before anything else touches PyTensor; :func:`configure` is idempotent.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import warnings
+from pathlib import Path
+
+#: The BLAS routines PyTensor's C code calls (real types only; netbuild uses no complex maths).
+_BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", "copy",
+                                  "syrk", "trsm") for p in "sd"]
+
+_configured = False
+_blas_source = "none"
+
+#: The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which compiles
+#: far slower for these graphs).
+MODE = "CVM"
+
+
+def _user_set(flag: str) -> bool:
+    if flag in os.environ.get("PYTENSOR_FLAGS", ""):
+        return True
+    rc_files = os.environ.get("PYTENSORRC", str(Path.home() / ".pytensorrc")).split(os.pathsep)
+    parser = configparser.ConfigParser()
+    try:
+        parser.read([os.path.expanduser(f) for f in rc_files])
+    except configparser.Error:
+        return False
+    section, _, option = flag.partition("__")
+    return parser.has_option("global", flag) or parser.has_option(section, option)
+
+
+def openblas_ldflags() -> str | None:
+    """Link flags for the scipy-openblas32 wheel's OpenBLAS, or None when it is not installed."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    lib_dir = scipy_openblas32.get_lib_dir()
+    lib = scipy_openblas32.get_library()
+    defines = " ".join(f"-D{n}_=scipy_{n}_" for n in _BLAS_ROUTINES)
+    return f"-L{lib_dir} -l{lib} -Wl,-rpath,{lib_dir} {defines}"
+
+
+def configure(float_type: str = "float32") -> None:
+    """Set PyTensor's BLAS and float type once per process (a user's own flags win)."""
+    global _configured, _blas_source
+    if _configured:
+        return
+    import pytensor
+
+    if not _user_set("floatX"):
+        pytensor.config.floatX = float_type
+    if _user_set("blas__ldflags"):
+        _blas_source = "user (PYTENSOR_FLAGS or .pytensorrc)"
+    else:
+        flags = openblas_ldflags()
+        if flags is not None:
+            pytensor.config.blas__ldflags = flags
+            _blas_source = "scipy-openblas32"
+        else:
+            _blas_source = "none"
+    # PyTensor warns at import about numpy/BLAS choices netbuild has made on purpose.
+    warnings.filterwarnings("ignore", message=".*could not link to a BLAS.*")
+    _configured = True
+
+
+def blas_source() -> str:
+    """Where the BLAS in use came from: ``scipy-openblas32``, ``user ...`` or ``none``."""
+    return _blas_source
+
+
+def float_type() -> str:
+    import pytensor
+
+    return pytensor.config.floatX
+
+
+def compiledir() -> str:
+    import pytensor
+
+    return pytensor.config.compiledir

@@ -1,0 +1,63 @@
+"""Evaluation and prediction from a saved model (a run directory or a model.npz)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from . import metrics as metrics_mod
+from .compile import compile_eval, compile_predict
+from .errors import RunError, SpecError
+from .network import Network
+from .runs import atomic_write, load_model, npz_bytes
+from .spec import Spec, validate
+from .train import run_batches
+
+BATCH_SIZE = 256
+
+
+def load_network(model: str | Path) -> tuple[Spec, Network]:
+    """The validated spec and the network with its saved parameters."""
+    raw_spec, params = load_model(model)
+    try:
+        spec = validate(raw_spec)
+        network = Network.from_spec(spec)
+    except SpecError as exc:
+        raise RunError(f"{raw_spec.source}: the stored spec is not valid for this netbuild: "
+                       f"{exc.lines()[0]}") from None
+    try:
+        network.set_param_values(params)
+    except KeyError as exc:
+        raise RunError(f"{raw_spec.source}: parameter {exc} is missing") from None
+    except ValueError as exc:
+        raise RunError(f"{raw_spec.source}: {exc}") from None
+    return spec, network
+
+
+def evaluate(model: str | Path, data_file: str | Path | None = None) -> dict:
+    """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file)."""
+    spec, network = load_network(model)
+    if data_file is None and not spec.data["data"].get("test"):
+        raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz")
+    dataset = data_mod.load(spec, "test", network.input_shape, network.output_shape, file=data_file)
+    fn = compile_eval(network, spec.data["train"]["loss"], dataset.y)
+    loss, outputs = run_batches(fn, dataset, BATCH_SIZE)
+    result = {"loss": loss}
+    result.update(metrics_mod.compute(spec.data["train"].get("metrics", []), dataset.y, outputs))
+    return {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": result}
+
+
+def predict(model: str | Path, data_file: str | Path, out_file: str | Path) -> dict:
+    """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``."""
+    spec, network = load_network(model)
+    x = data_mod.load_inputs(data_file, spec, network.input_shape)
+    fn = compile_predict(network)
+    outputs = np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), BATCH_SIZE)])
+    out_file = Path(out_file)
+    if not out_file.parent.exists():
+        raise RunError(f"{out_file}: the folder {out_file.parent} does not exist")
+    atomic_write(out_file, npz_bytes({"y": outputs}))
+    return {"model": str(model), "data": str(data_file), "out": str(out_file),
+            "examples": len(x), "output_shape": list(outputs.shape)}

@@ -1,0 +1,25 @@
+"""The layer registry: one class per YAML ``type`` name, each in its family's module."""
+
+from __future__ import annotations
+
+from ..errors import expected_one_of
+from .activation import Activation
+from .base import ActivatedLayer, Context, Layer, LayerError, ParamSpec
+from .dense import Dense
+from .noise import Dropout
+from .shape import Flatten
+
+REGISTRY: dict[str, type[Layer]] = {
+    cls.type: cls
+    for cls in (Dense, Activation, Dropout, Flatten)
+}
+
+
+def get(name: str) -> type[Layer]:
+    """The layer class for a YAML ``type`` name."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown layer type '{name}'; {expected_one_of(name, REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "get", "Layer", "ActivatedLayer", "Context", "LayerError", "ParamSpec"]

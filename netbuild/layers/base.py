@@ -1,0 +1,128 @@
+"""The Layer contract that every layer family follows.
+
+A layer is its hyperparameters (the spec mapping, defaults filled), the parameters it declares
+once (:class:`ParamSpec`), a pure :meth:`Layer.output_shape` that never builds a graph, and
+:meth:`Layer.forward`, which builds the symbolic output. Shapes exclude the batch axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import pytensor.tensor as pt
+
+from .. import activations
+
+Shape = tuple
+
+
+class LayerError(Exception):
+    """A layer's configuration does not fit its inputs. ``key`` names the spec key to blame."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter a layer owns: stored as ``<layer name>/<name>``.
+
+    ``trainable`` parameters get gradients; the others (batch norm's running statistics) are
+    updated by the forward pass. ``regularize`` marks weights (not biases) for l1/l2.
+    """
+
+    name: str
+    shape: tuple
+    init: Any
+    fan_in: int = 1
+    fan_out: int = 1
+    trainable: bool = True
+    regularize: bool = True
+
+
+@dataclass
+class Context:
+    """What a forward pass needs besides its inputs: the phase, randomness, state updates.
+
+    ``rng`` is a PyTensor shared random generator; each draw threads its state, and
+    :attr:`updates` carries the final state (and any running statistics) into the compiled
+    function. ``preactivations`` keeps each activated layer's input to its activation, so the
+    loss can work from logits.
+    """
+
+    training: bool
+    rng: Any = None
+    updates: dict = field(default_factory=dict)
+    preactivations: dict = field(default_factory=dict)
+    _rng_state: Any = None
+
+    def uniform(self, shape, dtype: str) -> Any:
+        """Uniform [0, 1) samples of a symbolic ``shape``; advances the generator."""
+        if self.rng is None:
+            raise RuntimeError("this forward pass has no random generator")
+        state = self._rng_state if self._rng_state is not None else self.rng
+        next_state, sample = state.uniform(0.0, 1.0, size=shape, dtype=dtype)
+        self._rng_state = next_state
+        self.updates[self.rng] = next_state
+        return sample
+
+
+class Layer:
+    """Base class. Subclasses set :attr:`type` (the YAML name) and implement the contract."""
+
+    #: The YAML ``type`` name; the registry key.
+    type: ClassVar[str] = ""
+    #: How many inputs the layer takes (``max_inputs=None``: any number).
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = 1
+
+    def __init__(self, name: str, config: dict):
+        self.name = name
+        self.config = config
+        #: The shared variables of this layer's parameters, keyed by the short name (``W``).
+        self.params: dict[str, Any] = {}
+
+    # -- shape maths: pure, no graph -------------------------------------------------------
+    def output_shape(self, input_shapes: Sequence[Shape]) -> Shape:
+        """The output shape (no batch axis) for these input shapes; raises :class:`LayerError`."""
+        raise NotImplementedError
+
+    def param_specs(self, input_shapes: Sequence[Shape]) -> list[ParamSpec]:
+        """The parameters this layer owns for these input shapes."""
+        return []
+
+    # -- graph ----------------------------------------------------------------------------
+    def forward(self, inputs: list, ctx: Context):
+        """The symbolic output for symbolic ``inputs`` (each with a leading batch axis)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class ActivatedLayer(Layer):
+    """A layer whose output is ``activation(linear(inputs))``; records the pre-activation."""
+
+    def linear(self, inputs: list, ctx: Context):
+        raise NotImplementedError
+
+    @property
+    def activation_name(self) -> str:
+        return activations.name_of(self.config.get("activation", "linear"))
+
+    def forward(self, inputs: list, ctx: Context):
+        z = self.linear(inputs, ctx)
+        ctx.preactivations[self.name] = (z, self.activation_name)
+        return activations.get(self.config.get("activation", "linear"))(z)
+
+
+def single(input_shapes: Sequence[Shape]) -> Shape:
+    """The one input shape of a single-input layer."""
+    return tuple(input_shapes[0])
+
+
+def batch_shape(x) -> Any:
+    """The symbolic shape of ``x`` (including its batch axis)."""
+    return pt.shape(x)

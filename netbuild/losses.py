@@ -1,0 +1,107 @@
+"""Loss functions, keyed by their YAML names.
+
+Each returns the loss of every example (a vector over the batch). Cross-entropies work from the
+output layer's pre-activation when it has one (softmax -> log-softmax of the logits, sigmoid ->
+softplus form), never as the log of a probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytensor.tensor as pt
+
+from . import activations
+from .errors import expected_one_of
+
+_EPS = 1e-7
+
+
+@dataclass
+class Output:
+    """The network's output, its pre-activation (or None) and the activation's name."""
+
+    value: Any
+    logits: Any = None
+    activation: str = "linear"
+
+
+def _per_example(values):
+    """Mean over every axis but the batch axis."""
+    return values.mean(axis=tuple(range(1, values.ndim))) if values.ndim > 1 else values
+
+
+def one_hot(ids, n_classes: int, dtype: str):
+    """Integer ids ``(batch, ...)`` -> one-hot rows ``(batch, ..., n_classes)``, as a mask."""
+    return pt.eq(ids[..., None], pt.arange(n_classes)).astype(dtype)
+
+
+def categorical_crossentropy(target, out: Output, label_smoothing: float = 0.0, **_):
+    """``-sum(t * log p)`` over the last axis; ``target`` is class ids or one-hot rows."""
+    value = out.value
+    k = value.shape[-1]
+    t = one_hot(target, k, value.dtype) if target.ndim == value.ndim - 1 else target
+    if label_smoothing:
+        t = t * (1.0 - label_smoothing) + label_smoothing / k.astype(value.dtype)
+    if out.activation == "softmax":
+        log_p = activations.log_softmax(out.logits)
+    elif out.activation == "log_softmax":
+        log_p = value
+    else:
+        log_p = pt.log(pt.clip(value, _EPS, 1.0))
+    return _per_example(-(t * log_p).sum(axis=-1))
+
+
+def binary_crossentropy(target, out: Output, label_smoothing: float = 0.0, **_):
+    """``-(t log p + (1 - t) log(1 - p))``, averaged over the output's units."""
+    t = target
+    if label_smoothing:
+        t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if out.activation == "sigmoid":
+        z = out.logits
+        values = pt.softplus(z) - t * z
+    else:
+        p = pt.clip(out.value, _EPS, 1.0 - _EPS)
+        values = -(t * pt.log(p) + (1.0 - t) * pt.log1p(-p))
+    return _per_example(values)
+
+
+def mse(target, out: Output, **_):
+    return _per_example(pt.sqr(out.value - target))
+
+
+def mae(target, out: Output, **_):
+    return _per_example(pt.abs(out.value - target))
+
+
+def huber(target, out: Output, delta: float = 1.0, **_):
+    err = pt.abs(out.value - target)
+    quad = pt.minimum(err, delta)
+    return _per_example(0.5 * pt.sqr(quad) + delta * (err - quad))
+
+
+REGISTRY: dict[str, Callable] = {
+    "categorical_crossentropy": categorical_crossentropy,
+    "binary_crossentropy": binary_crossentropy,
+    "mse": mse,
+    "mae": mae,
+    "huber": huber,
+}
+
+#: Losses whose targets are class ids (or one-hot rows) rather than values like the output.
+CLASS_ID_TARGETS = {"categorical_crossentropy"}
+
+
+def name_of(config: Any) -> str:
+    return config["type"] if isinstance(config, dict) else config
+
+
+def get(config: Any) -> Callable:
+    """``fn(target, output) -> per-example loss`` for a spec value (a name or a mapping)."""
+    name = name_of(config)
+    if name not in REGISTRY:
+        raise KeyError(f"unknown loss '{name}'; {expected_one_of(name, REGISTRY)}")
+    options = {k: v for k, v in config.items() if k != "type"} if isinstance(config, dict) else {}
+    fn = REGISTRY[name]
+    return lambda target, out: fn(target, out, **options)

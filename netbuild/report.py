@@ -1,0 +1,56 @@
+"""Text for people: the layer table, per-epoch lines, metric tables. Returns strings only."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> str:
+    """A plain text table; ``align`` holds ``l`` or ``r`` per column (default: all left)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    align = align or "l" * len(headers)
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def shape(dims) -> str:
+    return str(tuple(dims))
+
+
+def layer_table(rows: list[dict], total: int) -> str:
+    """One row per layer: name, type, inputs, output shape, parameters, YAML line."""
+    body = [[r["name"], r["type"], ", ".join(r["inputs"]), shape(r["output_shape"]),
+             f"{r['params']:,}", r["line"] or ""] for r in rows]
+    text = table(["layer", "type", "inputs", "output shape", "params", "line"], body, "lllrrr")
+    return f"{text}\ntotal parameters: {total:,}"
+
+
+def number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """``epoch 3/30  loss 0.1234  accuracy 0.9712  val_loss ...  1.2 s  12,345 samples/s``."""
+    width = len(str(epochs))
+    parts = [f"epoch {record['epoch']:>{width}}/{epochs}"]
+    for k, v in record.items():
+        if k in ("epoch", "seconds", "samples_per_second"):
+            continue
+        parts.append(f"{k} {number(v)}")
+    parts.append(f"{record['seconds']:.2f} s")
+    if record.get("samples_per_second"):
+        parts.append(f"{record['samples_per_second']:,.0f} samples/s")
+    return "  ".join(parts)
+
+
+def metrics_table(metrics: dict) -> str:
+    return table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()], "lr")

@@ -1,0 +1,272 @@
+"""Load a YAML spec safely, remembering where every value came from.
+
+The result is a :class:`Spec`: plain Python data (dicts, lists, scalars) plus a map from each
+path to its ``file:line:col``. Only YAML's safe types are built (no Python object tags), a
+duplicate key is an error, and ``--set PATH=VALUE`` overrides are applied with their own location
+so that a bad override names the argument that caused it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+import yaml
+
+from ..errors import Issue, Location, SpecError, format_path
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SAFE_TAGS = {
+    "tag:yaml.org,2002:" + t
+    for t in ("null", "bool", "int", "float", "str", "binary", "timestamp", "map", "seq", "merge")
+}
+
+
+@dataclass
+class Spec:
+    """A loaded spec: its data, where each value and key came from, and its folder."""
+
+    data: Any
+    source: str
+    base_dir: FsPath
+    locations: dict = field(default_factory=dict)
+    key_locations: dict = field(default_factory=dict)
+
+    def locate(self, path, key: bool = False) -> Location:
+        """The location of ``path``, or of its closest ancestor that has one."""
+        path = tuple(path)
+        if key and path in self.key_locations:
+            return self.key_locations[path]
+        while path:
+            if path in self.locations:
+                return self.locations[path]
+            path = path[:-1]
+        return self.locations.get((), Location(self.source))
+
+    def issue(self, path, message: str, key: bool = False) -> Issue:
+        return Issue(self.locate(path, key=key), tuple(path), message)
+
+    def error(self, path, message: str, key: bool = False) -> SpecError:
+        return SpecError(self.issue(path, message, key=key))
+
+    def copy(self) -> "Spec":
+        return Spec(copy.deepcopy(self.data), self.source, self.base_dir,
+                    dict(self.locations), dict(self.key_locations))
+
+
+def _mark(source: str, mark) -> Location:
+    return Location(source, mark.line + 1, mark.column + 1)
+
+
+class _Builder:
+    """Turns a composed YAML node tree into plain data and a location map."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.locations: dict = {}
+        self.key_locations: dict = {}
+        self.issues: list[Issue] = []
+        self._active: set[int] = set()
+
+    def build(self, node, path: tuple) -> Any:
+        self.locations.setdefault(path, _mark(self.source, node.start_mark))
+        if node.tag not in _SAFE_TAGS:
+            self.issues.append(Issue(_mark(self.source, node.start_mark), path,
+                                     f"the YAML tag '{node.tag}' is not allowed; "
+                                     "expected plain YAML values (mappings, lists, scalars)"))
+            return None
+        if id(node) in self._active:  # an alias that refers to one of its own ancestors
+            self.issues.append(Issue(_mark(self.source, node.start_mark), path,
+                                     "a recursive YAML alias is not allowed"))
+            return None
+        if isinstance(node, yaml.MappingNode):
+            self._active.add(id(node))
+            try:
+                return self._mapping(node, path)
+            finally:
+                self._active.discard(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            self._active.add(id(node))
+            try:
+                return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            finally:
+                self._active.discard(id(node))
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            self.issues.append(Issue(_mark(self.source, node.start_mark), path,
+                                     f"cannot read this value: {exc}"))
+            return None
+
+    def _mapping(self, node, path: tuple) -> dict:
+        out: dict = {}
+        merged: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in sources:
+                    if not isinstance(src, yaml.MappingNode):
+                        self.issues.append(Issue(_mark(self.source, src.start_mark), path,
+                                                 "a '<<' merge needs a mapping"))
+                        continue
+                    value = self.build(src, path)
+                    for k, v in (value or {}).items():
+                        merged.setdefault(k, v)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SAFE_TAGS:
+                self.issues.append(Issue(_mark(self.source, key_node.start_mark), path,
+                                         "a mapping key must be a plain scalar"))
+                continue
+            key = self.constructor.construct_object(key_node)
+            if not isinstance(key, str):
+                key = str(key) if not isinstance(key, (bool, type(None))) else str(key).lower()
+            loc = _mark(self.source, key_node.start_mark)
+            if key in out:
+                first = self.key_locations[path + (key,)]
+                self.issues.append(Issue(loc, path + (key,),
+                                         f"duplicate key '{key}' (first given at line {first.line})"))
+                continue
+            self.key_locations[path + (key,)] = loc
+            out[key] = self.build(value_node, path + (key,))
+        for k, v in merged.items():
+            out.setdefault(k, v)
+        return out
+
+
+def load_text(text: str, source: str, base_dir: FsPath | None = None) -> Spec:
+    """Parse YAML ``text``; ``source`` names it in messages. Raises :class:`SpecError`."""
+    base = FsPath(base_dir) if base_dir is not None else FsPath(".")
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = _mark(source, mark) if mark else Location(source)
+        problem = exc.problem or "invalid YAML"
+        context = f" {exc.context}" if exc.context else ""
+        raise SpecError(Issue(where, (), f"invalid YAML: {problem}{context}")) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(Issue(Location(source), (), f"invalid YAML: {exc}")) from None
+    except (UnicodeError, ValueError) as exc:
+        raise SpecError(Issue(Location(source), (), f"invalid YAML: {exc}")) from None
+    if len(nodes) > 1:
+        raise SpecError(Issue(_mark(source, nodes[1].start_mark), (),
+                              "a spec holds one YAML document; found more than one"))
+    if not nodes or nodes[0] is None:
+        raise SpecError(Issue(Location(source, 1, 1), (),
+                              "the spec is empty; expected a mapping with 'model', 'data' and 'train'"))
+    builder = _Builder(source)
+    data = builder.build(nodes[0], ())
+    if builder.issues:
+        raise SpecError(builder.issues)
+    return Spec(data, source, base, builder.locations, builder.key_locations)
+
+
+def load_file(path: str | os.PathLike) -> Spec:
+    """Read and parse a spec file. Raises :class:`SpecError` when it cannot be read."""
+    path = FsPath(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(Issue(Location(source), (), "file not found")) from None
+    except IsADirectoryError:
+        raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file")) from None
+    except OSError as exc:
+        raise SpecError(Issue(Location(source), (), f"cannot read: {exc.strerror}")) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(Issue(Location(source), (),
+                              f"not UTF-8 text (byte {exc.start}); expected a YAML file")) from None
+    if "\x00" in text:
+        raise SpecError(Issue(Location(source), (), "holds NUL bytes; expected a YAML text file"))
+    return load_text(text, source, path.resolve().parent)
+
+
+# ----- --set overrides --------------------------------------------------------------------
+
+_PATH_TOKEN = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_\-]*)|\[(-?\d+)\]")
+
+
+def parse_path(text: str) -> tuple | None:
+    """``model.layers[0].units`` -> ``("model", "layers", 0, "units")``; None when malformed."""
+    parts: list = []
+    pos = 0
+    while pos < len(text):
+        m = _PATH_TOKEN.match(text, pos)
+        if not m or (m.group(1) and pos > 0 and text[pos] != "."):
+            return None
+        if pos == 0 and text[0] == ".":
+            return None
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    return tuple(parts) if parts else None
+
+
+def apply_override(spec: Spec, argument: str) -> None:
+    """Apply one ``PATH=VALUE`` override in place. Raises :class:`SpecError` naming it."""
+    where = Location(f"--set {argument}")
+    if "=" not in argument:
+        raise SpecError(Issue(where, (), "expected PATH=VALUE, for example "
+                                         "train.optimizer.learning_rate=0.01"))
+    raw_path, raw_value = argument.split("=", 1)
+    path = parse_path(raw_path.strip())
+    if path is None:
+        raise SpecError(Issue(where, (), f"'{raw_path}' is not a path; expected dotted keys and "
+                                         "[index] parts, for example model.layers[0].units"))
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError(Issue(where, path, f"cannot read the value '{raw_value}': "
+                                           f"{getattr(exc, 'problem', exc)}")) from None
+    if not isinstance(spec.data, dict):
+        raise SpecError(Issue(where, path, "the spec is not a mapping"))
+    node: Any = spec.data
+    for i, part in enumerate(path[:-1]):
+        here = path[: i + 1]
+        nxt = path[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or not -len(node) <= part < len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise SpecError(Issue(where, here, f"index {part} is out of range; the list "
+                                                   f"has {size} items"))
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError(Issue(where, here, f"cannot set '{part}' inside a "
+                                               f"{type(node).__name__}"))
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or not -len(node) <= last < len(node):
+            raise SpecError(Issue(where, path, "index is out of range"))
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise SpecError(Issue(where, path, f"cannot set '{last}' inside a {type(node).__name__}"))
+    # The override owns its path and everything below it.
+    for table in (spec.locations, spec.key_locations):
+        for key in [k for k in table if k[: len(path)] == path]:
+            del table[key]
+    spec.locations[path] = where
+    spec.key_locations[path] = where
+
+
+def apply_overrides(spec: Spec, arguments) -> Spec:
+    """A copy of ``spec`` with every ``--set`` argument applied in order."""
+    spec = spec.copy()
+    for argument in arguments or ():
+        apply_override(spec, argument)
+    return spec
+
+
+__all__ = ["Spec", "load_text", "load_file", "apply_override", "apply_overrides", "parse_path",
+           "format_path"]
