@@ -22,5 +22,5 @@ def check(path: str, overrides=(), with_data: bool = True) -> tuple[Spec, Networ
     if with_data:
         load_datasets(spec, network)
         if spec.data["data"].get("test"):
-            data.load(spec, "test", network.input_shape, network.output_shape)
+            data.load(spec, "test", network)
     return spec, network

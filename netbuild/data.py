@@ -7,6 +7,7 @@ names the data file (and key): the position is the spec line that names the file
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-from . import losses
-from .errors import Issue, Location, SpecError
+from . import backend, losses
+from .errors import DataError, Issue, NetbuildError, SpecError
+from .network import Network
 from .spec import Spec
 
 
@@ -37,7 +39,15 @@ class Dataset:
 def resolve_path(spec: Spec, value: str) -> Path:
     """A data path from the spec: relative paths are relative to the spec's folder."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else spec.base_dir / path
+    return Path(os.path.normpath(path if path.is_absolute() else spec.base_dir / path))
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working folder when it lies below it, else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 class _Reporter:
@@ -46,8 +56,10 @@ class _Reporter:
     def __init__(self, where: Location | None, path: tuple, file: str):
         self.where, self.path, self.file = where, path, file
 
-    def error(self, message: str, key: str | None = None) -> SpecError:
+    def error(self, message: str, key: str | None = None) -> NetbuildError:
         what = f"{self.file}: key '{key}': " if key else f"{self.file}: "
+        if self.where is None:  # a file named on the command line, not in the spec
+            return DataError(what + message)
         return SpecError(Issue(self.where, self.path, what + message))
 
 
@@ -69,7 +81,7 @@ def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tu
                     raise report.error(f"no array '{key}' in the file; its keys are: "
                                        f"{', '.join(keys) or '(none)'}")
             arrays = [archive[k] for k in wanted]
-    except SpecError:
+    except NetbuildError:
         raise
     except (zipfile.BadZipFile, EOFError) as exc:
         raise report.error(f"not a readable .npz archive ({exc})") from None
@@ -83,9 +95,10 @@ def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tu
     return arrays[0], (arrays[1] if y_key else None)
 
 
-def prepare_x(x: np.ndarray, input_shape: tuple, report: _Reporter, key: str) -> np.ndarray:
-    """Check and cast inputs: numeric, finite, shape ``(n, *input_shape)`` or ``(n, prod)``."""
-    import pytensor
+def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> np.ndarray:
+    """Check and cast inputs: numeric, finite, shape ``(n, *input_shape)`` or ``(n, prod)``;
+    integer ids in range when the network starts with an embedding."""
+    input_shape = network.input_shape
 
     if x.dtype.kind not in "biuf":
         raise report.error(f"has dtype {x.dtype}; expected numbers", key)
@@ -99,7 +112,16 @@ def prepare_x(x: np.ndarray, input_shape: tuple, report: _Reporter, key: str) ->
             raise report.error(f"has examples of shape {per_example}; expected "
                                f"{tuple(input_shape)} to fit model.input_shape "
                                f"(or {math.prod(input_shape)} values per example)", key)
-    x = x.astype(pytensor.config.floatX, copy=False)
+    ids = network.integer_input
+    if ids is not None:
+        if x.dtype.kind not in "iub":
+            raise report.error(f"has dtype {x.dtype}; expected integer ids for the embedding", key)
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= ids:
+            raise report.error(f"holds id {lo if lo < 0 else hi}; expected ids 0..{ids - 1} "
+                               f"(the embedding's input_dim is {ids})", key)
+        return x.astype(np.int64, copy=False)
+    x = x.astype(network.input_dtype, copy=False)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).any(axis=1))[0, 0])
         raise report.error(f"holds NaN or infinite values (first in example {bad}); "
@@ -110,8 +132,6 @@ def prepare_x(x: np.ndarray, input_shape: tuple, report: _Reporter, key: str) ->
 def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report: _Reporter,
               key: str) -> np.ndarray:
     """Check targets against the output layer and the loss; cast them."""
-    import pytensor
-
     if y.dtype.kind not in "biuf":
         raise report.error(f"has dtype {y.dtype}; expected numbers", key)
     if y.ndim == 0 or len(y) != n:
@@ -130,7 +150,7 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
                                    f"ids 0..{k - 1} for an output of {k} units", key)
             return y.astype(np.int64, copy=False)
         if y.shape[1:] == tuple(output_shape):
-            return y.astype(pytensor.config.floatX, copy=False)
+            return y.astype(backend.float_type(), copy=False)
         raise report.error(f"has shape {y.shape} and dtype {y.dtype}; expected integer class ids "
                            f"of shape {(n,) + lead} or one-hot rows of shape {(n,) + tuple(output_shape)}",
                            key)
@@ -140,11 +160,10 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
         else:
             raise report.error(f"has targets of shape {y.shape[1:]}; expected {tuple(output_shape)} "
                                f"like the output layer", key)
-    return y.astype(pytensor.config.floatX, copy=False)
+    return y.astype(backend.float_type(), copy=False)
 
 
-def load(spec: Spec, role: str, input_shape: tuple, output_shape: tuple,
-         file: str | Path | None = None) -> Dataset:
+def load(spec: Spec, role: str, network: Network, file: str | Path | None = None) -> Dataset:
     """Load and check the ``role`` file (train, validation, test) of the spec, or ``file``.
 
     Raises :class:`SpecError` located at the spec line naming the file (or at the file itself
@@ -159,21 +178,22 @@ def load(spec: Spec, role: str, input_shape: tuple, output_shape: tuple,
         path = ()
         target = Path(file)
         where = None
-    report = _Reporter(where, path if file is None else ("data",), str(target))
+    report = _Reporter(where, path if file is None else ("data",), display_path(target))
     x_key, y_key = data.get("x_key", "x"), data.get("y_key", "y")
     x, y = read_npz(target, x_key, y_key, report)
-    x = prepare_x(x, input_shape, report, x_key)
-    y = prepare_y(y, len(x), output_shape, losses.name_of(spec.data["train"]["loss"]), report, y_key)
-    return Dataset(x, y, str(target))
+    x = prepare_x(x, network, report, x_key)
+    y = prepare_y(y, len(x), network.output_shape, losses.name_of(spec.data["train"]["loss"]),
+                  report, y_key)
+    return Dataset(x, y, display_path(target))
 
 
-def load_inputs(file: str | Path, spec: Spec, input_shape: tuple) -> np.ndarray:
+def load_inputs(file: str | Path, spec: Spec, network: Network) -> np.ndarray:
     """Only the inputs of ``file`` (for ``predict``), checked against the input shape."""
     target = Path(file)
-    report = _Reporter(None, ("data",), str(target))
+    report = _Reporter(None, ("data",), display_path(target))
     x_key = spec.data["data"].get("x_key", "x")
     x, _ = read_npz(target, x_key, None, report)
-    return prepare_x(x, input_shape, report, x_key)
+    return prepare_x(x, network, report, x_key)
 
 
 def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -75,6 +75,8 @@ class Issue:
 
     def __str__(self) -> str:
         where = f"{self.location}: " if self.location else ""
+        if not self.path and self.location and self.location.line is None:
+            return f"{where}{self.message}"  # about a whole file: no position, no path
         return f"{where}{format_path(self.path)}: {self.message}"
 
     def sort_key(self):

@@ -9,7 +9,7 @@ import numpy as np
 from . import data as data_mod
 from . import metrics as metrics_mod
 from .compile import compile_eval, compile_predict
-from .errors import RunError, SpecError
+from .errors import RunError, SpecError, format_path
 from .network import Network
 from .runs import atomic_write, load_model, npz_bytes
 from .spec import Spec, validate
@@ -25,8 +25,9 @@ def load_network(model: str | Path) -> tuple[Spec, Network]:
         spec = validate(raw_spec)
         network = Network.from_spec(spec)
     except SpecError as exc:
+        first = exc.issues[0]
         raise RunError(f"{raw_spec.source}: the stored spec is not valid for this netbuild: "
-                       f"{exc.lines()[0]}") from None
+                       f"{format_path(first.path)}: {first.message}") from None
     try:
         network.set_param_values(params)
     except KeyError as exc:
@@ -41,7 +42,7 @@ def evaluate(model: str | Path, data_file: str | Path | None = None) -> dict:
     spec, network = load_network(model)
     if data_file is None and not spec.data["data"].get("test"):
         raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz")
-    dataset = data_mod.load(spec, "test", network.input_shape, network.output_shape, file=data_file)
+    dataset = data_mod.load(spec, "test", network, file=data_file)
     fn = compile_eval(network, spec.data["train"]["loss"], dataset.y)
     loss, outputs = run_batches(fn, dataset, BATCH_SIZE)
     result = {"loss": loss}
@@ -52,7 +53,7 @@ def evaluate(model: str | Path, data_file: str | Path | None = None) -> dict:
 def predict(model: str | Path, data_file: str | Path, out_file: str | Path) -> dict:
     """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``."""
     spec, network = load_network(model)
-    x = data_mod.load_inputs(data_file, spec, network.input_shape)
+    x = data_mod.load_inputs(data_file, spec, network)
     fn = compile_predict(network)
     outputs = np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), BATCH_SIZE)])
     out_file = Path(out_file)

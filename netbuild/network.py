@@ -184,10 +184,20 @@ class Network:
                 self.params[var.name] = var
 
     # -- graph ------------------------------------------------------------------------------
+    @property
+    def integer_input(self) -> int | None:
+        """When the input feeds an embedding: the number of valid ids (the smallest table)."""
+        sizes = [node.layer.config["input_dim"] for node in self.order
+                 if INPUT in node.inputs and getattr(node.layer, "integer_input", False)]
+        return min(sizes) if sizes else None
+
+    @property
+    def input_dtype(self) -> str:
+        return "int64" if self.integer_input else pytensor.config.floatX
+
     def input_variable(self, name: str = "x"):
         """A symbolic batch of inputs: shape ``(batch, *input_shape)``."""
-        return pt.tensor(name=name, dtype=pytensor.config.floatX,
-                         shape=(None,) + self.input_shape)
+        return pt.tensor(name=name, dtype=self.input_dtype, shape=(None,) + self.input_shape)
 
     def forward(self, x, training: bool, seed: int = 0) -> tuple[Any, Context]:
         """The symbolic output for the batch ``x`` and the context (updates, pre-activations).

@@ -41,10 +41,9 @@ class TrainResult:
 def load_datasets(spec: Spec, network: Network) -> Datasets:
     """The training data and the validation data (a file, a split, or none)."""
     cfg = spec.data["data"]
-    train = data_mod.load(spec, "train", network.input_shape, network.output_shape)
+    train = data_mod.load(spec, "train", network)
     if cfg.get("validation"):
-        return Datasets(train, data_mod.load(spec, "validation", network.input_shape,
-                                             network.output_shape))
+        return Datasets(train, data_mod.load(spec, "validation", network))
     fraction = float(cfg.get("validation_split", 0.0))
     try:
         train, validation = data_mod.split(train, fraction, int(spec.data.get("seed", 0)))

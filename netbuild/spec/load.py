@@ -58,6 +58,10 @@ class Spec:
                     dict(self.locations), dict(self.key_locations))
 
 
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
 def _mark(source: str, mark) -> Location:
     return Location(source, mark.line + 1, mark.column + 1)
 
@@ -77,7 +81,7 @@ class _Builder:
         self.locations.setdefault(path, _mark(self.source, node.start_mark))
         if node.tag not in _SAFE_TAGS:
             self.issues.append(Issue(_mark(self.source, node.start_mark), path,
-                                     f"the YAML tag '{node.tag}' is not allowed; "
+                                     f"the YAML tag '{_short_tag(node.tag)}' is not allowed; "
                                      "expected plain YAML values (mappings, lists, scalars)"))
             return None
         if id(node) in self._active:  # an alias that refers to one of its own ancestors
