@@ -6,12 +6,19 @@ from ..errors import expected_one_of
 from .activation import Activation
 from .base import ActivatedLayer, Context, Layer, LayerError, ParamSpec
 from .dense import Dense
+from .embedding import Embedding
+from .merge import Add, Concatenate, Multiply
 from .noise import Dropout
-from .shape import Flatten
+from .normalization import BatchNorm, LayerNorm
+from .shape import Flatten, Reshape
 
 REGISTRY: dict[str, type[Layer]] = {
     cls.type: cls
-    for cls in (Dense, Activation, Dropout, Flatten)
+    for cls in (
+        Dense, Activation, Dropout, Flatten, Reshape,
+        BatchNorm, LayerNorm, Embedding,
+        Add, Multiply, Concatenate,
+    )
 }
 
 

@@ -1,0 +1,36 @@
+"""Lookup tables: ``embedding``.
+
+``embedding`` maps integer ids in ``[0, input_dim)`` to rows of ``W`` (``input_dim, output_dim``),
+torch ``nn.Embedding.weight``: input ``(T,)`` or ``()`` -> output ``(T, output_dim)`` or
+``(output_dim,)``; ``y[..., :] = W[ids[...], :]``. Its input is an integer tensor
+(:attr:`Embedding.integer_input`); float ids are truncated to integers.
+"""
+
+from __future__ import annotations
+
+import pytensor.tensor as pt
+
+from .base import Layer, ParamSpec, single
+
+
+class Embedding(Layer):
+    type = "embedding"
+    #: The network feeds this layer integer ids rather than floats.
+    integer_input = True
+
+    def output_shape(self, input_shapes):
+        return single(input_shapes) + (self.config["output_dim"],)
+
+    def param_specs(self, input_shapes):
+        n, d = self.config["input_dim"], self.config["output_dim"]
+        return [ParamSpec("W", (n, d), self.config.get("embeddings_initializer", "uniform"),
+                          fan_in=n, fan_out=d)]
+
+    def forward(self, inputs, ctx):
+        (ids,) = inputs
+        if not ids.dtype.startswith(("int", "uint")):
+            ids = pt.cast(ids, "int64")
+        W = self.params["W"]
+        # Index with a vector: AdvancedSubtensor1 (and its gradient) have C code, matrices do not.
+        rows = W[ids.flatten()]
+        return rows.reshape((*[ids.shape[i] for i in range(ids.ndim)], W.shape[1]))
