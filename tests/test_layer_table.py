@@ -1,0 +1,82 @@
+"""One table runs every registered layer type through the whole path: YAML -> schema -> Network.
+
+For each row: the statically predicted shape of every layer equals the shape the graph computes,
+the parameter count equals the count worked out by hand, and the gradient with respect to every
+parameter matches a numerical gradient (``verify_grad``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor
+import pytest
+from pytensor.gradient import verify_grad
+from pytensor.graph.replace import clone_replace
+
+from conftest import TEST_MODE
+from netbuild import layers
+from netbuild.layers import Context
+from netbuild.network import INPUT, Network
+from netbuild.spec import load_text, validate
+
+# (id, input_shape, layers as YAML flow items, parameter count worked out by hand)
+TABLE = [
+    ("dense", [5], ["{type: dense, units: 3, activation: tanh}"], 5 * 3 + 3),
+    ("dense-3d", [2, 4], ["{type: dense, units: 3, use_bias: false}"], 4 * 3),
+    ("activation", [4], ["{type: activation, activation: {type: elu, alpha: 0.5}}"], 0),
+    ("dropout", [4], ["{type: dropout, rate: 0.5}", "{type: dense, units: 2}"], 4 * 2 + 2),
+    ("flatten", [2, 3], ["{type: flatten}", "{type: dense, units: 2}"], 6 * 2 + 2),
+    ("reshape", [6], ["{type: reshape, shape: [3, -1]}", "{type: dense, units: 2}"], 2 * 2 + 2),
+    ("batch_norm", [3, 4], ["{type: batch_norm}"], 4 * 3),
+    ("layer_norm", [3, 4], ["{type: layer_norm}"], 2 * 4),
+    ("embedding", [5], ["{type: embedding, input_dim: 7, output_dim: 3}", "{type: flatten}"], 7 * 3),
+    ("add", [4], ["{type: dense, units: 4, name: a}", "{type: dense, units: 4, name: b, inputs: [input]}",
+                  "{type: add, inputs: [a, b]}"], 2 * (4 * 4 + 4)),
+    ("multiply", [4], ["{type: dense, units: 4, name: a, activation: sigmoid}",
+                       "{type: multiply, inputs: [a, input]}"], 4 * 4 + 4),
+    ("concatenate", [4], ["{type: dense, units: 2, name: a}", "{type: dense, units: 3, name: b, inputs: [input]}",
+                          "{type: concatenate, inputs: [a, b, input]}"], (4 * 2 + 2) + (4 * 3 + 3)),
+]
+
+
+def test_table_covers_every_layer_type():
+    covered = {item.split("type: ")[1].split(",")[0].split("}")[0] for _, _, items, _ in TABLE for item in items}
+    assert covered >= set(layers.REGISTRY)
+
+
+def build(input_shape, items) -> Network:
+    text = (f"name: t\ndata: {{train: none.npz}}\nmodel:\n  input_shape: {input_shape}\n  layers:\n"
+            + "".join(f"    - {item}\n" for item in items)
+            + "train: {loss: mse, optimizer: {type: sgd}}\n")
+    return Network.from_spec(validate(load_text(text, "table.yaml")))
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
+def test_layer_row(case, float64):
+    _, input_shape, items, n_params = case
+    net = build(input_shape, items)
+    assert net.n_params() == n_params
+    rng = np.random.default_rng(0)
+    if net.integer_input:
+        x_value = rng.integers(0, net.integer_input, size=(3, *input_shape))
+    else:
+        x_value = rng.normal(size=(3, *input_shape))
+    x = net.input_variable()
+    out, _ = net.forward(x, training=False)
+    # every layer's computed shape equals its predicted static shape
+    values = {INPUT: x}
+    probe = Context(training=False)
+    for node in net.order:
+        values[node.name] = node.layer.forward([values[i] for i in node.inputs], probe)
+    names = [node.name for node in net.order]
+    computed = pytensor.function([x], [values[n] for n in names], mode=TEST_MODE)(x_value)
+    for name, value in zip(names, computed):
+        assert value.shape == (3, *net.nodes[name].output_shape), name
+
+    shared = list(net.params.values())
+    if not shared:  # a layer without parameters: the gradient with respect to its input
+        verify_grad(lambda t: net.forward(t, training=False)[0], [x_value], rng=rng, mode=TEST_MODE)
+        return
+    fixed_x = {x: pytensor.shared(x_value)}
+    verify_grad(lambda *params: clone_replace(out, {**dict(zip(shared, params)), **fixed_x}),
+                [v.get_value() for v in shared], rng=rng, mode=TEST_MODE, abs_tol=1e-6, rel_tol=1e-5)
