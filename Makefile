@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow data clean
+.PHONY: demo test test-slow data docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: $(STAMP)
 data: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[data]'
 	$(BIN)/python configs/data/make_digits.py
+
+# Regenerate docs/spec.md from the JSON Schema.
+docs: $(STAMP)
+	$(BIN)/python -m netbuild.spec.reference > docs/spec.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
