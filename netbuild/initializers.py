@@ -91,6 +91,8 @@ REGISTRY: dict[str, Callable] = {
 
 def initialize(config: Any, rng: np.random.Generator, shape, fan_in: int, fan_out: int) -> np.ndarray:
     """Values for a parameter from a spec value (a name or ``{type: name, ...options}``)."""
+    if callable(config):  # a layer's own initializer (the LSTM's forget-gate bias)
+        return np.asarray(config(rng, tuple(shape), max(fan_in, 1), max(fan_out, 1)), dtype=np.float64)
     name = config["type"] if isinstance(config, dict) else config
     if name not in REGISTRY:
         raise KeyError(f"unknown initializer '{name}'; {expected_one_of(name, REGISTRY)}")

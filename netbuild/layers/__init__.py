@@ -10,6 +10,7 @@ from .embedding import Embedding
 from .merge import Add, Concatenate, Multiply
 from .noise import Dropout
 from .normalization import BatchNorm, LayerNorm
+from .recurrent import GRU, LSTM, SimpleRNN
 from .shape import Flatten, Reshape
 
 REGISTRY: dict[str, type[Layer]] = {
@@ -17,6 +18,7 @@ REGISTRY: dict[str, type[Layer]] = {
     for cls in (
         Dense, Activation, Dropout, Flatten, Reshape,
         BatchNorm, LayerNorm, Embedding,
+        SimpleRNN, LSTM, GRU,
         Add, Multiply, Concatenate,
     )
 }

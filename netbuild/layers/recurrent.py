@@ -1,0 +1,244 @@
+"""Recurrent layers: ``simple_rnn``, ``lstm``, ``gru``.
+
+Input ``(timesteps, features)``; output ``(units,)``, the last state, or ``(timesteps, units)``
+with ``return_sequences``; ``bidirectional`` doubles ``units`` (``[forward, backward]`` on the
+feature axis). The initial state is zeros.
+
+Parameters follow PyTorch's layout, transposed like ``dense``'s ``W`` (inputs, outputs), so
+``W_ih = weight_ih_l0.T`` and ``W_hh = weight_hh_l0.T``; with ``G`` gates stacked on the columns:
+``W_ih (features, G*units)``, ``W_hh (units, G*units)``, ``b_ih (G*units,)``, ``b_hh (G*units,)``.
+The backward direction of a bidirectional layer owns the same names suffixed ``_reverse``.
+``act`` is ``activation`` (tanh) and ``ract`` is ``recurrent_activation`` (sigmoid); ``[k]``
+is the k-th block of ``units`` columns.
+
+``simple_rnn`` (G = 1, as ``torch.nn.RNN``)::
+
+    h = act(x W_ih + b_ih + h W_hh + b_hh)
+
+``lstm`` (G = 4, gates i, f, g, o, as ``torch.nn.LSTM``)::
+
+    a = x W_ih + b_ih + h W_hh + b_hh
+    i, f, g, o = ract(a[0]), ract(a[1]), act(a[2]), ract(a[3])
+    c = f * c + i * g
+    h = o * act(c)
+
+``gru`` (G = 3, gates r, z, n, as ``torch.nn.GRU``)::
+
+    p = x W_ih + b_ih,  q = h W_hh + b_hh
+    r, z = ract(p[0] + q[0]), ract(p[1] + q[1])
+    n = act(p[2] + r * q[2])
+    h = (1 - z) * n + z * h
+
+The input projection of every timestep is one matrix product ahead of the loop (both directions
+at once); each step does only ``h W_hh`` and elementwise maths.
+
+``go_backwards`` (Keras semantics) reverses the input sequence before the layer reads it; with
+``return_sequences`` the outputs stay in that processing order. ``bidirectional`` adds a second
+direction that reads the (possibly reversed) sequence backwards; its outputs are re-aligned to
+the forward direction's time order, as ``torch.nn.LSTM(bidirectional=True)`` does, and without
+``return_sequences`` each direction contributes its final state (torch's ``h_n``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+
+from .. import activations, initializers
+from .base import Context, Layer, LayerError, ParamSpec, Shape, single
+
+
+class ForgetBias:
+    """An initializer: ``base`` everywhere, then 1 on the LSTM forget gate's block
+    ``[units:2*units]``. Called like the functions in :mod:`netbuild.initializers`
+    (``rng, shape, fan_in, fan_out``); :func:`netbuild.initializers.initialize` accepts it.
+    """
+
+    def __init__(self, base: Any, units: int):
+        self.base = base
+        self.units = units
+
+    def __call__(self, rng, shape, fan_in, fan_out, **_) -> np.ndarray:
+        values = initializers.initialize(self.base, rng, shape, fan_in, fan_out)
+        values[self.units:2 * self.units] = 1.0
+        return values
+
+    def __repr__(self) -> str:
+        return f"ForgetBias({self.base!r}, units={self.units})"
+
+
+class Recurrent(Layer):
+    """The loop shared by every cell: input projection, directions, scan, output selection.
+
+    A subclass sets :attr:`gates` and :attr:`n_states` and implements :meth:`step`.
+    """
+
+    #: Gate blocks stacked on the columns of ``W_ih`` and ``W_hh``.
+    gates: ClassVar[int] = 1
+    #: Tensors carried from step to step (``h`` first; the LSTM also carries ``c``).
+    n_states: ClassVar[int] = 1
+
+    # -- shape maths ----------------------------------------------------------------------
+    def _check_input(self, input_shapes: Sequence[Shape]) -> tuple[int, int]:
+        shape = single(input_shapes)
+        if len(shape) != 2:
+            raise LayerError(f"a '{self.type}' layer reads sequences: expected input of shape "
+                             f"(timesteps, features); received shape {shape}", key="inputs")
+        return shape[0], shape[1]
+
+    @property
+    def directions(self) -> list[str]:
+        """The parameter-name suffix of each direction."""
+        return ["", "_reverse"] if self.config.get("bidirectional", False) else [""]
+
+    def output_shape(self, input_shapes):
+        timesteps, _ = self._check_input(input_shapes)
+        units = self.config["units"] * len(self.directions)
+        return (timesteps, units) if self.config.get("return_sequences", False) else (units,)
+
+    def param_specs(self, input_shapes):
+        _, features = self._check_input(input_shapes)
+        units = self.config["units"]
+        width = self.gates * units
+        kernel = self.config.get("kernel_initializer", "glorot_uniform")
+        recurrent = self.config.get("recurrent_initializer", "orthogonal")
+        bias = self.config.get("bias_initializer", "zeros")
+        specs = []
+        for suffix in self.directions:
+            specs += [
+                ParamSpec("W_ih" + suffix, (features, width), kernel,
+                          fan_in=features, fan_out=width),
+                ParamSpec("W_hh" + suffix, (units, width), recurrent, fan_in=units, fan_out=width),
+                ParamSpec("b_ih" + suffix, (width,), self.input_bias_init(bias),
+                          fan_in=features, fan_out=width, regularize=False),
+                ParamSpec("b_hh" + suffix, (width,), bias, fan_in=units, fan_out=width,
+                          regularize=False),
+            ]
+        return specs
+
+    def input_bias_init(self, bias: Any) -> Any:
+        """The initializer of ``b_ih`` (the LSTM sets its forget gate to 1)."""
+        return bias
+
+    # -- the cell ------------------------------------------------------------------------
+    def split_bias(self, b_ih, b_hh) -> tuple[Any, Any]:
+        """``(bias added to the input projection, bias kept inside the step or None)``."""
+        return b_ih + b_hh, None
+
+    def step(self, p, states: Sequence, W_hh, b_inner) -> list:
+        """One timestep: ``p`` is this step's input projection ``(batch, G*units)``; returns the
+        new states, ``h`` first."""
+        raise NotImplementedError
+
+    def _activations(self) -> tuple[Callable, Callable]:
+        return (activations.get(self.config.get("activation", "tanh")),
+                activations.get(self.config.get("recurrent_activation", "sigmoid")))
+
+    # -- graph ----------------------------------------------------------------------------
+    def forward(self, inputs, ctx: Context):
+        (x,) = inputs
+        units = self.config["units"]
+        width = self.gates * units
+        dirs = self.directions
+        n_dir, n_states = len(dirs), self.n_states
+        steps, batch, features = x.shape[1], x.shape[0], x.shape[2]
+
+        xs = x.dimshuffle(1, 0, 2)  # time-major (timesteps, batch, features)
+        if self.config.get("go_backwards", False):
+            xs = xs[::-1]
+        # every timestep and direction's input projection in one matrix product
+        outer, inner = zip(*(self.split_bias(self.params["b_ih" + s], self.params["b_hh" + s])
+                             for s in dirs))
+        W_ih = pt.concatenate([self.params["W_ih" + s] for s in dirs], axis=1) if n_dir > 1 \
+            else self.params["W_ih"]
+        b = pt.concatenate(outer) if n_dir > 1 else outer[0]
+        proj = (pt.dot(xs.reshape((steps * batch, features)), W_ih) + b) \
+            .reshape((steps, batch, n_dir * width))
+        sequences = [proj[:, :, :width]]
+        if n_dir > 1:
+            sequences.append(proj[::-1, :, width:])  # the backward direction reads time reversed
+
+        non_sequences = []
+        for s, b_in in zip(dirs, inner):
+            non_sequences += [self.params["W_hh" + s]] + ([b_in] if b_in is not None else [])
+        per_dir = len(non_sequences) // n_dir
+        zero = pt.zeros((batch, units), dtype=x.dtype)
+
+        def loop(*args):
+            # scan's order: this step of each sequence, the previous states, the non-sequences
+            ps = args[:n_dir]
+            states = args[n_dir:n_dir * (1 + n_states)]
+            rest = args[n_dir * (1 + n_states):]
+            new = []
+            for d in range(n_dir):
+                W_hh, *b_in = rest[d * per_dir:(d + 1) * per_dir]
+                new += self.step(ps[d], states[d * n_states:(d + 1) * n_states], W_hh,
+                                 b_in[0] if b_in else None)
+            return new
+
+        outputs = pytensor.scan(loop, sequences=sequences,
+                                outputs_info=[zero] * (n_dir * n_states),
+                                non_sequences=non_sequences, strict=True,
+                                return_list=True, return_updates=False,
+                                name=f"{self.name}_scan")
+        hs = outputs[::n_states]  # h of each direction: (timesteps, batch, units)
+        if self.config.get("return_sequences", False):
+            if n_dir > 1:
+                hs = [hs[0], hs[1][::-1]]
+            out = [h.dimshuffle(1, 0, 2) for h in hs]
+        else:
+            out = [h[-1] for h in hs]
+        return pt.concatenate(out, axis=-1) if n_dir > 1 else out[0]
+
+
+class SimpleRNN(Recurrent):
+    type = "simple_rnn"
+    gates = 1
+
+    def step(self, p, states, W_hh, b_inner):
+        (h,) = states
+        act, _ = self._activations()
+        return [act(p + pt.dot(h, W_hh))]
+
+
+class LSTM(Recurrent):
+    type = "lstm"
+    gates = 4
+    n_states = 2
+
+    def input_bias_init(self, bias):
+        if self.config.get("unit_forget_bias", True):
+            return ForgetBias(bias, self.config["units"])
+        return bias
+
+    def step(self, p, states, W_hh, b_inner):
+        h, c = states
+        u = self.config["units"]
+        act, ract = self._activations()
+        a = p + pt.dot(h, W_hh)
+        i, f, g, o = ract(a[:, :u]), ract(a[:, u:2 * u]), act(a[:, 2 * u:3 * u]), ract(a[:, 3 * u:])
+        c = f * c + i * g
+        return [o * act(c), c]
+
+
+class GRU(Recurrent):
+    type = "gru"
+    gates = 3
+
+    def split_bias(self, b_ih, b_hh):
+        # b_hn is scaled by the reset gate, so it stays in the step; b_hr and b_hz are hoisted
+        u = self.config["units"]
+        return b_ih + pt.set_subtensor(b_hh[2 * u:], 0.0), b_hh[2 * u:]
+
+    def step(self, p, states, W_hh, b_inner):
+        (h,) = states
+        u = self.config["units"]
+        act, ract = self._activations()
+        q = pt.dot(h, W_hh)
+        r = ract(p[:, :u] + q[:, :u])
+        z = ract(p[:, u:2 * u] + q[:, u:2 * u])
+        n = act(p[:, 2 * u:] + r * (q[:, 2 * u:] + b_inner))
+        return [(1.0 - z) * n + z * h]
