@@ -68,8 +68,17 @@ def _topological(nodes: dict[str, Node]) -> tuple[list[Node], list[Node]]:
             if indeg[u] == 0:
                 ready.append(u)
                 ready.sort(key=lambda m: nodes[m].index)
-    left = sorted((nodes[n] for n, d in indeg.items() if d > 0), key=lambda node: node.index)
-    return order, left
+    left = {n for n, d in indeg.items() if d > 0}
+    # Nodes that only hang below a cycle are not part of it: peel off those that no other
+    # remaining node reads, until only cycles remain.
+    changed = True
+    while changed:
+        changed = False
+        for n in list(left):
+            if not any(n in nodes[m].inputs for m in left):
+                left.discard(n)
+                changed = True
+    return order, sorted((nodes[n] for n in left), key=lambda node: node.index)
 
 
 class Network:
@@ -119,9 +128,10 @@ class Network:
             cfg = model["layers"][node.index]
             for j, ref in enumerate(node.inputs):
                 if ref not in known:
+                    others = [n for n in names_in_order(nodes) if n != node.name]
                     issues.append(spec.issue(node.path + ("inputs", j),
-                                             f"unknown layer '{ref}'{did_you_mean(ref, known)}; "
-                                             f"expected one of: {', '.join(names_in_order(nodes))}"))
+                                             f"unknown layer '{ref}'{did_you_mean(ref, others)}; "
+                                             f"expected one of: {', '.join(others)}"))
                 elif ref == node.name:
                     issues.append(spec.issue(node.path + ("inputs", j),
                                              f"layer '{ref}' cannot read its own output"))
@@ -130,14 +140,14 @@ class Network:
             if n < lo or (hi is not None and n > hi):
                 want = f"{lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
                 where = node.path + ("inputs",) if "inputs" in cfg else node.path
-                issues.append(spec.issue(where, f"a '{node.layer.type}' layer takes {want} "
+                issues.append(spec.issue(where, f"'{node.layer.type}' takes {want} "
                                                 f"input{'s' if want != '1' else ''}; received {n}"))
         if issues:
             raise SpecError(issues)
 
         order, cyclic = _topological(nodes)
         if cyclic:
-            ring = " -> ".join(n.name for n in cyclic)
+            ring = " -> ".join([n.name for n in cyclic] + [cyclic[0].name])
             raise SpecError([spec.issue(n.path + ("inputs",), f"layers form a cycle ({ring}); "
                                                               "expected each layer to read only "
                                                               "earlier results")

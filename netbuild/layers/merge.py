@@ -35,7 +35,7 @@ class _Elementwise(Layer):
         first = tuple(input_shapes[0])
         if any(tuple(s) != first for s in input_shapes[1:]):
             raise LayerError(f"received input shapes {_fmt(input_shapes)}; expected all inputs "
-                             f"of a '{self.type}' layer to have the same shape", key="inputs")
+                             "to have the same shape", key="inputs")
         return first
 
     def forward(self, inputs, ctx):

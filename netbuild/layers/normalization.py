@@ -42,7 +42,7 @@ class _Normalization(Layer):
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
         if not shape:
-            raise LayerError(f"a '{self.type}' layer normalizes over an axis; received a scalar "
+            raise LayerError(f"'{self.type}' normalizes over an axis; received a scalar "
                              "input shape (); expected at least one axis")
         return shape
 

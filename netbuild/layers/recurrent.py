@@ -85,7 +85,7 @@ class Recurrent(Layer):
     def _check_input(self, input_shapes: Sequence[Shape]) -> tuple[int, int]:
         shape = single(input_shapes)
         if len(shape) != 2:
-            raise LayerError(f"a '{self.type}' layer reads sequences: expected input of shape "
+            raise LayerError(f"'{self.type}' reads sequences: expected input of shape "
                              f"(timesteps, features); received shape {shape}", key="inputs")
         return shape[0], shape[1]
 
