@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytensor
+import pytensor.gradient
 import pytest
 from click.testing import CliRunner
 
@@ -20,6 +22,15 @@ CONFIGS = ROOT / "configs"
 #: spends seconds per new op on g++. The C backend is exercised by the end-to-end tests that train
 #: through the CLI.
 TEST_MODE = "FAST_COMPILE"
+
+
+def verify_grad(fun, values, **kwargs):
+    """``pytensor.gradient.verify_grad`` in :data:`TEST_MODE` throughout (by default it compiles
+    the cost of a FAST_COMPILE check in FAST_RUN, which is Numba: a minute per new graph)."""
+    kwargs.setdefault("mode", TEST_MODE)
+    kwargs.setdefault("no_debug_ref", False)
+    kwargs.setdefault("rng", np.random.default_rng(0))
+    return pytensor.gradient.verify_grad(fun, values, **kwargs)
 
 
 @pytest.fixture

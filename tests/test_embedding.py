@@ -3,7 +3,7 @@
 import numpy as np
 import pytensor
 
-from conftest import TEST_MODE
+from conftest import TEST_MODE, verify_grad
 import pytensor.tensor as pt
 import pytest
 
@@ -65,4 +65,4 @@ def test_gradient_with_respect_to_W():
         return layer.forward([ids], Context(training=True))
 
     rng = np.random.default_rng(2)
-    pytensor.gradient.verify_grad(fun, [rng.normal(size=(7, 3))], rng=rng, mode=TEST_MODE)
+    verify_grad(fun, [rng.normal(size=(7, 3))], rng=rng, mode=TEST_MODE)

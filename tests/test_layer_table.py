@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytensor
 import pytest
-from pytensor.gradient import verify_grad
 from pytensor.graph.replace import clone_replace
 
-from conftest import TEST_MODE
+from conftest import TEST_MODE, verify_grad
 from netbuild import layers
 from netbuild.layers import Context
 from netbuild.network import INPUT, Network
@@ -30,6 +29,18 @@ TABLE = [
     ("batch_norm", [3, 4], ["{type: batch_norm}"], 4 * 3),
     ("layer_norm", [3, 4], ["{type: layer_norm}"], 2 * 4),
     ("embedding", [5], ["{type: embedding, input_dim: 7, output_dim: 3}", "{type: flatten}"], 7 * 3),
+    ("conv2d", [1, 5, 4], ["{type: conv2d, filters: 2, kernel_size: 3, padding: same, activation: tanh}"],
+     2 * 1 * 9 + 2),
+    ("conv1d", [2, 6], ["{type: conv1d, filters: 2, kernel_size: 3, strides: 2, dilation_rate: 1}"],
+     2 * 2 * 3 + 2),
+    ("max_pool2d", [1, 4, 4], ["{type: max_pool2d}", "{type: flatten}", "{type: dense, units: 2}"], 4 * 2 + 2),
+    ("avg_pool2d", [1, 5, 5], ["{type: avg_pool2d, pool_size: 3, strides: 2, padding: same}", "{type: flatten}",
+                               "{type: dense, units: 2}"], 9 * 2 + 2),
+    ("max_pool1d", [2, 6], ["{type: max_pool1d, pool_size: 3}", "{type: flatten}", "{type: dense, units: 2}"],
+     4 * 2 + 2),
+    ("avg_pool1d", [2, 6], ["{type: avg_pool1d}", "{type: flatten}", "{type: dense, units: 2}"], 6 * 2 + 2),
+    ("global_max_pool", [3, 4, 4], ["{type: global_max_pool}", "{type: dense, units: 2}"], 3 * 2 + 2),
+    ("global_avg_pool", [3, 5], ["{type: global_avg_pool}", "{type: dense, units: 2}"], 3 * 2 + 2),
     ("simple_rnn", [3, 2], ["{type: simple_rnn, units: 4}"], 2 * 4 + 4 * 4 + 2 * 4),
     ("lstm", [3, 2], ["{type: lstm, units: 2, return_sequences: true}"], 4 * (2 * 2 + 2 * 2 + 2 * 2)),
     ("gru", [3, 2], ["{type: gru, units: 2, bidirectional: true, go_backwards: true}"],

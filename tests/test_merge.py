@@ -3,7 +3,7 @@
 import numpy as np
 import pytensor
 
-from conftest import TEST_MODE
+from conftest import TEST_MODE, verify_grad
 import pytensor.tensor as pt
 import pytest
 
@@ -39,7 +39,7 @@ def test_elementwise(cls, reference):
     got = run(layer, values)
     assert got.shape[1:] == layer.output_shape(shapes)
     np.testing.assert_allclose(got, reference(*values), atol=1e-12)
-    pytensor.gradient.verify_grad(lambda *xs: layer.forward(list(xs), Context(training=True)),
+    verify_grad(lambda *xs: layer.forward(list(xs), Context(training=True)),
                                   values, rng=np.random.default_rng(1), mode=TEST_MODE)
 
 
@@ -69,7 +69,7 @@ def test_concatenate(axis, shapes, out):
 
 def test_concatenate_gradient():
     layer = Concatenate("c", {"type": "concatenate", "axis": -1})
-    pytensor.gradient.verify_grad(lambda a, b: layer.forward([a, b], Context(training=True)),
+    verify_grad(lambda a, b: layer.forward([a, b], Context(training=True)),
                                   inputs((2, 3), (2, 2)), rng=np.random.default_rng(2), mode=TEST_MODE)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytensor
 
-from conftest import TEST_MODE
+from conftest import TEST_MODE, verify_grad
 import pytensor.tensor as pt
 import pytest
 
@@ -105,7 +105,7 @@ def test_batch_norm_gradient():
         return layer.forward([x], Context(training=True))
 
     rng = np.random.default_rng(2)
-    pytensor.gradient.verify_grad(fun, [batch(shape, n=4), rng.uniform(0.5, 2, 3), rng.normal(size=3)],
+    verify_grad(fun, [batch(shape, n=4), rng.uniform(0.5, 2, 3), rng.normal(size=3)],
                                   rng=rng, mode=TEST_MODE)
 
 
@@ -143,7 +143,7 @@ def test_layer_norm_gradient():
         return layer.forward([x], Context(training=True))
 
     rng = np.random.default_rng(4)
-    pytensor.gradient.verify_grad(fun, [batch((2, 4), n=3), rng.uniform(0.5, 2, 4)], rng=rng, mode=TEST_MODE)
+    verify_grad(fun, [batch((2, 4), n=3), rng.uniform(0.5, 2, 4)], rng=rng, mode=TEST_MODE)
 
 
 @pytest.mark.parametrize("cls", [BatchNorm, LayerNorm])

@@ -13,7 +13,7 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 
-from conftest import TEST_MODE
+from conftest import TEST_MODE, verify_grad
 from netbuild.layers.base import Context, LayerError
 from netbuild.layers.recurrent import GRU, LSTM, ForgetBias, Recurrent, SimpleRNN
 
@@ -245,5 +245,5 @@ def test_gradient(kind, bidirectional):
         return layer.forward([x], Context(training=False))
 
     with pytensor.config.change_flags(floatX="float64"):
-        pytensor.gradient.verify_grad(fun, [x] + [values[n] for n in names], n_tests=1,
+        verify_grad(fun, [x] + [values[n] for n in names], n_tests=1,
                                       rng=np.random.default_rng(0), mode=TEST_MODE)

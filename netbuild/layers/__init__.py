@@ -5,11 +5,14 @@ from __future__ import annotations
 from ..errors import expected_one_of
 from .activation import Activation
 from .base import ActivatedLayer, Context, Layer, LayerError, ParamSpec
+from .conv import Conv1D, Conv2D
 from .dense import Dense
 from .embedding import Embedding
 from .merge import Add, Concatenate, Multiply
 from .noise import Dropout
 from .normalization import BatchNorm, LayerNorm
+from .pool import (AvgPool1D, AvgPool2D, GlobalAvgPool, GlobalMaxPool, MaxPool1D,
+                   MaxPool2D)
 from .recurrent import GRU, LSTM, SimpleRNN
 from .shape import Flatten, Reshape
 
@@ -18,6 +21,8 @@ REGISTRY: dict[str, type[Layer]] = {
     for cls in (
         Dense, Activation, Dropout, Flatten, Reshape,
         BatchNorm, LayerNorm, Embedding,
+        Conv1D, Conv2D,
+        MaxPool1D, MaxPool2D, AvgPool1D, AvgPool2D, GlobalMaxPool, GlobalAvgPool,
         SimpleRNN, LSTM, GRU,
         Add, Multiply, Concatenate,
     )

@@ -1,0 +1,245 @@
+"""Convolution layers: ``conv1d`` and ``conv2d`` (cross-correlation, PyTorch parameter layout).
+
+``conv1d``: input ``(C, L)`` -> output ``(filters, L_out)``; ``conv2d``: input ``(C, H, W)`` ->
+output ``(filters, H_out, W_out)``. With ``W`` of shape ``(filters, C, *kernel)`` (as
+``torch.nn.Conv2d.weight``) and ``b`` of shape ``(filters,)``, on the zero-padded input ``x``::
+
+    y[f, i, j] = activation(b[f] + sum_{c, u, v} W[f, c, u, v] * x[c, i*sh + u*dh, j*sw + v*dw])
+
+Each spatial axis of length ``L`` with kernel ``k``, stride ``s``, dilation ``d`` and padding
+``p`` (zeros before and after) gives ``L_out = floor((L + p_before + p_after - d*(k-1) - 1) / s) + 1``.
+``padding``: ``valid`` (none), ``same`` (as Keras/TensorFlow: ``L_out = ceil(L / s)``, the odd
+extra zero at the end) or an int (or one int per spatial axis) of zeros on both sides.
+
+The graph is im2col as one matrix product: the input goes channels-last once, each of the
+``prod(kernel)`` kernel offsets is one strided slice ``(N, *out, C)``, joined on the channel axis
+to ``(N, *out, K*C)`` and multiplied, as ``(N*prod(out), K*C)``, by the kernel as ``(K*C, filters)``.
+The window helpers here (geometry, padding, slices) serve the pooling layers too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import pytensor.tensor as pt
+
+from .base import ActivatedLayer, Layer, LayerError, ParamSpec, single
+
+Padding = Any  # "valid", "same", an int, or a list of ints (one per spatial axis)
+
+AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+# -- shape maths: plain integers, no graph -----------------------------------------------------
+def effective_kernel(kernel: int, dilation: int = 1) -> int:
+    """The span of a dilated kernel: ``dilation * (kernel - 1) + 1``."""
+    return dilation * (kernel - 1) + 1
+
+
+def same_padding(length: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """Zeros ``(before, after)`` for ``same`` padding (Keras/TensorFlow): ``ceil(length / stride)``
+    outputs; an odd total puts the extra zero after."""
+    out = -(-length // stride)
+    total = max((out - 1) * stride + effective_kernel(kernel, dilation) - length, 0)
+    return total // 2, total - total // 2
+
+
+def axis_padding(length: int, kernel: int, stride: int, padding: Padding,
+                 dilation: int = 1) -> tuple[int, int]:
+    """Zeros ``(before, after)`` on one spatial axis for a padding of ``valid``, ``same`` or an int."""
+    if padding == "same":
+        return same_padding(length, kernel, stride, dilation)
+    if padding == "valid":
+        return 0, 0
+    return int(padding), int(padding)
+
+
+def conv_output_length(length: int, kernel: int, stride: int = 1, padding: Padding = "valid",
+                       dilation: int = 1) -> int:
+    """The output length of one spatial axis; below 1 when the (dilated) kernel spans more than
+    the padded input."""
+    before, after = axis_padding(length, kernel, stride, padding, dilation)
+    return (length + before + after - effective_kernel(kernel, dilation)) // stride + 1
+
+
+def as_tuple(value: Any, rank: int, key: str) -> tuple[int, ...]:
+    """An int or a list of ``rank`` ints, as a tuple of ``rank`` ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != rank:
+            raise LayerError(f"{key} {list(value)} has {len(value)} value(s); expected an int or a "
+                             f"list of {rank} (one per spatial axis)", key=key)
+        return tuple(int(v) for v in value)
+    return (int(value),) * rank
+
+
+def padding_per_axis(padding: Padding, rank: int) -> tuple:
+    """``padding`` as one entry (``valid``, ``same`` or an int) per spatial axis."""
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise LayerError(f"padding '{padding}' is unknown; expected 'valid', 'same' or an int",
+                             key="padding")
+        return (padding,) * rank
+    return as_tuple(padding, rank, "padding")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a sliding window reads on each spatial axis, and how many outputs it gives."""
+
+    spatial: tuple[int, ...]            # input lengths
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]   # (before, after) per axis
+    out: tuple[int, ...]                # output lengths
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        return tuple(n + b + a for n, (b, a) in zip(self.spatial, self.pads))
+
+    @property
+    def size(self) -> int:
+        """Elements in one window: ``prod(kernel)``."""
+        return math.prod(self.kernel)
+
+
+def window(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], padding: Sequence,
+           dilation: Sequence[int] | None = None, kernel_key: str = "kernel_size") -> Window:
+    """The geometry of a window over ``spatial``; raises :class:`LayerError` (blaming ``kernel_key``)
+    when the (dilated) kernel is larger than the padded input on some axis."""
+    rank = len(spatial)
+    dilation = tuple(dilation) if dilation is not None else (1,) * rank
+    pads, out = [], []
+    for i in range(rank):
+        b, a = axis_padding(spatial[i], kernel[i], strides[i], padding[i], dilation[i])
+        span = effective_kernel(kernel[i], dilation[i])
+        if span > spatial[i] + b + a:
+            axis = AXIS_NAMES[rank][i] if rank in AXIS_NAMES else f"axis {i}"
+            dilated = f" (spanning {span} with dilation_rate {dilation[i]})" if dilation[i] > 1 else ""
+            padded = f"padded {axis} {spatial[i] + b + a}" if b or a else f"{axis} {spatial[i]}"
+            raise LayerError(f"{kernel_key} {kernel[i]}{dilated} is larger than the input's "
+                             f"{padded} (spatial shape {tuple(spatial)}); expected a window of at "
+                             f"most {spatial[i] + b + a}", key=kernel_key)
+        pads.append((b, a))
+        out.append((spatial[i] + b + a - span) // strides[i] + 1)
+    return Window(tuple(spatial), tuple(kernel), tuple(strides), dilation, tuple(pads), tuple(out))
+
+
+def check_rank(layer: Layer, shape: tuple, rank: int) -> None:
+    """Raise :class:`LayerError` unless ``shape`` is ``(channels, *rank spatial axes)``."""
+    if len(shape) != rank + 1:
+        names = ", ".join(("channels",) + AXIS_NAMES[rank])
+        n = len(shape)
+        raise LayerError(f"a '{layer.type}' layer takes inputs of shape ({names}); received shape "
+                         f"{tuple(shape)}, which has {n} ax{'is' if n == 1 else 'es'}", key="inputs")
+
+
+def static_shape(layer: Layer, x) -> tuple[int, ...]:
+    """The shape of ``x`` without its batch axis: from the graph when static, else the shape the
+    layer was last given in :meth:`Layer.output_shape`."""
+    shape = tuple(x.type.shape[1:])
+    if all(d is not None for d in shape):
+        return tuple(int(d) for d in shape)
+    known = getattr(layer, "_input_shape", None)
+    if known is None or len(known) != len(shape):
+        raise ValueError(f"layer '{layer.name}' needs its input's static shape; call output_shape "
+                         "first")
+    return known
+
+
+# -- graph helpers --------------------------------------------------------------------------------
+#: Zeros (or ``value``) added around every padded input beyond the window's own padding, and never
+#: read: every slice then has an explicit start and stop. PyTensor compiles one C module per pattern
+#: of omitted bounds (``x[:stop]``, ``x[start:stop]``, ``x[start:]``, ...), not per value, so this
+#: keeps a kernel's slices (and their gradients) to one compiled module instead of up to ``K``.
+GUARD = 1
+
+
+def pad_spatial(x, win: Window, value: float, first: int):
+    """``x`` with ``win.pads`` plus :data:`GUARD` of ``value`` around the spatial axes
+    ``first .. first + rank - 1``; the copy also makes ``x`` contiguous."""
+    shape = [x.shape[i] for i in range(x.ndim)]
+    index = [slice(None)] * x.ndim
+    for i, ((b, _), n, p) in enumerate(zip(win.pads, win.spatial, win.padded)):
+        shape[first + i] = p + 2 * GUARD
+        index[first + i] = slice(GUARD + b, GUARD + b + n)
+    base = pt.alloc(np.asarray(value, dtype=x.dtype), *shape)
+    return pt.set_subtensor(base[tuple(index)], x)
+
+
+def window_slices(x, win: Window, first: int) -> list:
+    """One strided slice of ``pad_spatial(x)`` per kernel offset (row-major over the offsets), each
+    with the output's spatial shape: slice ``(u, v)`` holds ``x[..., i*sh + u*dh, j*sw + v*dw, ...]``
+    (in padded coordinates)."""
+    slices = []
+    for offset in itertools.product(*(range(k) for k in win.kernel)):
+        index = [slice(None)] * x.ndim
+        for i, o in enumerate(offset):
+            start, step = GUARD + o * win.dilation[i], win.strides[i]
+            index[first + i] = slice(start, start + (win.out[i] - 1) * step + 1, step)
+        slices.append(x[tuple(index)])
+    return slices
+
+
+# -- layers ---------------------------------------------------------------------------------------
+class Conv(ActivatedLayer):
+    """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`."""
+
+    rank: ClassVar[int] = 0
+
+    def geometry(self, input_shape: tuple) -> Window:
+        check_rank(self, input_shape, self.rank)
+        cfg, r = self.config, self.rank
+        kernel = as_tuple(cfg["kernel_size"], r, "kernel_size")
+        strides = as_tuple(cfg.get("strides", 1), r, "strides")
+        dilation = as_tuple(cfg.get("dilation_rate", 1), r, "dilation_rate")
+        padding = padding_per_axis(cfg.get("padding", "valid"), r)
+        return window(input_shape[1:], kernel, strides, padding, dilation)
+
+    def output_shape(self, input_shapes):
+        shape = single(input_shapes)
+        self._input_shape = shape
+        return (int(self.config["filters"]),) + self.geometry(shape).out
+
+    def param_specs(self, input_shapes):
+        shape = single(input_shapes)
+        kernel = self.geometry(shape).kernel
+        channels, filters, k = shape[0], int(self.config["filters"]), math.prod(kernel)
+        fans = dict(fan_in=channels * k, fan_out=filters * k)
+        specs = [ParamSpec("W", (filters, channels) + kernel,
+                           self.config.get("kernel_initializer", "glorot_uniform"), **fans)]
+        if self.config.get("use_bias", True):
+            specs.append(ParamSpec("b", (filters,), self.config.get("bias_initializer", "zeros"),
+                                   regularize=False, **fans))
+        return specs
+
+    def linear(self, inputs, ctx):
+        (x,) = inputs
+        shape = static_shape(self, x)
+        win, r = self.geometry(shape), self.rank
+        channels, filters = shape[0], int(self.config["filters"])
+        # channels-last, so each slice's last axis (C) is contiguous in the patch matrix
+        x = pad_spatial(x.dimshuffle(0, *range(2, r + 2), 1), win, 0.0, first=1)
+        # joined on the channel axis, (N, *out, K*C) stays C-ordered: the reshape is a view
+        cols = pt.concatenate(window_slices(x, win, first=1), axis=-1).reshape((-1, win.size * channels))
+        # W (F, C, *kernel) -> (F, *kernel, C) -> (F, K*C): the patch matrix's column order
+        w = self.params["W"].dimshuffle(0, *range(2, r + 2), 1).reshape((filters, win.size * channels))
+        z = pt.dot(cols, w.T)  # (N*prod(out), F)
+        if "b" in self.params:
+            z = z + self.params["b"]
+        z = z.reshape((x.shape[0], *win.out, filters))
+        return z.dimshuffle(0, r + 1, *range(1, r + 1))
+
+
+class Conv1D(Conv):
+    type = "conv1d"
+    rank = 1
+
+
+class Conv2D(Conv):
+    type = "conv2d"
+    rank = 2
