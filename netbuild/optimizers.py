@@ -3,7 +3,8 @@
 Each optimizer owns its state as shared variables named ``optimizer/<param name>/<slot>`` (and
 ``optimizer/learning_rate``, ``optimizer/step``), so a checkpoint can save and restore it. The
 learning rate is a shared variable so that schedules can change it between epochs. Equations
-follow PyTorch's documentation.
+follow PyTorch's documentation; names and defaults follow Keras (``beta_1``, ``rho``,
+``epsilon``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,131 @@ class Adam(Optimizer):
         return {m: m_new, v: v_new, param: param - self.learning_rate * m_hat / (pt.sqrt(v_hat) + eps)}
 
 
-REGISTRY: dict[str, type[Optimizer]] = {cls.type: cls for cls in (SGD, Adam)}
+class AdamW(Adam):
+    """Adam with decoupled weight decay: ``p -= lr * weight_decay * p`` before the Adam step."""
+
+    type = "adamw"
+
+    def update(self, param, grad):
+        out = super().update(param, grad)
+        decay = float(self.config.get("weight_decay", 0.01))
+        out[param] = out[param] - self.learning_rate * decay * param
+        return out
+
+
+class RMSprop(Optimizer):
+    """``v = rho v + (1 - rho) g^2``; ``p -= lr * g / (sqrt(v) + eps)``; with ``momentum``,
+    ``buf = momentum * buf + g / (sqrt(v) + eps)`` and ``p -= lr * buf``."""
+
+    type = "rmsprop"
+
+    def update(self, param, grad):
+        rho = float(self.config.get("rho", 0.9))
+        eps = float(self.config.get("epsilon", 1e-7))
+        mu = float(self.config.get("momentum", 0.0))
+        v = self.slot(param, "v")
+        v_new = rho * v + (1.0 - rho) * pt.sqr(grad)
+        step = grad / (pt.sqrt(v_new) + eps)
+        out = {v: v_new}
+        if mu:
+            buf = self.slot(param, "momentum")
+            step = mu * buf + step
+            out[buf] = step
+        out[param] = param - self.learning_rate * step
+        return out
+
+
+class Adagrad(Optimizer):
+    """``s += g^2``; ``p -= lr * g / (sqrt(s) + eps)``, ``s`` starting at
+    ``initial_accumulator_value``."""
+
+    type = "adagrad"
+
+    def update(self, param, grad):
+        eps = float(self.config.get("epsilon", 1e-7))
+        s = self.slot(param, "sum")
+        s.set_value(np.full_like(s.get_value(), self.config.get("initial_accumulator_value", 0.1)))
+        s_new = s + pt.sqr(grad)
+        return {s: s_new, param: param - self.learning_rate * grad / (pt.sqrt(s_new) + eps)}
+
+
+class Adadelta(Optimizer):
+    """``v = rho v + (1 - rho) g^2``; ``d = sqrt(u + eps) / sqrt(v + eps) * g``;
+    ``u = rho u + (1 - rho) d^2``; ``p -= lr * d``."""
+
+    type = "adadelta"
+
+    def update(self, param, grad):
+        rho = float(self.config.get("rho", 0.95))
+        eps = float(self.config.get("epsilon", 1e-7))
+        v, u = self.slot(param, "v"), self.slot(param, "u")
+        v_new = rho * v + (1.0 - rho) * pt.sqr(grad)
+        delta = pt.sqrt(u + eps) / pt.sqrt(v_new + eps) * grad
+        return {v: v_new, u: rho * u + (1.0 - rho) * pt.sqr(delta),
+                param: param - self.learning_rate * delta}
+
+
+class Adamax(Optimizer):
+    """``m = b1 m + (1 - b1) g``; ``u = max(b2 u, |g| + eps)``;
+    ``p -= lr / (1 - b1^t) * m / u``."""
+
+    type = "adamax"
+
+    def update(self, param, grad):
+        b1 = float(self.config.get("beta_1", 0.9))
+        b2 = float(self.config.get("beta_2", 0.999))
+        eps = float(self.config.get("epsilon", 1e-7))
+        m, u = self.slot(param, "m"), self.slot(param, "u")
+        t = (self.step + 1).astype(param.dtype)
+        m_new = b1 * m + (1.0 - b1) * grad
+        u_new = pt.maximum(b2 * u, pt.abs(grad) + eps)
+        return {m: m_new, u: u_new,
+                param: param - self.learning_rate / (1.0 - b1 ** t) * m_new / u_new}
+
+
+class Nadam(Optimizer):
+    """Adam with Nesterov momentum (PyTorch's NAdam, ``momentum_decay`` psi):
+    ``mu_t = b1 (1 - 0.5 * 0.96^(t psi))``; ``m``, ``v`` as Adam;
+    ``m_hat = mu_{t+1} m / (1 - prod mu_{1..t+1}) + (1 - mu_t) g / (1 - prod mu_{1..t})``;
+    ``p -= lr * m_hat / (sqrt(v / (1 - b2^t)) + eps)``."""
+
+    type = "nadam"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.mu_product = pytensor.shared(np.asarray(1.0, dtype=pytensor.config.floatX),
+                                          name="optimizer/mu_product")
+        self.state[self.mu_product.name] = self.mu_product
+
+    def updates(self, params, grads):
+        b1 = float(self.config.get("beta_1", 0.9))
+        psi = float(self.config.get("momentum_decay", 0.004))
+        t = (self.step + 1).astype(pytensor.config.floatX)
+        self._mu = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+        self._mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * psi))
+        self._product = self.mu_product * self._mu
+        out = super().updates(params, grads)
+        out[self.mu_product] = self._product
+        return out
+
+    def update(self, param, grad):
+        b2 = float(self.config.get("beta_2", 0.999))
+        eps = float(self.config.get("epsilon", 1e-7))
+        b1 = float(self.config.get("beta_1", 0.9))
+        m, v = self.slot(param, "m"), self.slot(param, "v")
+        t = (self.step + 1).astype(param.dtype)
+        m_new = b1 * m + (1.0 - b1) * grad
+        v_new = b2 * v + (1.0 - b2) * pt.sqr(grad)
+        m_hat = (self._mu_next * m_new / (1.0 - self._product * self._mu_next)
+                 + (1.0 - self._mu) * grad / (1.0 - self._product))
+        v_hat = v_new / (1.0 - b2 ** t)
+        return {m: m_new, v: v_new,
+                param: param - self.learning_rate * m_hat / (pt.sqrt(v_hat) + eps)}
+
+
+REGISTRY: dict[str, type[Optimizer]] = {
+    cls.type: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, Nadam)
+}
 
 
 def get(config: dict) -> Optimizer:
