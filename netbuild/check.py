@@ -15,10 +15,11 @@ def check(path: str, overrides=(), with_data: bool = True) -> tuple[Spec, Networ
     """Everything that can be checked before compiling; raises located errors, all at once
     within each stage (spec, shapes, data)."""
     from . import data
-    from .train import load_datasets
+    from .train import check_training, load_datasets
 
     spec = load_spec(path, overrides)
     network = Network.from_spec(spec, init=False)
+    check_training(spec, network)
     if with_data:
         load_datasets(spec, network)
         if spec.data["data"].get("test"):

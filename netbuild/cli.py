@@ -84,51 +84,120 @@ def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
 
 
 @cli.command()
-@click.argument("spec", metavar="SPEC")
+@click.argument("spec", metavar="SPEC", required=False)
 @set_option
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the run (default: runs/<name>).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Override train.epochs.")
+              help="Override train.epochs (with --resume: train up to this many).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--force", is_flag=True, help="With --resume: continue even if SPEC differs from the run's.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing run directory.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
 @handles_errors
-def train(spec: str, overrides, run_dir: str | None, epochs: int | None, overwrite: bool,
-          quiet: bool) -> None:
-    """Train the network of SPEC; write spec.yaml, metrics.jsonl and model.npz."""
+def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, epochs: int | None,
+          resume_dir: str | None, force: bool, overwrite: bool, quiet: bool) -> None:
+    """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
+    curves.png into the run directory."""
     from .check import load_spec
     from .runs import RunDir
+    from .train import prepare_resume
+
+    if spec is None and resume_dir is None:
+        raise click.UsageError("give SPEC, or --resume DIR to continue a run", ctx)
+    if resume_dir and (run_dir or overwrite):
+        raise click.UsageError("--resume continues its own directory; drop --run-dir/--overwrite", ctx)
+    resolved = load_spec(spec, overrides) if spec else None
+    target = RunDir(resume_dir or run_dir or Path("runs") / resolved.data["name"])
+    with target:
+        if resume_dir:
+            target.open_existing()
+            resolved, checkpoint = prepare_resume(target, resolved, force)
+        else:
+            target.create(overwrite=overwrite)
+            checkpoint = None
+        _run_training(resolved, target, epochs, checkpoint, quiet)
+
+
+def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
+    from .train import Callbacks
     from .train import train as run_training
 
-    resolved = load_spec(spec, overrides)
     total = epochs or int(resolved.data["train"]["epochs"])
-    target = RunDir(run_dir or Path("runs") / resolved.data["name"])
-    target.create(overwrite=overwrite)
     say = (lambda *_: None) if quiet else click.echo
+    tty = not quiet and sys.stdout.isatty()
+
+    def batch(epoch: int, i: int, n: int, loss: float) -> None:
+        if tty:
+            click.echo("\r" + report.progress_line(epoch, total, i, n, loss), nl=False)
+
+    def epoch_done(record: dict) -> None:
+        if tty:
+            click.echo("\r\033[K", nl=False)
+        say(report.epoch_line(record, total))
+
     say(f"training {resolved.data['name']} into {target.path}")
     say("compiling the training function ...")
-    run_training(resolved, target, epochs=epochs,
-                 on_compiled=lambda s: say(f"compiled in {s:.1f} s"),
-                 on_epoch=lambda r: say(report.epoch_line(r, total)))
+    result = run_training(resolved, target, epochs=epochs, resume_from=checkpoint, callbacks=Callbacks(
+        compiled=lambda s: say(f"compiled in {s:.1f} s"),
+        batch=batch,
+        epoch=epoch_done,
+        resumed=lambda e: say(f"resumed after epoch {e} of {total}")))
+    if result.stopped_early:
+        say(f"early stopping after epoch {result.history[-1]['epoch']}; best epoch {result.best_epoch}")
     say(f"saved {target.path / 'model.npz'}")
+
+
+def _threshold(ctx, param, values) -> list[tuple[str, float]]:
+    """``METRIC=VALUE`` options -> ``[(metric, value)]``."""
+    out = []
+    for text in values:
+        name, sep, raw = text.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out.append((name.strip(), float(raw)))
+        except ValueError:
+            raise click.BadParameter(f"'{text}' is not METRIC=VALUE, e.g. accuracy=0.95", ctx, param) from None
+    return out
 
 
 @cli.command(name="eval")
 @click.argument("model", metavar="MODEL")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
               help="An .npz file to evaluate on (default: the spec's data.test).")
+@click.option("--fail-under", multiple=True, callback=_threshold, metavar="METRIC=VALUE",
+              help="Exit 3 when METRIC is below VALUE (repeatable), e.g. accuracy=0.95.")
+@click.option("--fail-over", multiple=True, callback=_threshold, metavar="METRIC=VALUE",
+              help="Exit 3 when METRIC is above VALUE (repeatable), e.g. loss=0.3.")
+@click.option("--confusion", is_flag=True, help="Also print the confusion matrix (classification).")
 @format_option
+@click.pass_context
 @handles_errors
-def eval_command(model: str, data_file: str | None, fmt: str) -> None:
-    """Evaluate MODEL (a run directory or model.npz): loss and metrics."""
-    from .evaluate import evaluate
+def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_under, fail_over,
+                 confusion: bool, fmt: str) -> None:
+    """Evaluate MODEL (a run directory or model.npz): loss and metrics; gate on thresholds."""
+    from .errors import ThresholdError
+    from .evaluate import evaluate, failed_thresholds
 
-    result = evaluate(model, data_file)
+    result = evaluate(model, data_file, confusion=confusion)
+    metrics = result["metrics"]
+    for name, _ in list(fail_under) + list(fail_over):
+        if name not in metrics:
+            raise click.BadParameter(f"'{name}' is not a metric of this model; expected one of: "
+                                     f"{', '.join(metrics)}", ctx, param_hint="--fail-under/--fail-over")
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(f"{result['data']}: {result['examples']} examples")
-    click.echo(report.metrics_table(result["metrics"]))
+    else:
+        click.echo(f"{result['data']}: {result['examples']} examples")
+        click.echo(report.metrics_table(metrics))
+        if confusion:
+            click.echo(report.confusion_table(result["confusion_matrix"]))
+    failures = failed_thresholds(metrics, fail_under, fail_over)
+    if failures:
+        raise ThresholdError("\n".join(failures))
 
 
 @cli.command()

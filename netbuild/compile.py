@@ -36,18 +36,47 @@ def _loss_graph(network: Network, loss_config: Any, target, training: bool, seed
     x = network.input_variable()
     out, ctx = network.forward(x, training=training, seed=seed)
     logits, activation = ctx.preactivations.get(network.output, (None, "linear"))
-    per_example = losses.get(loss_config)(target, losses.Output(out, logits, activation))
+    loss = losses.get(loss_config, network.output_shape[-1])
+    per_example = loss(target, losses.Output(out, logits, activation))
     return x, out, per_example, ctx
 
 
+def penalty(network: Network):
+    """The l1/l2 penalties of every layer that sets them, on its weights (never its biases)."""
+    total = 0.0
+    for node in network.order:
+        l1, l2 = node.layer.config.get("l1", 0.0), node.layer.config.get("l2", 0.0)
+        if not (l1 or l2):
+            continue
+        for p in node.param_specs:
+            if p.regularize and p.trainable:
+                w = node.layer.params[p.name]
+                total = total + (l1 * pt.abs(w).sum() if l1 else 0.0) + (l2 * pt.sqr(w).sum() if l2 else 0.0)
+    return total
+
+
+def clip(grads: list, clip_norm: float | None, clip_value: float | None) -> list:
+    """Gradients clipped elementwise to ``[-clip_value, clip_value]``, then rescaled so that
+    their global norm is at most ``clip_norm``."""
+    if clip_value:
+        grads = [pt.clip(g, -clip_value, clip_value) for g in grads]
+    if clip_norm:
+        norm = pt.sqrt(sum(pt.sqr(g).sum() for g in grads))
+        scale = pt.minimum(1.0, clip_norm / pt.maximum(norm, 1e-12))
+        grads = [g * scale for g in grads]
+    return grads
+
+
 def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed: int) -> TrainFunctions:
-    """The training step: one optimizer update on a batch; returns its mean loss and outputs."""
+    """The training step: one optimizer update on a batch; returns its mean loss (penalties
+    excluded) and outputs."""
     start = time.perf_counter()
     target = target_variable(y_like)
     x, out, per_example, ctx = _loss_graph(network, train_config["loss"], target, True, seed)
     loss = per_example.mean()
     params = network.trainable()
-    grads = pytensor.grad(loss, params)
+    grads = pytensor.grad(loss + penalty(network), params)
+    grads = clip(grads, train_config.get("clip_norm"), train_config.get("clip_value"))
     optimizer = optimizers.get(train_config["optimizer"])
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))

@@ -111,3 +111,6 @@ class ThresholdError(NetbuildError):
     """A quality gate (``eval --fail-under``) was not met: exit code 3."""
 
     exit_code = 3
+
+    def lines(self) -> list[str]:
+        return str(self).splitlines()

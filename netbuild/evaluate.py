@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as data_mod
+from . import losses
 from . import metrics as metrics_mod
 from .compile import compile_eval, compile_predict
 from .errors import RunError, SpecError, format_path
@@ -37,8 +38,9 @@ def load_network(model: str | Path) -> tuple[Spec, Network]:
     return spec, network
 
 
-def evaluate(model: str | Path, data_file: str | Path | None = None) -> dict:
-    """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file)."""
+def evaluate(model: str | Path, data_file: str | Path | None = None, confusion: bool = False) -> dict:
+    """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file), and
+    the confusion matrix when asked."""
     spec, network = load_network(model)
     if data_file is None and not spec.data["data"].get("test"):
         raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz")
@@ -47,7 +49,22 @@ def evaluate(model: str | Path, data_file: str | Path | None = None) -> dict:
     loss, outputs = run_batches(fn, dataset, BATCH_SIZE)
     result = {"loss": loss}
     result.update(metrics_mod.compute(spec.data["train"].get("metrics", []), dataset.y, outputs))
-    return {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": result}
+    out = {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": result}
+    if confusion:
+        if not losses.is_classification(spec.data["train"]["loss"]):
+            raise RunError(f"{spec.source}: a confusion matrix needs a classification loss; this "
+                           f"model was trained with {losses.name_of(spec.data['train']['loss'])}")
+        out["confusion_matrix"] = metrics_mod.confusion_matrix(dataset.y, outputs).tolist()
+    return out
+
+
+def failed_thresholds(metrics: dict, under, over) -> list[str]:
+    """One line per threshold not met: ``--fail-under`` minimums, ``--fail-over`` maximums."""
+    failures = [f"{name} {metrics[name]:.6g} is under the threshold {limit:g} (--fail-under)"
+                for name, limit in under if metrics[name] < limit]
+    failures += [f"{name} {metrics[name]:.6g} is over the threshold {limit:g} (--fail-over)"
+                 for name, limit in over if metrics[name] > limit]
+    return failures
 
 
 def predict(model: str | Path, data_file: str | Path, out_file: str | Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import pytensor.tensor as pt
 
 from . import activations
@@ -93,15 +94,45 @@ REGISTRY: dict[str, Callable] = {
 CLASS_ID_TARGETS = {"categorical_crossentropy"}
 
 
+def is_classification(config: Any) -> bool:
+    return name_of(config) in ("categorical_crossentropy", "binary_crossentropy")
+
+
 def name_of(config: Any) -> str:
     return config["type"] if isinstance(config, dict) else config
 
 
-def get(config: Any) -> Callable:
-    """``fn(target, output) -> per-example loss`` for a spec value (a name or a mapping)."""
+def class_weight_of(target, out: Output, weights: list[float], units: int):
+    """Each example's weight from its class: ``weights[id]`` for class ids, ``rows @ weights``
+    for one-hot rows, ``w0 (1 - t) + w1 t`` for the 0/1 target of a single sigmoid unit."""
+    w = pt.constant(np.asarray(weights, dtype=out.value.dtype))
+    if target.ndim == out.value.ndim - 1:  # class ids
+        per = one_hot(target, len(weights), out.value.dtype) @ w
+    elif units == 1:
+        per = (w[0] * (1.0 - target) + w[1] * target).sum(axis=-1)
+    else:
+        per = (target * w).sum(axis=-1)
+    return per.mean(axis=tuple(range(1, per.ndim))) if per.ndim > 1 else per
+
+
+def n_classes(output_shape: tuple) -> int:
+    """Classes an output of this shape scores: its units, or 2 for a single sigmoid unit."""
+    return 2 if output_shape[-1] == 1 else output_shape[-1]
+
+
+def get(config: Any, units: int = 0) -> Callable:
+    """``fn(target, output) -> per-example loss`` for a spec value (a name or a mapping);
+    ``units`` is the output layer's last axis (needed with ``class_weights``).
+
+    With ``class_weights``, each example's loss is multiplied by its class's weight (Keras's
+    semantics: the batch loss is the mean of the weighted losses).
+    """
     name = name_of(config)
     if name not in REGISTRY:
         raise KeyError(f"unknown loss '{name}'; {expected_one_of(name, REGISTRY)}")
     options = {k: v for k, v in config.items() if k != "type"} if isinstance(config, dict) else {}
+    weights = options.pop("class_weights", None)
     fn = REGISTRY[name]
-    return lambda target, out: fn(target, out, **options)
+    if weights is None:
+        return lambda target, out: fn(target, out, **options)
+    return lambda target, out: fn(target, out, **options) * class_weight_of(target, out, weights, units)

@@ -54,3 +54,46 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 def metrics_table(metrics: dict) -> str:
     return table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()], "lr")
+
+
+def confusion_table(matrix: list[list[int]]) -> str:
+    """Rows: true class; columns: predicted class."""
+    n = len(matrix)
+    headers = ["true \\ pred"] + [str(j) for j in range(n)]
+    return table(headers, [[str(i)] + [str(v) for v in row] for i, row in enumerate(matrix)], "l" + "r" * n)
+
+
+def curves_png(records: list[dict]) -> bytes:
+    """A PNG of the loss and every metric per epoch, training and validation (headless)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    skip = {"epoch", "seconds", "samples_per_second", "learning_rate"}
+    names = [k for k in records[0] if k not in skip and not k.startswith("val_")] if records else ["loss"]
+    fig = Figure(figsize=(4.5 * len(names), 3.4), dpi=100)
+    epochs = [r["epoch"] for r in records]
+    for i, name in enumerate(names, start=1):
+        ax = fig.add_subplot(1, len(names), i)
+        ax.plot(epochs, [r.get(name) for r in records], marker=".", label="training")
+        if any(f"val_{name}" in r for r in records):
+            ax.plot(epochs, [r.get(f"val_{name}") for r in records], marker=".", label="validation")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def progress_line(epoch: int, epochs: int, batch: int, batches: int, loss: float, width: int = 30) -> str:
+    """``epoch 3/30 [=========>          ] 12/45  loss 0.1234`` for a terminal."""
+    done = int(width * batch / batches)
+    bar = "=" * max(done - 1, 0) + (">" if done < width else "=") + " " * (width - done)
+    w = len(str(epochs))
+    return f"epoch {epoch:>{w}}/{epochs} [{bar}] {batch}/{batches}  loss {loss:.4f}"

@@ -9,11 +9,13 @@ leaves the previous complete file in place.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,24 @@ from .spec import Spec
 
 SPEC_KEY = "__spec__"
 VERSION_KEY = "__netbuild_version__"
+STATE_KEY = "__state__"
 MODEL_FILE = "model.npz"
+CHECKPOINT_FILE = "checkpoint.npz"
 SPEC_FILE = "spec.yaml"
 METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue: parameters, optimizer state, the best parameters
+    so far (or None), and the loop's state (epoch, generator, schedule, monitors, history)."""
+
+    params: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    best: dict[str, np.ndarray] | None
+    state: dict
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -108,6 +125,54 @@ def load_model(target: str | os.PathLike) -> tuple[Spec, dict[str, np.ndarray]]:
     return Spec(data, str(file), file.resolve().parent), params
 
 
+def _checkpoint_arrays(spec: Spec, ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    arrays = {f"params/{k}": v for k, v in ckpt.params.items()}
+    arrays.update({k: v for k, v in ckpt.optimizer.items()})  # keys start with "optimizer/"
+    if ckpt.best is not None:
+        arrays.update({f"best/{k}": v for k, v in ckpt.best.items()})
+    arrays[STATE_KEY] = np.array(json.dumps(ckpt.state))
+    arrays[SPEC_KEY] = np.array(json.dumps(resolved_spec_data(spec)))
+    arrays[VERSION_KEY] = np.array(__version__)
+    return arrays
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Checkpoint] | None:
+    """The resolved spec data and the checkpoint of a run directory; None when it has none."""
+    file = Path(run_dir) / CHECKPOINT_FILE
+    if not file.exists():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            groups: dict[str, dict] = {"params": {}, "optimizer": {}, "best": {}}
+            for key in archive.files:
+                head, _, rest = key.partition("/")
+                if head in ("params", "best"):
+                    groups[head][rest] = archive[key]
+                elif head == "optimizer":
+                    groups["optimizer"][key] = archive[key]
+            state = json.loads(str(archive[STATE_KEY]))
+            spec_data = json.loads(str(archive[SPEC_KEY]))
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as exc:
+        raise RunError(f"{file}: not a readable checkpoint ({exc})") from None
+    return spec_data, Checkpoint(groups["params"], groups["optimizer"], groups["best"] or None, state)
+
+
+def changed_keys(old, new, path: str = "") -> list[str]:
+    """Dotted paths where two resolved specs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                out.append(sub)
+            else:
+                out += changed_keys(old[key], new[key], sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in changed_keys(a, b, f"{path}[{i}]")]
+    return [] if old == new else [path or "$"]
+
+
 class RunDir:
     """A run directory being written by ``netbuild train``."""
 
@@ -116,30 +181,95 @@ class RunDir:
         self.records: list[dict[str, Any]] = []
 
     def create(self, overwrite: bool = False) -> None:
-        """Make the folder; refuse one that already holds files unless ``overwrite``."""
+        """Make and lock the folder; refuse one that already holds a run unless ``overwrite``."""
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"{self.path}: exists and is not a folder; expected a run directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise RunError(f"{self.path}: the run directory already exists; pass --overwrite to "
-                           "replace its files or --run-dir to choose another")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(f"{self.path}: cannot create the run directory: {exc.strerror}") from None
-        for name in (METRICS_FILE,):
+        self.lock()
+        existing = [p for p in self.path.iterdir() if p.name != LOCK_FILE]
+        if existing and not overwrite:
+            self.unlock()
+            raise RunError(f"{self.path}: the run directory already holds a run; pass --resume "
+                           f"{self.path} to continue it, --overwrite to replace it, or --run-dir "
+                           "to choose another")
+        for name in (METRICS_FILE, CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, SPEC_FILE):
             stale = self.path / name
             if stale.exists():
                 stale.unlink()
 
+    def open_existing(self) -> None:
+        """Lock an existing run directory to continue it."""
+        if not (self.path / SPEC_FILE).is_file():
+            raise RunError(f"{self.path}: not a run directory (no {SPEC_FILE}); expected a folder "
+                           "written by `netbuild train`")
+        self.lock()
+        self.records = []
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    def unlock(self) -> None:
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def lock(self) -> None:
+        """Hold the run directory for this process; refuse when another training holds it."""
+        try:
+            self._lock_file = open(self.path / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise RunError(f"{self.path}: cannot write in the run directory: "
+                           f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            self._lock_file.close()
+            raise RunError(f"{self.path}: another `netbuild train` ({holder}) is writing to this "
+                           "run directory; expected one training per directory") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"pid {os.getpid()}")
+        self._lock_file.flush()
+
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        """Replace metrics.jsonl with ``records`` (a resumed run's history)."""
+        self.records = list(records)
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        self._write(METRICS_FILE, text.encode("utf-8"))
+
+    def save_checkpoint(self, spec: Spec, ckpt: Checkpoint) -> None:
+        self._write(CHECKPOINT_FILE, npz_bytes(_checkpoint_arrays(spec, ckpt)))
+
+    def save_curves(self, records: list[dict]) -> None:
+        from .report import curves_png
+
+        self._write(CURVES_FILE, curves_png(records))
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Atomically write one file of the run; a failing disk is a located run error."""
+        try:
+            atomic_write(self.path / name, data)
+        except OSError as exc:
+            raise RunError(f"{self.path / name}: cannot write: {exc.strerror or exc}; the previous "
+                           "file is unchanged") from None
+
     def write_spec(self, spec: Spec) -> None:
         text = yaml.safe_dump(resolved_spec_data(spec), sort_keys=False, allow_unicode=True)
-        atomic_write(self.path / SPEC_FILE, text.encode("utf-8"))
+        self._write(SPEC_FILE, text.encode("utf-8"))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Add one epoch's record; the whole file is rewritten atomically."""
         self.records.append(record)
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write(self.path / METRICS_FILE, text.encode("utf-8"))
+        self._write(METRICS_FILE, text.encode("utf-8"))
 
     def save_model(self, spec: Spec, params: dict[str, np.ndarray]) -> None:
-        save_model(self.path / MODEL_FILE, spec, params)
+        self._write(MODEL_FILE, npz_bytes(model_arrays(spec, params)))

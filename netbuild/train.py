@@ -1,6 +1,11 @@
-"""The training loop: batches, epochs, validation, metrics, outputs in the run directory.
+"""The training loop: epochs, schedules, validation, early stopping, checkpoints and exact resume.
 
 Library code: it reports progress through callbacks and returns values; it never prints.
+
+Exact resume: the data order of an epoch is a function of the seed and the epoch alone, and the
+checkpoint written at the end of an epoch holds everything else the next epoch reads (parameters,
+optimizer state, the dropout generator, schedule and early-stopping state, the history). A run
+resumed from it therefore ends with the same parameters, bit for bit, as one never interrupted.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import numpy as np
 
 from . import data as data_mod
 from . import metrics as metrics_mod
+from . import schedules
 from .compile import compile_eval, compile_train
-from .errors import NetbuildError
+from .errors import NetbuildError, RunError, SpecError
 from .network import Network
-from .runs import RunDir
+from .runs import Checkpoint, RunDir
 from .spec import Spec
 
 
@@ -36,6 +42,18 @@ class TrainResult:
     network: Network
     history: list[dict] = field(default_factory=list)
     compile_seconds: float = 0.0
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+
+@dataclass
+class Callbacks:
+    """What the caller hears: the compile time, each batch, each finished epoch."""
+
+    compiled: Callable[[float], None] = lambda seconds: None
+    batch: Callable[[int, int, int, float], None] = lambda epoch, i, n, loss: None
+    epoch: Callable[[dict], None] = lambda record: None
+    resumed: Callable[[int], None] = lambda epoch: None
 
 
 def load_datasets(spec: Spec, network: Network) -> Datasets:
@@ -62,51 +80,270 @@ def run_batches(fn: Callable, dataset: data_mod.Dataset, batch_size: int) -> tup
     return total / len(dataset), np.concatenate(outputs)
 
 
-def train(spec: Spec, run_dir: RunDir, epochs: int | None = None,
-          on_compiled: Callable[[float], None] | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train the validated ``spec`` into ``run_dir`` (already created)."""
-    seed = int(spec.data.get("seed", 0))
-    cfg = spec.data["train"]
-    network = Network.from_spec(spec)
-    sets = load_datasets(spec, network)
-    fns = compile_train(network, cfg, sets.train.y, seed)
-    evaluate = compile_eval(network, cfg["loss"], sets.train.y) if sets.validation else None
-    if on_compiled:
-        on_compiled(fns.seconds)
-    run_dir.write_spec(spec)
+class Monitor:
+    """Tracks the best value of one metric: ``mode`` min or max, improvements beyond
+    ``min_delta``, and epochs since the last improvement."""
 
-    batch_size = int(cfg["batch_size"])
-    names = list(cfg.get("metrics", []))
-    n = len(sets.train)
-    result = TrainResult(network, compile_seconds=fns.seconds)
-    for epoch in range(1, (epochs or int(cfg["epochs"])) + 1):
+    def __init__(self, name: str, mode: str = "auto", min_delta: float = 0.0):
+        self.name = name
+        self.mode = metrics_mod.mode_of(name) if mode in ("auto", None) else mode
+        self.min_delta = float(min_delta)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+
+    def update(self, epoch: int, record: dict) -> bool:
+        """Whether ``record`` improves on the best so far (and remember it)."""
+        if self.name not in record:
+            raise KeyError(self.name)
+        value = float(record[self.name])
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
+        if better:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+        else:
+            self.wait += 1
+        return better
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+
+
+def default_monitor(has_validation: bool) -> str:
+    return "val_loss" if has_validation else "loss"
+
+
+def recorded(names: list[str], has_validation: bool) -> list[str]:
+    """The keys an epoch's record holds that a monitor can watch."""
+    return ["loss"] + names + (["val_loss"] + [f"val_{n}" for n in names] if has_validation else [])
+
+
+def has_validation(spec: Spec) -> bool:
+    data = spec.data["data"]
+    return bool(data.get("validation") or data.get("validation_split"))
+
+
+def check_training(spec: Spec, network: Network) -> None:
+    """What the schema cannot say about ``train``: every ``monitor`` names a recorded key,
+    metric names are unique, ``class_weights`` has one weight per class. Raises located errors
+    (before anything is compiled)."""
+    from . import losses
+
+    entries = spec.data["train"].get("metrics", [])
+    names = [metrics_mod.metric_name(m) for m in entries]
+    issues = [spec.issue(("train", "metrics", i), f"'{n}' is listed twice; expected each metric once")
+              for i, n in enumerate(names) if n in names[:i]]
+    available = recorded(list(dict.fromkeys(names)), has_validation(spec))
+    for section in ("early_stopping", "checkpoint", "schedule"):
+        name = (spec.data["train"].get(section) or {}).get("monitor")
+        if name is not None and name not in available:
+            issues.append(spec.issue(("train", section, "monitor"),
+                                     f"'{name}' is not recorded by this run; expected one of: "
+                                     f"{', '.join(available)}"))
+    loss = spec.data["train"]["loss"]
+    weights = loss.get("class_weights") if isinstance(loss, dict) else None
+    if weights is not None:
+        k = losses.n_classes(network.output_shape)
+        if not losses.is_classification(loss):
+            issues.append(spec.issue(("train", "loss", "class_weights"),
+                                     f"class weights need a classification loss; received {loss['type']}"))
+        elif len(weights) != k:
+            issues.append(spec.issue(("train", "loss", "class_weights"),
+                                     f"received {len(weights)} weights; expected {k}, one per class "
+                                     f"of the output layer"))
+    if issues:
+        raise SpecError(issues)
+
+
+def _monitor(spec: Spec, section: str, has_validation: bool) -> Monitor | None:
+    cfg = spec.data["train"].get(section)
+    if cfg is None:
+        return None
+    name = cfg.get("monitor") or default_monitor(has_validation)
+    return Monitor(name, cfg.get("mode", "auto"), cfg.get("min_delta", 0.0))
+
+
+class Trainer:
+    """One training run of a validated spec into a run directory."""
+
+    def __init__(self, spec: Spec, run_dir: RunDir, epochs: int | None = None,
+                 callbacks: Callbacks | None = None):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.cfg = spec.data["train"]
+        self.seed = int(spec.data.get("seed", 0))
+        self.epochs = int(epochs or self.cfg["epochs"])
+        self.on = callbacks or Callbacks()
+        self.network = Network.from_spec(spec)
+        self.sets = load_datasets(spec, self.network)
+        self.metric_entries = list(self.cfg.get("metrics", []))
+        has_val = self.sets.validation is not None
+        check_training(spec, self.network)
+        self.stopper = _monitor(spec, "early_stopping", has_val)
+        self.keeper = _monitor(spec, "checkpoint", has_val) \
+            if self.cfg.get("checkpoint", {}).get("save_best") else None
+        schedule_cfg = self.cfg.get("schedule", {"type": "constant"})
+        base_lr = float(self.cfg["optimizer"]["learning_rate"])
+        self.schedule = schedules.get(schedule_cfg, base_lr)
+        self.fns = compile_train(self.network, self.cfg, self.sets.train.y, self.seed)
+        self.evaluate = compile_eval(self.network, self.cfg["loss"], self.sets.train.y) if has_val else None
+        self.history: list[dict] = []
+        self.best_params: dict[str, np.ndarray] | None = None
+        self.epoch = 0
+
+    # -- state ------------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        state = {
+            "epoch": self.epoch,
+            "rng": self.fns.rng.get_value(borrow=True).bit_generator.state if self.fns.rng else None,
+            "schedule": self.schedule.state(),
+            "early_stopping": self.stopper.state() if self.stopper else None,
+            "checkpoint": self.keeper.state() if self.keeper else None,
+            "history": self.history,
+        }
+        optimizer = {name: var.get_value() for name, var in self.fns.optimizer.state.items()}
+        return Checkpoint(self.network.param_values(), optimizer, self.best_params, state)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint`."""
+        try:
+            self.network.set_param_values(ckpt.params)
+        except (KeyError, ValueError) as exc:
+            raise RunError(f"{self.run_dir.path}: cannot resume: the checkpoint's parameters do not "
+                           f"fit this network ({exc})") from None
+        for name, var in self.fns.optimizer.state.items():
+            if name in ckpt.optimizer and np.shape(ckpt.optimizer[name]) == var.get_value(borrow=True).shape:
+                var.set_value(np.asarray(ckpt.optimizer[name]).astype(var.dtype))  # else: fresh state
+        s = ckpt.state
+        if self.fns.rng is not None and s.get("rng"):
+            generator = np.random.default_rng()
+            generator.bit_generator.state = s["rng"]
+            self.fns.rng.set_value(generator)
+        self.schedule.load_state(s["schedule"])
+        if self.stopper and s.get("early_stopping"):
+            self.stopper.load_state(s["early_stopping"])
+        if self.keeper and s.get("checkpoint"):
+            self.keeper.load_state(s["checkpoint"])
+        self.best_params = ckpt.best
+        self.history = list(s["history"])
+        self.epoch = int(s["epoch"])
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> dict:
+        lr = float(self.schedule.learning_rate(epoch))
+        self.fns.optimizer.learning_rate.set_value(np.asarray(lr, dtype=self.fns.optimizer.learning_rate.dtype))
+        train = self.sets.train
+        n = len(train)
+        batch_size = int(self.cfg["batch_size"])
+        order = data_mod.epoch_order(n, self.seed, epoch) if self.cfg.get("shuffle", True) else None
+        n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        order = data_mod.epoch_order(n, seed, epoch) if cfg.get("shuffle", True) else None
         total, outputs, targets = 0.0, [], []
         for b, idx in enumerate(data_mod.batches(n, batch_size, order), start=1):
-            loss, out = fns.step(sets.train.x[idx], sets.train.y[idx])
+            loss, out = self.fns.step(train.x[idx], train.y[idx])
             loss = float(loss)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"training stopped: the loss became {loss} at epoch {epoch}, "
-                                       f"batch {b}; try a smaller train.optimizer.learning_rate "
-                                       f"(the last complete epoch's model is in {run_dir.path})")
+                kept = f"; the last good epoch ({epoch - 1}) is kept in {self.run_dir.path}" if epoch > 1 else ""
+                raise TrainingDiverged(
+                    f"training stopped: the loss became {loss} at epoch {epoch}, batch {b} of "
+                    f"{n_batches}{kept}; expected a finite loss (try a smaller "
+                    "train.optimizer.learning_rate, or train.clip_norm)")
             total += loss * len(idx)
             outputs.append(out)
-            targets.append(sets.train.y[idx])
+            targets.append(train.y[idx])
+            self.on.batch(epoch, b, n_batches, total / (b * batch_size if b < n_batches else n))
         seconds = time.perf_counter() - start
         record: dict = {"epoch": epoch, "loss": total / n}
-        record.update(metrics_mod.compute(names, np.concatenate(targets), np.concatenate(outputs)))
-        if evaluate is not None:
-            val_loss, val_out = run_batches(evaluate, sets.validation, batch_size)
+        record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets), np.concatenate(outputs)))
+        if self.evaluate is not None:
+            val_loss, val_out = run_batches(self.evaluate, self.sets.validation, batch_size)
             record["val_loss"] = val_loss
-            for k, v in metrics_mod.compute(names, sets.validation.y, val_out).items():
+            for k, v in metrics_mod.compute(self.metric_entries, self.sets.validation.y, val_out).items():
                 record[f"val_{k}"] = v
+        record["learning_rate"] = lr
         record["seconds"] = round(seconds, 4)
         record["samples_per_second"] = round(n / seconds, 1) if seconds > 0 else None
-        run_dir.append_metrics(record)
-        run_dir.save_model(spec, network.param_values())
-        result.history.append(record)
-        if on_epoch:
-            on_epoch(record)
-    return result
+        return record
+
+    def run(self, resume_from: Checkpoint | None = None) -> TrainResult:
+        self.on.compiled(self.fns.seconds)
+        self.run_dir.write_spec(self.spec)
+        if resume_from is not None:
+            self.restore(resume_from)
+            self.run_dir.rewrite_metrics(self.history)
+            self.on.resumed(self.epoch)
+        every = int(self.cfg.get("checkpoint", {}).get("every", 1))
+        stopped = False
+        for epoch in range(self.epoch + 1, self.epochs + 1):
+            record = self.run_epoch(epoch)
+            self.epoch = epoch
+            self.schedule.observe(epoch, record)
+            self.history.append(record)
+            if self.keeper and self.keeper.update(epoch, record):
+                self.best_params = self.network.param_values()
+            if self.stopper:
+                if self.stopper.update(epoch, record) and not self.keeper:
+                    self.best_params = self.network.param_values()
+                stopped = self.stopper.wait > int(self.cfg["early_stopping"].get("patience", 5))
+            self.run_dir.append_metrics(record)
+            self.on.epoch(record)
+            last = stopped or epoch == self.epochs
+            self.run_dir.save_model(self.spec, self.final_params() if last else self.model_params())
+            if last or epoch % every == 0:
+                self.run_dir.save_checkpoint(self.spec, self.checkpoint())
+                self.run_dir.save_curves(self.history)
+            if stopped:
+                break
+        if stopped or self.restores_best():
+            self.network.set_param_values(self.final_params())
+        best = (self.stopper or self.keeper).best_epoch if (self.stopper or self.keeper) else None
+        return TrainResult(self.network, self.history, self.fns.seconds, stopped, best)
+
+    def restores_best(self) -> bool:
+        es = self.cfg.get("early_stopping")
+        return bool((es and es.get("restore_best", True)) or self.keeper)
+
+    def model_params(self) -> dict[str, np.ndarray]:
+        """What model.npz holds during training: the best so far when keeping the best."""
+        if self.keeper and self.best_params is not None:
+            return self.best_params
+        return self.network.param_values()
+
+    def final_params(self) -> dict[str, np.ndarray]:
+        """What model.npz holds at the end: the best epoch's parameters when early stopping
+        restores them or the checkpoint keeps the best, else the last epoch's."""
+        if self.restores_best() and self.best_params is not None:
+            return self.best_params
+        return self.network.param_values()
+
+
+def train(spec: Spec, run_dir: RunDir, epochs: int | None = None, callbacks: Callbacks | None = None,
+          resume_from: Checkpoint | None = None) -> TrainResult:
+    """Train the validated ``spec`` into ``run_dir`` (already created and locked)."""
+    return Trainer(spec, run_dir, epochs, callbacks).run(resume_from)
+
+
+def prepare_resume(run_dir: RunDir, spec: Spec | None, force: bool = False) -> tuple[Spec, Checkpoint | None]:
+    """The spec and checkpoint to continue ``run_dir`` with (it must be open and locked).
+
+    Without ``spec``, the run's own resolved spec.yaml is used. With one, it must equal the
+    run's (``train.epochs`` may differ, to train longer) unless ``force``.
+    """
+    from .check import load_spec
+    from .runs import SPEC_FILE, changed_keys, load_checkpoint, resolved_spec_data
+
+    stored = load_spec(str(run_dir.path / SPEC_FILE))
+    found = load_checkpoint(run_dir.path)
+    if spec is None:
+        spec = stored
+    else:
+        old = found[0] if found else resolved_spec_data(stored)
+        keys = [k for k in changed_keys(old, resolved_spec_data(spec)) if k != "train.epochs"]
+        if keys and not force:
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            raise RunError(f"{run_dir.path}: the spec differs from the run's in {shown}; "
+                           "expected the same spec to resume (pass --force to resume anyway)")
+    return spec, (found[1] if found else None)

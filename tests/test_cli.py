@@ -30,7 +30,8 @@ def trained(tmp_path_factory):
 
 def test_train_writes_the_run_directory(trained):
     run_dir, output = trained
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "model.npz", "spec.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.npz", "curves.png", "metrics.jsonl",
+                                                         "model.npz", "spec.yaml"]
     assert "compiled in" in output and "epoch 3/3" in output
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -92,7 +93,8 @@ def test_existing_run_directory_is_never_overwritten(trained, run_cli):
     before = (run_dir / "model.npz").read_bytes()
     result = run_cli("train", MLP, "--run-dir", run_dir, "--epochs", "1")
     assert result.exit_code == 1
-    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert "already holds a run" in result.stderr and "--overwrite" in result.stderr
+    assert f"--resume {run_dir}" in result.stderr
     assert (run_dir / "model.npz").read_bytes() == before
 
 

@@ -21,7 +21,12 @@ def test_every_shipped_config_has_a_bar():
     assert sorted(REQUIRED) == sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", sorted(REQUIRED))
+#: Configs that take minutes to compile and train on 2 cores run in `make test-slow`.
+SLOW = {"digits-cnn.yaml", "digits-lstm.yaml", "digits-resnet.yaml"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(REQUIRED)])
 def test_config_reaches_its_accuracy(name, run_cli, tmp_path):
     result = run_cli("train", CONFIGS / name, "--run-dir", tmp_path / "run", "--quiet")
     assert result.exit_code == 0, result.stderr

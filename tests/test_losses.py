@@ -97,3 +97,26 @@ def test_crossentropy_from_logits_survives_saturated_softmax(float64):
     f = pytensor.function([zv, tv], [loss, pytensor.grad(loss.sum(), zv)], mode=TEST_MODE)
     value, grad = f(np.array([[200.0, -200.0]]), np.array([1]))
     assert np.allclose(value, 400.0) and np.isfinite(grad).all()
+
+
+def test_class_weights_scale_each_example_by_its_class(float64):
+    z = RNG.normal(size=(5, 3))
+    ids = np.array([0, 1, 2, 1, 0])
+    weights = [1.0, 2.0, 0.5]
+    zv, tv = pt.matrix(), pt.lvector()
+    out = losses.Output(activations.softmax(zv), zv, "softmax")
+    plain = losses.get("categorical_crossentropy", 3)(tv, out)
+    weighted = losses.get({"type": "categorical_crossentropy", "class_weights": weights}, 3)(tv, out)
+    a, b = pytensor.function([zv, tv], [plain, weighted], mode=TEST_MODE)(z, ids)
+    np.testing.assert_allclose(b, a * np.array(weights)[ids])
+
+
+def test_class_weights_of_a_single_sigmoid_unit(float64):
+    z = RNG.normal(size=(4, 1))
+    t = np.array([[0.0], [1.0], [1.0], [0.0]])
+    zv, tv = pt.matrix(), pt.matrix()
+    out = losses.Output(activations.sigmoid(zv), zv, "sigmoid")
+    plain = losses.get("binary_crossentropy", 1)(tv, out)
+    weighted = losses.get({"type": "binary_crossentropy", "class_weights": [0.25, 4.0]}, 1)(tv, out)
+    a, b = pytensor.function([zv, tv], [plain, weighted], mode=TEST_MODE)(z, t)
+    np.testing.assert_allclose(b, a * np.where(t[:, 0] == 1, 4.0, 0.25))

@@ -28,6 +28,10 @@ _LINKED = {
     "#/$defs/loss": "[loss](#losses)",
     "#/$defs/optimizer": "[optimizer](#optimizers-trainoptimizer)",
     "#/$defs/metric_name": "[metric](#metrics)",
+    "#/$defs/metric": "[metric](#metrics)",
+    "#/$defs/schedule": "[schedule](#schedules-trainschedule)",
+    "#/$defs/monitor": "record key",
+    "#/$defs/mode": "`auto`, `min` or `max`",
 }
 
 
@@ -133,8 +137,14 @@ def markdown() -> str:
     lines += ["### Losses", "", "A name, or a mapping `{type: name, ...}` with "
               "`label_smoothing` (cross-entropies) or `delta` (huber): "
               + ", ".join(f"`{n}`" for n in d["loss_name"]["enum"]) + ".", ""]
+    lines += _section("`train.early_stopping`", d["train"]["properties"]["early_stopping"])
+    lines += _section("`train.checkpoint`", d["train"]["properties"]["checkpoint"])
     lines += _dispatched("Optimizers (`train.optimizer`)", "optimizer", [])
-    lines += ["## Metrics", "", ", ".join(f"`{n}`" for n in d["metric_name"]["enum"]) + ".", ""]
+    lines += _dispatched("Schedules (`train.schedule`)", "schedule", [d["schedule"]["description"], ""])
+    lines += ["## Metrics", "", "A name, or a mapping `{type: name, k: ...}` (`k` for top_k_accuracy): "
+              + ", ".join(f"`{n}`" for n in d["metric_name"]["enum"]) + ".", "",
+              "Every epoch records `loss`, each metric, and with validation data `val_loss` and "
+              "`val_<metric>`: these are the keys a `monitor` can name.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

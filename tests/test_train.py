@@ -1,0 +1,177 @@
+"""Training that can be trusted: exact resume after SIGKILL, early stopping, divergence, quality
+gates, locks, checkpoints and curves, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, ROOT, SPECS
+from netbuild.runs import RunDir
+
+MLP = CONFIGS / "digits-mlp.yaml"
+TEST_NPZ = CONFIGS / "data" / "digits-test.npz"
+
+
+def params(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if not k.startswith("__")}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+
+
+def netbuild(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "netbuild", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# Small batches make epochs long enough (hundreds of steps) to be killed in the middle of one.
+SLOW = ["--set", "train.batch_size=4", "--set", "train.optimizer.type=sgd",
+        "--set", "train.optimizer.learning_rate=0.01", "--set", "train.optimizer.momentum=0.9"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, run_cli):
+    reference = tmp_path / "reference"
+    result = run_cli("train", MLP, "--run-dir", reference, "--epochs", "4", "--quiet", *SLOW)
+    assert result.exit_code == 0, result.stderr
+
+    killed = tmp_path / "killed"
+    proc = netbuild("train", MLP, "--run-dir", killed, "--epochs", "4", "--quiet", *SLOW)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the third epoch
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 4
+
+    result = run_cli("train", "--resume", killed, "--epochs", "4")
+    assert result.exit_code == 0, result.stderr
+    assert f"resumed after epoch {done} of 4" in result.output
+    assert_bitwise_equal(params(killed / "model.npz"), params(reference / "model.npz"))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]
+
+
+def test_resume_refuses_a_changed_spec_unless_forced(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "1", "--quiet").exit_code == 0
+    result = run_cli("train", MLP, "--resume", run, "--epochs", "2",
+                     "--set", "train.optimizer.learning_rate=0.5", "--set", "model.layers[0].units=64")
+    assert result.exit_code == 1
+    assert "differs from the run's in model.layers[0].units, train.optimizer.learning_rate" in result.stderr
+    assert "--force" in result.stderr
+    result = run_cli("train", MLP, "--resume", run, "--epochs", "2", "--quiet",
+                     "--set", "train.optimizer.learning_rate=0.005", "--force")
+    assert result.exit_code == 0, result.stderr
+    # the same spec with more epochs is a plain continuation
+    result = run_cli("train", MLP, "--resume", run, "--epochs", "3", "--quiet",
+                     "--set", "train.optimizer.learning_rate=0.005")
+    assert result.exit_code == 0, result.stderr
+    assert "learning_rate: 0.005" in (run / "spec.yaml").read_text()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path, run_cli):
+    run = tmp_path / "run"
+    result = run_cli("train", SPECS / "valid" / "early-stopping.yaml", "--run-dir", run)
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) < 60 and "early stopping after epoch" in result.output
+    losses = [r["val_loss"] for r in records]
+    best = int(np.argmin(losses))
+    assert len(records) - 1 - best == 3  # patience 2: stopped on the third epoch without a gain
+    evaluated = json.loads(run_cli("eval", run, "--data", TEST_NPZ, "--format", "json").output)
+    assert evaluated["metrics"]["loss"] == pytest.approx(losses[best], rel=1e-5)
+
+
+def test_divergence_stops_at_the_batch_and_keeps_the_last_good_epoch(tmp_path, run_cli):
+    spec = SPECS / "valid" / "regression-sgd.yaml"
+    run = tmp_path / "run"
+    assert run_cli("train", spec, "--run-dir", run, "--epochs", "1", "--quiet").exit_code == 0
+    good = params(run / "model.npz")
+    result = run_cli("train", spec, "--resume", run, "--epochs", "3", "--force",
+                     "--set", "train.optimizer.learning_rate=1000", "--set", "train.loss=mse")
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "loss became" in line and "at epoch 2, batch" in line and "Traceback" not in line
+    assert "the last good epoch (1) is kept" in line
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert_bitwise_equal(params(run / "model.npz"), good)
+
+
+def test_quality_gates_exit_3(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "2", "--quiet").exit_code == 0
+    ok = run_cli("eval", run, "--fail-under", "accuracy=0.5", "--fail-over", "loss=5")
+    assert ok.exit_code == 0, ok.stderr
+    bad = run_cli("eval", run, "--fail-under", "accuracy=0.999", "--fail-over", "loss=0.0001")
+    assert bad.exit_code == 3
+    assert "accuracy" in bad.stderr and "is under the threshold 0.999" in bad.stderr
+    assert "is over the threshold 0.0001" in bad.stderr
+    assert run_cli("eval", run, "--fail-under", "f1=0.5").exit_code == 2  # not a metric of it
+    assert run_cli("eval", run, "--fail-under", "accuracy").exit_code == 2
+
+
+def test_confusion_matrix_counts_every_example(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "2", "--quiet").exit_code == 0
+    result = run_cli("eval", run, "--confusion", "--format", "json")
+    matrix = np.array(json.loads(result.output)["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 360
+    assert np.trace(matrix) / 360 == pytest.approx(json.loads(result.output)["metrics"]["accuracy"])
+    assert "true \\ pred" in run_cli("eval", run, "--confusion").output
+
+
+def test_run_directory_holds_checkpoint_and_curves(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "2", "--quiet").exit_code == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        state = json.loads(str(f["__state__"]))
+        assert state["epoch"] == 2 and len(state["history"]) == 2
+        assert "optimizer/dense_0/W/m" in f.files and "params/out/b" in f.files
+
+
+def test_a_locked_run_directory_is_refused(tmp_path, run_cli):
+    run = tmp_path / "run"
+    holder = RunDir(run)
+    holder.create()
+    try:
+        result = run_cli("train", MLP, "--run-dir", run, "--overwrite")
+        assert result.exit_code == 1
+        assert f"pid {os.getpid()}" in result.stderr and "is writing to this run directory" in result.stderr
+    finally:
+        holder.unlock()
+
+
+def test_resume_without_a_checkpoint_starts_over(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "1", "--quiet").exit_code == 0
+    (run / "checkpoint.npz").unlink()
+    result = run_cli("train", "--resume", run, "--epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["train"], ["train", "--resume", "x", "--overwrite"]])
+def test_train_usage(run_cli, args):
+    assert run_cli(*args).exit_code == 2
