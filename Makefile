@@ -26,10 +26,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m slow
 
-# Regenerate configs/data/digits-*.npz from scikit-learn's copy of UCI optical digits.
+# Regenerate configs/data/*.npz from the data sets scikit-learn bundles.
 data: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[data]'
-	$(BIN)/python configs/data/make_digits.py
+	$(BIN)/python configs/data/make_data.py
 
 # Regenerate docs/spec.md from the JSON Schema.
 docs: $(STAMP)
