@@ -81,3 +81,14 @@ def test_check_table_names_lines_and_counts(run_cli):
 def test_no_data_skips_data_files(run_cli):
     result = run_cli("check", SPECS / "invalid" / "missing-data-file.yaml", "--no-data")
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("config,shapes,total", [
+    ("digits-cnn.yaml", [[32, 8, 8], [32, 8, 8], [32, 4, 4], [64, 4, 4], [64], [64], [10]],
+     (32 * 9 + 32) + (32 * 32 * 9 + 32) + (64 * 32 * 9 + 64) + (64 * 10 + 10)),
+    ("digits-lstm.yaml", [[128], [10]], 2 * (4 * 64 * (8 + 64) + 2 * 4 * 64) + 128 * 10 + 10),
+])
+def test_check_reports_shapes_and_counts_of_shipped_configs(run_cli, config, shapes, total):
+    report = json.loads(run_cli("check", CONFIGS / config, "--format", "json", "--no-data").output)
+    assert [layer["output_shape"] for layer in report["layers"]] == shapes
+    assert report["total_params"] == total
