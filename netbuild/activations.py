@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import pytensor.tensor as pt
 
-from .errors import expected_one_of
+from .registry import lookup, name_of  # noqa: F401  (name_of is part of this API)
 
 
 def linear(x, **_):
@@ -97,16 +97,7 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-def name_of(config: Any) -> str:
-    """The activation's name from a spec value (``"relu"`` or ``{type: leaky_relu, ...}``)."""
-    return config["type"] if isinstance(config, dict) else config
-
-
 def get(config: Any) -> Callable:
     """The activation for a spec value: a name, or a mapping with ``type`` and options."""
-    name = name_of(config)
-    if name not in REGISTRY:
-        raise KeyError(f"unknown activation '{name}'; {expected_one_of(name, REGISTRY)}")
-    options = {k: v for k, v in config.items() if k != "type"} if isinstance(config, dict) else {}
-    fn = REGISTRY[name]
+    fn, options = lookup(REGISTRY, config, "activation")
     return (lambda x: fn(x, **options)) if options else fn

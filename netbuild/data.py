@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import backend, losses
-from .errors import DataError, Issue, NetbuildError, SpecError
+from .errors import DataError, Issue, Location, NetbuildError, SpecError
 from .network import Network
 from .spec import Spec
 

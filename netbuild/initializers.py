@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import expected_one_of
+from .registry import lookup
 
 
 def zeros(rng, shape, fan_in, fan_out, **_):
@@ -93,9 +93,6 @@ def initialize(config: Any, rng: np.random.Generator, shape, fan_in: int, fan_ou
     """Values for a parameter from a spec value (a name or ``{type: name, ...options}``)."""
     if callable(config):  # a layer's own initializer (the LSTM's forget-gate bias)
         return np.asarray(config(rng, tuple(shape), max(fan_in, 1), max(fan_out, 1)), dtype=np.float64)
-    name = config["type"] if isinstance(config, dict) else config
-    if name not in REGISTRY:
-        raise KeyError(f"unknown initializer '{name}'; {expected_one_of(name, REGISTRY)}")
-    options = {k: v for k, v in config.items() if k != "type"} if isinstance(config, dict) else {}
-    return np.asarray(REGISTRY[name](rng, tuple(shape), max(fan_in, 1), max(fan_out, 1), **options),
+    fn, options = lookup(REGISTRY, config, "initializer")
+    return np.asarray(fn(rng, tuple(shape), max(fan_in, 1), max(fan_out, 1), **options),
                       dtype=np.float64)

@@ -14,7 +14,7 @@ import numpy as np
 import pytensor.tensor as pt
 
 from . import activations
-from .errors import expected_one_of
+from .registry import lookup, name_of
 
 _EPS = 1e-7
 
@@ -98,10 +98,6 @@ def is_classification(config: Any) -> bool:
     return name_of(config) in ("categorical_crossentropy", "binary_crossentropy")
 
 
-def name_of(config: Any) -> str:
-    return config["type"] if isinstance(config, dict) else config
-
-
 def class_weight_of(target, out: Output, weights: list[float], units: int):
     """Each example's weight from its class: ``weights[id]`` for class ids, ``rows @ weights``
     for one-hot rows, ``w0 (1 - t) + w1 t`` for the 0/1 target of a single sigmoid unit."""
@@ -127,12 +123,8 @@ def get(config: Any, units: int = 0) -> Callable:
     With ``class_weights``, each example's loss is multiplied by its class's weight (Keras's
     semantics: the batch loss is the mean of the weighted losses).
     """
-    name = name_of(config)
-    if name not in REGISTRY:
-        raise KeyError(f"unknown loss '{name}'; {expected_one_of(name, REGISTRY)}")
-    options = {k: v for k, v in config.items() if k != "type"} if isinstance(config, dict) else {}
+    fn, options = lookup(REGISTRY, config, "loss")
     weights = options.pop("class_weights", None)
-    fn = REGISTRY[name]
     if weights is None:
         return lambda target, out: fn(target, out, **options)
     return lambda target, out: fn(target, out, **options) * class_weight_of(target, out, weights, units)

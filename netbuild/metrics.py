@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import expected_one_of
+from .registry import lookup, name_of
 
 
 def class_ids(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,18 +141,12 @@ def mode_of(key: str) -> str:
     return "max" if name in HIGHER_IS_BETTER else "min"
 
 
-def metric_name(entry: Any) -> str:
-    """The name of a spec entry: a name, or a mapping ``{type: name, ...}``."""
-    return entry["type"] if isinstance(entry, dict) else entry
+metric_name = name_of
 
 
 def get(entry: Any) -> Callable:
     """``fn(y_true, y_pred) -> float`` for a spec entry (a name or a mapping with options)."""
-    name = metric_name(entry)
-    if name not in REGISTRY:
-        raise KeyError(f"unknown metric '{name}'; {expected_one_of(name, REGISTRY)}")
-    options = {k: v for k, v in entry.items() if k != "type"} if isinstance(entry, dict) else {}
-    fn = REGISTRY[name]
+    fn, options = lookup(REGISTRY, entry, "metric")
     return (lambda y_true, y_pred: fn(y_true, y_pred, **options)) if options else fn
 
 

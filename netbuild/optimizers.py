@@ -15,7 +15,7 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 
-from .errors import expected_one_of
+from .registry import lookup
 
 
 class Optimizer:
@@ -214,7 +214,5 @@ REGISTRY: dict[str, type[Optimizer]] = {
 
 def get(config: dict) -> Optimizer:
     """A new optimizer for a spec mapping ``{type: ..., learning_rate: ..., ...}``."""
-    name = config["type"]
-    if name not in REGISTRY:
-        raise KeyError(f"unknown optimizer '{name}'; {expected_one_of(name, REGISTRY)}")
-    return REGISTRY[name](config)
+    cls, _ = lookup(REGISTRY, config, "optimizer")
+    return cls(config)

@@ -30,7 +30,7 @@ import math
 from typing import Any
 
 from . import metrics as metrics_mod
-from .errors import expected_one_of
+from .registry import lookup
 
 
 class Schedule:
@@ -165,7 +165,5 @@ REGISTRY: dict[str, type[Schedule]] = {
 
 def get(config: dict, base_lr: float) -> Schedule:
     """A new schedule for a spec mapping ``{type: ..., ...}`` around the optimizer's rate."""
-    name = config["type"]
-    if name not in REGISTRY:
-        raise KeyError(f"unknown schedule '{name}'; {expected_one_of(name, REGISTRY)}")
-    return REGISTRY[name](config, base_lr)
+    cls, _ = lookup(REGISTRY, config, "schedule")
+    return cls(config, base_lr)

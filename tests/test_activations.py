@@ -8,9 +8,8 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from pytensor.graph.replace import clone_replace
-
 from conftest import TEST_MODE, verify_grad
+
 from netbuild import activations
 
 _erf = np.vectorize(math.erf)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS, ROOT, SPECS
 
 MLP = CONFIGS / "digits-mlp.yaml"

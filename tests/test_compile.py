@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-
 from conftest import TEST_MODE
+
 from netbuild.compile import clip, penalty
 from netbuild.network import Network
 from netbuild.spec import load_text, validate

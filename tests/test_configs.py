@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import CONFIGS
 
 #: The test-split quality each shipped config must reach (README, "Shipped configs"):

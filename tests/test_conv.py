@@ -9,8 +9,8 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-
 from conftest import TEST_MODE, verify_grad
+
 from netbuild.layers.base import Context, LayerError
 from netbuild.layers.conv import Conv1D, Conv2D, conv_output_length, same_padding
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytensor
 import pytest
+from conftest import TEST_MODE, verify_grad
 from pytensor.graph.replace import clone_replace
 
-from conftest import TEST_MODE, verify_grad
 from netbuild import layers
 from netbuild.layers import Context
 from netbuild.network import INPUT, Network

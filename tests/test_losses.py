@@ -7,9 +7,9 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
+from conftest import TEST_MODE, verify_grad
 from pytensor.graph.replace import clone_replace
 
-from conftest import TEST_MODE, verify_grad
 from netbuild import activations, losses
 
 RNG = np.random.default_rng(1)

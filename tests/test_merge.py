@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytensor
-
-from conftest import TEST_MODE, verify_grad
 import pytensor.tensor as pt
 import pytest
+from conftest import TEST_MODE, verify_grad
 
 from netbuild.layers.base import Context, LayerError
 from netbuild.layers.merge import Add, Concatenate, Multiply

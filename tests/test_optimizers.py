@@ -7,8 +7,8 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-
 from conftest import TEST_MODE
+
 from netbuild import optimizers
 
 A = np.array([[3.0, 0.5], [0.5, 1.0]])

@@ -9,11 +9,17 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-
 from conftest import TEST_MODE, verify_grad
+
 from netbuild.layers.base import Context, LayerError
-from netbuild.layers.pool import (AvgPool1D, AvgPool2D, GlobalAvgPool, GlobalMaxPool, MaxPool1D,
-                                  MaxPool2D)
+from netbuild.layers.pool import (
+    AvgPool1D,
+    AvgPool2D,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    MaxPool1D,
+    MaxPool2D,
+)
 
 DEFAULTS = {"pool_size": 2, "padding": "valid"}
 

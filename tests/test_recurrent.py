@@ -12,8 +12,8 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-
 from conftest import TEST_MODE, verify_grad
+
 from netbuild.layers.base import Context, LayerError
 from netbuild.layers.recurrent import GRU, LSTM, ForgetBias, Recurrent, SimpleRNN
 

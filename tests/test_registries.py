@@ -71,6 +71,7 @@ def test_no_object_schema_allows_unknown_keys():
 def test_spec_reference_is_current():
     """docs/spec.md is rendered from the schema; `make docs` regenerates it."""
     from conftest import ROOT
+
     from netbuild.spec.reference import markdown
 
     assert (ROOT / "docs" / "spec.md").read_text() == markdown(), "run `make docs`"

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytensor
-
-from conftest import TEST_MODE
 import pytensor.tensor as pt
 import pytest
+from conftest import TEST_MODE
 
 from netbuild.layers.base import Context, LayerError
 from netbuild.layers.shape import Flatten, Reshape

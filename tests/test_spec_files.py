@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import CONFIGS, SPECS
 
 VALID = sorted((SPECS / "valid").glob("*.yaml")) + sorted(CONFIGS.glob("*.yaml"))

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS, ROOT, SPECS
+
 from netbuild.runs import RunDir
 
 MLP = CONFIGS / "digits-mlp.yaml"

@@ -11,8 +11,14 @@ from .embedding import Embedding
 from .merge import Add, Concatenate, Multiply
 from .noise import Dropout
 from .normalization import BatchNorm, LayerNorm
-from .pool import (AvgPool1D, AvgPool2D, GlobalAvgPool, GlobalMaxPool, MaxPool1D,
-                   MaxPool2D)
+from .pool import (
+    AvgPool1D,
+    AvgPool2D,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    MaxPool1D,
+    MaxPool2D,
+)
 from .recurrent import GRU, LSTM, SimpleRNN
 from .shape import Flatten, Reshape
 

@@ -31,7 +31,15 @@ import numpy as np
 import pytensor.tensor as pt
 
 from .base import Layer, LayerError, single
-from .conv import Window, as_tuple, check_rank, pad_spatial, static_shape, window, window_slices
+from .conv import (
+    Window,
+    as_tuple,
+    check_rank,
+    pad_spatial,
+    static_shape,
+    window,
+    window_slices,
+)
 
 
 def avg_pool_counts(win: Window) -> np.ndarray:
