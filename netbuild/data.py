@@ -63,6 +63,16 @@ class _Reporter:
         return SpecError(Issue(self.where, self.path, what + message))
 
 
+def open_npz(file: Path) -> np.lib.npyio.NpzFile:
+    """An .npz archive opened without pickle; ValueError when the file is not one."""
+    if not zipfile.is_zipfile(file):
+        raise ValueError("not an .npz archive (a .npy array, text, or damaged)")
+    archive = np.load(file, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    return archive
+
+
 def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tuple[np.ndarray, np.ndarray | None]:
     """The arrays under ``x_key`` (and ``y_key``) of an .npz file, refusing pickled objects."""
     if not file.exists():
@@ -70,10 +80,7 @@ def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tu
     if file.is_dir():
         raise report.error("is a folder; expected an .npz file")
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise report.error("is a single .npy array; expected an .npz archive with keys "
-                                   f"'{x_key}' and '{y_key}'")
+        with open_npz(file) as archive:
             keys = list(archive.files)
             wanted = [x_key] + ([y_key] if y_key else [])
             for key in wanted:
@@ -89,7 +96,7 @@ def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tu
         if "pickle" in str(exc):
             raise report.error("holds Python objects (pickled arrays), which netbuild never "
                                "loads; expected numeric arrays") from None
-        raise report.error(f"cannot read: {exc}") from None
+        raise report.error(f"{exc}; expected an .npz archive with the key '{x_key}'") from None
     except OSError as exc:
         raise report.error(f"cannot read: {exc.strerror or exc}") from None
     return arrays[0], (arrays[1] if y_key else None)
@@ -139,6 +146,9 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
         raise report.error(f"holds {got}; expected {n}, as many as the inputs", key)
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise report.error("holds NaN or infinite values; expected finite numbers", key)
+    if loss_name == "binary_crossentropy" and (y.min() < 0 or y.max() > 1):
+        bad = y.min() if y.min() < 0 else y.max()
+        raise report.error(f"holds {bad:g}; expected targets between 0 and 1 for binary_crossentropy", key)
     if loss_name in losses.CLASS_ID_TARGETS:
         k = output_shape[-1]
         lead = tuple(output_shape[:-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +70,18 @@ def failed_thresholds(metrics: dict, under, over) -> list[str]:
 
 def predict(model: str | Path, data_file: str | Path, out_file: str | Path) -> dict:
     """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``."""
+    out_file = Path(out_file)
+    if not out_file.parent.is_dir():
+        raise RunError(f"{out_file}: the folder {out_file.parent} does not exist")
+    if not os.access(out_file.parent, os.W_OK):
+        raise RunError(f"{out_file}: cannot write in {out_file.parent}")
     spec, network = load_network(model)
     x = data_mod.load_inputs(data_file, spec, network)
     fn = compile_predict(network)
     outputs = np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), BATCH_SIZE)])
-    out_file = Path(out_file)
-    if not out_file.parent.exists():
-        raise RunError(f"{out_file}: the folder {out_file.parent} does not exist")
-    atomic_write(out_file, npz_bytes({"y": outputs}))
+    try:
+        atomic_write(out_file, npz_bytes({"y": outputs}))
+    except OSError as exc:
+        raise RunError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
     return {"model": str(model), "data": str(data_file), "out": str(out_file),
             "examples": len(x), "output_shape": list(outputs.shape)}

@@ -131,6 +131,9 @@ REGISTRY: dict[str, Callable] = {
     "r2": r2,
 }
 
+#: Metrics that score class predictions (they need a classification loss).
+CLASSIFICATION = {"accuracy", "top_k_accuracy", "precision", "recall", "f1"}
+
 #: Metrics where a larger value is better (used to infer min/max modes).
 HIGHER_IS_BETTER = {"accuracy", "top_k_accuracy", "precision", "recall", "f1", "r2"}
 

@@ -188,7 +188,12 @@ class Network:
         nodes = sorted(self.order, key=lambda n: n.index)
         for node in nodes:
             for p in node.param_specs:
-                values = initializers.initialize(p.init, rng, p.shape, p.fan_in, p.fan_out)
+                try:
+                    values = initializers.initialize(p.init, rng, p.shape, p.fan_in, p.fan_out)
+                except MemoryError:
+                    raise self.spec.error(node.path, f"layer '{node.name}': its parameter {p.name} of "
+                                                     f"shape {p.shape} does not fit in memory; "
+                                                     "expected a smaller layer") from None
                 var = pytensor.shared(values.astype(float_type), name=f"{node.name}/{p.name}")
                 node.layer.params[p.name] = var
                 self.params[var.name] = var

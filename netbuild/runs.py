@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from . import __version__
+from .data import open_npz
 from .errors import RunError
 from .spec import Spec
 
@@ -53,6 +54,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -106,9 +110,10 @@ def load_model(target: str | os.PathLike) -> tuple[Spec, dict[str, np.ndarray]]:
                            "written by `netbuild train` or a model.npz file")
         raise RunError(f"{target}: not found; expected a run directory or a model.npz file")
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise RunError(f"{file}: a single .npy array; expected a model.npz written by netbuild")
+        with open_npz(file) as archive:
+            if STATE_KEY in archive.files:
+                raise RunError(f"{file}: a checkpoint, not a model; expected the run directory or "
+                               "its model.npz")
             if SPEC_KEY not in archive.files:
                 raise RunError(f"{file}: no '{SPEC_KEY}' entry; expected a model.npz written by "
                                "netbuild (its keys are: " + ", ".join(archive.files[:10]) + ")")
@@ -142,7 +147,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Checkpoint] | Non
     if not file.exists():
         return None
     try:
-        with np.load(file, allow_pickle=False) as archive:
+        with open_npz(file) as archive:
             groups: dict[str, dict] = {"params": {}, "optimizer": {}, "best": {}}
             for key in archive.files:
                 head, _, rest = key.partition("/")

@@ -144,6 +144,10 @@ def check_training(spec: Spec, network: Network) -> None:
                                      f"'{name}' is not recorded by this run; expected one of: "
                                      f"{', '.join(available)}"))
     loss = spec.data["train"]["loss"]
+    if not losses.is_classification(loss):
+        issues += [spec.issue(("train", "metrics", i), f"'{n}' scores classes; expected a regression "
+                                                      f"metric (mse, mae, r2) for the loss {losses.name_of(loss)}")
+                   for i, n in enumerate(names) if n in metrics_mod.CLASSIFICATION]
     weights = loss.get("class_weights") if isinstance(loss, dict) else None
     if weights is not None:
         k = losses.n_classes(network.output_shape)
@@ -189,15 +193,21 @@ class Trainer:
         base_lr = float(self.cfg["optimizer"]["learning_rate"])
         self.schedule = schedules.get(schedule_cfg, base_lr)
         self.fns = compile_train(self.network, self.cfg, self.sets.train.y, self.seed)
-        self.evaluate = compile_eval(self.network, self.cfg["loss"], self.sets.train.y) if has_val else None
+        self.evaluate = compile_eval(self.network, self.cfg["loss"], self.sets.validation.y) if has_val else None
         self.history: list[dict] = []
         self.best_params: dict[str, np.ndarray] | None = None
         self.epoch = 0
+        self.stopped = False
+        # The resolved spec records the epochs this run trains for (--epochs included), so that
+        # a plain --resume continues to the same end.
+        spec.data["train"]["epochs"] = self.epochs
 
     # -- state ------------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
         state = {
             "epoch": self.epoch,
+            "epochs": self.epochs,
+            "stopped": self.stopped,
             "rng": self.fns.rng.get_value(borrow=True).bit_generator.state if self.fns.rng else None,
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state() if self.stopper else None,
@@ -218,18 +228,24 @@ class Trainer:
             if name in ckpt.optimizer and np.shape(ckpt.optimizer[name]) == var.get_value(borrow=True).shape:
                 var.set_value(np.asarray(ckpt.optimizer[name]).astype(var.dtype))  # else: fresh state
         s = ckpt.state
-        if self.fns.rng is not None and s.get("rng"):
-            generator = np.random.default_rng()
-            generator.bit_generator.state = s["rng"]
-            self.fns.rng.set_value(generator)
-        self.schedule.load_state(s["schedule"])
-        if self.stopper and s.get("early_stopping"):
-            self.stopper.load_state(s["early_stopping"])
-        if self.keeper and s.get("checkpoint"):
-            self.keeper.load_state(s["checkpoint"])
+        try:
+            if self.fns.rng is not None and s.get("rng"):
+                generator = np.random.default_rng()
+                generator.bit_generator.state = s["rng"]
+                self.fns.rng.set_value(generator)
+            self.schedule.load_state(s["schedule"])
+            if self.stopper and s.get("early_stopping"):
+                self.stopper.load_state(s["early_stopping"])
+            if self.keeper and s.get("checkpoint"):
+                self.keeper.load_state(s["checkpoint"])
+            self.history = [dict(r) for r in s["history"]]
+            self.epoch = int(s["epoch"])
+            self.stopped = bool(s.get("stopped", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RunError(f"{self.run_dir.path / 'checkpoint.npz'}: cannot resume: the checkpoint's "
+                           f"state is not readable ({exc!r}); expected a checkpoint written by "
+                           "`netbuild train`") from None
         self.best_params = ckpt.best
-        self.history = list(s["history"])
-        self.epoch = int(s["epoch"])
 
     # -- the loop ---------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict:
@@ -273,10 +289,14 @@ class Trainer:
         self.run_dir.write_spec(self.spec)
         if resume_from is not None:
             self.restore(resume_from)
+            if self.stopped or self.epoch >= self.epochs:
+                why = "stopped early" if self.stopped else "trained all its epochs"
+                raise RunError(f"{self.run_dir.path}: this run already {why} ({self.epoch} epochs); "
+                               f"expected --epochs N above {self.epoch} to train longer")
             self.run_dir.rewrite_metrics(self.history)
             self.on.resumed(self.epoch)
         every = int(self.cfg.get("checkpoint", {}).get("every", 1))
-        stopped = False
+        stopped = self.stopped = False
         for epoch in range(self.epoch + 1, self.epochs + 1):
             record = self.run_epoch(epoch)
             self.epoch = epoch
@@ -287,7 +307,7 @@ class Trainer:
             if self.stopper:
                 if self.stopper.update(epoch, record) and not self.keeper:
                     self.best_params = self.network.param_values()
-                stopped = self.stopper.wait > int(self.cfg["early_stopping"].get("patience", 5))
+                stopped = self.stopped = self.stopper.wait > int(self.cfg["early_stopping"].get("patience", 5))
             self.run_dir.append_metrics(record)
             self.on.epoch(record)
             last = stopped or epoch == self.epochs
@@ -299,7 +319,8 @@ class Trainer:
                 break
         if stopped or self.restores_best():
             self.network.set_param_values(self.final_params())
-        best = (self.stopper or self.keeper).best_epoch if (self.stopper or self.keeper) else None
+        watcher = self.keeper or self.stopper  # model.npz follows the checkpoint's monitor first
+        best = watcher.best_epoch if watcher else None
         return TrainResult(self.network, self.history, self.fns.seconds, stopped, best)
 
     def restores_best(self) -> bool:

@@ -160,3 +160,28 @@ def test_module_entry_point_has_no_traceback():
     assert proc.returncode == 1
     assert proc.stderr.startswith("tests/specs/invalid/wrong-type.yaml:7:28: model.layers[0].units:")
     assert "Traceback" not in proc.stderr
+
+
+def test_files_that_are_not_npz_archives_get_one_line(trained, run_cli, tmp_path):
+    run_dir, _ = trained
+    np.save(tmp_path / "single.npy", np.zeros((3, 64), dtype=np.float32))
+    (tmp_path / "text.npz").write_text("not an archive")
+    for bad in (tmp_path / "single.npy", tmp_path / "text.npz"):
+        result = run_cli("eval", run_dir, "--data", bad)
+        assert result.exit_code == 1 and "not an .npz archive" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        result = run_cli("eval", bad)
+        assert result.exit_code == 1 and "not a readable model file" in result.stderr
+    result = run_cli("eval", run_dir / "checkpoint.npz")
+    assert result.exit_code == 1 and "a checkpoint, not a model" in result.stderr
+
+
+def test_predict_to_a_missing_folder_fails_before_running(trained, run_cli, tmp_path):
+    run_dir, _ = trained
+    result = run_cli("predict", run_dir, "--data", TEST_NPZ, "--out", tmp_path / "no" / "p.npz")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_yaml_1_2_floats(run_cli):
+    result = run_cli("check", MLP, "--no-data", "--set", "train.optimizer.learning_rate=1e-3")
+    assert result.exit_code == 0, result.stderr

@@ -175,3 +175,39 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path, run_cli):
 @pytest.mark.parametrize("args", [["train"], ["train", "--resume", "x", "--overwrite"]])
 def test_train_usage(run_cli, args):
     assert run_cli(*args).exit_code == 2
+
+
+def test_resume_of_a_finished_or_stopped_run_says_so(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "2", "--quiet").exit_code == 0
+    result = run_cli("train", "--resume", run)  # --epochs 2 was recorded in the run's spec
+    assert result.exit_code == 1 and "already trained all its epochs (2 epochs)" in result.stderr
+    stopped = tmp_path / "stopped"
+    assert run_cli("train", SPECS / "valid" / "early-stopping.yaml", "--run-dir", stopped, "--quiet").exit_code == 0
+    result = run_cli("train", "--resume", stopped, "--epochs", "100")
+    assert result.exit_code == 1 and "already stopped early" in result.stderr
+
+
+def test_validation_targets_may_be_one_hot_while_training_ids_are_not(tmp_path, run_cli):
+    with np.load(TEST_NPZ) as f:
+        np.savez(tmp_path / "val.npz", x=f["x"], y=np.eye(10, dtype=np.float32)[f["y"]])
+    result = run_cli("train", MLP, "--run-dir", tmp_path / "run", "--epochs", "1", "--quiet",
+                     "--set", "data.validation_split=0", "--set", f"data.validation={tmp_path / 'val.npz'}")
+    assert result.exit_code == 1  # validation and validation_split exclude each other
+    spec = tmp_path / "spec.yaml"
+    text = (SPECS / "valid" / "early-stopping.yaml").read_text().replace(
+        "../../../configs/data/digits-test.npz", str(tmp_path / "val.npz")).replace(
+        "../../../configs/data/digits-train.npz", str(CONFIGS / "data" / "digits-train.npz"))
+    spec.write_text(text)
+    result = run_cli("train", spec, "--run-dir", tmp_path / "run2", "--epochs", "2", "--quiet")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_output_files_get_the_usual_permissions(tmp_path, run_cli):
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert run_cli("train", MLP, "--run-dir", run, "--epochs", "1", "--quiet").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (run / "model.npz").stat().st_mode & 0o777 == 0o644

@@ -20,6 +20,23 @@ import yaml
 from ..errors import Issue, Location, SpecError, format_path
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-3`` is a number, not a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 _SAFE_TAGS = {
     "tag:yaml.org,2002:" + t
     for t in ("null", "bool", "int", "float", "str", "binary", "timestamp", "map", "seq", "merge")
@@ -146,7 +163,7 @@ def load_text(text: str, source: str, base_dir: FsPath | None = None) -> Spec:
     """Parse YAML ``text``; ``source`` names it in messages. Raises :class:`SpecError`."""
     base = FsPath(base_dir) if base_dir is not None else FsPath(".")
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = _mark(source, mark) if mark else Location(source)
@@ -223,11 +240,15 @@ def apply_override(spec: Spec, argument: str) -> None:
     if path is None:
         raise SpecError(Issue(where, (), f"'{raw_path}' is not a path; expected dotted keys and "
                                          "[index] parts, for example model.layers[0].units"))
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
-    except yaml.YAMLError as exc:
-        raise SpecError(Issue(where, path, f"cannot read the value '{raw_value}': "
-                                           f"{getattr(exc, 'problem', exc)}")) from None
+    if raw_value.strip():
+        try:
+            value = load_text(raw_value, where.source).data
+        except SpecError as exc:
+            first = exc.issues[0]
+            raise SpecError(Issue(where, path, f"cannot read the value '{raw_value}': "
+                                               f"{first.message}")) from None
+    else:
+        value = None
     if not isinstance(spec.data, dict):
         raise SpecError(Issue(where, path, "the spec is not a mapping"))
     node: Any = spec.data

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from importlib import resources
 from typing import Any
@@ -215,7 +216,8 @@ def validate(spec: Spec) -> Spec:
     if not isinstance(spec.data, dict):
         raise spec.error((), f"received {_describe(spec.data)}; expected a mapping with the keys "
                              "name, data, model and train")
-    issues: list[Issue] = []
+    issues: list[Issue] = [spec.issue(path, f"received {value}; expected a finite number")
+                           for path, value in _non_finite(spec.data, ())]
     for error in _validator().iter_errors(spec.data):
         issues.extend(_messages(error, spec))
     unique = {str(i): i for i in issues}
@@ -224,6 +226,18 @@ def validate(spec: Spec) -> Spec:
     out = spec.copy()
     out.data = fill_defaults(spec.data, schema())
     return out
+
+
+def _non_finite(node: Any, path: tuple):
+    """``(path, value)`` of every NaN or infinite number (JSON Schema's bounds let NaN pass)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _non_finite(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _non_finite(v, path + (i,))
 
 
 def enum_names(def_name: str) -> list[str]:
