@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -129,9 +130,16 @@ def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
     say = (lambda *_: None) if quiet else click.echo
     tty = not quiet and sys.stdout.isatty()
 
-    def batch(epoch: int, i: int, n: int, loss: float) -> None:
-        if tty:
-            click.echo("\r" + report.progress_line(epoch, total, i, n, loss), nl=False)
+    batch_size = int(resolved.data["train"]["batch_size"])
+    shown = {"at": 0.0}
+
+    def batch(epoch: int, i: int, n: int, loss: float, seconds: float) -> None:
+        now = time.perf_counter()
+        if not tty or (now - shown["at"] < 0.1 and i < n):  # at most ten updates a second
+            return
+        shown["at"] = now
+        rate = min(i * batch_size, n * batch_size) / seconds if seconds > 0 else 0.0
+        click.echo("\r" + report.progress_line(epoch, total, i, n, loss, rate), nl=False)
 
     def epoch_done(record: dict) -> None:
         if tty:

@@ -91,9 +91,11 @@ def curves_png(records: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def progress_line(epoch: int, epochs: int, batch: int, batches: int, loss: float, width: int = 30) -> str:
-    """``epoch 3/30 [=========>          ] 12/45  loss 0.1234`` for a terminal."""
+def progress_line(epoch: int, epochs: int, batch: int, batches: int, loss: float,
+                  samples_per_second: float, width: int = 30) -> str:
+    """``epoch 3/30 [=========>          ] 12/45  loss 0.1234  5,120 samples/s`` for a terminal."""
     done = int(width * batch / batches)
     bar = "=" * max(done - 1, 0) + (">" if done < width else "=") + " " * (width - done)
     w = len(str(epochs))
-    return f"epoch {epoch:>{w}}/{epochs} [{bar}] {batch}/{batches}  loss {loss:.4f}"
+    return (f"epoch {epoch:>{w}}/{epochs} [{bar}] {batch}/{batches}  loss {loss:.4f}  "
+            f"{samples_per_second:,.0f} samples/s")

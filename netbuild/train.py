@@ -51,7 +51,7 @@ class Callbacks:
     """What the caller hears: the compile time, each batch, each finished epoch."""
 
     compiled: Callable[[float], None] = lambda seconds: None
-    batch: Callable[[int, int, int, float], None] = lambda epoch, i, n, loss: None
+    batch: Callable[[int, int, int, float, float], None] = lambda epoch, i, n, loss, seconds: None
     epoch: Callable[[dict], None] = lambda record: None
     resumed: Callable[[int], None] = lambda epoch: None
 
@@ -270,7 +270,8 @@ class Trainer:
             total += loss * len(idx)
             outputs.append(out)
             targets.append(train.y[idx])
-            self.on.batch(epoch, b, n_batches, total / (b * batch_size if b < n_batches else n))
+            done = b * batch_size if b < n_batches else n
+            self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         record: dict = {"epoch": epoch, "loss": total / n}
         record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets), np.concatenate(outputs)))
