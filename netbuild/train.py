@@ -290,10 +290,13 @@ class Trainer:
         self.run_dir.write_spec(self.spec)
         if resume_from is not None:
             self.restore(resume_from)
-            if self.stopped or self.epoch >= self.epochs:
-                why = "stopped early" if self.stopped else "trained all its epochs"
-                raise RunError(f"{self.run_dir.path}: this run already {why} ({self.epoch} epochs); "
-                               f"expected --epochs N above {self.epoch} to train longer")
+            if self.stopped:
+                raise RunError(f"{self.run_dir.path}: this run already stopped early (after epoch "
+                               f"{self.epoch}); expected a new run (--overwrite) to train it again")
+            if self.epoch >= self.epochs:
+                raise RunError(f"{self.run_dir.path}: this run already trained all its epochs "
+                               f"({self.epoch} epochs); expected --epochs N above {self.epoch} to "
+                               "train longer")
             self.run_dir.rewrite_metrics(self.history)
             self.on.resumed(self.epoch)
         every = int(self.cfg.get("checkpoint", {}).get("every", 1))
