@@ -20,9 +20,22 @@ _BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", 
 _configured = False
 _blas_source = "none"
 
-#: The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which compiles
-#: far slower for these graphs).
-MODE = "CVM"
+#: Graph rewrites left out of the compile mode: PyTensor 3.0 turns ``exp(x) / sum(exp(x))`` back
+#: into its own Softmax op, which has no C code and runs in Python.
+EXCLUDED_REWRITES = ("local_softmax_stabilize",)
+
+_mode = None
+
+
+def mode():
+    """The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which
+    compiles these graphs far slower) without :data:`EXCLUDED_REWRITES`."""
+    global _mode
+    if _mode is None:
+        from pytensor.compile.mode import get_mode
+
+        _mode = get_mode("CVM").excluding(*EXCLUDED_REWRITES)
+    return _mode
 
 
 def _user_set(flag: str) -> bool:

@@ -80,7 +80,7 @@ def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed
     optimizer = optimizers.get(train_config["optimizer"])
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))
-    step = pytensor.function([x, target], [loss, out], updates=updates, mode=backend.MODE,
+    step = pytensor.function([x, target], [loss, out], updates=updates, mode=backend.mode(),
                              name="train_step")
     return TrainFunctions(step, optimizer, ctx.rng, time.perf_counter() - start)
 
@@ -89,11 +89,11 @@ def compile_eval(network: Network, loss_config: Any, y_like: np.ndarray) -> Call
     """``evaluate(x, y) -> (per-example loss, outputs)`` in inference mode."""
     target = target_variable(y_like)
     x, out, per_example, _ = _loss_graph(network, loss_config, target, False)
-    return pytensor.function([x, target], [per_example, out], mode=backend.MODE, name="evaluate")
+    return pytensor.function([x, target], [per_example, out], mode=backend.mode(), name="evaluate")
 
 
 def compile_predict(network: Network) -> Callable:
     """``predict(x) -> outputs`` in inference mode."""
     x = network.input_variable()
     out, _ = network.forward(x, training=False)
-    return pytensor.function([x], out, mode=backend.MODE, name="predict")
+    return pytensor.function([x], out, mode=backend.mode(), name="predict")

@@ -1,15 +1,21 @@
-"""Pieces of the training graph: weight penalties and gradient clipping against numpy."""
+"""The training graph: weight penalties and gradient clipping against numpy, and C code for every
+node of the compiled functions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from conftest import TEST_MODE
+import pytest
+from conftest import CONFIGS, TEST_MODE
+from pytensor.scan.op import Scan
+from pytensor.tensor.random.op import RandomVariable
 
-from netbuild.compile import clip, penalty
+from netbuild.check import load_spec
+from netbuild.compile import clip, compile_predict, compile_train, penalty
 from netbuild.network import Network
 from netbuild.spec import load_text, validate
+from netbuild.train import load_datasets
 
 SPEC = """\
 name: t
@@ -41,3 +47,28 @@ def test_clipping_by_value_then_global_norm(float64):
     np.testing.assert_allclose(out[0], [1.0, -1.0, 0.5])
     small = pytensor.function([a, b], clip([a, b], 100.0, None), mode=TEST_MODE)(ga, gb)
     np.testing.assert_allclose(small[0], ga)  # under the limit: unchanged
+
+
+def python_nodes(fn, where: str) -> list[str]:
+    """Nodes of a compiled function (and of its scans' inner functions) without a C thunk.
+    Dropout's random draw (a RandomVariable) is the one known exception."""
+    out = []
+    for node, thunk in zip(fn.vm.nodes, fn.vm.thunks):
+        if isinstance(node.op, Scan):
+            out += python_nodes(node.op.fn, f"{where}/scan")
+        elif getattr(thunk, "cthunk", None) is None and not isinstance(node.op, RandomVariable):
+            out.append(f"{where}: {node.op}")
+    return out
+
+
+SLOW_CONFIGS = {"digits-cnn.yaml", "digits-lstm.yaml", "digits-resnet.yaml"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(p.name, marks=pytest.mark.slow) if p.name in SLOW_CONFIGS
+                                  else p.name for p in sorted(CONFIGS.glob("*.yaml"))])
+def test_shipped_configs_compile_to_c_only(name):
+    spec = load_spec(str(CONFIGS / name))
+    net = Network.from_spec(spec)
+    sets = load_datasets(spec, net)
+    step = compile_train(net, spec.data["train"], sets.train.y, 0).step
+    assert python_nodes(step, "train") + python_nodes(compile_predict(net), "predict") == []
