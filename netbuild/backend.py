@@ -105,3 +105,39 @@ def compiledir() -> str:
     import pytensor
 
     return pytensor.config.compiledir
+
+
+def compile_cache() -> tuple[str, int, int]:
+    """PyTensor's compile cache: its folder, the number of compiled modules and its size in bytes."""
+    root = Path(compiledir())
+    modules, size = 0, 0
+    if root.is_dir():
+        for path in root.rglob("*"):
+            if path.is_file():
+                size += path.stat().st_size
+                modules += path.suffix == ".so"
+    return str(root), modules, size
+
+
+def describe() -> dict:
+    """What netbuild computes with: versions, mode, float type, BLAS, threads, compile cache."""
+    import platform
+
+    import numpy
+    import pytensor
+
+    cache, modules, size = compile_cache()
+    return {
+        "python": platform.python_version(),
+        "pytensor": pytensor.__version__,
+        "numpy": numpy.__version__,
+        "mode": f"CVM (C backend), without {', '.join(EXCLUDED_REWRITES)}",
+        "float_type": float_type(),
+        "blas": blas_source(),
+        "blas_flags": pytensor.config.blas__ldflags or "(none)",
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(OpenBLAS default)"),
+        "cpus": os.cpu_count(),
+        "compile_cache": cache,
+        "compiled_modules": modules,
+        "compile_cache_bytes": size,
+    }

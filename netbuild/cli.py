@@ -224,6 +224,25 @@ def predict(model: str, data_file: str, out_file: str) -> None:
 
 
 @cli.command()
+@format_option
+def doctor(fmt: str) -> None:
+    """Print what netbuild computes with: backend, BLAS and its measured speed, threads, cache."""
+    from .backend import describe
+    from .compile import measure_gemm
+
+    info = describe()
+    info["gemm_gflops"] = round(measure_gemm(), 1)
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2))
+        return
+    info["compile_cache_bytes"] = f"{info['compile_cache_bytes'] / 2**20:,.1f} MiB"
+    info["gemm_gflops"] = f"{info['gemm_gflops']} GFLOP/s (1024 x 1024 {info['float_type']} matrix product)"
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON Schema of a spec (for editors and other tools)."""
     from .spec import schema as get_schema

@@ -97,3 +97,18 @@ def compile_predict(network: Network) -> Callable:
     x = network.input_variable()
     out, _ = network.forward(x, training=False)
     return pytensor.function([x], out, mode=backend.mode(), name="predict")
+
+
+def measure_gemm(n: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of a compiled ``n x n`` matrix product in the float type in use (best of
+    ``repeats``), as `netbuild doctor` reports for the BLAS in use."""
+    a = pt.matrix("a")
+    fn = pytensor.function([a], pt.dot(a, a), mode=backend.mode(), name="gemm")
+    x = np.random.default_rng(0).random((n, n)).astype(pytensor.config.floatX)
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

@@ -185,3 +185,11 @@ def test_predict_to_a_missing_folder_fails_before_running(trained, run_cli, tmp_
 def test_yaml_1_2_floats(run_cli):
     result = run_cli("check", MLP, "--no-data", "--set", "train.optimizer.learning_rate=1e-3")
     assert result.exit_code == 0, result.stderr
+
+
+def test_doctor_reports_the_backend(run_cli):
+    result = run_cli("doctor", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.output)
+    assert info["blas"] == "scipy-openblas32" and info["mode"].startswith("CVM")
+    assert info["gemm_gflops"] > 0 and info["compiled_modules"] > 0
