@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow data docs clean
+.PHONY: demo test test-slow fuzz data docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m slow
+
+# Many more mutated and garbage specs through `netbuild check` than `make test` runs.
+fuzz: $(STAMP)
+	NETBUILD_FUZZ_CASES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_specs.py
 
 # Regenerate configs/data/*.npz from the data sets scikit-learn bundles.
 data: $(STAMP)

@@ -42,6 +42,11 @@ def format_path(path: Sequence) -> str:
     return out or "$"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\r``), so that one message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """A `` (did you mean 'x'?)`` suffix when a close choice exists, else ``''``."""
     if not isinstance(word, str):
@@ -76,8 +81,8 @@ class Issue:
     def __str__(self) -> str:
         where = f"{self.location}: " if self.location else ""
         if not self.path and self.location and self.location.line is None:
-            return f"{where}{self.message}"  # about a whole file: no position, no path
-        return f"{where}{format_path(self.path)}: {self.message}"
+            return printable(f"{where}{self.message}")  # about a whole file: no position, no path
+        return printable(f"{where}{format_path(self.path)}: {self.message}")
 
     def sort_key(self):
         loc = self.location

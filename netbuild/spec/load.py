@@ -170,6 +170,11 @@ def load_text(text: str, source: str, base_dir: FsPath | None = None) -> Spec:
         problem = exc.problem or "invalid YAML"
         context = f" {exc.context}" if exc.context else ""
         raise SpecError(Issue(where, (), f"invalid YAML: {problem}{context}")) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; no mark, a position
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise SpecError(Issue(Location(source, line, column), (),
+                              f"invalid YAML: the character {exc.character!r} is not allowed")) from None
     except yaml.YAMLError as exc:
         raise SpecError(Issue(Location(source), (), f"invalid YAML: {exc}")) from None
     except (UnicodeError, ValueError) as exc:
@@ -205,7 +210,10 @@ def load_file(path: str | os.PathLike) -> Spec:
         raise SpecError(Issue(Location(source), (),
                               f"not UTF-8 text (byte {exc.start}); expected a YAML file")) from None
     if "\x00" in text:
-        raise SpecError(Issue(Location(source), (), "holds NUL bytes; expected a YAML text file"))
+        at = text.index("\x00")
+        line, column = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+        raise SpecError(Issue(Location(source, line, column), (),
+                              "holds a NUL byte; expected a YAML text file"))
     return load_text(text, source, path.resolve().parent)
 
 
