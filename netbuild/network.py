@@ -243,6 +243,14 @@ class Network:
     def n_params(self) -> int:
         return sum(node.n_params for node in self.order)
 
+    def memory_estimate(self, batch_size: int, itemsize: int = 4) -> dict[str, int]:
+        """Bytes training is expected to hold: parameters with their gradients and up to three
+        optimizer slots, and every layer's output for a batch, kept for the backward pass and
+        matched by its gradient."""
+        params = self.n_params() * itemsize * 5
+        activations = sum(math.prod(node.output_shape) for node in self.order) * batch_size * itemsize * 2
+        return {"parameters": params, "activations": activations, "total": params + activations}
+
     def param_values(self) -> dict[str, np.ndarray]:
         """Every parameter's current value, keyed ``<layer name>/<param>``."""
         return {name: var.get_value() for name, var in self.params.items()}

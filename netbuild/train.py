@@ -11,6 +11,7 @@ resumed from it therefore ends with the same parameters, bit for bit, as one nev
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -158,8 +159,32 @@ def check_training(spec: Spec, network: Network) -> None:
             issues.append(spec.issue(("train", "loss", "class_weights"),
                                      f"received {len(weights)} weights; expected {k}, one per class "
                                      f"of the output layer"))
+    issues += _memory_issues(spec, network)
     if issues:
         raise SpecError(issues)
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_issues(spec: Spec, network: Network) -> list:
+    """A spec whose training would not fit in this machine's memory, with the estimate."""
+    limit = physical_memory()
+    batch = int(spec.data["train"]["batch_size"])
+    need = network.memory_estimate(batch)
+    if limit is None or need["total"] <= limit:
+        return []
+    largest = max(network.order, key=lambda n: n.n_params * 5 * 4 + math.prod(n.output_shape) * batch * 8)
+    gib = 2**30
+    return [spec.issue(largest.path, f"training would need about {need['total'] / gib:,.1f} GiB "
+                                     f"(parameters {need['parameters'] / gib:,.1f} GiB, activations "
+                                     f"{need['activations'] / gib:,.1f} GiB at batch_size {batch}); "
+                                     f"expected at most the {limit / gib:,.1f} GiB this machine has "
+                                     f"(layer '{largest.name}' is the largest)")]
 
 
 def _monitor(spec: Spec, section: str, has_validation: bool) -> Monitor | None:
