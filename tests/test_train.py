@@ -211,3 +211,46 @@ def test_output_files_get_the_usual_permissions(tmp_path, run_cli):
     finally:
         os.umask(old)
     assert (run / "model.npz").stat().st_mode & 0o777 == 0o644
+
+
+def _files_load(run) -> None:
+    """Every file a killed run left behind is complete and readable."""
+    for name in ("model.npz", "checkpoint.npz"):
+        if (run / name).exists():
+            with np.load(run / name, allow_pickle=False) as f:
+                for key in f.files:
+                    f[key]
+    if (run / "metrics.jsonl").exists():
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if (run / "spec.yaml").exists():
+        import yaml
+
+        assert yaml.safe_load((run / "spec.yaml").read_text())["name"] == "digits-mlp"
+
+
+@pytest.mark.parametrize("kills", [pytest.param(6, id="6-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.slow)])
+def test_killed_at_random_instants_then_resumed_is_bitwise_identical(kills, tmp_path, run_cli):
+    """Kill training (then each resume) with SIGKILL after a random 1-4 s, up to ``kills`` times
+    or until it finishes; after each kill every file loads, and the end is bitwise the same."""
+    reference = tmp_path / "reference"
+    args = ["--epochs", "3", "--quiet", *SLOW]
+    assert run_cli("train", MLP, "--run-dir", reference, *args).exit_code == 0
+    run = tmp_path / "run"
+    rng = np.random.default_rng(kills)
+    for i in range(kills):
+        first = not (run / "spec.yaml").exists()
+        proc = netbuild("train", MLP, "--run-dir", run, *args) if first else \
+            netbuild("train", "--resume", run, "--quiet")
+        try:
+            proc.wait(timeout=float(rng.uniform(1.0, 4.0)))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if proc.returncode == 0:
+            break
+        _files_load(run)
+    done = (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    if not done:
+        result = run_cli("train", "--resume", run, "--quiet")
+        assert result.exit_code == 0, result.stderr
+    assert_bitwise_equal(params(run / "model.npz"), params(reference / "model.npz"))
