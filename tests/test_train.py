@@ -254,3 +254,27 @@ def test_killed_at_random_instants_then_resumed_is_bitwise_identical(kills, tmp_
         result = run_cli("train", "--resume", run, "--quiet")
         assert result.exit_code == 0, result.stderr
     assert_bitwise_equal(params(run / "model.npz"), params(reference / "model.npz"))
+
+
+def test_a_failing_write_is_reported_and_keeps_the_previous_file(tmp_path, run_cli, monkeypatch):
+    """A full disk, simulated: writes fail from the second epoch's model.npz on."""
+    import errno
+
+    import netbuild.runs as runs
+
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "1", "--quiet").exit_code == 0
+    before = (run / "model.npz").read_bytes()
+    real = runs.atomic_write
+
+    def full_disk(path, data):
+        if path.name == "model.npz":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(runs, "atomic_write", full_disk)
+    result = run_cli("train", "--resume", run, "--epochs", "2")
+    assert result.exit_code == 1
+    assert f"{run / 'model.npz'}: cannot write: No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run / "model.npz").read_bytes() == before
