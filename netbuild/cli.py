@@ -146,7 +146,9 @@ def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
             click.echo("\r\033[K", nl=False)
         say(report.epoch_line(record, total))
 
-    say(f"training {resolved.data['name']} into {target.path}")
+    real = target.path.resolve()
+    shown = f"{target.path} (resolves to {real})" if real != target.path.absolute() else str(target.path)
+    say(f"training {resolved.data['name']} into {shown}")
     say("compiling the training function ...")
     result = run_training(resolved, target, epochs=epochs, resume_from=checkpoint, callbacks=Callbacks(
         compiled=lambda s: say(f"compiled in {s:.1f} s"),
