@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-import pytensor.tensor as pt
-
 from .. import activations
 
 Shape = tuple
@@ -121,8 +119,3 @@ class ActivatedLayer(Layer):
 def single(input_shapes: Sequence[Shape]) -> Shape:
     """The one input shape of a single-input layer."""
     return tuple(input_shapes[0])
-
-
-def batch_shape(x) -> Any:
-    """The symbolic shape of ``x`` (including its batch axis)."""
-    return pt.shape(x)
