@@ -131,13 +131,13 @@ def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
     tty = not quiet and sys.stdout.isatty()
 
     batch_size = int(resolved.data["train"]["batch_size"])
-    shown = {"at": 0.0}
+    last_update = {"at": 0.0}
 
     def batch(epoch: int, i: int, n: int, loss: float, seconds: float) -> None:
         now = time.perf_counter()
-        if not tty or (now - shown["at"] < 0.1 and i < n):  # at most ten updates a second
+        if not tty or (now - last_update["at"] < 0.1 and i < n):  # at most ten updates a second
             return
-        shown["at"] = now
+        last_update["at"] = now
         rate = min(i * batch_size, n * batch_size) / seconds if seconds > 0 else 0.0
         click.echo("\r" + report.progress_line(epoch, total, i, n, loss, rate), nl=False)
 
@@ -147,8 +147,8 @@ def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
         say(report.epoch_line(record, total))
 
     real = target.path.resolve()
-    shown = f"{target.path} (resolves to {real})" if real != target.path.absolute() else str(target.path)
-    say(f"training {resolved.data['name']} into {shown}")
+    where = f"{target.path} (resolves to {real})" if real != target.path.absolute() else str(target.path)
+    say(f"training {resolved.data['name']} into {where}")
     say("compiling the training function ...")
     result = run_training(resolved, target, epochs=epochs, resume_from=checkpoint, callbacks=Callbacks(
         compiled=lambda s: say(f"compiled in {s:.1f} s"),

@@ -278,3 +278,28 @@ def test_a_failing_write_is_reported_and_keeps_the_previous_file(tmp_path, run_c
     assert f"{run / 'model.npz'}: cannot write: No space left on device" in result.stderr
     assert "Traceback" not in result.stderr
     assert (run / "model.npz").read_bytes() == before
+
+
+def test_progress_on_a_terminal(tmp_path):
+    """On a terminal, a progress line per batch (with loss and throughput), then the epoch line."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "netbuild", "train", str(MLP), "--run-dir",
+                             str(tmp_path / "run"), "--epochs", "2"], cwd=ROOT, stdout=follower,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    os.close(leader)
+    screen = b"".join(chunks).decode()
+    assert "samples/s" in screen and "[" in screen and "/41  loss" in screen
+    assert "epoch 2/2  loss" in screen and "Traceback" not in screen
