@@ -216,12 +216,13 @@ def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_und
               help="An .npz file with the inputs under the spec's x_key.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Where to write the outputs (.npz, key y).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @handles_errors
-def predict(model: str, data_file: str, out_file: str) -> None:
+def predict(model: str, data_file: str, out_file: str, overwrite: bool) -> None:
     """Run MODEL on the inputs of --data and write its outputs to --out."""
     from .evaluate import predict as run_predict
 
-    result = run_predict(model, data_file, out_file)
+    result = run_predict(model, data_file, out_file, overwrite)
     click.echo(f"wrote {result['out']}: y of shape {report.shape(result['output_shape'])}")
 
 

@@ -68,9 +68,13 @@ def failed_thresholds(metrics: dict, under, over) -> list[str]:
     return failures
 
 
-def predict(model: str | Path, data_file: str | Path, out_file: str | Path) -> dict:
-    """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``."""
+def predict(model: str | Path, data_file: str | Path, out_file: str | Path, overwrite: bool = False) -> dict:
+    """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``;
+    an existing ``out_file`` is replaced only with ``overwrite``."""
     out_file = Path(out_file)
+    if out_file.exists() and not overwrite:
+        raise RunError(f"{out_file}: already exists; pass --overwrite to replace it or choose "
+                       "another --out")
     if not out_file.parent.is_dir():
         raise RunError(f"{out_file}: the folder {out_file.parent} does not exist")
     if not os.access(out_file.parent, os.W_OK):

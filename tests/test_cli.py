@@ -176,6 +176,18 @@ def test_files_that_are_not_npz_archives_get_one_line(trained, run_cli, tmp_path
     assert result.exit_code == 1 and "a checkpoint, not a model" in result.stderr
 
 
+def test_predict_never_replaces_a_file_unasked(trained, run_cli, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "mine.npz"
+    out.write_bytes(b"a file of the user's")
+    result = run_cli("predict", run_dir, "--data", TEST_NPZ, "--out", out)
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.stderr
+    assert out.read_bytes() == b"a file of the user's"
+    assert run_cli("predict", run_dir, "--data", TEST_NPZ, "--out", out, "--overwrite").exit_code == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["y"].shape == (360, 10)
+
+
 def test_predict_to_a_missing_folder_fails_before_running(trained, run_cli, tmp_path):
     run_dir, _ = trained
     result = run_cli("predict", run_dir, "--data", TEST_NPZ, "--out", tmp_path / "no" / "p.npz")
