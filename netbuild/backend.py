@@ -29,12 +29,15 @@ _mode = None
 
 def mode():
     """The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which
-    compiles these graphs far slower) without :data:`EXCLUDED_REWRITES`."""
+    compiles these graphs far slower) with the "fast_run" rewrites but not
+    :data:`EXCLUDED_REWRITES`, linked by :class:`netbuild.linker.ParallelCVMLinker`."""
     global _mode
     if _mode is None:
-        from pytensor.compile.mode import get_mode
+        from pytensor.compile.mode import Mode
 
-        _mode = get_mode("CVM").excluding(*EXCLUDED_REWRITES)
+        from .linker import ParallelCVMLinker
+
+        _mode = Mode(ParallelCVMLinker(use_cloop=True), "fast_run").excluding(*EXCLUDED_REWRITES)
     return _mode
 
 
