@@ -15,6 +15,7 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 
+from .ops.update import adam_step
 from .registry import lookup
 
 
@@ -78,11 +79,17 @@ class Adam(Optimizer):
         eps = float(self.config.get("epsilon", 1e-7))
         m, v = self.slot(param, "m"), self.slot(param, "v")
         t = (self.step + 1).astype(param.dtype)
-        m_new = b1 * m + (1.0 - b1) * grad
-        v_new = b2 * v + (1.0 - b2) * pt.sqr(grad)
-        m_hat = m_new / (1.0 - b1 ** t)
-        v_hat = v_new / (1.0 - b2 ** t)
-        return {m: m_new, v: v_new, param: param - self.learning_rate * m_hat / (pt.sqrt(v_hat) + eps)}
+        lr = self.learning_rate
+        # One fused C loop (netbuild.ops.update.AdamStep), as PyTorch computes it:
+        # p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+        p_new, m_new, v_new = adam_step(param, m, v, grad, lr / (1.0 - b1 ** t),
+                                        1.0 / pt.sqrt(1.0 - b2 ** t), lr * self.weight_decay(),
+                                        b1, b2, eps)
+        return {m: m_new, v: v_new, param: p_new}
+
+    def weight_decay(self) -> float:
+        """Decoupled weight decay (AdamW); plain Adam has none."""
+        return 0.0
 
 
 class AdamW(Adam):
@@ -90,11 +97,8 @@ class AdamW(Adam):
 
     type = "adamw"
 
-    def update(self, param, grad):
-        out = super().update(param, grad)
-        decay = float(self.config.get("weight_decay", 0.01))
-        out[param] = out[param] - self.learning_rate * decay * param
-        return out
+    def weight_decay(self) -> float:
+        return float(self.config.get("weight_decay", 0.01))
 
 
 class RMSprop(Optimizer):
