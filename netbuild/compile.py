@@ -19,11 +19,12 @@ from .network import Network
 
 @dataclass
 class TrainFunctions:
-    """``step(x, y) -> (mean loss, outputs)`` updates the parameters; ``optimizer`` owns state."""
+    """``step(x, y) -> (mean loss, outputs)`` updates the parameters; ``optimizer`` owns state;
+    ``random_step`` is dropout's step counter (None without dropout)."""
 
     step: Callable
     optimizer: optimizers.Optimizer
-    rng: Any
+    random_step: Any
     seconds: float
 
 
@@ -82,7 +83,8 @@ def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed
     updates.update(optimizer.updates(params, grads))
     step = pytensor.function([x, target], [loss, out], updates=updates, mode=backend.mode(),
                              name="train_step")
-    return TrainFunctions(step, optimizer, ctx.rng, time.perf_counter() - start)
+    random_step = ctx.step if ctx.step in updates else None
+    return TrainFunctions(step, optimizer, random_step, time.perf_counter() - start)
 
 
 def compile_eval(network: Network, loss_config: Any, y_like: np.ndarray) -> Callable:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-import pytensor.tensor.random as ptr
 
 from . import initializers
 from .errors import Issue, SpecError, did_you_mean
@@ -217,11 +216,11 @@ class Network:
     def forward(self, x, training: bool, seed: int = 0) -> tuple[Any, Context]:
         """The symbolic output for the batch ``x`` and the context (updates, pre-activations).
 
-        In training mode a shared random generator seeded by ``seed`` drives dropout; its state
-        update is in ``context.updates``.
+        In training mode dropout draws from ``seed`` and a shared step counter, ``random/step``,
+        whose update (one per batch) is in ``context.updates``.
         """
-        rng = ptr.shared_rng(seed=seed, name="rng") if training else None
-        ctx = Context(training=training, rng=rng)
+        step = pytensor.shared(np.asarray(0, dtype="int64"), name="random/step") if training else None
+        ctx = Context(training=training, seed=seed, step=step)
         values = {INPUT: x}
         for node in self.order:
             values[node.name] = node.layer.forward([values[i] for i in node.inputs], ctx)

@@ -233,7 +233,7 @@ class Trainer:
             "epoch": self.epoch,
             "epochs": self.epochs,
             "stopped": self.stopped,
-            "rng": self.fns.rng.get_value(borrow=True).bit_generator.state if self.fns.rng else None,
+            "random_step": None if self.fns.random_step is None else int(self.fns.random_step.get_value()),
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state() if self.stopper else None,
             "checkpoint": self.keeper.state() if self.keeper else None,
@@ -254,10 +254,8 @@ class Trainer:
                 var.set_value(np.asarray(ckpt.optimizer[name]).astype(var.dtype))  # else: fresh state
         s = ckpt.state
         try:
-            if self.fns.rng is not None and s.get("rng"):
-                generator = np.random.default_rng()
-                generator.bit_generator.state = s["rng"]
-                self.fns.rng.set_value(generator)
+            if self.fns.random_step is not None and s.get("random_step") is not None:
+                self.fns.random_step.set_value(np.asarray(int(s["random_step"]), dtype="int64"))
             self.schedule.load_state(s["schedule"])
             if self.stopper and s.get("early_stopping"):
                 self.stopper.load_state(s["early_stopping"])
@@ -391,7 +389,8 @@ def prepare_resume(run_dir: RunDir, spec: Spec | None, force: bool = False) -> t
         spec = stored
     else:
         old = found[0] if found else resolved_spec_data(stored)
-        keys = [k for k in changed_keys(old, resolved_spec_data(spec)) if k != "train.epochs"]
+        keys = [k for k in changed_keys(old, resolved_spec_data(spec))
+                if k != "train.epochs" and k.split(".")[0] != "sweep"]  # `sweep` is not the run's
         if keys and not force:
             shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
             raise RunError(f"{run_dir.path}: the spec differs from the run's in {shown}; "

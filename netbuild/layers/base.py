@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+import pytensor.tensor as pt
+
 from .. import activations
 
 Shape = tuple
@@ -44,27 +46,29 @@ class ParamSpec:
 class Context:
     """What a forward pass needs besides its inputs: the phase, randomness, state updates.
 
-    ``rng`` is a PyTensor shared random generator; each draw threads its state, and
-    :attr:`updates` carries the final state (and any running statistics) into the compiled
-    function. ``preactivations`` keeps each activated layer's input to its activation, so the
-    loss can work from logits.
+    Random draws (dropout) come from :class:`netbuild.ops.random.CounterUniform`: a hash of
+    ``seed``, the draw's stream (its order in the forward pass) and ``step``, a shared integer
+    that the training function advances once per batch (:attr:`updates` carries that, and any
+    running statistics, into the compiled function). ``preactivations`` keeps each activated
+    layer's input to its activation, so the loss can work from logits.
     """
 
     training: bool
-    rng: Any = None
+    seed: int = 0
+    step: Any = None
     updates: dict = field(default_factory=dict)
     preactivations: dict = field(default_factory=dict)
-    _rng_state: Any = None
+    _streams: int = 0
 
     def uniform(self, shape, dtype: str) -> Any:
-        """Uniform [0, 1) samples of a symbolic ``shape``; advances the generator."""
-        if self.rng is None:
-            raise RuntimeError("this forward pass has no random generator")
-        state = self._rng_state if self._rng_state is not None else self.rng
-        next_state, sample = state.uniform(0.0, 1.0, size=shape, dtype=dtype)
-        self._rng_state = next_state
-        self.updates[self.rng] = next_state
-        return sample
+        """Uniform [0, 1) samples of a symbolic ``shape``, new at every training step."""
+        from ..ops.random import CounterUniform
+
+        if self.step is None:
+            raise RuntimeError("this forward pass has no random step counter")
+        self.updates[self.step] = self.step + 1
+        self._streams += 1
+        return CounterUniform(dtype, self._streams)(pt.as_tensor_variable(shape), self.seed, self.step)
 
 
 class Layer:

@@ -1,0 +1,163 @@
+"""Counter-based uniform random numbers in C, for dropout.
+
+PyTensor's random variables (``UniformRV``) run numpy in Python and thread a generator object
+through the graph. :class:`CounterUniform` instead hashes ``(seed, stream, step, element index)``
+into each sample: no state but an integer step counter, which the training function advances by
+one per batch and a checkpoint saves as a number, so a resumed run draws exactly the same masks.
+
+The hash: SplitMix64 turns ``(seed, stream, step)`` into two 32-bit keys; each element index is
+mixed with them by two rounds of MurmurHash3's 32-bit finalizer (vectorizable integer maths),
+and its top 24 bits (53 from two draws in float64) become a uniform sample in [0, 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.basic import Apply
+from pytensor.gradient import DisconnectedType
+from pytensor.link.c.op import COp
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def keys(seed: int, stream: int, step: int) -> tuple[int, int]:
+    """The two 32-bit keys of one draw (the C code computes the same)."""
+    z = _splitmix(_splitmix(_splitmix(seed & _M64) ^ (stream & _M64)) ^ (step & _M64))
+    return z & 0xFFFFFFFF, z >> 32
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def bits(n: int, k1: int, k2: int, offset: int = 0) -> np.ndarray:
+    """32 random bits for each of the elements ``offset .. offset + n - 1`` (numpy reference)."""
+    i = np.arange(offset, offset + n, dtype=np.uint64)
+    lo, hi = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32), (i >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        return _fmix32(_fmix32(lo + np.uint32(k1)) ^ hi ^ np.uint32(k2))
+
+
+def uniform_reference(shape, seed: int, stream: int, step: int, dtype: str) -> np.ndarray:
+    """What :class:`CounterUniform` computes, in numpy."""
+    n = int(np.prod(shape, dtype=np.int64))
+    k1, k2 = keys(seed, stream, step)
+    if np.dtype(dtype) == np.float64:
+        hi = (bits(n, k1, k2) >> np.uint32(5)).astype(np.float64)
+        lo = (bits(n, k2, k1) >> np.uint32(6)).astype(np.float64)
+        out = (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0)
+    else:
+        out = (bits(n, k1, k2) >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    return out.astype(dtype).reshape(shape)
+
+
+class CounterUniform(COp):
+    """``(shape, seed, step) -> U[0, 1)`` samples of ``shape`` for one ``stream`` (an op
+    property: each dropout layer of a network draws from its own)."""
+
+    __props__ = ("dtype", "stream")
+
+    def __init__(self, dtype: str, stream: int):
+        self.dtype = str(dtype)
+        self.stream = int(stream)
+
+    def make_node(self, shape, seed, step):
+        shape = pt.as_tensor_variable(shape, ndim=1).astype("int64")
+        if shape.type.shape[0] is None:
+            raise TypeError("CounterUniform: the shape must have a known length")
+        seed = pt.as_tensor_variable(seed).astype("int64")
+        step = pt.as_tensor_variable(step).astype("int64")
+        out = pt.tensor(dtype=self.dtype, shape=(None,) * shape.type.shape[0])
+        return Apply(self, [shape, seed, step], [out])
+
+    def connection_pattern(self, node):
+        return [[False], [False], [False]]
+
+    def grad(self, inputs, output_grads):
+        return [DisconnectedType()() for _ in inputs]
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [[node.inputs[0][i] for i in range(node.outputs[0].type.ndim)]]
+
+    def perform(self, node, inputs, outputs):
+        shape, seed, step = inputs
+        outputs[0][0] = uniform_reference(tuple(int(s) for s in shape), int(seed), self.stream,
+                                          int(step), self.dtype)
+
+    def c_code_cache_version(self):
+        return (1,)
+
+    def c_support_code(self, **kwargs):
+        return """
+        static inline npy_uint64 netbuild_splitmix(npy_uint64 z) {
+            z += 0x9E3779B97F4A7C15ULL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            return z ^ (z >> 31);
+        }
+        static inline npy_uint32 netbuild_fmix32(npy_uint32 h) {
+            h ^= h >> 16; h *= 0x85EBCA6BU; h ^= h >> 13; h *= 0xC2B2AE35U; return h ^ (h >> 16);
+        }
+        static inline npy_uint32 netbuild_bits(npy_uint64 i, npy_uint32 k1, npy_uint32 k2) {
+            return netbuild_fmix32(netbuild_fmix32((npy_uint32)i + k1) ^ (npy_uint32)(i >> 32) ^ k2);
+        }
+        // Not inlined into PyTensor's generated function, where loops compile as cold code.
+        __attribute__((noinline)) static void netbuild_uniform_f32(
+                float* __restrict__ out, npy_intp n, npy_uint32 k1, npy_uint32 k2) {
+            for (npy_intp i = 0; i < n; ++i)
+                out[i] = (float)(netbuild_bits((npy_uint64)i, k1, k2) >> 8) * (1.0f / 16777216.0f);
+        }
+        __attribute__((noinline)) static void netbuild_uniform_f64(
+                double* __restrict__ out, npy_intp n, npy_uint32 k1, npy_uint32 k2) {
+            for (npy_intp i = 0; i < n; ++i) {
+                double hi = (double)(netbuild_bits((npy_uint64)i, k1, k2) >> 5);
+                double lo = (double)(netbuild_bits((npy_uint64)i, k2, k1) >> 6);
+                out[i] = (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0);
+            }
+        }
+        """
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        shape, seed, step = inputs
+        (out,) = outputs
+        fail = sub["fail"]
+        ndim = node.outputs[0].type.ndim
+        if self.dtype not in ("float32", "float64"):
+            raise NotImplementedError(self.dtype)
+        typenum = "NPY_FLOAT32" if self.dtype == "float32" else "NPY_FLOAT64"
+        fill = "netbuild_uniform_f32((float*)" if self.dtype == "float32" else "netbuild_uniform_f64((double*)"
+        return f"""
+        {{
+            npy_intp dims[{max(ndim, 1)}];
+            for (int d = 0; d < {ndim}; ++d) {{
+                dims[d] = ((npy_int64*)PyArray_GETPTR1({shape}, d))[0];
+                if (dims[d] < 0) {{
+                    PyErr_SetString(PyExc_ValueError, "CounterUniform: negative shape");
+                    {fail}
+                }}
+            }}
+            int same = {out} != NULL && PyArray_NDIM({out}) == {ndim} && PyArray_IS_C_CONTIGUOUS({out});
+            for (int d = 0; same && d < {ndim}; ++d) same = PyArray_DIMS({out})[d] == dims[d];
+            if (!same) {{
+                Py_XDECREF({out});
+                {out} = (PyArrayObject*)PyArray_EMPTY({ndim}, dims, {typenum}, 0);
+                if (!{out}) {{ {fail} }}
+            }}
+            npy_uint64 z = netbuild_splitmix((npy_uint64)((npy_int64*)PyArray_DATA({seed}))[0]);
+            z = netbuild_splitmix(z ^ (npy_uint64){self.stream}ULL);
+            z = netbuild_splitmix(z ^ (npy_uint64)((npy_int64*)PyArray_DATA({step}))[0]);
+            {fill}PyArray_DATA({out}), PyArray_SIZE({out}), (npy_uint32)z, (npy_uint32)(z >> 32));
+        }}
+        """
