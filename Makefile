@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs clean
+.PHONY: demo test test-slow fuzz data docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ fuzz: $(STAMP)
 data: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[data]'
 	$(BIN)/python configs/data/make_data.py
+
+# netbuild against PyTorch (CPU) on an MLP, a CNN and an LSTM: samples/s, the matrix-product
+# bound, compile times and peak memory, written to bench/RESULTS.md (about 10 minutes).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/bench.py
 
 # Regenerate docs/spec.md from the JSON Schema.
 docs: $(STAMP)

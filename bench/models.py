@@ -1,0 +1,144 @@
+"""The three benchmark models, each as a netbuild spec and as the same network in PyTorch.
+
+Both sides start from netbuild's initial weights (copied into torch's layout), see the same
+synthetic data in the same batch order, and train with Adam (lr 1e-3) on softmax cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    title: str
+    input_shape: tuple
+    batch: int
+    examples: int          # one epoch
+    layers: str            # the spec's model.layers, YAML flow style
+    torch_model: Callable  # (params: dict[str, np.ndarray]) -> torch.nn.Module
+
+    def spec_text(self, data_file: str, epochs: int = 1) -> str:
+        return f"""
+name: bench-{self.name}
+seed: 0
+data: {{train: {data_file}}}
+model:
+  input_shape: {list(self.input_shape)}
+  layers: {self.layers}
+train:
+  loss: categorical_crossentropy
+  optimizer: {{type: adam, learning_rate: 0.001}}
+  batch_size: {self.batch}
+  epochs: {epochs}
+  shuffle: true
+"""
+
+    def data(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((self.examples, *self.input_shape), dtype=np.float32)
+        y = rng.integers(0, 10, self.examples)
+        return x, y
+
+
+def _t(a):
+    import torch
+
+    return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def _linear(params: dict, name: str):
+    import torch
+
+    w = params[f"{name}/W"]
+    layer = torch.nn.Linear(*w.shape)
+    layer.weight, layer.bias = _t(w.T), _t(params[f"{name}/b"])
+    return layer
+
+
+def _conv(params: dict, name: str):
+    import torch
+
+    w = params[f"{name}/W"]
+    layer = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:])
+    layer.weight, layer.bias = _t(w), _t(params[f"{name}/b"])
+    return layer
+
+
+def torch_mlp(params: dict):
+    import torch.nn as nn
+
+    return nn.Sequential(_linear(params, "h1"), nn.ReLU(), _linear(params, "h2"), nn.ReLU(),
+                         _linear(params, "out"))
+
+
+def torch_cnn(params: dict):
+    import torch.nn as nn
+
+    return nn.Sequential(_conv(params, "c1"), nn.ReLU(), nn.MaxPool2d(2),
+                         _conv(params, "c2"), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         _linear(params, "h"), nn.ReLU(), _linear(params, "out"))
+
+
+class _TorchLSTM:
+    """``nn.LSTM`` (batch first) then a linear layer on the last hidden state."""
+
+    def __new__(cls, params: dict):
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                w_ih = params["rnn/W_ih"]
+                self.lstm = nn.LSTM(w_ih.shape[0], w_ih.shape[1] // 4, batch_first=True)
+                self.lstm.weight_ih_l0 = _t(w_ih.T)
+                self.lstm.weight_hh_l0 = _t(params["rnn/W_hh"].T)
+                self.lstm.bias_ih_l0 = _t(params["rnn/b_ih"])
+                self.lstm.bias_hh_l0 = _t(params["rnn/b_hh"])
+                self.lstm.flatten_parameters()
+                self.out = _linear(params, "out")
+
+            def forward(self, x):
+                _, (h, _) = self.lstm(x)
+                return self.out(h[0])
+
+        del torch
+        return Net()
+
+
+MODELS = {m.name: m for m in [
+    Model("mlp", "MLP 784-512-256-10", (784,), 128, 128 * 40,
+          "[{type: dense, units: 512, activation: relu, name: h1}, "
+          "{type: dense, units: 256, activation: relu, name: h2}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]", torch_mlp),
+    Model("cnn", "CNN conv32-pool-conv64-pool-128-10, 28x28", (1, 28, 28), 64, 64 * 20,
+          "[{type: conv2d, filters: 32, kernel_size: 3, activation: relu, name: c1}, "
+          "{type: max_pool2d, pool_size: 2}, "
+          "{type: conv2d, filters: 64, kernel_size: 3, activation: relu, name: c2}, "
+          "{type: max_pool2d, pool_size: 2}, {type: flatten}, "
+          "{type: dense, units: 128, activation: relu, name: h}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]", torch_cnn),
+    Model("lstm", "LSTM 128 units, 50 steps x 32 features", (50, 32), 64, 64 * 20,
+          "[{type: lstm, units: 128, name: rnn}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]", _TorchLSTM),
+]}
+
+
+def matmul_shapes(model: Model) -> list[tuple[int, int, int]]:
+    """The ``(m, k, n)`` matrix products of one MLP training step: each layer's forward product,
+    its weight gradient, and (above the first layer) its input gradient."""
+    assert model.name == "mlp"
+    widths = [784, 512, 256, 10]
+    b = model.batch
+    shapes = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        shapes.append((b, fan_in, fan_out))        # forward  x W
+        shapes.append((fan_in, b, fan_out))        # dW = x^T dy
+        if i > 0:
+            shapes.append((b, fan_out, fan_in))    # dx = dy W^T
+    return shapes
