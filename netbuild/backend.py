@@ -40,8 +40,53 @@ def mode():
 
         from .linker import ParallelCVMLinker
 
+        _remember_march_flags()
         _mode = Mode(ParallelCVMLinker(use_cloop=True), "fast_run").excluding(*EXCLUDED_REWRITES)
     return _mode
+
+
+def _cpu_signature() -> str:
+    """The compiler and this CPU's model and feature flags: what g++'s ``-march=native`` sees."""
+    import hashlib
+    import pytensor
+
+    text = pytensor.config.cxx + pytensor.config.gcc__cxxflags
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return ""  # no way to tell one CPU from another: detect every time
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _remember_march_flags() -> None:
+    """Skip PyTensor's per-process detection of g++'s flags for this CPU (it compiles and runs
+    test programs: about a second of every compile) by keeping its result in the compile cache."""
+    import json
+
+    from pytensor.link.c.cmodule import GCC_compiler
+
+    signature = _cpu_signature()
+    if not signature or GCC_compiler.march_flags is not None:
+        return
+    memo = Path(compiledir()) / "netbuild-march-flags.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("signature") == signature and isinstance(saved.get("flags"), list):
+            GCC_compiler.march_flags = [str(f) for f in saved["flags"]]
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    GCC_compiler.compile_args()  # detects them once
+    if GCC_compiler.march_flags is None:
+        return
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"signature": signature, "flags": GCC_compiler.march_flags}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache: detect again next time
 
 
 def _user_set(flag: str) -> bool:
