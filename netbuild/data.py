@@ -6,6 +6,7 @@ names the data file (and key): the position is the spec line that names the file
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import zipfile
@@ -16,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from . import backend, losses
-from .errors import DataError, Issue, Location, NetbuildError, SpecError
+from .errors import DataError, Issue, Location, NetbuildError, SpecError, did_you_mean, printable
 from .network import Network
 from .spec import Spec
 
@@ -36,18 +37,29 @@ class Dataset:
         return Dataset(self.x[index], self.y[index], source or self.source)
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` absolute, with ``..`` and symbolic links resolved as the file system does; never
+    raises (a loop of links or a name too long is left as far as it resolves)."""
+    try:
+        return Path(os.path.realpath(path))
+    except ValueError:  # a NUL byte
+        return Path(os.path.abspath(path))
+
+
 def resolve_path(spec: Spec, value: str) -> Path:
-    """A data path from the spec: relative paths are relative to the spec's folder."""
+    """A data path from the spec: relative paths are relative to the spec's folder; ``..`` and
+    symbolic links are resolved as the file system does (the same path the run records)."""
     path = Path(value).expanduser()
-    return Path(os.path.normpath(path if path.is_absolute() else spec.base_dir / path))
+    return real_path(path if path.is_absolute() else spec.base_dir / path)
 
 
 def display_path(path: Path) -> str:
-    """``path`` relative to the working folder when it lies below it, else absolute."""
+    """``path`` resolved, relative to the working folder when it lies below it, else absolute."""
+    real = real_path(path)
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str(real.relative_to(Path.cwd()))
     except ValueError:
-        return str(Path(path).resolve())
+        return str(real)
 
 
 class _Reporter:
@@ -59,57 +71,158 @@ class _Reporter:
     def error(self, message: str, key: str | None = None) -> NetbuildError:
         what = f"{self.file}: key '{key}': " if key else f"{self.file}: "
         if self.where is None:  # a file named on the command line, not in the spec
-            return DataError(what + message)
+            return DataError(printable(what + message))
         return SpecError(Issue(self.where, self.path, what + message))
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def not_npz(file: Path) -> str | None:
+    """Why ``file`` (an existing regular file) is not an .npz archive, or None when it is one."""
+    if zipfile.is_zipfile(file):
+        return None
+    with open(file, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "is empty (0 bytes); expected an .npz archive"
+    if head.startswith(_NPY_MAGIC):
+        return "is a .npy file (a single array), not an .npz archive; expected an .npz archive (numpy.savez)"
+    if head.startswith(_ZIP_MAGIC):
+        return ("is a truncated or damaged .npz archive (it begins like one, but its directory at "
+                "the end is missing); expected a complete .npz archive")
+    return "is not an .npz archive (neither a zip file nor a .npy array); expected an .npz archive"
+
+
+def not_a_regular_file(file: Path) -> str | None:
+    """Why ``file`` cannot be read as a data file (missing, a folder, a pipe...), or None."""
+    try:
+        os.stat(file)
+    except FileNotFoundError:
+        if os.path.islink(file):
+            return f"file not found (the symbolic link {printable(str(file))} leads here)"
+        return "file not found"
+    except ValueError:
+        return "file not found (the name holds a NUL byte)"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links; expected an .npz file"
+        return f"cannot read: {exc.strerror or exc}"
+    if file.is_dir():
+        return "is a folder; expected an .npz file"
+    if not file.is_file():  # a pipe or a device would block or never end
+        return "is not a regular file (a device, pipe or socket); expected an .npz file"
+    return None
 
 
 def open_npz(file: Path) -> np.lib.npyio.NpzFile:
     """An .npz archive opened without pickle; ValueError when the file is not one."""
-    if not zipfile.is_zipfile(file):
-        raise ValueError("not an .npz archive (a .npy array, text, or damaged)")
+    problem = not_a_regular_file(file) or not_npz(file)
+    if problem:
+        raise ValueError(problem)
     archive = np.load(file, allow_pickle=False)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError("not an .npz archive")
     return archive
 
 
+def _listed(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit]) or "(none)"
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _closest(key: str, keys: list[str]) -> str:
+    """`` (did you mean 'X'?)`` for a key that differs only in case, or is a close spelling."""
+    same = [k for k in keys if k.lower() == key.lower()]
+    return f" (did you mean '{same[0]}'?)" if same else did_you_mean(key, keys)
+
+
+def _read_array(archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> np.ndarray:
+    """One member of an open archive as an array; pickled or damaged members are refused."""
+    try:
+        value = archive[key]
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise report.error("holds Python objects (a pickled array), which netbuild never "
+                               "loads; expected a numeric array", key) from None
+        raise report.error(f"is not a readable array ({exc}); expected a numeric array saved "
+                           "by numpy.savez", key) from None
+    except MemoryError:
+        raise report.error("is larger than this machine's memory; expected an array that fits",
+                           key) from None
+    except Exception as exc:  # a damaged member fails anywhere in zipfile's or numpy's parsing
+        raise report.error(f"cannot be read, the archive is damaged ({type(exc).__name__}: "
+                           f"{exc}); expected a complete .npz archive", key) from None
+    if not isinstance(value, np.ndarray):  # a member that is not a .npy file comes back as bytes
+        raise report.error("is not a NumPy array (a raw file inside the archive); expected an array "
+                           "saved by numpy.savez", key)
+    return value
+
+
 def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tuple[np.ndarray, np.ndarray | None]:
     """The arrays under ``x_key`` (and ``y_key``) of an .npz file, refusing pickled objects."""
-    if not file.exists():
-        raise report.error("file not found")
-    if file.is_dir():
-        raise report.error("is a folder; expected an .npz file")
+    problem = not_a_regular_file(file)
+    if problem:
+        raise report.error(problem)
     try:
-        with open_npz(file) as archive:
+        problem = not_npz(file)
+        if problem:
+            raise report.error(problem)
+        with np.load(file, allow_pickle=False) as archive:
             keys = list(archive.files)
             wanted = [x_key] + ([y_key] if y_key else [])
             for key in wanted:
                 if key not in keys:
-                    raise report.error(f"no array '{key}' in the file; its keys are: "
-                                       f"{', '.join(keys) or '(none)'}")
-            arrays = [archive[k] for k in wanted]
+                    raise report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
+                                       f"{_closest(key, keys)}")
+            arrays = [_read_array(archive, k, report) for k in wanted]
     except NetbuildError:
         raise
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise report.error(f"not a readable .npz archive ({exc})") from None
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise report.error("holds Python objects (pickled arrays), which netbuild never "
-                               "loads; expected numeric arrays") from None
-        raise report.error(f"{exc}; expected an .npz archive with the key '{x_key}'") from None
     except OSError as exc:
-        raise report.error(f"cannot read: {exc.strerror or exc}") from None
+        if exc.strerror:  # the file system's answer (permission denied, an I/O error)
+            raise report.error(f"cannot read: {exc.strerror}") from None
+        raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
+                           f"with the key '{x_key}'") from None
+    except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
+        raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
+                           f"with the key '{x_key}'") from None
     return arrays[0], (arrays[1] if y_key else None)
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    """The index of the first example (row) where ``mask`` holds anywhere."""
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
+
+
+def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
+    """Refuse NaN and infinite values, naming the first example that holds one."""
+    if values.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        kinds = " and ".join(f"{n} {name}" for n, name in ((n_nan, "NaN"), (n_inf, "infinite"))
+                             if n) + (" values" if n_nan + n_inf > 1 else " value")
+        raise report.error(f"holds {kinds} (the first in example {_first_bad(bad)}); expected "
+                           "finite numbers", key)
 
 
 def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> np.ndarray:
     """Check and cast inputs: numeric, finite, shape ``(n, *input_shape)`` or ``(n, prod)``;
-    integer ids in range when the network starts with an embedding."""
+    integer ids in range when the network starts with an embedding.
+
+    netbuild never rescales inputs: integers other than 0 and 1 (and -1) fed to a float input
+    (uint8 pixels 0..255, say) are refused with the conversion to make, since training on
+    unscaled values is a classic silent mistake."""
     input_shape = network.input_shape
 
     if x.dtype.kind not in "biuf":
         raise report.error(f"has dtype {x.dtype}; expected numbers", key)
-    if x.ndim == 0 or len(x) == 0:
+    if x.ndim == 0:
+        raise report.error(f"is a single value (shape ()); expected examples of shape "
+                           f"{tuple(input_shape)} along the first axis", key)
+    if len(x) == 0:
         raise report.error(f"is empty (shape {x.shape}); expected at least one example", key)
     per_example = tuple(x.shape[1:])
     if per_example != tuple(input_shape):
@@ -128,31 +241,54 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> n
             raise report.error(f"holds id {lo if lo < 0 else hi}; expected ids 0..{ids - 1} "
                                f"(the embedding's input_dim is {ids})", key)
         return x.astype(np.int64, copy=False)
-    x = x.astype(network.input_dtype, copy=False)
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).any(axis=1))[0, 0])
-        raise report.error(f"holds NaN or infinite values (first in example {bad}); "
-                           "expected finite numbers", key)
-    return x
+    if x.dtype.kind in "iu":
+        lo, hi = int(x.min()), int(x.max())
+        if lo < -1 or hi > 1:
+            scale = "x.astype('float32') / 255" if lo >= 0 and hi <= 255 else \
+                "x.astype('float32'), scaled as the network expects"
+            raise report.error(f"is {x.dtype} with values {lo}..{hi}; netbuild does not convert or "
+                               f"rescale integer inputs; expected floats (e.g. {scale})", key)
+    _check_finite(x, report, key)
+    with np.errstate(over="ignore"):
+        cast = x.astype(network.input_dtype, copy=False)
+    if cast.dtype.kind == "f" and x.dtype.kind == "f" and cast.dtype.itemsize < x.dtype.itemsize:
+        too_big = ~np.isfinite(cast)
+        if too_big.any():
+            at = _first_bad(too_big)
+            peak = float(np.abs(x[at]).max())
+            raise report.error(f"holds {peak:g} (in example {at}), beyond the range of "
+                               f"{cast.dtype} (the network's float type); expected finite "
+                               f"{cast.dtype} values", key)
+    return cast
 
 
 def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report: _Reporter,
               key: str) -> np.ndarray:
-    """Check targets against the output layer and the loss; cast them."""
+    """Check targets against the output layer and the loss; cast them.
+
+    For categorical_crossentropy, targets are class ids (integers, or floats holding whole
+    numbers) in ``0..units-1`` or one-hot (probability) rows with values in [0, 1]."""
     if y.dtype.kind not in "biuf":
         raise report.error(f"has dtype {y.dtype}; expected numbers", key)
     if y.ndim == 0 or len(y) != n:
-        got = "a scalar" if y.ndim == 0 else f"{len(y)} examples"
+        got = "a single value" if y.ndim == 0 else f"{len(y)} examples"
         raise report.error(f"holds {got}; expected {n}, as many as the inputs", key)
-    if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise report.error("holds NaN or infinite values; expected finite numbers", key)
+    _check_finite(y, report, key)
     if loss_name == "binary_crossentropy" and (y.min() < 0 or y.max() > 1):
         bad = y.min() if y.min() < 0 else y.max()
         raise report.error(f"holds {bad:g}; expected targets between 0 and 1 for binary_crossentropy", key)
     if loss_name in losses.CLASS_ID_TARGETS:
         k = output_shape[-1]
         lead = tuple(output_shape[:-1])
-        if y.shape[1:] == lead and y.dtype.kind in "biu":  # class ids
+        if y.shape[1:] == lead and y.dtype.kind == "f":  # class ids stored as floats
+            fractional = y != np.round(y)
+            if fractional.any():
+                at = _first_bad(fractional)
+                value = float(y[at][fractional[at]].flat[0]) if y.ndim > 1 else float(y[at])
+                raise report.error(f"holds {value:g} (example {at}), not a class id; expected whole "
+                                   f"class ids 0..{k - 1} or one-hot rows of shape "
+                                   f"{(n,) + tuple(output_shape)}", key)
+        if y.shape[1:] == lead and y.dtype.kind in "biuf":  # class ids
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= k:
                 bad = lo if lo < 0 else hi
@@ -160,6 +296,11 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
                                    f"ids 0..{k - 1} for an output of {k} units", key)
             return y.astype(np.int64, copy=False)
         if y.shape[1:] == tuple(output_shape):
+            if y.min() < 0 or y.max() > 1:
+                bad = y.min() if y.min() < 0 else y.max()
+                raise report.error(f"holds {bad:g} in a one-hot row; expected values between 0 "
+                                   "and 1 (one-hot or probability rows) for categorical_crossentropy",
+                                   key)
             return y.astype(backend.float_type(), copy=False)
         raise report.error(f"has shape {y.shape} and dtype {y.dtype}; expected integer class ids "
                            f"of shape {(n,) + lead} or one-hot rows of shape {(n,) + tuple(output_shape)}",
@@ -170,7 +311,14 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
         else:
             raise report.error(f"has targets of shape {y.shape[1:]}; expected {tuple(output_shape)} "
                                f"like the output layer", key)
-    return y.astype(backend.float_type(), copy=False)
+    with np.errstate(over="ignore"):
+        cast = y.astype(backend.float_type(), copy=False)
+    if y.dtype.kind == "f" and not np.isfinite(cast).all():
+        at = _first_bad(~np.isfinite(cast))
+        raise report.error(f"holds {float(np.abs(y[at]).max()):g} (in example {at}), beyond the range "
+                           f"of {cast.dtype} (the network's float type); expected finite {cast.dtype} "
+                           "values", key)
+    return cast
 
 
 def load(spec: Spec, role: str, network: Network, file: str | Path | None = None) -> Dataset:

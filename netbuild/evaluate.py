@@ -72,6 +72,12 @@ def predict(model: str | Path, data_file: str | Path, out_file: str | Path, over
     """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``;
     an existing ``out_file`` is replaced only with ``overwrite``."""
     out_file = Path(out_file)
+    try:
+        out_file.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name too long, a loop of links
+        raise RunError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
     if out_file.exists() and not overwrite:
         raise RunError(f"{out_file}: already exists; pass --overwrite to replace it or choose "
                        "another --out")

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import numpy as np
 import yaml
 
 from . import __version__
-from .data import open_npz
-from .errors import RunError
+from .data import open_npz, real_path
+from .errors import RunError, printable
 from .spec import Spec
 
 SPEC_KEY = "__spec__"
@@ -84,7 +83,7 @@ def resolved_spec_data(spec: Spec) -> dict:
         value = data.get("data", {}).get(role)
         if value:
             path = Path(value).expanduser()
-            data["data"][role] = str(path if path.is_absolute() else (spec.base_dir / path).resolve())
+            data["data"][role] = str(path if path.is_absolute() else real_path(spec.base_dir / path))
     return data
 
 
@@ -103,8 +102,12 @@ def save_model(path: Path, spec: Spec, params: dict[str, np.ndarray]) -> None:
 def load_model(target: str | os.PathLike) -> tuple[Spec, dict[str, np.ndarray]]:
     """The spec and parameters of a run directory or a ``model.npz``. Raises :class:`RunError`."""
     target = Path(target)
-    file = target / MODEL_FILE if target.is_dir() else target
-    if not file.exists():
+    try:
+        file = target / MODEL_FILE if target.is_dir() else target
+        found = file.exists()
+    except OSError as exc:  # a name too long, say
+        raise RunError(printable(f"{target}: cannot read: {exc.strerror or exc}")) from None
+    if not found:
         if target.is_dir():
             raise RunError(f"{target}: no {MODEL_FILE} in this folder; expected a run directory "
                            "written by `netbuild train` or a model.npz file")
@@ -121,8 +124,8 @@ def load_model(target: str | os.PathLike) -> tuple[Spec, dict[str, np.ndarray]]:
             params = {k: archive[k] for k in archive.files if not k.startswith("__")}
     except RunError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise RunError(f"{file}: not a readable model file ({exc})") from None
+    except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
+        raise RunError(printable(f"{file}: not a readable model file ({exc})")) from None
     try:
         data = json.loads(spec_text)
     except json.JSONDecodeError as exc:
@@ -157,8 +160,8 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Checkpoint] | Non
                     groups["optimizer"][key] = archive[key]
             state = json.loads(str(archive[STATE_KEY]))
             spec_data = json.loads(str(archive[SPEC_KEY]))
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as exc:
-        raise RunError(f"{file}: not a readable checkpoint ({exc})") from None
+    except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
+        raise RunError(printable(f"{file}: not a readable checkpoint ({exc})")) from None
     return spec_data, Checkpoint(groups["params"], groups["optimizer"], groups["best"] or None, state)
 
 
@@ -178,6 +181,15 @@ def changed_keys(old, new, path: str = "") -> list[str]:
     return [] if old == new else [path or "$"]
 
 
+#: The files a run writes, in the order a new run replaces them.
+RUN_FILES = (METRICS_FILE, CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, SPEC_FILE)
+
+
+def is_stale_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file :func:`atomic_write` left behind when killed."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
 class RunDir:
     """A run directory being written by ``netbuild train``."""
 
@@ -185,33 +197,72 @@ class RunDir:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
 
+    @property
+    def shown(self) -> str:
+        """The path as given, and where it really is when a symbolic link or ``..`` leads
+        elsewhere."""
+        real = real_path(self.path)
+        return printable(str(self.path) if real == self.path.absolute() else
+                         f"{self.path} (resolves to {real})")
+
     def create(self, overwrite: bool = False) -> None:
         """Make and lock the folder; refuse one that already holds a run unless ``overwrite``."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"{self.path}: exists and is not a folder; expected a run directory")
         try:
+            if self.path.is_symlink() and not self.path.exists():
+                raise RunError(f"{self.shown}: a symbolic link to {os.readlink(self.path)}, which "
+                               "does not exist; expected a folder for the run")
+            if self.path.exists() and not self.path.is_dir():
+                raise RunError(f"{self.shown}: exists and is not a folder; expected a run directory")
             self.path.mkdir(parents=True, exist_ok=True)
+            self._refuse_a_run(overwrite)  # before the lock, which would write into the folder
         except OSError as exc:
-            raise RunError(f"{self.path}: cannot create the run directory: {exc.strerror}") from None
+            raise RunError(f"{self.shown}: cannot create or read the run directory: {exc.strerror}") from None
         self.lock()
-        existing = [p for p in self.path.iterdir() if p.name != LOCK_FILE]
-        if existing and not overwrite:
+        try:
+            self.remove_stale_temporaries()
+            self._refuse_a_run(overwrite)
+            for name in RUN_FILES:
+                stale = self.path / name
+                if stale.exists():
+                    stale.unlink()
+        except OSError as exc:
             self.unlock()
-            raise RunError(f"{self.path}: the run directory already holds a run; pass --resume "
-                           f"{self.path} to continue it, --overwrite to replace it, or --run-dir "
-                           "to choose another")
-        for name in (METRICS_FILE, CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, SPEC_FILE):
-            stale = self.path / name
-            if stale.exists():
-                stale.unlink()
+            raise RunError(f"{self.shown}: cannot replace the run's files: "
+                           f"{exc.strerror or exc}") from None
+        except RunError:
+            self.unlock()
+            raise
+
+    def _refuse_a_run(self, overwrite: bool) -> None:
+        """Refuse a folder that holds files other than the lock and a killed run's temporaries."""
+        existing = [p for p in self.path.iterdir()
+                    if p.name != LOCK_FILE and not is_stale_temporary(p.name)]
+        if existing and not overwrite:
+            raise RunError(f"{self.shown}: the run directory already holds a run; pass "
+                           f"--resume {self.path} to continue it, --overwrite to replace it, "
+                           "or --run-dir to choose another")
 
     def open_existing(self) -> None:
         """Lock an existing run directory to continue it."""
-        if not (self.path / SPEC_FILE).is_file():
-            raise RunError(f"{self.path}: not a run directory (no {SPEC_FILE}); expected a folder "
+        try:
+            found = (self.path / SPEC_FILE).is_file()
+        except OSError as exc:  # a name too long, say
+            raise RunError(printable(f"{self.path}: cannot read: {exc.strerror or exc}")) from None
+        if not found:
+            raise RunError(f"{self.shown}: not a run directory (no {SPEC_FILE}); expected a folder "
                            "written by `netbuild train`")
         self.lock()
         self.records = []
+        try:
+            self.remove_stale_temporaries()
+        except OSError:
+            pass  # a read-only run still resumes far enough to say why it cannot write
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of a killed run (only while holding the lock)."""
+        for p in self.path.iterdir():
+            if is_stale_temporary(p.name) and p.is_file():
+                p.unlink()
 
     def __enter__(self) -> "RunDir":
         return self
@@ -229,20 +280,24 @@ class RunDir:
         try:
             self._lock_file = open(self.path / LOCK_FILE, "a+")
         except OSError as exc:
-            raise RunError(f"{self.path}: cannot write in the run directory: "
+            raise RunError(f"{self.shown}: cannot write in the run directory: "
                            f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "another process"
+            holder = printable(self._lock_file.read(100).strip()) or "another process"
             self._lock_file.close()
-            raise RunError(f"{self.path}: another `netbuild train` ({holder}) is writing to this "
+            self._lock_file = None
+            raise RunError(f"{self.shown}: another `netbuild train` ({holder}) is writing to this "
                            "run directory; expected one training per directory") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"pid {os.getpid()}")
-        self._lock_file.flush()
+        try:  # who holds the lock, for the message above; the lock itself is the flock
+            self._lock_file.seek(0)
+            self._lock_file.truncate()
+            self._lock_file.write(f"pid {os.getpid()}")
+            self._lock_file.flush()
+        except OSError:
+            pass  # a full disk: the next write of the run reports it
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         """Replace metrics.jsonl with ``records`` (a resumed run's history)."""

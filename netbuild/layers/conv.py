@@ -11,10 +11,11 @@ Each spatial axis of length ``L`` with kernel ``k``, stride ``s``, dilation ``d`
 ``padding``: ``valid`` (none), ``same`` (as Keras/TensorFlow: ``L_out = ceil(L / s)``, the odd
 extra zero at the end) or an int (or one int per spatial axis) of zeros on both sides.
 
-The graph is im2col as one matrix product: the input goes channels-last once, each of the
-``prod(kernel)`` kernel offsets is one strided slice ``(N, *out, C)``, joined on the channel axis
-to ``(N, *out, K*C)`` and multiplied, as ``(N*prod(out), K*C)``, by the kernel as ``(K*C, filters)``.
-The window helpers here (geometry, padding, slices) serve the pooling layers too.
+The graph is one op of netbuild's own, :class:`netbuild.ops.conv.Conv` (im2col and one BLAS gemm
+per image, in C, with C gradient ops), given the window geometry computed here. The same
+convolution from PyTensor's own ops (strided slices joined into a patch matrix, one matrix
+product) stays as :func:`_graph_conv`, the reference the tests compare the op with. The window
+helpers here (geometry, padding, slices) serve the pooling layers too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import pytensor.tensor as pt
 
+from ..ops import conv as ops_conv
 from .base import ActivatedLayer, Layer, LayerError, ParamSpec, single
 
 Padding = Any  # "valid", "same", an int, or a list of ints (one per spatial axis)
@@ -185,6 +187,24 @@ def window_slices(x, win: Window, first: int) -> list:
     return slices
 
 
+def _graph_conv(x, W, b, win: Window, channels: int, filters: int):
+    """The same convolution from PyTensor's own ops (the reference the C op is tested against):
+    ``x`` channels-last once, each of the ``prod(kernel)`` kernel offsets one strided slice
+    ``(N, *out, C)``, joined on the channel axis to ``(N, *out, K*C)`` and multiplied, as
+    ``(N*prod(out), K*C)``, by the kernel as ``(K*C, filters)``."""
+    r = len(win.spatial)
+    x = pad_spatial(x.dimshuffle(0, *range(2, r + 2), 1), win, 0.0, first=1)
+    # joined on the channel axis, (N, *out, K*C) stays C-ordered: the reshape is a view
+    cols = pt.concatenate(window_slices(x, win, first=1), axis=-1).reshape((-1, win.size * channels))
+    # W (F, C, *kernel) -> (F, *kernel, C) -> (F, K*C): the patch matrix's column order
+    w = W.dimshuffle(0, *range(2, r + 2), 1).reshape((filters, win.size * channels))
+    z = pt.dot(cols, w.T)  # (N*prod(out), F)
+    if b is not None:
+        z = z + b
+    z = z.reshape((x.shape[0], *win.out, filters))
+    return z.dimshuffle(0, r + 1, *range(1, r + 1))
+
+
 # -- layers ---------------------------------------------------------------------------------------
 class Conv(ActivatedLayer):
     """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`."""
@@ -219,20 +239,9 @@ class Conv(ActivatedLayer):
 
     def linear(self, inputs, ctx):
         (x,) = inputs
-        shape = static_shape(self, x)
-        win, r = self.geometry(shape), self.rank
-        channels, filters = shape[0], int(self.config["filters"])
-        # channels-last, so each slice's last axis (C) is contiguous in the patch matrix
-        x = pad_spatial(x.dimshuffle(0, *range(2, r + 2), 1), win, 0.0, first=1)
-        # joined on the channel axis, (N, *out, K*C) stays C-ordered: the reshape is a view
-        cols = pt.concatenate(window_slices(x, win, first=1), axis=-1).reshape((-1, win.size * channels))
-        # W (F, C, *kernel) -> (F, *kernel, C) -> (F, K*C): the patch matrix's column order
-        w = self.params["W"].dimshuffle(0, *range(2, r + 2), 1).reshape((filters, win.size * channels))
-        z = pt.dot(cols, w.T)  # (N*prod(out), F)
-        if "b" in self.params:
-            z = z + self.params["b"]
-        z = z.reshape((x.shape[0], *win.out, filters))
-        return z.dimshuffle(0, r + 1, *range(1, r + 1))
+        win = self.geometry(static_shape(self, x))
+        return ops_conv.conv(x, self.params["W"], self.params.get("b"), win.strides,
+                             win.dilation, win.pads)
 
 
 class Conv1D(Conv):

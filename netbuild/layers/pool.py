@@ -16,10 +16,10 @@ input elements in each window, not by ``prod(pool_size)``.
 ``global_max_pool``/``global_avg_pool``: ``(C, ...)`` -> ``(C,)``, over every axis after the
 channels.
 
-The graph stacks, for each offset in the window, the input values at that offset in every window,
-and reduces over the stack. Windows that tile the unpadded input (``strides == pool_size``, the
-rest cropped) take these from a reshape (``[:, :, :, u, :, v]`` of ``(N, C, o1, p1, o2, p2)``);
-the others from one strided slice of the padded input per offset.
+The graph is one op of netbuild's own, :class:`netbuild.ops.pool.Pool` (a C loop over the
+windows; its gradient another, which sends max pooling's gradient to the first maximum of each
+window, as PyTorch does). The same pooling from PyTensor's own ops stays as :func:`_graph_pool`,
+the reference the tests compare the op with.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 import pytensor.tensor as pt
 
+from ..ops import pool as ops_pool
 from .base import Layer, LayerError, single
 from .conv import (
     Window,
@@ -50,6 +51,33 @@ def avg_pool_counts(win: Window) -> np.ndarray:
         axis = np.minimum(start + k, n) - np.maximum(start, 0)
         counts = np.multiply.outer(counts, axis)
     return counts
+
+
+def _graph_pool(x, mode: str, win: Window, channels: int):
+    """The same pooling from PyTensor's own ops (the reference the C op is tested against): for
+    each offset in the window, the input values at that offset in every window, stacked and
+    reduced. Windows that tile the unpadded input (``strides == pool_size``, the rest cropped)
+    take these from a reshape (``[:, :, :, u, :, v]`` of ``(N, C, o1, p1, o2, p2)``); the others
+    from one strided slice of the padded input per offset."""
+    pad_value = -np.inf if mode == "max" else 0.0
+    if win.strides == win.kernel and not any(b or a for b, a in win.pads):
+        tiled = tuple(o * k for o, k in zip(win.out, win.kernel))
+        if tiled != win.spatial:
+            x = x[(slice(None), slice(None)) + tuple(slice(0, t) for t in tiled)]
+        split = [d for o, k in zip(win.out, win.kernel) for d in (o, k)]
+        tiles = x.reshape((x.shape[0], channels, *split))
+        parts = [tiles[(slice(None), slice(None)) + sum(((slice(None), u) for u in offset), ())]
+                 for offset in itertools.product(*(range(k) for k in win.kernel))]
+    else:
+        parts = window_slices(pad_spatial(x, win, pad_value, first=2), win, first=2)
+    stack = pt.stack(parts, axis=0)  # (K, N, C, *out)
+    y = pt.max(stack, axis=0) if mode == "max" else pt.sum(stack, axis=0)
+    if mode == "max":
+        return y
+    counts = avg_pool_counts(win)
+    if np.all(counts == win.size):
+        return y * np.asarray(1.0 / win.size, dtype=x.dtype)
+    return y * pt.constant((1.0 / counts).astype(x.dtype)[None, None])
 
 
 class Pool(Layer):
@@ -77,29 +105,8 @@ class Pool(Layer):
 
     def forward(self, inputs, ctx):
         (x,) = inputs
-        shape = static_shape(self, x)
-        win = self.geometry(shape)
-        pad_value = -np.inf if self.mode == "max" else 0.0
-        if win.strides == win.kernel and not any(b or a for b, a in win.pads):
-            # windows tile the input (cropped to out * pool): reshape to (N, C, o1, p1, o2, p2, ...),
-            # where offset (u, v) of every window is [:, :, :, u, :, v]
-            tiled = tuple(o * k for o, k in zip(win.out, win.kernel))
-            if tiled != win.spatial:
-                x = x[(slice(None), slice(None)) + tuple(slice(0, t) for t in tiled)]
-            split = [d for o, k in zip(win.out, win.kernel) for d in (o, k)]
-            tiles = x.reshape((x.shape[0], shape[0], *split))
-            parts = [tiles[(slice(None), slice(None)) + sum(((slice(None), u) for u in offset), ())]
-                     for offset in itertools.product(*(range(k) for k in win.kernel))]
-        else:
-            parts = window_slices(pad_spatial(x, win, pad_value, first=2), win, first=2)
-        stack = pt.stack(parts, axis=0)  # (K, N, C, *out)
-        y = pt.max(stack, axis=0) if self.mode == "max" else pt.sum(stack, axis=0)
-        if self.mode == "max":
-            return y
-        counts = avg_pool_counts(win)
-        if np.all(counts == win.size):
-            return y * np.asarray(1.0 / win.size, dtype=x.dtype)
-        return y * pt.constant((1.0 / counts).astype(x.dtype)[None, None])
+        win = self.geometry(static_shape(self, x))
+        return ops_pool.pool(x, self.mode, win.kernel, win.strides, win.pads)
 
 
 class MaxPool1D(Pool):
