@@ -17,6 +17,7 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 from conftest import TEST_MODE, verify_grad
+from pytensor.gradient import NullTypeGradError
 from test_compile import python_nodes
 from test_conv import CASES, IDS, make, ref_conv, with_params
 
@@ -96,52 +97,73 @@ def conv_values(geometry, rng, dtype="float64") -> list[np.ndarray]:
     return [v.astype(dtype) for v in values]
 
 
-def forward_and_gradients(geometry, values, how: str) -> list[np.ndarray]:
+def forward_and_gradients(geometry, values, how: str, activation: str = "linear") -> list:
     """``y`` and the gradients of ``sum(y * dy)`` for ``x, W (, b)``: ``how`` is ``c`` (the op's C
-    code), ``py`` (its numpy perform) or ``graph`` (PyTensor's own ops, ``_graph_conv``)."""
+    code), ``py`` (its numpy perform) or ``graph`` (PyTensor's own ops: ``_graph_conv``, then
+    ``maximum(z, 0)`` for a relu)."""
     xs, ws, strides, dilation, pads, bias = geometry
     x, w, dy, *b = ins = [symbol(v) for v in values]
     if how == "graph":
         win = Window(xs[2:], ws[2:], strides, dilation, pads, tuple(values[2].shape[2:]))
-        y = _graph_conv(x, w, b[0] if b else None, win, ws[1], ws[0])
+        y = activations.get(activation)(_graph_conv(x, w, b[0] if b else None, win, ws[1], ws[0]))
     else:
-        y = conv(x, w, b[0] if b else None, strides, dilation, pads)
+        y = conv(x, w, b[0] if b else None, strides, dilation, pads, activation)
     grads = pytensor.grad(pt.sum(y * dy), [x, w] + b)
     return function(ins, [y] + grads, c=how == "c")(*values)
 
 
+RUNS = [(how, act) for act in ("linear", "relu") for how in ("c", "py", "graph")]
+
+
 @pytest.fixture(scope="module")
 def computed():
-    """Every geometry's values and the op's results, in C and in numpy."""
+    """Every geometry's values, and its results in C, in numpy and from PyTensor's own ops,
+    without and with a relu."""
     rng = np.random.default_rng(0)
     with pytensor.config.change_flags(floatX="float64"):
         values = [conv_values(g, rng) for g in GEOMETRIES]
-        return values, {how: [forward_and_gradients(g, v, how) for g, v in zip(GEOMETRIES, values)]
-                        for how in ("c", "py")}
+        return values, {run: [forward_and_gradients(g, v, *run) for g, v in zip(GEOMETRIES, values)]
+                        for run in RUNS}
 
 
+@pytest.mark.parametrize("activation", ["linear", "relu"])
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=GEOMETRY_IDS)
-def test_c_and_numpy_match_the_reference(computed, case):
+def test_c_numpy_and_graph_agree_with_the_reference(computed, case, activation):
     values, results = computed
-    xs, ws, strides, dilation, pads, bias = GEOMETRIES[case]
+    _, _, strides, dilation, pads, bias = GEOMETRIES[case]
     x, w = values[case][:2]
     b = values[case][3] if bias else None
-    c, py = results["c"][case], results["py"][case]
     xp = np.pad(x, [(0, 0), (0, 0)] + list(pads))  # the reference pads by hand, then "valid"
     expected = ref_conv(xp, w, b, list(strides), ["valid"] * len(strides), list(dilation))
+    if activation == "relu":
+        expected = np.maximum(expected, 0)
+    c = results["c", activation][case]
     np.testing.assert_allclose(c[0], expected, rtol=1e-10, atol=1e-10)
-    for got, want in zip(c, py):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    for how in ("py", "graph"):
+        for got, want in zip(c, results[how, activation][case]):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=how)
 
 
-@pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=GEOMETRY_IDS)
-def test_c_matches_pytensor_graph(computed, case):
-    """The same numbers (output and gradients) as the graph version the layers used before."""
-    values, results = computed
-    graph = forward_and_gradients(GEOMETRIES[case], values[case], "graph")
-    for got, want in zip(results["c"][case], graph):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("c", [True, False], ids=["c", "numpy"])
+def test_relu_in_the_op_has_derivative_one_at_zero(c):
+    """As PyTensor's maximum(z, 0): relu's derivative is 1 where z = 0 exactly (a window of
+    zeros, no bias) and 0 below; the op writes relu(z < 0) as -0.0 to tell them apart."""
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, :, 2:] = 1.0
+    w = np.full((2, 1, 1, 2), 0.5)
+    w[1] *= -1                            # filter 1: z = -0.5 or -1 where the input is not zero
+    dy = np.ones((1, 2, 4, 3))
+    xv, wv, dyv = symbol(x), symbol(w), symbol(dy)
+    y = conv(xv, wv, activation="relu")
+    graph = pt.maximum(conv(xv, wv), 0.0)
+    outs = [y] + pytensor.grad(pt.sum(y * dyv), [xv, wv])
+    outs += [graph] + pytensor.grad(pt.sum(graph * dyv), [xv, wv])
+    got = function([xv, wv, dyv], outs, c)(x, w, dy)
+    for fused, unfused in zip(got[:3], got[3:]):
+        np.testing.assert_array_equal(fused, unfused)
+    assert np.all(got[0][0, 1] == 0)
+    np.testing.assert_array_equal(np.signbit(got[0][0, 1]), [[False, True, True]] * 4)
 
 
 def test_float32_matches_float64():
@@ -155,11 +177,12 @@ def test_float32_matches_float64():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["linear", "relu"])
 @pytest.mark.parametrize("geometry", [
     ((1, 2, 5, 4), (2, 2, 3, 2), (2, 1), (1, 2), ((1, 1), (0, 1)), True),
     ((1, 2, 7), (2, 2, 3), (2,), (2,), ((1, 2),), False),
 ], ids=["conv2d", "conv1d"])
-def test_gradients_numerically(geometry):
+def test_gradients_numerically(geometry, activation):
     """verify_grad (finite differences) of the C code, every input at once."""
     rng = np.random.default_rng(2)
     _, _, strides, dilation, pads, bias = geometry
@@ -167,7 +190,7 @@ def test_gradients_numerically(geometry):
     del values[2]  # no cotangent: verify_grad projects the output itself
 
     def fun(x, w, *b):
-        return conv(x, w, b[0] if b else None, strides, dilation, pads)
+        return conv(x, w, b[0] if b else None, strides, dilation, pads, activation)
 
     with ops_in_c():
         verify_grad(fun, values, n_tests=1, rng=rng)
@@ -191,6 +214,12 @@ def test_second_derivatives_numerically():
     with ops_in_c():
         verify_grad(grad_input, [w, dy], n_tests=1, rng=rng)
         verify_grad(grad_weights, [x, dy], n_tests=1, rng=rng)
+    # with the activation in the op: a clear error, not a wrong number
+    xv, wv = pt.tensor4(), pt.tensor4()
+    y = conv(xv, wv, strides=(1, 1), activation="relu")
+    dx = pytensor.grad(pt.sum(y * y), xv)
+    with pytest.raises(NullTypeGradError, match="activation in the op"):
+        pytensor.grad(pt.sum(dx), wv)
 
 
 def test_op_rejects_bad_arguments():
@@ -203,6 +232,12 @@ def test_op_rejects_bad_arguments():
         Conv((0, 1), (1, 1), ((0, 0), (0, 0)))
     with pytest.raises(TypeError, match="b needs 1 axis"):
         Conv((1, 1), (1, 1), ((0, 0), (0, 0)))(x4, pt.tensor4(), pt.matrix())
+    with pytest.raises(ValueError, match="no activation 'tanh' in the op"):
+        Conv((1, 1), (1, 1), ((0, 0), (0, 0)), "tanh")
+    with pytest.raises(TypeError, match="the forward output y is an input exactly when"):
+        ConvGradInput((1, 1), (1, 1), ((0, 0), (0, 0)), "relu")(x4, pt.tensor4(), pt.tensor4())
+    with pytest.raises(TypeError, match="the forward output y is an input exactly when"):
+        ConvGradWeights((1, 1), (1, 1), ((0, 0), (0, 0)))(x4, x4, x4, x4)
 
 
 @pytest.mark.parametrize("c", [True, False], ids=["c", "numpy"])
@@ -263,6 +298,9 @@ def test_training_step_is_c_only_without_graph_im2col():
         step = compile_train(net, spec.data["train"], y, 0).step
         ops = [n.op for n in step.maker.fgraph.apply_nodes]
         assert {type(op) for op in ops} >= {Conv, ConvGradInput, ConvGradWeights, Pool, PoolGrad}
+        # the relu runs in the first conv's ops; its pre-activation left the graph
+        assert sorted(op.activation for op in ops if type(op) is Conv) == ["linear", "linear", "relu"]
+        assert [op.activation for op in ops if type(op) is ConvGradWeights].count("relu") == 1
         assert not [op for op in ops if isinstance(op, (Join, IncSubtensor))]
         assert python_nodes(step, "train") == []
         x = np.random.default_rng(0).normal(size=(4, 1, 12, 12)).astype("float32")

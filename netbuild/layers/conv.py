@@ -12,7 +12,9 @@ Each spatial axis of length ``L`` with kernel ``k``, stride ``s``, dilation ``d`
 extra zero at the end) or an int (or one int per spatial axis) of zeros on both sides.
 
 The graph is one op of netbuild's own, :class:`netbuild.ops.conv.Conv` (im2col and one BLAS gemm
-per image, in C, with C gradient ops), given the window geometry computed here. The same
+per image, in C, with C gradient ops), given the window geometry computed here; a relu activation
+runs inside the op (the pre-activation, recorded for the loss, is a second op that stays out of
+the compiled function unless the loss reads it). The same
 convolution from PyTensor's own ops (strided slices joined into a patch matrix, one matrix
 product) stays as :func:`_graph_conv`, the reference the tests compare the op with. The window
 helpers here (geometry, padding, slices) serve the pooling layers too.
@@ -238,10 +240,20 @@ class Conv(ActivatedLayer):
         return specs
 
     def linear(self, inputs, ctx):
-        (x,) = inputs
+        return self._conv(inputs[0], "linear")
+
+    def forward(self, inputs, ctx):
+        if self.activation_name == "linear" or self.activation_name not in ops_conv.ACTIVATIONS:
+            return super().forward(inputs, ctx)
+        # the op applies the activation to each image's output while it is in cache, and masks
+        # the gradient inside the gradient ops: two passes over the output fewer each way
+        ctx.preactivations[self.name] = (self.linear(inputs, ctx), self.activation_name)
+        return self._conv(inputs[0], self.activation_name)
+
+    def _conv(self, x, activation: str):
         win = self.geometry(static_shape(self, x))
         return ops_conv.conv(x, self.params["W"], self.params.get("b"), win.strides,
-                             win.dilation, win.pads)
+                             win.dilation, win.pads, activation)
 
 
 class Conv1D(Conv):

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import pytensor.tensor as pt
 from pytensor import config
-from pytensor.gradient import DisconnectedType, disconnected_type
+from pytensor.gradient import DisconnectedType, disconnected_type, grad_not_implemented
 from pytensor.graph.basic import Apply
 from pytensor.link.c.op import COp
 from pytensor.link.c.params_type import ParamsType
@@ -38,7 +38,10 @@ from pytensor.tensor.blas import ldflags
 from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 5
+_VERSION = 6
+
+#: Activations the ops apply themselves, and their codes in the C code.
+ACTIVATIONS = {"linear": 0, "relu": 1}
 
 # -- C --------------------------------------------------------------------------------------------
 #: Helpers shared with :mod:`netbuild.ops.pool` (PyTensor drops repeated support code).
@@ -227,9 +230,29 @@ static inline T sum(const T* __restrict__ d, npy_intp n) {
     return s;
 }
 
-// y (N, F, OH, OW) = conv(x (N, C, H, W), w (F, C, KH, KW)) + b (F,) (b may be NULL).
+// relu in place, a negative value written as -0.0: its gradient tells z < 0 (0) from z = 0 (1,
+// as PyTensor's maximum) by the sign bit.
 template <typename T>
-static void forward(npy_intp N, const T* x, const T* w, const T* b, T* y, T* cols, const Geom& g) {
+static inline void relu(T* __restrict__ y, npy_intp n) {
+    for (npy_intp i = 0; i < n; ++i) {
+        const T v = y[i];
+        y[i] = v < 0 ? (T)-0.0 : v;
+    }
+}
+
+// dz = dy where relu's output y has a clear sign bit (z >= 0), else 0 (copysign, not signbit:
+// g++ vectorizes it).
+template <typename T>
+static inline void relu_grad(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dz,
+                             npy_intp n) {
+    for (npy_intp i = 0; i < n; ++i) dz[i] = std::copysign((T)1, y[i]) > 0 ? dy[i] : (T)0;
+}
+
+// y (N, F, OH, OW) = act(conv(x (N, C, H, W), w (F, C, KH, KW)) + b (F,)); b may be NULL; act 1:
+// relu, applied to each image's output while it is in cache.
+template <typename T>
+static void forward(npy_intp N, const T* x, const T* w, const T* b, int act, T* y, T* cols,
+                    const Geom& g) {
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
     for (npy_intp n = 0; n < N; ++n) {
         const T* xn = x + n * g.C * g.H * g.W;
@@ -248,16 +271,28 @@ static void forward(npy_intp N, const T* x, const T* w, const T* b, T* y, T* col
         }
         if (CK == 0) {
             if (!b) memset(yn, 0, sizeof(T) * F * P);
-            continue;
+        } else {
+            gemm('N', 'N', (int)P, (int)F, (int)CK, (T)1, a, (int)P, w, (int)CK,
+                 b ? (T)1 : (T)0, yn, (int)P);
         }
-        gemm('N', 'N', (int)P, (int)F, (int)CK, (T)1, a, (int)P, w, (int)CK, b ? (T)1 : (T)0,
-             yn, (int)P);
+        if (act) relu(yn, F * P);
     }
 }
 
-// dx (N, C, H, W) = the input gradient of y = conv(x, w), given dy (N, F, OH, OW).
+// The gradient of the pre-activation for image n: dy[n] itself, or, after a relu (y not NULL),
+// dy[n] masked into dz.
 template <typename T>
-static void grad_input(npy_intp N, const T* w, const T* dy, T* dx, T* cols, const Geom& g) {
+static inline const T* pre_grad(const T* dy, const T* y, T* dz, npy_intp n, npy_intp FP) {
+    if (!y) return dy + n * FP;
+    relu_grad(y + n * FP, dy + n * FP, dz, FP);
+    return dz;
+}
+
+// dx (N, C, H, W) = the input gradient of y = act(conv(x, w) + b), given dy (N, F, OH, OW) and,
+// after a relu, y (else NULL); dz: scratch of F * OH * OW.
+template <typename T>
+static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, T* cols, T* dz,
+                       const Geom& g) {
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F, HW = g.H * g.W;
     const bool dir = direct(g);
     for (npy_intp n = 0; n < N; ++n) {
@@ -266,8 +301,9 @@ static void grad_input(npy_intp N, const T* w, const T* dy, T* dx, T* cols, cons
             memset(dxn, 0, sizeof(T) * g.C * HW);
             continue;
         }
-        // cols^T (P, CK) = dy[n]^T (P, F) W (F, CK)
-        gemm('N', 'T', (int)P, (int)CK, (int)F, (T)1, dy + n * F * P, (int)P, w, (int)CK, (T)0,
+        const T* d = pre_grad(dy, y, dz, n, F * P);
+        // cols^T (P, CK) = dz^T (P, F) W (F, CK)
+        gemm('N', 'T', (int)P, (int)CK, (int)F, (T)1, d, (int)P, w, (int)CK, (T)0,
              dir ? dxn : cols, (int)P);
         if (!dir) {
             memset(dxn, 0, sizeof(T) * g.C * HW);
@@ -276,28 +312,28 @@ static void grad_input(npy_intp N, const T* w, const T* dy, T* dx, T* cols, cons
     }
 }
 
-// dw (F, C, KH, KW) and db (F,) (db may be NULL) of y = conv(x, w) + b, given dy.
+// dw (F, C, KH, KW) and db (F,) (db may be NULL) of y = act(conv(x, w) + b), given dy and, after
+// a relu, y (else NULL); dz: scratch of F * OH * OW.
 template <typename T>
-static void grad_weights(npy_intp N, const T* x, const T* dy, T* dw, T* db, T* cols,
-                         const Geom& g) {
+static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw, T* db, T* cols,
+                         T* dz, const Geom& g) {
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
     memset(dw, 0, sizeof(T) * F * CK);
     if (db) memset(db, 0, sizeof(T) * F);
     if (P == 0) return;
     for (npy_intp n = 0; n < N; ++n) {
         const T* xn = x + n * g.C * g.H * g.W;
-        const T* dyn = dy + n * F * P;
+        const T* d = pre_grad(dy, y, dz, n, F * P);
         const T* a = xn;
         if (!direct(g)) {
             im2col(xn, cols, g);
             a = cols;
         }
-        // dW^T (CK, F) += cols (CK, P) dy[n]^T (P, F)
+        // dW^T (CK, F) += cols (CK, P) dz^T (P, F)
         if (CK > 0 && F > 0)
-            gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, dyn, (int)P, (T)1, dw,
-                 (int)CK);
+            gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1, dw, (int)CK);
         if (db)
-            for (npy_intp f = 0; f < F; ++f) db[f] += sum(dyn + f * P, P);
+            for (npy_intp f = 0; f < F; ++f) db[f] += sum(d + f * P, P);
     }
 }
 
@@ -310,17 +346,22 @@ def _pairs(pads: Sequence) -> tuple[tuple[int, int], ...]:
 
 
 class _ConvCOp(COp):
-    """What the convolution ops share: the geometry, BLAS linking, the C kernels.
+    """What the convolution ops share: the geometry, the activation, BLAS linking, the C kernels.
 
     ``strides``, ``dilation``: one int per spatial axis; ``pads``: ``(before, after)`` zeros per
-    spatial axis. The rank (1 or 2) is their length.
+    spatial axis. The rank (1 or 2) is their length. ``activation``: one of :data:`ACTIVATIONS`.
     """
 
-    __props__ = ("strides", "dilation", "pads")
+    __props__ = ("strides", "dilation", "pads", "activation")
     params_type = ParamsType(sh=int64, sw=int64, dh=int64, dw=int64, ph=int64, pw=int64,
-                             pha=int64, pwa=int64)
+                             pha=int64, pwa=int64, act=int64)
 
-    def __init__(self, strides: Sequence[int], dilation: Sequence[int], pads: Sequence):
+    def __init__(self, strides: Sequence[int], dilation: Sequence[int], pads: Sequence,
+                 activation: str = "linear"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__}: no activation '{activation}' in the op; "
+                             f"expected one of {sorted(ACTIVATIONS)}")
+        self.activation = activation
         self.strides = tuple(int(s) for s in strides)
         self.dilation = tuple(int(d) for d in dilation)
         self.pads = _pairs(pads)
@@ -340,7 +381,12 @@ class _ConvCOp(COp):
         d = (1,) * (2 - self.rank) + self.dilation
         p = ((0, 0),) * (2 - self.rank) + self.pads
         return self.params_type.get_params(sh=s[0], sw=s[1], dh=d[0], dw=d[1], ph=p[0][0],
-                                           pw=p[1][0], pha=p[0][1], pwa=p[1][1])
+                                           pw=p[1][0], pha=p[0][1], pwa=p[1][1],
+                                           act=ACTIVATIONS[self.activation])
+
+    @property
+    def geometry(self) -> tuple:
+        return self.strides, self.dilation, self.pads
 
     # -- shapes -----------------------------------------------------------------------------------
     def out_lengths(self, spatial, kernel) -> list:
@@ -383,7 +429,7 @@ class _ConvCOp(COp):
 
     # -- C compilation ------------------------------------------------------------------------------
     def c_headers(self, **kwargs):
-        return ["<string.h>", "<stdlib.h>"]
+        return ["<string.h>", "<stdlib.h>", "<cmath>"]
 
     def c_support_code(self, **kwargs):
         return [blas_header_text(), HELPERS, _KERNELS]
@@ -416,7 +462,8 @@ class _ConvCOp(COp):
                 outs: list[tuple[str, str]], call: str) -> str:
         """C code: the geometry from ``x_like`` (N, C, *spatial) and ``w_like`` (F, C, *kernel);
         ``checks``: ``(variable, name, shape)`` of inputs to check; contiguous copies ``c_[i]`` of
-        ``contig``; outputs ``(variable, shape)``; a column buffer; then ``call`` without the GIL.
+        ``contig``; outputs ``(variable, shape)``; scratch for the columns (``cols_``) and one
+        image's pre-activation gradient (``dz_``); then ``call`` without the GIL.
         A shape is the 2-d op's 4 dims, a C initializer (a 1-d op leaves out the third); the same
         code serves both ranks, so that they share one compiled module."""
         dtype = node.outputs[0].dtype
@@ -466,8 +513,9 @@ class _ConvCOp(COp):
         lines += [
             f"{ctype}* cols_ = NULL;",
             f"if (!err_) {{ cols_ = ({ctype}*)nbwin::scratch(&scratch_{name}, &scratch_size_{name}, "
-            f"sizeof({ctype}) * (size_t)(g_.C * g_.KH * g_.KW * g_.OH * g_.OW)); "
+            f"sizeof({ctype}) * (size_t)((g_.C * g_.KH * g_.KW + g_.F) * g_.OH * g_.OW)); "
             "if (!cols_) err_ = 1; }",
+            f"{ctype}* dz_ = cols_ + g_.C * g_.KH * g_.KW * g_.OH * g_.OW;",
             f"#define IN_(i) ((const {ctype}*)PyArray_DATA(c_[i]))",
             f"#define OUT_(o) (({ctype}*)PyArray_DATA(o))",
             "if (!err_) {",
@@ -485,7 +533,12 @@ class _ConvCOp(COp):
 
 
 class Conv(_ConvCOp):
-    """``y (N, F, *out) = conv(x (N, C, *spatial), W (F, C, *kernel)) [+ b (F,)]``."""
+    """``y (N, F, *out) = act(conv(x (N, C, *spatial), W (F, C, *kernel)) [+ b (F,)])``.
+
+    With ``activation="relu"`` a negative pre-activation comes out as ``-0.0``: the gradient ops
+    read the sign bit of ``y`` to give relu's derivative 1 at 0 and 0 below, as PyTensor's
+    ``maximum(z, 0)`` (and so every other relu of netbuild) does.
+    """
 
     def make_node(self, x, w, b=None):
         tensors = self._floats(x, w, *([] if b is None else [b]))
@@ -506,9 +559,10 @@ class Conv(_ConvCOp):
         x, w = inputs[0], inputs[1]
         if isinstance(dy.type, DisconnectedType):
             return [disconnected_type() for _ in inputs]
-        geom = (self.strides, self.dilation, self.pads)
-        dx = ConvGradInput(*geom)(x, w, dy)
-        grads = ConvGradWeights(*geom, bias=len(inputs) == 3)(x, w, dy, return_list=True)
+        y = list(outputs) if self.activation == "relu" else []
+        dx = ConvGradInput(*self.geometry, self.activation)(x, w, dy, *y)
+        grads = ConvGradWeights(*self.geometry, self.activation, bias=len(inputs) == 3)(
+            x, w, dy, *y, return_list=True)
         return [dx] + grads
 
     def perform(self, node, inputs, output_storage):
@@ -521,6 +575,8 @@ class Conv(_ConvCOp):
         y = np.matmul(w.reshape(w.shape[0], -1), cols)    # (N, F, P)
         if b is not None:
             y += b[:, None]
+        if self.activation == "relu":
+            y = np.where(y < 0, np.asarray(-0.0, dtype=y.dtype), y)
         out = self.out_lengths(x.shape[2:], w.shape[2:])
         output_storage[0][0] = np.asarray(y.reshape(x.shape[0], w.shape[0], *out),
                                           dtype=node.outputs[0].dtype)
@@ -530,95 +586,133 @@ class Conv(_ConvCOp):
         (y,) = outputs
         bias = len(inputs) == 3
         checks = [(inputs[2], "b", "g_.F")] if bias else []
-        call = (f"nbconv::forward(N_, IN_(0), IN_(1), {'IN_(2)' if bias else '(const T_*)NULL'}, OUT_({y}), "
+        b = "IN_(2)" if bias else "(const T_*)NULL"
+        call = (f"nbconv::forward(N_, IN_(0), IN_(1), {b}, (int){sub['params']}->act, OUT_({y}), "
                 "cols_, g_)")
         return self._c_body(node, name, sub, x, w, checks, list(inputs),
                             [(y, "N_, g_.F, g_.OH, g_.OW")], call)
 
 
-class ConvGradInput(_ConvCOp):
-    """``dx (N, C, *spatial)``: the gradient of :class:`Conv`'s input, from ``(x, W, dy)``;
+class _ConvGradCOp(_ConvCOp):
+    """A gradient op of :class:`Conv`: inputs ``(x, W, dy)``, and ``y`` (the forward output)
+    after a relu, whose sign bits mask ``dy``."""
+
+    def _inputs(self, x, w, dy, y):
+        if (y is None) != (self.activation == "linear"):
+            raise TypeError(f"{type(self).__name__}: the forward output y is an input exactly "
+                            f"when there is an activation ('{self.activation}')")
+        tensors = self._floats(x, w, dy, *([] if y is None else [y]))
+        self._check(tensors[0], tensors[1])
+        return tensors
+
+    def _np_pre_grad(self, inputs) -> np.ndarray:
+        """``dy``, masked by relu's derivative after a relu."""
+        dy = inputs[2]
+        if self.activation == "relu":
+            dy = np.where(np.signbit(inputs[3]), np.zeros((), dtype=dy.dtype), dy)
+        return dy
+
+    def _second_order(self, inputs, connected: Sequence[bool]):
+        """None for the linear ops, which have second derivatives; else what they return
+        instead: an error where an input is connected (``connected``), as ``pytensor.grad``
+        raises it only when asked for that derivative."""
+        if self.activation == "linear":
+            return None
+        return [grad_not_implemented(self, i, v, "second derivatives through a convolution "
+                                     "with its activation in the op") if c else disconnected_type()
+                for i, (v, c) in enumerate(zip(inputs, connected))]
+
+
+class ConvGradInput(_ConvGradCOp):
+    """``dx (N, C, *spatial)``: the gradient of :class:`Conv`'s input, from ``(x, W, dy[, y])``;
     ``x`` gives only the shape."""
 
-    def make_node(self, x, w, dy):
-        x, w, dy = self._floats(x, w, dy)
-        self._check(x, w)
-        return Apply(self, [x, w, dy], [x.type()])
+    def make_node(self, x, w, dy, y=None):
+        tensors = self._inputs(x, w, dy, y)
+        return Apply(self, tensors, [tensors[0].type()])
 
     def connection_pattern(self, node):
-        return [[False], [True], [True]]
+        return [[False], [True], [True]] + [[False]] * (len(node.inputs) - 3)
 
     def infer_shape(self, fgraph, node, shapes):
         return [shapes[0]]
 
     def pullback(self, inputs, outputs, cotangents):
         # dx is linear in W and in dy: the gradients are a forward convolution and a weight gradient
+        not_linear = self._second_order(inputs, [False, True, True, False])
+        if not_linear:
+            return not_linear
         _, w, dy = inputs
         (g,) = cotangents
-        geom = (self.strides, self.dilation, self.pads)
-        return [disconnected_type(), ConvGradWeights(*geom)(g, w, dy), Conv(*geom)(g, w)]
+        return [disconnected_type(), ConvGradWeights(*self.geometry)(g, w, dy),
+                Conv(*self.geometry)(g, w)]
 
     def perform(self, node, inputs, output_storage):
-        x, w, dy = inputs
+        x, w, dy = inputs[:3]
         self._np_check(x, w, dy)
         n, f = dy.shape[0], w.shape[0]
-        cols = np.matmul(w.reshape(f, -1).T, dy.reshape(n, f, -1))  # (N, CK, P)
+        dz = self._np_pre_grad(inputs).reshape(n, f, -1)
+        cols = np.matmul(w.reshape(f, -1).T, dz)  # (N, CK, P)
         output_storage[0][0] = np.asarray(_np_col2im(cols, x.shape, w.shape[2:], self),
                                           dtype=node.outputs[0].dtype)
 
     def c_code(self, node, name, inputs, outputs, sub):
-        x, w, dy = inputs
+        x, w, dy = inputs[:3]
         (dx,) = outputs
-        checks = [(dy, "dy", "N_, g_.F, g_.OH, g_.OW")]
-        call = f"nbconv::grad_input(N_, IN_(0), IN_(1), OUT_({dx}), cols_, g_)"
-        return self._c_body(node, name, sub, x, w, checks, [w, dy],
+        shape = "N_, g_.F, g_.OH, g_.OW"
+        checks = [(dy, "dy", shape)] + [(v, "y", shape) for v in inputs[3:]]
+        y = "IN_(2)" if len(inputs) == 4 else "(const T_*)NULL"
+        call = f"nbconv::grad_input(N_, IN_(0), IN_(1), {y}, OUT_({dx}), cols_, dz_, g_)"
+        return self._c_body(node, name, sub, x, w, checks, [w, dy] + list(inputs[3:]),
                             [(dx, "N_, g_.C, g_.H, g_.W")], call)
 
 
-class ConvGradWeights(_ConvCOp):
+class ConvGradWeights(_ConvGradCOp):
     """``dW (F, C, *kernel)`` and, with ``bias``, ``db (F,)``: the gradients of :class:`Conv`'s
-    weights and bias, from ``(x, W, dy)``; ``W`` gives only the shape."""
+    weights and bias, from ``(x, W, dy[, y])``; ``W`` gives only the shape."""
 
-    __props__ = ("strides", "dilation", "pads", "bias")
+    __props__ = ("strides", "dilation", "pads", "activation", "bias")
 
-    def __init__(self, strides, dilation, pads, bias: bool = False):
-        super().__init__(strides, dilation, pads)
+    def __init__(self, strides, dilation, pads, activation: str = "linear", bias: bool = False):
+        super().__init__(strides, dilation, pads, activation)
         self.bias = bool(bias)
 
-    def make_node(self, x, w, dy):
-        x, w, dy = self._floats(x, w, dy)
-        self._check(x, w)
+    def make_node(self, x, w, dy, y=None):
+        tensors = self._inputs(x, w, dy, y)
+        w = tensors[1]
         outs = [w.type()]
         if self.bias:
             outs.append(pt.tensor(dtype=w.dtype, shape=(w.type.shape[0],)))
-        return Apply(self, [x, w, dy], outs)
+        return Apply(self, tensors, outs)
 
     def connection_pattern(self, node):
-        return [[True] * len(node.outputs), [False] * len(node.outputs),
-                [True] * len(node.outputs)]
+        n = len(node.outputs)
+        return [[True] * n, [False] * n, [True] * n] + [[False] * n] * (len(node.inputs) - 3)
 
     def infer_shape(self, fgraph, node, shapes):
         return [shapes[1]] + ([(shapes[1][0],)] if self.bias else [])
 
     def pullback(self, inputs, outputs, cotangents):
+        not_linear = self._second_order(inputs, [True, False, True, False])
+        if not_linear:
+            return not_linear
         x, _, dy = inputs
-        geom = (self.strides, self.dilation, self.pads)
         gx, gdy = pt.zeros_like(x), pt.zeros_like(dy)
         g = cotangents[0]
         if not isinstance(g.type, DisconnectedType):
-            gx = gx + ConvGradInput(*geom)(x, g, dy)
-            gdy = gdy + Conv(*geom)(x, g)
+            gx = gx + ConvGradInput(*self.geometry)(x, g, dy)
+            gdy = gdy + Conv(*self.geometry)(x, g)
         if self.bias and not isinstance(cotangents[1].type, DisconnectedType):
             gb = cotangents[1]
             gdy = gdy + gb.dimshuffle("x", 0, *(["x"] * self.rank))
         return [gx, disconnected_type(), gdy]
 
     def perform(self, node, inputs, output_storage):
-        x, w, dy = inputs
+        x, w, dy = inputs[:3]
         self._np_check(x, w, dy)
         n, f = dy.shape[0], w.shape[0]
         cols = _np_im2col(x, w.shape[2:], self)               # (N, CK, P)
-        d = dy.reshape(n, f, -1)
+        d = self._np_pre_grad(inputs).reshape(n, f, -1)
         dtype = node.outputs[0].dtype
         output_storage[0][0] = np.asarray(np.einsum("nfp,nkp->fk", d, cols).reshape(w.shape),
                                           dtype=dtype)
@@ -626,24 +720,28 @@ class ConvGradWeights(_ConvCOp):
             output_storage[1][0] = np.asarray(d.sum(axis=(0, 2)), dtype=dtype)
 
     def c_code(self, node, name, inputs, outputs, sub):
-        x, w, dy = inputs
-        checks = [(dy, "dy", "N_, g_.F, g_.OH, g_.OW")]
+        x, w, dy = inputs[:3]
+        shape = "N_, g_.F, g_.OH, g_.OW"
+        checks = [(dy, "dy", shape)] + [(v, "y", shape) for v in inputs[3:]]
+        y = "IN_(2)" if len(inputs) == 4 else "(const T_*)NULL"
         db = f"OUT_({outputs[1]})" if self.bias else "(T_*)NULL"
-        call = f"nbconv::grad_weights(N_, IN_(0), IN_(1), OUT_({outputs[0]}), {db}, cols_, g_)"
+        call = (f"nbconv::grad_weights(N_, IN_(0), IN_(1), {y}, OUT_({outputs[0]}), {db}, cols_, "
+                "dz_, g_)")
         outs = [(outputs[0], "g_.F, g_.C, g_.KH, g_.KW")]
         if self.bias:
             outs.append((outputs[1], "g_.F"))
-        return self._c_body(node, name, sub, x, w, checks, [x, dy], outs, call)
+        return self._c_body(node, name, sub, x, w, checks, [x, dy] + list(inputs[3:]), outs, call)
 
 
 def conv(x, w, b=None, strides: Sequence[int] = (1, 1), dilation: Sequence[int] | None = None,
-         pads: Sequence | None = None):
-    """``conv(x (N, C, *spatial), W (F, C, *kernel)) [+ b]`` -> ``(N, F, *out)``;
-    ``pads``: ``(before, after)`` zeros per spatial axis (default none)."""
+         pads: Sequence | None = None, activation: str = "linear"):
+    """``act(conv(x (N, C, *spatial), W (F, C, *kernel)) [+ b])`` -> ``(N, F, *out)``;
+    ``pads``: ``(before, after)`` zeros per spatial axis (default none); ``activation``:
+    ``linear`` or ``relu`` (see :class:`Conv`)."""
     rank = len(strides)
     dilation = (1,) * rank if dilation is None else dilation
     pads = ((0, 0),) * rank if pads is None else pads
-    op = Conv(strides, dilation, pads)
+    op = Conv(strides, dilation, pads, activation)
     return op(x, w) if b is None else op(x, w, b)
 
 
