@@ -1,7 +1,10 @@
 """Recurrent layers against plain numpy loops written from PyTorch's equations.
 
-All of a cell's configurations come from one compiled function (compiling scans is the slow
-part); gradients are checked by finite differences, one cell type at a time. float64 throughout.
+All of a cell's configurations come from one compiled function; gradients are checked by finite
+differences, one cell type at a time. float64 throughout. The layers run the fused op of
+netbuild/ops/recurrent.py (here its numpy ``perform``: TEST_MODE is Python) where it has C code for
+the activations, and ``scan`` otherwise (the "custom" case's softsign); tests/test_recurrent_ops.py
+checks the op's C code and compares it with ``scan``.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def sigmoid(a):
 
 
 NP_ACT = {"tanh": np.tanh, "sigmoid": sigmoid, "softsign": lambda a: a / (1.0 + np.abs(a)),
-          "hard_sigmoid": lambda a: np.clip(a / 6.0 + 0.5, 0.0, 1.0)}
+          "hard_sigmoid": lambda a: np.clip(a / 6.0 + 0.5, 0.0, 1.0),
+          "relu": lambda a: np.maximum(a, 0.0)}
 
 
 def np_rnn(x, state, W_ih, W_hh, b_ih, b_hh, act, ract):
@@ -111,13 +115,19 @@ def reference(kind: str, cfg: dict, values: dict[str, np.ndarray], x: np.ndarray
 
 
 # -- every configuration of a cell, one compiled function per cell ------------------------------
-CONFIGS = [(mode, rs) for mode in MODES for rs in (False, True)] + [("custom", True)]
+CONFIGS = [(mode, rs) for mode in MODES for rs in (False, True)] + [("custom", True),
+                                                                      ("custom_fused", True)]
 
 
 def case_config(kind: str, mode: str, return_sequences: bool) -> dict:
-    if mode == "custom":  # non-default activations, to check they reach the right places
+    # non-default activations, to check they reach the right places: softsign has no C code
+    # (scan), relu and hard_sigmoid have (the fused op)
+    if mode == "custom":
         extra = {"recurrent_activation": "hard_sigmoid"} if kind != "simple_rnn" else {}
         return config(kind, return_sequences=True, activation="softsign", **extra)
+    if mode == "custom_fused":
+        extra = {"recurrent_activation": "hard_sigmoid"} if kind != "simple_rnn" else {}
+        return config(kind, return_sequences=True, activation="relu", bidirectional=True, **extra)
     return config(kind, return_sequences=return_sequences, go_backwards=mode == "go_backwards",
                   bidirectional=mode == "bidirectional")
 
@@ -206,11 +216,14 @@ def test_lstm_unit_forget_bias():
     assert {s.name: s.init for s in off}["b_ih"] == "zeros"
 
 
-def test_step_has_one_matrix_product_per_direction():
-    """The input projection is hoisted: the scan's inner graph multiplies only ``h @ W_hh``."""
+def test_step_has_one_matrix_product_per_direction(monkeypatch):
+    """The input projection is hoisted: the scan's inner graph multiplies only ``h @ W_hh``
+    (the fused op's graph: tests/test_recurrent_ops.py)."""
     from pytensor.graph.traversal import ancestors
     from pytensor.scan.op import Scan
     from pytensor.tensor.math import Dot
+
+    monkeypatch.setattr(Recurrent, "implementation", "scan")
 
     with pytensor.config.change_flags(floatX="float64"):
         x = pt.tensor3("x", dtype="float64")
@@ -227,15 +240,18 @@ def test_step_has_one_matrix_product_per_direction():
 
 
 # -- gradients ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,bidirectional", [("simple_rnn", True), ("lstm", False),
-                                                 ("gru", False)])
-def test_gradient(kind, bidirectional):
-    """Finite differences with respect to the input and every parameter. The directions share
-    their loop code, so one cell (the cheapest to compile) checks the bidirectional wiring."""
+@pytest.mark.parametrize("kind,bidirectional,implementation", [
+    ("simple_rnn", True, "auto"), ("lstm", False, "auto"), ("gru", False, "auto"),
+    ("simple_rnn", True, "scan")])
+def test_gradient(kind, bidirectional, implementation):
+    """Finite differences with respect to the input and every parameter, through the fused op
+    and through scan. The directions share their loop code, so one cell (the cheapest) checks
+    the bidirectional wiring."""
     rng = np.random.default_rng(7)
     cfg = config(kind, units=2, return_sequences=True, bidirectional=bidirectional,
                  go_backwards=True)
     layer = CELLS[kind]("l", cfg)
+    layer.implementation = implementation
     values = random_params(layer, rng)
     names = list(values)
     x = rng.normal(size=(2, 3, FEATURES))

@@ -29,8 +29,11 @@ is the k-th block of ``units`` columns.
     n = act(p[2] + r * q[2])
     h = (1 - z) * n + z * h
 
-The input projection of every timestep is one matrix product ahead of the loop (both directions
-at once); each step does only ``h W_hh`` and elementwise maths.
+The input projection of every timestep is one matrix product ahead of the loop; each step does
+only ``h W_hh`` and elementwise maths. The loop over timesteps, and its gradient, is one C op per
+direction (:mod:`netbuild.ops.recurrent`) when both activations are among the ones it computes
+(linear, tanh, sigmoid, relu, hard_sigmoid); any other activation runs :meth:`Recurrent.step` in a
+``pytensor.scan``, which is also the reference the tests hold the C op to.
 
 ``go_backwards`` (Keras semantics) reverses the input sequence before the layer reads it; with
 ``return_sequences`` the outputs stay in that processing order. ``bidirectional`` adds a second
@@ -48,6 +51,7 @@ import pytensor
 import pytensor.tensor as pt
 
 from .. import activations, initializers
+from ..ops import recurrent as recurrent_ops
 from .base import Context, Layer, LayerError, ParamSpec, Shape, single
 
 
@@ -71,9 +75,11 @@ class ForgetBias:
 
 
 class Recurrent(Layer):
-    """The loop shared by every cell: input projection, directions, scan, output selection.
+    """The loop shared by every cell: input projection, directions, the fused C op or scan,
+    output selection.
 
-    A subclass sets :attr:`gates` and :attr:`n_states` and implements :meth:`step`.
+    A subclass sets :attr:`gates` and :attr:`n_states` and implements :meth:`step` (the scan
+    path; the C op has the same equations for the cell named by :attr:`type`).
     """
 
     #: Gate blocks stacked on the columns of ``W_ih`` and ``W_hh``.
@@ -138,20 +144,69 @@ class Recurrent(Layer):
                 activations.get(self.config.get("recurrent_activation", "sigmoid")))
 
     # -- graph ----------------------------------------------------------------------------
+    #: ``"auto"``: the fused C op where :meth:`fused_activations` allows it, else ``scan``;
+    #: ``"scan"``: always ``scan`` (the reference the tests compare the C op against).
+    implementation: str = "auto"
+
+    def fused_activations(self) -> tuple[str, str] | None:
+        """``(activation, recurrent_activation)`` when :mod:`netbuild.ops.recurrent` has C code
+        for both (named without options) and :attr:`implementation` allows it, else None."""
+        if self.implementation == "scan":
+            return None
+        names = [self.config.get("activation", "tanh"),
+                 self.config.get("recurrent_activation", "sigmoid") if self.gates > 1
+                 else "sigmoid"]  # simple_rnn has no recurrent activation
+        names = [n["type"] if isinstance(n, dict) and set(n) == {"type"} else n for n in names]
+        if all(isinstance(n, str) and n in recurrent_ops.ACTIVATIONS for n in names):
+            return names[0], names[1]
+        return None
+
     def forward(self, inputs, ctx: Context):
         (x,) = inputs
-        units = self.config["units"]
-        width = self.gates * units
-        dirs = self.directions
-        n_dir, n_states = len(dirs), self.n_states
-        steps, batch, features = x.shape[1], x.shape[0], x.shape[2]
-
+        batch = x.shape[0]
         xs = x.dimshuffle(1, 0, 2)  # time-major (timesteps, batch, features)
         if self.config.get("go_backwards", False):
             xs = xs[::-1]
-        # every timestep and direction's input projection in one matrix product
+        # biases: the part added to the input projection, and the part kept inside the step
         outer, inner = zip(*(self.split_bias(self.params["b_ih" + s], self.params["b_hh" + s])
-                             for s in dirs))
+                             for s in self.directions))
+        zero = pt.zeros((batch, self.config["units"]), dtype=x.dtype)
+        fused = self.fused_activations()
+        if fused:
+            hs = self._fused(xs, outer, inner, zero, *fused)
+        else:
+            hs = self._scan(xs, outer, inner, zero)
+        # hs: h of each direction in its processing order (timesteps, batch, units)
+        if self.config.get("return_sequences", False):
+            if len(hs) > 1:
+                hs = [hs[0], hs[1][::-1]]
+            out = [h.dimshuffle(1, 0, 2) for h in hs]
+        else:
+            out = [h[-1] for h in hs]
+        return pt.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+
+    def _fused(self, xs, outer, inner, zero, act: str, ract: str) -> list:
+        """One C op per direction; the backward direction reads the time-reversed sequence.
+        Each direction's input projection is one matrix product (the op adds the bias)."""
+        steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
+        hs = []
+        for d, suffix in enumerate(self.directions):
+            seq = xs[::-1] if d else xs
+            P = pt.dot(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
+                .reshape((steps, batch, self.gates * self.config["units"]))
+            # the fourth input: the LSTM's initial cell state, the GRU's b_hn
+            extra = {"simple_rnn": None, "lstm": zero, "gru": inner[d]}[self.type]
+            hs.append(recurrent_ops.sequence(self.type, P, outer[d], self.params["W_hh" + suffix],
+                                             zero, extra, act, ract)[0])
+        return hs
+
+    def _scan(self, xs, outer, inner, zero) -> list:
+        """All directions in one ``scan`` over :meth:`step`, after one matrix product for the
+        input projection of every timestep and direction."""
+        dirs = self.directions
+        n_dir, n_states = len(dirs), self.n_states
+        width = self.gates * self.config["units"]
+        steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
         W_ih = pt.concatenate([self.params["W_ih" + s] for s in dirs], axis=1) if n_dir > 1 \
             else self.params["W_ih"]
         b = pt.concatenate(outer) if n_dir > 1 else outer[0]
@@ -165,7 +220,6 @@ class Recurrent(Layer):
         for s, b_in in zip(dirs, inner):
             non_sequences += [self.params["W_hh" + s]] + ([b_in] if b_in is not None else [])
         per_dir = len(non_sequences) // n_dir
-        zero = pt.zeros((batch, units), dtype=x.dtype)
 
         def loop(*args):
             # scan's order: this step of each sequence, the previous states, the non-sequences
@@ -184,14 +238,7 @@ class Recurrent(Layer):
                                 non_sequences=non_sequences, strict=True,
                                 return_list=True, return_updates=False,
                                 name=f"{self.name}_scan")
-        hs = outputs[::n_states]  # h of each direction: (timesteps, batch, units)
-        if self.config.get("return_sequences", False):
-            if n_dir > 1:
-                hs = [hs[0], hs[1][::-1]]
-            out = [h.dimshuffle(1, 0, 2) for h in hs]
-        else:
-            out = [h[-1] for h in hs]
-        return pt.concatenate(out, axis=-1) if n_dir > 1 else out[0]
+        return outputs[::n_states]
 
 
 class SimpleRNN(Recurrent):

@@ -1,0 +1,357 @@
+"""The fused recurrent ops (netbuild/ops/recurrent.py): their C code against their numpy
+``perform``, both against the ``scan`` implementation of the layers, numerical gradients, and a
+compiled training step with no scan and no Python-only node.
+
+Graphs run in the tests' Python mode except the fused ops, which run their C code (see
+:func:`function`): g++ compiles only their modules, once per (cell, forward or gradient, float
+type), since the activations are run-time parameters of the C code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+import pytest
+from conftest import TEST_MODE, verify_grad
+from pytensor.graph.traversal import ancestors
+from pytensor.scan.op import Scan
+from test_compile import python_nodes
+
+from netbuild.compile import compile_train
+from netbuild.layers.base import Context
+from netbuild.layers.recurrent import GRU, LSTM, SimpleRNN
+from netbuild.network import Network
+from netbuild.ops.recurrent import (ACTIVATIONS, CELLS, RecurrentSequence, RecurrentSequenceGrad,
+                                    _RecurrentCOp, sequence)
+from netbuild.spec import load_text, validate
+
+LAYERS = {"simple_rnn": SimpleRNN, "lstm": LSTM, "gru": GRU}
+#: (activation, recurrent_activation) pairs: the defaults, the piecewise-linear ones, the rest
+ACTIVATION_PAIRS = [("tanh", "sigmoid"), ("relu", "hard_sigmoid"), ("hard_sigmoid", "relu"),
+                    ("sigmoid", "linear"), ("linear", "tanh")]
+
+
+@contextlib.contextmanager
+def fused_ops_in_c():
+    """Functions compiled meanwhile run the fused ops' C code, even in the tests' Python mode."""
+    make_thunk = _RecurrentCOp.make_thunk
+
+    def c_thunk(self, node, storage_map, compute_map, no_recycling, impl=None):
+        return make_thunk(self, node, storage_map, compute_map, no_recycling, impl="c")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_RecurrentCOp, "make_thunk", c_thunk)
+        yield
+
+
+def function(inputs, outputs, c: bool):
+    """``pytensor.function`` in the tests' Python mode; with ``c``, the fused ops run their C
+    code (checked) while PyTensor's own ops stay in Python."""
+    if not c:
+        return pytensor.function(inputs, outputs, mode=TEST_MODE, on_unused_input="ignore")
+    with fused_ops_in_c():
+        fn = pytensor.function(inputs, outputs, mode=TEST_MODE, on_unused_input="ignore")
+    ops = [(n, t) for n, t in zip(fn.vm.nodes, fn.vm.thunks) if isinstance(n.op, _RecurrentCOp)]
+    assert ops and all(getattr(t, "cthunk", None) is not None for _, t in ops)
+    return fn
+
+
+def op_inputs(cell: str, T: int, B: int, U: int, rng, dtype="float64") -> list[np.ndarray]:
+    """Random ``P, b, W, h0`` and ``c0`` or ``b_hn``."""
+    G = CELLS[cell][0] * U
+    values = [rng.normal(size=(T, B, G)), rng.normal(size=G), rng.normal(size=(U, G)) * 0.6,
+              rng.normal(size=(B, U))]
+    extra = CELLS[cell][1]
+    if extra == "c0":
+        values.append(rng.normal(size=(B, U)))
+    elif extra == "b_hn":
+        values.append(rng.normal(size=U))
+    return [v.astype(dtype) for v in values]
+
+
+def symbols(values) -> list:
+    return [pt.tensor(dtype=v.dtype, shape=(None,) * v.ndim) for v in values]
+
+
+def forward_and_backward(cell, act, ract, values, cotangents, c: bool, with_dC=False):
+    """The forward op's outputs, then the gradient op's, for these values and cotangents."""
+    fwd = RecurrentSequence(cell, act, ract)
+    grad = RecurrentSequenceGrad(cell, act, ract, with_dC)
+    ins = symbols(values)
+    outs = fwd(*ins, return_list=True)
+    by = dict(zip(fwd.input_names(), ins)) | dict(zip(fwd.output_names(), outs))
+    cots = symbols(cotangents)
+    by |= dict(zip(["dH", "dC"], cots))
+    grads = grad(*[by[n] for n in grad.input_names()], return_list=True)
+    return function(ins + cots, outs + grads, c)(*values, *cotangents)
+
+
+# -- C against numpy ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_c_matches_numpy(cell, dtype):
+    """Every activation pair and odd shapes (one step, one example, no step at all, dC on and
+    off): the C kernels give the numpy perform's numbers."""
+    rng = np.random.default_rng(3)
+    tol = {"float64": 1e-12, "float32": 2e-5}[dtype]
+    cases = list(itertools.product(ACTIVATION_PAIRS[:3], [(4, 3, 5), (1, 2, 3), (3, 1, 2)]))
+    cases += [(ACTIVATION_PAIRS[3], (5, 2, 4)), (ACTIVATION_PAIRS[4], (5, 2, 4)),
+              (ACTIVATION_PAIRS[0], (0, 2, 3))]
+    for (act, ract), (T, B, U) in cases:
+        values = op_inputs(cell, T, B, U, rng, dtype)
+        n_cot = 2 if cell == "lstm" else 1
+        cotangents = [rng.normal(size=(T, B, U)).astype(dtype) for _ in range(n_cot)]
+        with_dC = cell == "lstm" and T % 2 == 0
+        if cell == "lstm" and not with_dC:
+            cotangents = cotangents[:1]
+        got = forward_and_backward(cell, act, ract, values, cotangents, True, with_dC)
+        want = forward_and_backward(cell, act, ract, values, cotangents, False, with_dC)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape and g.dtype == w.dtype, (act, ract, T, B, U, i)
+            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
+            np.testing.assert_allclose(g, w, rtol=0, atol=tol * scale,
+                                       err_msg=f"{cell} {act}/{ract} T,B,U={T, B, U} output {i}")
+
+
+def test_c_activations_match_numpy_over_a_wide_range():
+    """float32 exp, tanh and sigmoid of the C code (fast, vectorized) against float64 numpy,
+    saturation and NaN included: a simple_rnn with W = 0 and one unit per value gives act(P + b)."""
+    x = np.concatenate([np.linspace(-100, 100, 2001), [0.0, -0.0, 1e-8, -1e-8, 0.6249, 0.6251,
+                                                       88.0, -87.5, 1e30, -1e30, np.nan]])
+    reference = {"tanh": np.tanh, "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+                 "relu": lambda v: np.where(v < 0, 0.0, v),
+                 "hard_sigmoid": lambda v: np.clip(v / 6 + 0.5, 0, 1), "linear": lambda v: v}
+    n = x.size
+    P = x.astype("float32").reshape(1, 1, n)
+    values = [P, np.zeros(n, "float32"), np.zeros((n, n), "float32"), np.zeros((1, n), "float32")]
+    ins = symbols(values)
+    outs = {}
+    for name in ACTIVATIONS:
+        H = RecurrentSequence("simple_rnn", name)(*ins)[0]
+        outs[name] = H
+    fn = function(ins, list(outs.values()), c=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, got in zip(outs, fn(*values)):
+            want = reference[name](x.astype("float32").astype("float64"))
+            np.testing.assert_allclose(got.ravel(), want, rtol=3e-7, atol=1e-37, err_msg=name)
+
+
+# -- against scan ---------------------------------------------------------------------------------
+def layer_graph(kind: str, cfg: dict, values: dict, x, implementation: str):
+    layer = LAYERS[kind]("l", cfg)
+    layer.implementation = implementation
+    params = {n: pt.tensor(dtype="float64", shape=v.shape, name=n) for n, v in values.items()}
+    layer.params = params
+    out = layer.forward([x], Context(training=False))
+    assert any(isinstance(v.owner.op, Scan) for v in ancestors([out]) if v.owner) \
+        == (implementation == "scan")
+    cost = (out + out ** 2).sum()  # a cotangent that differs from element to element
+    grads = pytensor.grad(cost, [x, *params.values()])
+    return list(params.values()), [out, *grads]
+
+
+SCAN_CASES = [
+    # kind, timesteps, batch, overrides
+    ("simple_rnn", 4, 3, {"activation": "relu", "bidirectional": True, "return_sequences": True}),
+    ("simple_rnn", 1, 1, {}),
+    ("lstm", 5, 2, {"go_backwards": True}),
+    ("lstm", 3, 1, {"bidirectional": True, "activation": "hard_sigmoid",
+                    "recurrent_activation": "relu", "return_sequences": True}),
+    ("lstm", 1, 2, {"activation": "linear", "recurrent_activation": "tanh"}),
+    ("gru", 4, 2, {"bidirectional": True, "go_backwards": True, "return_sequences": True}),
+    ("gru", 1, 1, {"activation": "relu", "recurrent_activation": "hard_sigmoid"}),
+    ("gru", 3, 2, {"activation": "sigmoid", "recurrent_activation": "linear"}),
+]
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_fused_layer_matches_scan(kind):
+    """The layer's output and the gradients of a cost with respect to its input and every
+    parameter: fused op (compiled to C) against scan (PyTensor's own gradient of the step)."""
+    rng = np.random.default_rng(11)
+    features, units = 3, 4
+    for case_kind, T, B, overrides in SCAN_CASES:
+        if case_kind != kind:
+            continue
+        cfg = {"type": kind, "units": units, "return_sequences": False, "go_backwards": False,
+               "bidirectional": False, "activation": "tanh", "recurrent_activation": "sigmoid",
+               "kernel_initializer": "glorot_uniform", "recurrent_initializer": "orthogonal",
+               "bias_initializer": "zeros", **overrides}
+        specs = LAYERS[kind]("l", cfg).param_specs([(T, features)])
+        values = {s.name: rng.normal(0, 0.6, size=s.shape) for s in specs}
+        x_val = rng.normal(size=(B, T, features))
+        x = pt.tensor3("x", dtype="float64")
+        results = {}
+        for implementation in ("auto", "scan"):
+            params, outs = layer_graph(kind, cfg, values, x, implementation)
+            fn = function([x, *params], outs, c=implementation == "auto")
+            results[implementation] = fn(x_val, *values.values())
+        names = ["output", "d x"] + [f"d {n}" for n in values]
+        for name, fused, scanned in zip(names, results["auto"], results["scan"]):
+            np.testing.assert_allclose(fused, scanned, rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{kind} T={T} B={B} {overrides}: {name}")
+
+
+def test_derivatives_at_the_kinks_match_scan():
+    """relu at 0 and hard_sigmoid at -3 and 3 (derivative 1 and 1/6, as PyTensor's maximum and
+    clip): a zero input and biases of 0 and +-3 put the first step's pre-activations exactly
+    there."""
+    rng = np.random.default_rng(2)
+    x_val = np.zeros((2, 3, 2))
+    x = pt.tensor3("x", dtype="float64")
+    for kind in ("simple_rnn", "lstm"):
+        cfg = {"type": kind, "units": 3, "activation": "relu",
+               "recurrent_activation": "hard_sigmoid", "return_sequences": True}
+        specs = LAYERS[kind]("l", cfg).param_specs([(3, 2)])
+        values = {s.name: rng.normal(0, 0.6, size=s.shape) for s in specs}
+        G = values["b_ih"].size
+        values["b_ih"] = np.resize([0.0, 3.0, -3.0], G)
+        values["b_hh"] = np.zeros(G)
+        results = {}
+        for implementation in ("auto", "scan"):
+            params, outs = layer_graph(kind, cfg, values, x, implementation)
+            results[implementation] = function([x, *params], outs, c=implementation == "auto")(
+                x_val, *values.values())
+        for fused, scanned in zip(results["auto"], results["scan"]):
+            np.testing.assert_allclose(fused, scanned, rtol=1e-10, atol=1e-12, err_msg=kind)
+
+
+# -- numerical gradients --------------------------------------------------------------------------
+@pytest.mark.parametrize("cell,act,ract", [("simple_rnn", "tanh", "sigmoid"),
+                                           ("lstm", "tanh", "sigmoid"),
+                                           ("lstm", "relu", "hard_sigmoid"),
+                                           ("gru", "tanh", "sigmoid"),
+                                           ("gru", "hard_sigmoid", "relu")])
+def test_verify_grad_on_the_op(cell, act, ract):
+    """Finite differences with respect to every input of the forward op, run in C; the LSTM's
+    cost reads both H and C."""
+    rng = np.random.default_rng(5)
+    values = op_inputs(cell, 3, 2, 3, rng)
+    op = RecurrentSequence(cell, act, ract)
+
+    def fun(*inputs):
+        outs = op(*inputs, return_list=True)
+        return outs[0] + outs[1] if cell == "lstm" else outs[0]
+
+    with fused_ops_in_c():
+        verify_grad(fun, values, n_tests=1)
+
+
+# -- the compiled training step -------------------------------------------------------------------
+def test_training_step_is_c_only_without_scan():
+    """Every cell, both directions and go_backwards in one network: the compiled training step
+    (netbuild's own compile mode) has no Scan and no node without C code, and one step runs."""
+    spec = validate(load_text("""\
+name: t
+data: {train: none.npz}
+model:
+  input_shape: [5, 3]
+  layers:
+    - {type: simple_rnn, units: 4, bidirectional: true, return_sequences: true}
+    - {type: gru, units: 3, go_backwards: true, return_sequences: true}
+    - {type: lstm, units: 2}
+    - {type: dense, units: 2, activation: softmax}
+train: {loss: categorical_crossentropy, optimizer: {type: adam}}
+""", "t.yaml"))
+    net = Network.from_spec(spec)
+    y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
+    step = compile_train(net, spec.data["train"], y, 0).step
+    nodes = step.maker.fgraph.apply_nodes
+    assert not [n for n in nodes if isinstance(n.op, Scan)]
+    assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequence)} == set(CELLS)
+    assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequenceGrad)} == set(CELLS)
+    assert python_nodes(step, "train") == []
+    x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(pytensor.config.floatX)
+    loss, _ = step(x, y)
+    assert np.isfinite(loss)
+
+
+# -- the layer's choice, the op's contract ---------------------------------------------------------
+@pytest.mark.parametrize("overrides,fused", [
+    ({}, True),
+    ({"activation": "relu", "recurrent_activation": "hard_sigmoid"}, True),
+    ({"activation": {"type": "tanh"}}, True),
+    ({"activation": "softsign"}, False),
+    ({"recurrent_activation": "swish"}, False),
+    ({"activation": {"type": "leaky_relu", "alpha": 0.1}}, False),
+])
+def test_layer_uses_the_op_when_it_has_c_code(overrides, fused):
+    cfg = {"type": "lstm", "units": 2, "activation": "tanh", "recurrent_activation": "sigmoid",
+           **overrides}
+    layer = LSTM("l", cfg)
+    assert (layer.fused_activations() is not None) == fused
+    layer.implementation = "scan"
+    assert layer.fused_activations() is None
+    # simple_rnn has no recurrent activation: whatever the config says, it is not consulted
+    rnn = SimpleRNN("r", {"type": "simple_rnn", "units": 2, "activation": "tanh",
+                          "recurrent_activation": "softsign"})
+    assert rnn.fused_activations() == ("tanh", "sigmoid")
+
+
+def test_fused_graph_has_one_projection_and_one_op_per_direction():
+    from pytensor.tensor.math import Dot
+
+    x = pt.tensor3("x")
+    for kind, bidirectional in itertools.product(LAYERS, (False, True)):
+        cfg = {"type": kind, "units": 3, "bidirectional": bidirectional}
+        layer = LAYERS[kind]("l", cfg)
+        for s in layer.param_specs([(4, 2)]):
+            layer.params[s.name] = pt.tensor(shape=s.shape, name=s.name)
+        out = layer.forward([x], Context(training=False))
+        nodes = {v.owner for v in ancestors([out]) if v.owner}
+        n_dir = 2 if bidirectional else 1
+        assert len([n for n in nodes if isinstance(n.op, RecurrentSequence)]) == n_dir
+        assert len([n for n in nodes if isinstance(n.op, Dot)]) == n_dir
+        assert not [n for n in nodes if isinstance(n.op, Scan)]
+
+
+def test_op_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="no C code for activation 'softsign'"):
+        RecurrentSequence("lstm", "softsign")
+    with pytest.raises(ValueError, match="unknown cell"):
+        RecurrentSequence("rnn")
+    P, b, W, h0 = pt.tensor3(), pt.vector(), pt.matrix(), pt.matrix()
+    with pytest.raises(TypeError, match="takes 5 inputs"):
+        RecurrentSequence("lstm")(P, b, W, h0)
+    with pytest.raises(TypeError, match="W must have 2 axes"):
+        RecurrentSequence("simple_rnn")(P, b, pt.tensor3(), h0)
+
+
+@pytest.mark.parametrize("c", [True, False], ids=["c", "numpy"])
+def test_shape_mismatch_is_an_error(c):
+    """W with 3 gate blocks for an LSTM (4 expected) fails at run time, in C and in numpy."""
+    rng = np.random.default_rng(0)
+    values = op_inputs("lstm", 2, 2, 3, rng)
+    values[2] = values[2][:, :9]
+    ins = symbols(values)
+    fn = function(ins, sequence("lstm", *ins)[0], c)
+    with pytest.raises(ValueError, match=r"RecurrentSequence: W has shape \(3, 9,?\); "
+                                         r"expected \(U, G\) = \(3, 12,?\)"):
+        fn(*values)
+
+
+def test_infer_shape():
+    """Output shapes come from the inputs' shapes, without running the ops."""
+    from pytensor.graph.fg import FunctionGraph
+    from pytensor.tensor.rewriting.shape import ShapeFeature
+
+    rng = np.random.default_rng(0)
+    for cell in CELLS:
+        values = op_inputs(cell, 3, 2, 4, rng)
+        ins = symbols(values)
+        op = RecurrentSequence(cell)
+        outs = op(*ins, return_list=True)
+        grads = op.pullback(ins, outs, [pt.ones_like(outs[0])] +
+                            [pytensor.gradient.disconnected_type() for _ in outs[1:]])
+        every = outs + list(grads)
+        fgraph = FunctionGraph(ins, every, clone=False, features=[ShapeFeature()])
+        shapes = [pt.stack(fgraph.shape_feature.shape_of[v]) for v in every]
+        assert not [v for v in ancestors(shapes) if v.owner and
+                    isinstance(v.owner.op, (RecurrentSequence, RecurrentSequenceGrad))]
+        computed = function(ins, shapes, c=False)(*values)
+        real = function(ins, every, c=False)(*values)
+        assert [tuple(s) for s in computed] == [r.shape for r in real]
