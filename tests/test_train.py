@@ -248,6 +248,8 @@ def _start_and_kill(args: list, log, delay: float) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text and "Error" not in text, text  # it was training, not failing
 
 
 @pytest.mark.parametrize("kills", [pytest.param(20, id="20-kills"),
