@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench clean
+.PHONY: demo test test-slow fuzz data docs bench bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ data: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
+
+# Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep.py
 
 # Regenerate docs/spec.md from the JSON Schema.
 docs: $(STAMP)

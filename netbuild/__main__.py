@@ -1,3 +1,5 @@
 from .cli import main
 
-main()
+# Guarded: worker processes of a sweep's LocalCluster are spawned, and import the main module.
+if __name__ == "__main__":
+    main()

@@ -253,5 +253,81 @@ def schema() -> None:
     click.echo(json.dumps(get_schema(), indent=2))
 
 
+@cli.command(name="sweep")
+@click.argument("spec", metavar="SPEC")
+@click.option("--grid", multiple=True, metavar="PATH=V1,V2,...",
+              help="Values to try at PATH (the --set syntax), e.g. train.optimizer.learning_rate="
+                   "0.001,0.01 (repeatable; the points are every combination). Adds to, or replaces, "
+                   "the spec's sweep.grid.")
+@set_option
+@click.option("--random", "random_points", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train N points drawn from the grid's combinations instead of all of them.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="S",
+              help="Seed of the --random draw (default 0; not the spec's seed).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Worker processes of the local cluster (default: one per core, at most one per point).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the points on the workers of this Dask scheduler, e.g. tcp://host:8786, "
+                   "instead of a local cluster.")
+@click.option("--monitor", default=None, metavar="METRIC",
+              help="The recorded metric to sort by, e.g. val_accuracy (default: val_loss with "
+                   "validation data, else loss).")
+@click.option("--sweep-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the runs and the summary (default: runs/<name>-sweep).")
+@click.option("--overwrite", is_flag=True, help="Train every point again from scratch.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+@handles_errors
+def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points: int | None,
+                  seed: int | None, workers: int | None, scheduler: str | None, monitor: str | None,
+                  sweep_dir: str | None, overwrite: bool, quiet: bool) -> None:
+    """Train SPEC at every combination of the --grid values (and the spec's sweep section), each
+    point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
+    monitored metric. Exit 1 when a point failed; run again to skip completed points."""
+    from . import sweep as sweeps
+
+    if workers and scheduler:
+        raise click.UsageError("--workers sizes the local cluster; with --scheduler the cluster's "
+                               "own workers run the points", ctx)
+    try:
+        plan = sweeps.plan(spec, grid, overrides, random=random_points, seed=seed, monitor=monitor,
+                           sweep_dir=sweep_dir, workers=workers)
+    except sweeps.ArgumentError as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint=f"'{exc.option}'") from None
+    if seed is not None and plan.random is None:
+        raise click.UsageError("--seed picks the points of --random N; give --random too", ctx)
+    say = (lambda *_: None) if quiet else click.echo
+
+    def points(n: int) -> str:
+        return f"{n} point{'s' * (n != 1)}"
+
+    def started(info: dict) -> None:
+        kept = f" ({info['complete']} complete already)" if info["complete"] else ""
+        say(f"sweep {plan.name}: {points(info['points'])} into {info['sweep_dir']}{kept}")
+        if info["to_run"]:
+            say(f"training {points(info['to_run'])} on {info['where']} ...")
+
+    def finished(record: dict, done: int, total: int) -> None:
+        line = f"[{done}/{total}] {record['id']}  {record['status']}"
+        if record["best"] is not None:
+            line += (f"  {plan.monitor} {report.number(record['final'])} (best "
+                     f"{report.number(record['best'])} at epoch {record['best_epoch']})")
+        line += f"  {record['epochs']} epochs  {record['seconds']:.2f} s training"
+        if record.get("wall_seconds") is not None:
+            line += f", {record['wall_seconds']:.1f} s in all"
+        say(line + (f"  {record['message']}" if record["message"] else ""))
+
+    result = sweeps.run(plan, scheduler=scheduler, workers=workers, overwrite=overwrite,
+                        callbacks=sweeps.Callbacks(start=started, point=finished))
+    headers, rows, align = sweeps.summary_table(plan, result.rows)
+    say(report.table(headers, rows, align))
+    say("wrote " + ", ".join(str(f) for f in result.files))
+    failed = [r for r in result.rows if r["status"] == sweeps.FAILED]
+    if failed:
+        raise sweeps.SweepError([f"{r['id']}: failed: {r['message']}" for r in failed]
+                                + [(f"{len(failed)} of {len(result.rows)} points failed; the others "
+                                    "are complete (run the same command again to retry the failed ones)")])
+
+
 def main() -> None:
     cli(prog_name="netbuild")

@@ -145,6 +145,7 @@ def markdown() -> str:
               + ", ".join(f"`{n}`" for n in d["metric_name"]["enum"]) + ".", "",
               "Every epoch records `loss`, each metric, and with validation data `val_loss` and "
               "`val_<metric>`: these are the keys a `monitor` can name.", ""]
+    lines += _section("`sweep`", d["sweep"])
     return "\n".join(lines).rstrip() + "\n"
 
 
