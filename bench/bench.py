@@ -215,7 +215,8 @@ def write_results(path: Path, env: dict, rows: list[dict], memory: dict | None, 
     for r in rows:
         lines.append(f"- {r['name']}: netbuild epochs {', '.join(_fmt(v) for v in r['netbuild_all'])}; "
                      f"PyTorch {', '.join(_fmt(v) for v in r['torch_all'])}; cold-cache process "
-                     f"{_fmt(r.get('cold_process'), 1)} s, warm-cache process {_fmt(r.get('warm_process'), 1)} s")
+                     f"{_fmt(r.get('cold_process'), 1)} s, warm-cache process "
+                     f"{_fmt(r.get('warm_process'), 1)} s")
     if memory:
         lines += ["", f"Peak memory of `netbuild train` on a {memory['npz_bytes'] / 2**30:.2f} GiB "
                       f"float32 npz (small MLP, validation_split 0.05, one epoch): "

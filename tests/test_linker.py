@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 #: A small graph of ops unlikely to be cached together elsewhere: a product, elementwise maths,
 #: a reduction. Run in a fresh process with its own, empty compile cache.
 PROGRAM = textwrap.dedent("""

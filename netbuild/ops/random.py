@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytensor.tensor as pt
-from pytensor.graph.basic import Apply
 from pytensor.gradient import DisconnectedType
-from pytensor.link.c.op import COp
+from pytensor.graph.basic import Apply
+
+from . import NetbuildCOp
 
 _M64 = (1 << 64) - 1
 
@@ -63,7 +64,7 @@ def uniform_reference(shape, seed: int, stream: int, step: int, dtype: str) -> n
     return out.astype(dtype).reshape(shape)
 
 
-class CounterUniform(COp):
+class CounterUniform(NetbuildCOp):
     """``(shape, seed, step) -> U[0, 1)`` samples of ``shape`` for one ``stream`` (an op
     property: each dropout layer of a network draws from its own)."""
 
@@ -137,7 +138,8 @@ class CounterUniform(COp):
         if self.dtype not in ("float32", "float64"):
             raise NotImplementedError(self.dtype)
         typenum = "NPY_FLOAT32" if self.dtype == "float32" else "NPY_FLOAT64"
-        fill = "netbuild_uniform_f32((float*)" if self.dtype == "float32" else "netbuild_uniform_f64((double*)"
+        fill = ("netbuild_uniform_f32((float*)" if self.dtype == "float32"
+                else "netbuild_uniform_f64((double*)")
         return f"""
         {{
             npy_intp dims[{max(ndim, 1)}];

@@ -37,11 +37,12 @@ import pytensor.tensor as pt
 from pytensor import config
 from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Apply
-from pytensor.link.c.op import COp
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int32, upcast
 from pytensor.tensor.blas import ldflags
 from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
+
+from . import NetbuildCOp
 
 #: The activations the C code computes, by YAML name, and their codes in it.
 ACTIVATIONS = {"linear": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "hard_sigmoid": 4}
@@ -447,7 +448,7 @@ for _n in ("P", "b", "W", "h0", "c0", "b_hn"):
     _SHAPES["d" + _n] = _SHAPES[_n]
 
 
-class _RecurrentCOp(COp):
+class _RecurrentCOp(NetbuildCOp):
     """What the forward and gradient ops share: properties, BLAS linking, the C kernels.
 
     A subclass names its inputs and outputs (:meth:`input_names`, :meth:`output_names`) and

@@ -13,10 +13,11 @@ import pytensor.tensor as pt
 from pytensor.compile import optdb
 from pytensor.graph.basic import Apply
 from pytensor.graph.rewriting.basic import WalkingGraphRewriter, node_rewriter
-from pytensor.link.c.op import COp
+
+from . import NetbuildCOp
 
 
-class AdamStep(COp):
+class AdamStep(NetbuildCOp):
     """``(p, m, v, g, step_size, inv_sqrt_bc2, decay) -> (p', m', v')``, elementwise::
 
         m' = beta1 m + (1 - beta1) g
