@@ -38,7 +38,7 @@ from pytensor.tensor.blas import ldflags
 from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 6
+_VERSION = 7
 
 #: Activations the ops apply themselves, and their codes in the C code.
 ACTIVATIONS = {"linear": 0, "relu": 1}
@@ -217,16 +217,16 @@ __attribute__((noinline)) static void col2im(const T* __restrict__ cols, T* __re
     }
 }
 
-// The sum of n values, in 8 running sums: g++ does not reorder a float sum itself, and one
-// running sum waits on the previous addition (3x slower).
+// The sum of n values, accumulated in double as PyTensor sums float32 (so the bias gradient has
+// the graph version's precision), in 8 running sums: one would wait on each previous addition.
 template <typename T>
-static inline T sum(const T* __restrict__ d, npy_intp n) {
-    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+static inline double sum(const T* __restrict__ d, npy_intp n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     npy_intp p = 0;
     for (; p + 8 <= n; p += 8)
-        for (int k = 0; k < 8; ++k) acc[k] += d[p + k];
-    T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; p < n; ++p) s += d[p];
+        for (int k = 0; k < 8; ++k) acc[k] += (double)d[p + k];
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; p < n; ++p) s += (double)d[p];
     return s;
 }
 
@@ -313,12 +313,13 @@ static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, T
 }
 
 // dw (F, C, KH, KW) and db (F,) (db may be NULL) of y = act(conv(x, w) + b), given dy and, after
-// a relu, y (else NULL); dz: scratch of F * OH * OW.
+// a relu, y (else NULL); dz: scratch of F * OH * OW; acc: scratch of F doubles.
 template <typename T>
 static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw, T* db, T* cols,
-                         T* dz, const Geom& g) {
+                         T* dz, double* acc, const Geom& g) {
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
     memset(dw, 0, sizeof(T) * F * CK);
+    for (npy_intp f = 0; f < F; ++f) acc[f] = 0;
     if (db) memset(db, 0, sizeof(T) * F);
     if (P == 0) return;
     for (npy_intp n = 0; n < N; ++n) {
@@ -333,8 +334,10 @@ static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw,
         if (CK > 0 && F > 0)
             gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1, dw, (int)CK);
         if (db)
-            for (npy_intp f = 0; f < F; ++f) db[f] += sum(d + f * P, P);
+            for (npy_intp f = 0; f < F; ++f) acc[f] += sum(d + f * P, P);
     }
+    if (db)
+        for (npy_intp f = 0; f < F; ++f) db[f] = (T)acc[f];
 }
 
 }  // namespace nbconv
@@ -462,8 +465,9 @@ class _ConvCOp(COp):
                 outs: list[tuple[str, str]], call: str) -> str:
         """C code: the geometry from ``x_like`` (N, C, *spatial) and ``w_like`` (F, C, *kernel);
         ``checks``: ``(variable, name, shape)`` of inputs to check; contiguous copies ``c_[i]`` of
-        ``contig``; outputs ``(variable, shape)``; scratch for the columns (``cols_``) and one
-        image's pre-activation gradient (``dz_``); then ``call`` without the GIL.
+        ``contig``; outputs ``(variable, shape)``; scratch for the columns (``cols_``), one
+        image's pre-activation gradient (``dz_``) and a double per filter (``acc_``); then
+        ``call`` without the GIL.
         A shape is the 2-d op's 4 dims, a C initializer (a 1-d op leaves out the third); the same
         code serves both ranks, so that they share one compiled module."""
         dtype = node.outputs[0].dtype
@@ -511,10 +515,12 @@ class _ConvCOp(COp):
                 lines.append(f"if (!err_) {{ nbwin::dims(d_, nd_, {shape}); "
                              f"err_ = nbwin::output(&{v}, nd_, d_, {typenum}); }}")
         lines += [
-            f"{ctype}* cols_ = NULL;",
-            f"if (!err_) {{ cols_ = ({ctype}*)nbwin::scratch(&scratch_{name}, &scratch_size_{name}, "
-            f"sizeof({ctype}) * (size_t)((g_.C * g_.KH * g_.KW + g_.F) * g_.OH * g_.OW)); "
-            "if (!cols_) err_ = 1; }",
+            "char* s_ = NULL;",
+            f"if (!err_) {{ s_ = (char*)nbwin::scratch(&scratch_{name}, &scratch_size_{name}, "
+            f"sizeof(double) * g_.F + sizeof({ctype}) * (size_t)((g_.C * g_.KH * g_.KW + g_.F) "
+            "* g_.OH * g_.OW)); if (!s_) err_ = 1; }",
+            "double* acc_ = (double*)s_;",
+            f"{ctype}* cols_ = ({ctype}*)(s_ + sizeof(double) * g_.F);",
             f"{ctype}* dz_ = cols_ + g_.C * g_.KH * g_.KW * g_.OH * g_.OW;",
             f"#define IN_(i) ((const {ctype}*)PyArray_DATA(c_[i]))",
             f"#define OUT_(o) (({ctype}*)PyArray_DATA(o))",
@@ -717,7 +723,7 @@ class ConvGradWeights(_ConvGradCOp):
         output_storage[0][0] = np.asarray(np.einsum("nfp,nkp->fk", d, cols).reshape(w.shape),
                                           dtype=dtype)
         if self.bias:
-            output_storage[1][0] = np.asarray(d.sum(axis=(0, 2)), dtype=dtype)
+            output_storage[1][0] = np.asarray(d.sum(axis=(0, 2), dtype="float64"), dtype=dtype)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, w, dy = inputs[:3]
@@ -726,7 +732,7 @@ class ConvGradWeights(_ConvGradCOp):
         y = "IN_(2)" if len(inputs) == 4 else "(const T_*)NULL"
         db = f"OUT_({outputs[1]})" if self.bias else "(T_*)NULL"
         call = (f"nbconv::grad_weights(N_, IN_(0), IN_(1), {y}, OUT_({outputs[0]}), {db}, cols_, "
-                "dz_, g_)")
+                "dz_, acc_, g_)")
         outs = [(outputs[0], "g_.F, g_.C, g_.KH, g_.KW")]
         if self.bias:
             outs.append((outputs[1], "g_.F"))
