@@ -20,13 +20,6 @@ _BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", 
 _configured = False
 _blas_source = "none"
 
-#: The g++ optimization level netbuild adds for PyTensor's own ops (unless the user sets
-#: ``gcc__cxxflags``). Their generated loops index through run-time strides and do not vectorize
-#: at ``-O3`` either, while ``-O3`` doubles a cold compile (about 40 modules for a small network).
-#: netbuild's own ops (:class:`netbuild.ops.NetbuildCOp`) keep ``-O3``.
-GENERIC_OPTIMIZATION = "-O1"
-_generic_flags: tuple[str, ...] = ()
-
 #: Graph rewrites left out of the compile mode. ``local_softmax_stabilize``: PyTensor 3.0 turns
 #: ``exp(x) / sum(exp(x))`` back into its own Softmax op, which has no C code and runs in Python.
 #: ``local_dot22_to_dot22scalar``: it folds ``0.1 * dot(x.T, g)`` into a second matrix product
@@ -131,10 +124,6 @@ def configure(float_type: str = "float32") -> None:
 
     if not _user_set("floatX"):
         pytensor.config.floatX = float_type
-    global _generic_flags
-    if not _user_set("gcc__cxxflags"):
-        pytensor.config.gcc__cxxflags = f"{pytensor.config.gcc__cxxflags} {GENERIC_OPTIMIZATION}".strip()
-        _generic_flags = (GENERIC_OPTIMIZATION,)
     # OpenBLAS's worker threads spin while they wait; on small matrix products, or with other
     # work on the machine, they made training steps up to 50x slower than one thread (measured
     # on 2 cores: an LSTM step of 0.77 s against 0.015 s). A user's own setting wins.
@@ -151,11 +140,6 @@ def configure(float_type: str = "float32") -> None:
     # PyTensor warns at import about numpy/BLAS choices netbuild has made on purpose.
     warnings.filterwarnings("ignore", message=".*could not link to a BLAS.*")
     _configured = True
-
-
-def generic_optimization_flags() -> tuple[str, ...]:
-    """The flags netbuild added for PyTensor's own ops, which its own ops leave out."""
-    return _generic_flags
 
 
 def blas_source() -> str:
@@ -201,8 +185,7 @@ def describe() -> dict:
         "numpy": numpy.__version__,
         "mode": f"CVM (C backend), without {', '.join(EXCLUDED_REWRITES)}",
         "float_type": float_type(),
-        "compile_flags": (f"{pytensor.config.gcc__cxxflags} for PyTensor's ops, -O3 for netbuild's"
-                          if _generic_flags else pytensor.config.gcc__cxxflags or "(PyTensor's)"),
+        "compile_flags": pytensor.config.gcc__cxxflags or "-O3 (PyTensor's default)",
         "blas": blas_source(),
         "blas_flags": pytensor.config.blas__ldflags or "(none)",
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(OpenBLAS default)"),

@@ -5,9 +5,7 @@ loop over timesteps and its gradient), :mod:`netbuild.ops.conv` (convolution as 
 gemm, and its gradients) and :mod:`netbuild.ops.pool` (max and average pooling, and their
 gradient).
 
-Every op here derives from :class:`NetbuildCOp`: g++ compiles it at ``-O3`` (its hot loops are
-written to vectorize) even though netbuild compiles PyTensor's own ops at ``-O1``
-(:data:`netbuild.backend.GENERIC_OPTIMIZATION`), which halves a cold compile.
+Every op here derives from :class:`NetbuildCOp`.
 """
 
 from __future__ import annotations
@@ -16,9 +14,6 @@ from pytensor.link.c.op import COp
 
 
 class NetbuildCOp(COp):
-    """Base of netbuild's C ops: compiled at PyTensor's default ``-O3``."""
-
-    def c_no_compile_args(self, **kwargs):
-        from .. import backend
-
-        return list(backend.generic_optimization_flags())
+    """Base of netbuild's C ops (PyTensor's ``COp``). Their hot loops live in ``noinline``
+    functions with ``__restrict__`` parameters: inlined into PyTensor's generated function, g++
+    compiled them as cold code, unvectorized."""
