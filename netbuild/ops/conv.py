@@ -31,11 +31,12 @@ import pytensor.tensor as pt
 from pytensor import config
 from pytensor.gradient import DisconnectedType, disconnected_type, grad_not_implemented
 from pytensor.graph.basic import Apply
-from pytensor.link.c.op import COp
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int64, upcast
 from pytensor.tensor.blas import ldflags
 from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
+
+from . import NetbuildCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
 _VERSION = 7
@@ -348,7 +349,7 @@ def _pairs(pads: Sequence) -> tuple[tuple[int, int], ...]:
     return tuple((int(b), int(a)) for b, a in pads)
 
 
-class _ConvCOp(COp):
+class _ConvCOp(NetbuildCOp):
     """What the convolution ops share: the geometry, the activation, BLAS linking, the C kernels.
 
     ``strides``, ``dilation``: one int per spatial axis; ``pads``: ``(before, after)`` zeros per

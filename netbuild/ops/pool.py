@@ -25,10 +25,10 @@ import pytensor.tensor as pt
 from pytensor import config
 from pytensor.gradient import DisconnectedType, disconnected_type, grad_not_implemented
 from pytensor.graph.basic import Apply
-from pytensor.link.c.op import COp
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int64
 
+from . import NetbuildCOp
 from .conv import HELPERS
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
@@ -211,7 +211,7 @@ __attribute__((noinline)) static void backward(int mode, npy_intp planes, const 
 """
 
 
-class _PoolCOp(COp):
+class _PoolCOp(NetbuildCOp):
     """What the pooling ops share: mode, geometry, the C kernels.
 
     ``kernel``, ``strides``: one int per spatial axis (1 or 2 axes); ``pads``: ``(before, after)``
