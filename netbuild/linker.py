@@ -99,8 +99,10 @@ def precompile(nodes, workers: int | None = None) -> int:
     if not jobs:
         return 0
     workers = workers or os.cpu_count() or 1
+    # Longest first (source size stands for compile time), so that the workers finish together.
+    order = sorted(jobs.values(), key=lambda j: -len(j.clinker.get_src_code()))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = list(pool.map(lambda j: _compile(j, str(cache.dirname)), jobs.values()))
+        done = list(pool.map(lambda j: _compile(j, str(cache.dirname)), order))
     compiled = 0
     for job in done:
         if job.location is None:
