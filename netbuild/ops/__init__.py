@@ -11,9 +11,45 @@ Every op here derives from :class:`NetbuildCOp`.
 from __future__ import annotations
 
 from pytensor.link.c.op import COp
+from pytensor.tensor.blas import ldflags
+from pytensor.tensor.blas_headers import blas_header_text
 
 
 class NetbuildCOp(COp):
     """Base of netbuild's C ops (PyTensor's ``COp``). Their hot loops live in ``noinline``
     functions with ``__restrict__`` parameters: inlined into PyTensor's generated function, g++
     compiled them as cold code, unvectorized."""
+
+
+class BlasCOp(NetbuildCOp):
+    """A netbuild op whose C code calls BLAS (``sgemm_``/``dgemm_``), linked the way PyTensor's
+    own Gemm ops are (``blas__ldflags``, see :mod:`netbuild.backend`), with a scratch buffer
+    ``scratch_<name>`` of ``scratch_size_<name>`` bytes that the node keeps between calls.
+    Subclasses give :attr:`kernels` (their C support code) and :attr:`extra_compile_args`."""
+
+    kernels: tuple[str, ...] = ()
+    extra_compile_args: tuple[str, ...] = ()
+
+    def c_support_code(self, **kwargs):
+        return [blas_header_text(), *self.kernels]
+
+    def c_libraries(self, **kwargs):
+        return ldflags()
+
+    def c_compile_args(self, **kwargs):
+        return [*ldflags(libs=False, flags=True), *self.extra_compile_args]
+
+    def c_lib_dirs(self, **kwargs):
+        return ldflags(libs=False, libs_dir=True)
+
+    def c_header_dirs(self, **kwargs):
+        return ldflags(libs=False, include_dir=True)
+
+    def c_support_code_struct(self, node, name):
+        return f"void* scratch_{name}; size_t scratch_size_{name};"
+
+    def c_init_code_struct(self, node, name, sub):
+        return f"scratch_{name} = NULL; scratch_size_{name} = 0;"
+
+    def c_cleanup_code_struct(self, node, name):
+        return f"free(scratch_{name}); scratch_{name} = NULL; scratch_size_{name} = 0;"

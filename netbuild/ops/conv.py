@@ -33,10 +33,9 @@ from pytensor.gradient import DisconnectedType, disconnected_type, grad_not_impl
 from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int64, upcast
-from pytensor.tensor.blas import ldflags
-from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
+from pytensor.tensor.blas_headers import blas_header_version
 
-from . import NetbuildCOp
+from . import BlasCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
 _VERSION = 7
@@ -349,12 +348,14 @@ def _pairs(pads: Sequence) -> tuple[tuple[int, int], ...]:
     return tuple((int(b), int(a)) for b, a in pads)
 
 
-class _ConvCOp(NetbuildCOp):
+class _ConvCOp(BlasCOp):
     """What the convolution ops share: the geometry, the activation, BLAS linking, the C kernels.
 
     ``strides``, ``dilation``: one int per spatial axis; ``pads``: ``(before, after)`` zeros per
     spatial axis. The rank (1 or 2) is their length. ``activation``: one of :data:`ACTIVATIONS`.
     """
+
+    kernels = (HELPERS, _KERNELS)
 
     __props__ = ("strides", "dilation", "pads", "activation")
     params_type = ParamsType(sh=int64, sw=int64, dh=int64, dw=int64, ph=int64, pw=int64,
@@ -435,32 +436,8 @@ class _ConvCOp(NetbuildCOp):
     def c_headers(self, **kwargs):
         return ["<string.h>", "<stdlib.h>", "<cmath>"]
 
-    def c_support_code(self, **kwargs):
-        return [blas_header_text(), HELPERS, _KERNELS]
-
-    def c_libraries(self, **kwargs):
-        return ldflags()
-
-    def c_compile_args(self, **kwargs):
-        return ldflags(libs=False, flags=True)
-
-    def c_lib_dirs(self, **kwargs):
-        return ldflags(libs=False, libs_dir=True)
-
-    def c_header_dirs(self, **kwargs):
-        return ldflags(libs=False, include_dir=True)
-
     def c_code_cache_version(self):
         return (_VERSION, *blas_header_version())
-
-    def c_support_code_struct(self, node, name):
-        return f"void* scratch_{name}; size_t scratch_size_{name};"
-
-    def c_init_code_struct(self, node, name, sub):
-        return f"scratch_{name} = NULL; scratch_size_{name} = 0;"
-
-    def c_cleanup_code_struct(self, node, name):
-        return f"free(scratch_{name}); scratch_{name} = NULL; scratch_size_{name} = 0;"
 
     def _c_body(self, node, name, sub, x_like: str, w_like: str, checks: list, contig: list[str],
                 outs: list[tuple[str, str]], call: str) -> str:

@@ -39,10 +39,9 @@ from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int32, upcast
-from pytensor.tensor.blas import ldflags
-from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
+from pytensor.tensor.blas_headers import blas_header_version
 
-from . import NetbuildCOp
+from . import BlasCOp
 
 #: The activations the C code computes, by YAML name, and their codes in it.
 ACTIVATIONS = {"linear": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "hard_sigmoid": 4}
@@ -448,11 +447,15 @@ for _n in ("P", "b", "W", "h0", "c0", "b_hn"):
     _SHAPES["d" + _n] = _SHAPES[_n]
 
 
-class _RecurrentCOp(NetbuildCOp):
+class _RecurrentCOp(BlasCOp):
     """What the forward and gradient ops share: properties, BLAS linking, the C kernels.
 
     A subclass names its inputs and outputs (:meth:`input_names`, :meth:`output_names`) and
     gives the kernel call (:meth:`_kernel`)."""
+
+    kernels = (_KERNELS,)
+    # without trapping maths g++ may compute both sides of a select: the loops vectorize
+    extra_compile_args = ("-fno-trapping-math",)
 
     __props__ = ("cell", "activation", "recurrent_activation")
     params_type = ParamsType(act=int32, ract=int32)
@@ -521,33 +524,8 @@ class _RecurrentCOp(NetbuildCOp):
     def c_headers(self, **kwargs):
         return ["<math.h>", "<string.h>", "<stdlib.h>", "<stdint.h>"]
 
-    def c_support_code(self, **kwargs):
-        return [blas_header_text(), _KERNELS]
-
-    def c_libraries(self, **kwargs):
-        return ldflags()
-
-    def c_compile_args(self, **kwargs):
-        # without trapping maths g++ may compute both sides of a select: the loops vectorize
-        return [*ldflags(libs=False, flags=True), "-fno-trapping-math"]
-
-    def c_lib_dirs(self, **kwargs):
-        return ldflags(libs=False, libs_dir=True)
-
-    def c_header_dirs(self, **kwargs):
-        return ldflags(libs=False, include_dir=True)
-
     def c_code_cache_version(self):
         return (_VERSION, *blas_header_version())
-
-    def c_support_code_struct(self, node, name):
-        return f"void* scratch_{name}; size_t scratch_size_{name};"
-
-    def c_init_code_struct(self, node, name, sub):
-        return f"scratch_{name} = NULL; scratch_size_{name} = 0;"
-
-    def c_cleanup_code_struct(self, node, name):
-        return f"free(scratch_{name}); scratch_{name} = NULL; scratch_size_{name} = 0;"
 
     def _kernel(self) -> tuple[str, str, str]:
         """``(call, scratch elements, scratch doubles)``: the kernel call with ``{name}`` for
