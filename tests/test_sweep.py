@@ -137,8 +137,9 @@ def test_a_failing_point_is_recorded_and_the_others_go_on(tmp_path, run_cli, sch
 def test_ctrl_c_cancels_running_points_and_the_same_command_resumes(tmp_path, run_cli, scheduler):
     out = tmp_path / "sweep"
     # A fast point (1 epoch) and a slow one (16 epochs of a wide layer, a checkpoint every 2) on
-    # two workers; Ctrl-C once the fast one is done and the slow one has a checkpoint.
-    grid = ["--grid", "train.epochs=1,16", "--set", "model.layers[0].units=4096", "--set", "train.batch_size=8",
+    # two workers; Ctrl-C once the fast one is done and the slow one has a checkpoint. Batches of 4
+    # keep the slow point running for seconds after its first checkpoint, when Ctrl-C comes.
+    grid = ["--grid", "train.epochs=1,16", "--set", "model.layers[0].units=4096", "--set", "train.batch_size=4",
             "--set", "train.checkpoint.every=2", "--sweep-dir", out]
     proc = subprocess.Popen([sys.executable, "-m", "netbuild", "sweep", MLP, *map(str, grid), "--workers", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
