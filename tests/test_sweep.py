@@ -134,6 +134,12 @@ def test_a_failing_point_is_recorded_and_the_others_go_on(tmp_path, run_cli, sch
     assert [p.stat().st_mtime_ns for p in done] == stamps
 
 
+def _default_sigint() -> None:
+    """In the child, Ctrl-C as a terminal gives it: a test process may run with SIGINT ignored
+    (after an in-process cluster of an earlier test), and a child inherits that disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cancels_running_points_and_the_same_command_resumes(tmp_path, run_cli, scheduler):
     out = tmp_path / "sweep"
     # A fast point (1 epoch) and a slow one (16 epochs of a wide layer, a checkpoint every 2) on
@@ -143,7 +149,7 @@ def test_ctrl_c_cancels_running_points_and_the_same_command_resumes(tmp_path, ru
             "--set", "train.checkpoint.every=2", "--sweep-dir", out]
     proc = subprocess.Popen([sys.executable, "-m", "netbuild", "sweep", MLP, *map(str, grid), "--workers", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 180
     fast = slow = None
     while time.monotonic() < deadline and proc.poll() is None:
