@@ -21,17 +21,32 @@ class NetbuildCOp(COp):
     compiled them as cold code, unvectorized."""
 
 
+#: C: a scratch buffer of at least ``n`` bytes, kept by the node between calls.
+SCRATCH = r"""
+static void* netbuild_scratch(void** buf, size_t* size, size_t n) {
+    if (n > *size) {
+        free(*buf);
+        *buf = malloc(n ? n : 1);
+        *size = *buf ? n : 0;
+        if (!*buf) PyErr_NoMemory();
+    }
+    return *buf;
+}
+"""
+
+
 class BlasCOp(NetbuildCOp):
     """A netbuild op whose C code calls BLAS (``sgemm_``/``dgemm_``), linked the way PyTensor's
     own Gemm ops are (``blas__ldflags``, see :mod:`netbuild.backend`), with a scratch buffer
-    ``scratch_<name>`` of ``scratch_size_<name>`` bytes that the node keeps between calls.
+    ``scratch_<name>`` of ``scratch_size_<name>`` bytes that the node keeps between calls
+    (grown by ``netbuild_scratch``, :data:`SCRATCH`).
     Subclasses give :attr:`kernels` (their C support code) and :attr:`extra_compile_args`."""
 
     kernels: tuple[str, ...] = ()
     extra_compile_args: tuple[str, ...] = ()
 
     def c_support_code(self, **kwargs):
-        return [blas_header_text(), *self.kernels]
+        return [blas_header_text(), SCRATCH, *self.kernels]
 
     def c_libraries(self, **kwargs):
         return ldflags()

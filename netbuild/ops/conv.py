@@ -38,7 +38,7 @@ from pytensor.tensor.blas_headers import blas_header_version
 from . import BlasCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 7
+_VERSION = 8
 
 #: Activations the ops apply themselves, and their codes in the C code.
 ACTIVATIONS = {"linear": 0, "relu": 1}
@@ -109,17 +109,6 @@ static int output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum
     Py_XDECREF(*out);
     *out = (PyArrayObject*)PyArray_EMPTY(nd, (npy_intp*)dims, typenum, 0);
     return *out ? 0 : -1;
-}
-
-// A scratch buffer of at least n bytes, kept by the node between calls.
-static void* scratch(void** buf, size_t* size, size_t n) {
-    if (n > *size) {
-        free(*buf);
-        *buf = malloc(n ? n : 1);
-        *size = *buf ? n : 0;
-        if (!*buf) PyErr_NoMemory();
-    }
-    return *buf;
 }
 
 }  // namespace nbwin
@@ -494,7 +483,7 @@ class _ConvCOp(BlasCOp):
                              f"err_ = nbwin::output(&{v}, nd_, d_, {typenum}); }}")
         lines += [
             "char* s_ = NULL;",
-            f"if (!err_) {{ s_ = (char*)nbwin::scratch(&scratch_{name}, &scratch_size_{name}, "
+            f"if (!err_) {{ s_ = (char*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, "
             f"sizeof(double) * g_.F + sizeof({ctype}) * (size_t)((g_.C * g_.KH * g_.KW + g_.F) "
             "* g_.OH * g_.OW)); if (!s_) err_ = 1; }",
             "double* acc_ = (double*)s_;",

@@ -423,21 +423,11 @@ static int nbrec_check(PyArrayObject* a, const char* op, const char* name, const
     return -1;
 }
 
-// A scratch buffer of at least n bytes, kept by the node between calls.
-static void* nbrec_scratch(void** buf, size_t* size, size_t n) {
-    if (n > *size) {
-        free(*buf);
-        *buf = malloc(n ? n : 1);
-        *size = *buf ? n : 0;
-        if (!*buf) PyErr_NoMemory();
-    }
-    return *buf;
-}
 """
 
 #: Bump on every change of the C code: the compile cache keys a module by this version, not by
 #: its text.
-_VERSION = 4
+_VERSION = 5
 
 # Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
 _SHAPES = {"P": "Tn, Bn, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
@@ -577,7 +567,7 @@ class _RecurrentCOp(BlasCOp):
             f"{ctype}* w_ = NULL;",
             "if (!err_) {",
             f"    size_t n_acc_ = (size_t)({n_acc}), n_w_ = (size_t)({n_work});",
-            f"    acc_ = (double*)nbrec_scratch(&scratch_{name}, &scratch_size_{name}, "
+            f"    acc_ = (double*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, "
             f"sizeof(double) * n_acc_ + sizeof({ctype}) * n_w_);",
             "    if (!acc_) err_ = 1;",
             f"    else w_ = ({ctype}*)(acc_ + n_acc_);",
