@@ -38,7 +38,7 @@ from pytensor.tensor.blas_headers import blas_header_version
 from . import BlasCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 8
+_VERSION = 9
 
 #: Activations the ops apply themselves, and their codes in the C code.
 ACTIVATIONS = {"linear": 0, "relu": 1}
@@ -98,19 +98,6 @@ static int check(PyArrayObject* a, int nd, const npy_intp* d, const char* op, co
     return ok ? 0 : -1;
 }
 
-// Reuse *out when it already has this shape and type (and is C-contiguous), else allocate.
-static int output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum) {
-    if (*out && PyArray_NDIM(*out) == nd && PyArray_TYPE(*out) == typenum
-        && PyArray_IS_C_CONTIGUOUS(*out) && PyArray_ISWRITEABLE(*out)) {
-        bool same = true;
-        for (int i = 0; i < nd; ++i) same = same && PyArray_DIMS(*out)[i] == dims[i];
-        if (same) return 0;
-    }
-    Py_XDECREF(*out);
-    *out = (PyArrayObject*)PyArray_EMPTY(nd, (npy_intp*)dims, typenum, 0);
-    return *out ? 0 : -1;
-}
-
 }  // namespace nbwin
 """
 
@@ -120,15 +107,6 @@ _KERNELS = r"""
 namespace nbconv {
 using nbwin::Geom;
 using nbwin::inside;
-
-static inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a,
-                        int lda, const float* b, int ldb, float beta, float* c, int ldc) {
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-static inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
-                        int lda, const double* b, int ldb, double beta, double* c, int ldc) {
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
 
 // x reads itself as the column buffer: a 1x1 kernel, no stride, no padding.
 static inline bool direct(const Geom& g) {
@@ -261,7 +239,7 @@ static void forward(npy_intp N, const T* x, const T* w, const T* b, int act, T* 
         if (CK == 0) {
             if (!b) memset(yn, 0, sizeof(T) * F * P);
         } else {
-            gemm('N', 'N', (int)P, (int)F, (int)CK, (T)1, a, (int)P, w, (int)CK,
+            netbuild_gemm('N', 'N', (int)P, (int)F, (int)CK, (T)1, a, (int)P, w, (int)CK,
                  b ? (T)1 : (T)0, yn, (int)P);
         }
         if (act) relu(yn, F * P);
@@ -292,7 +270,7 @@ static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, T
         }
         const T* d = pre_grad(dy, y, dz, n, F * P);
         // cols^T (P, CK) = dz^T (P, F) W (F, CK)
-        gemm('N', 'T', (int)P, (int)CK, (int)F, (T)1, d, (int)P, w, (int)CK, (T)0,
+        netbuild_gemm('N', 'T', (int)P, (int)CK, (int)F, (T)1, d, (int)P, w, (int)CK, (T)0,
              dir ? dxn : cols, (int)P);
         if (!dir) {
             memset(dxn, 0, sizeof(T) * g.C * HW);
@@ -321,7 +299,7 @@ static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw,
         }
         // dW^T (CK, F) += cols (CK, P) dz^T (P, F)
         if (CK > 0 && F > 0)
-            gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1, dw, (int)CK);
+            netbuild_gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1, dw, (int)CK);
         if (db)
             for (npy_intp f = 0; f < F; ++f) acc[f] += sum(d + f * P, P);
     }
@@ -476,11 +454,11 @@ class _ConvCOp(BlasCOp):
             lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
         for v, shape in outs:
             if shape.count(",") == 0:
-                lines.append(f"if (!err_) {{ d_[0] = {shape}; err_ = nbwin::output(&{v}, 1, d_, "
+                lines.append(f"if (!err_) {{ d_[0] = {shape}; err_ = netbuild_output(&{v}, 1, d_, "
                              f"{typenum}); }}")
             else:
                 lines.append(f"if (!err_) {{ nbwin::dims(d_, nd_, {shape}); "
-                             f"err_ = nbwin::output(&{v}, nd_, d_, {typenum}); }}")
+                             f"err_ = netbuild_output(&{v}, nd_, d_, {typenum}); }}")
         lines += [
             "char* s_ = NULL;",
             f"if (!err_) {{ s_ = (char*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, "

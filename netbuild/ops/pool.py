@@ -32,7 +32,7 @@ from . import NetbuildCOp
 from .conv import HELPERS
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 6
+_VERSION = 7
 
 MODES = {"max": 0, "avg": 1}
 
@@ -277,8 +277,7 @@ class _PoolCOp(NetbuildCOp):
     def c_headers(self, **kwargs):
         return ["<string.h>", "<stdlib.h>"]
 
-    def c_support_code(self, **kwargs):
-        return [HELPERS, _KERNELS]
+    kernels = (HELPERS, _KERNELS)
 
     def c_code_cache_version(self):
         return (_VERSION,)
@@ -319,7 +318,7 @@ class _PoolCOp(NetbuildCOp):
             lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
         lines += [
             f"if (!err_) {{ nbwin::dims(d_, nd_, {out_shape}); "
-            f"err_ = nbwin::output(&{out}, nd_, d_, {typenum}); }}",
+            f"err_ = netbuild_output(&{out}, nd_, d_, {typenum}); }}",
             f"#define IN_(i) ((const {ctype}*)PyArray_DATA(c_[i]))",
             "if (!err_) {",
             "    Py_BEGIN_ALLOW_THREADS",

@@ -64,19 +64,6 @@ namespace nbrec {
 enum { LINEAR = 0, TANH = 1, SIGMOID = 2, RELU = 3, HARD_SIGMOID = 4 };
 static inline bool keeps_input(int code) { return code == RELU || code == HARD_SIGMOID; }
 
-static inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a,
-                        int lda, const float* b, int ldb, float beta, float* c, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) { if (beta == 0.0f) memset(c, 0, sizeof(float) * (size_t)m * n); return; }
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-static inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
-                        int lda, const double* b, int ldb, double beta, double* c, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) { if (beta == 0.0) memset(c, 0, sizeof(double) * (size_t)m * n); return; }
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
 // float: branch-free exp and tanh (Cephes' expf and tanhf, within 2 ulp) that g++ vectorizes
 // (with -fno-trapping-math; no floorf); double: libm's. NaN stays NaN.
 static inline float exp_(float x) {
@@ -181,8 +168,8 @@ static inline void store(T* __restrict out, const double* __restrict acc, npy_in
 // dW (U, G) = sum_t h[t-1]^T dA[t]: one gemm over steps 1..T-1 (h = H[0..T-2]), one for step 0 (h0)
 template <typename T>
 static void weight_grad(int Tn, int Bn, int U, int G, const T* dA, const T* H, const T* h0, T* dW) {
-    gemm('N', 'T', G, U, (Tn - 1) * Bn, (T)1, dA + (size_t)Bn * G, G, H, U, (T)0, dW, G);
-    gemm('N', 'T', G, U, Tn > 0 ? Bn : 0, (T)1, dA, G, h0, U, Tn > 1 ? (T)1 : (T)0, dW, G);
+    netbuild_gemm('N', 'T', G, U, (Tn - 1) * Bn, (T)1, dA + (size_t)Bn * G, G, H, U, (T)0, dW, G);
+    netbuild_gemm('N', 'T', G, U, Tn > 0 ? Bn : 0, (T)1, dA, G, h0, U, Tn > 1 ? (T)1 : (T)0, dW, G);
 }
 
 // The state's gradient carried to step t - 1: dh = dH[t-1] + dA[t] W^T (+ what dh already holds
@@ -194,7 +181,7 @@ static void carry(int t, int Bn, int U, int G, const T* W, const T* dAt, const T
     if (t && keep) add(dh, dH + (t - 1) * step, step);
     else if (t) memcpy(dh, dH + (t - 1) * step, sizeof(T) * step);
     else if (keep) memcpy(dh0, dh, sizeof(T) * step);
-    gemm('T', 'N', U, Bn, G, (T)1, W, G, dAt, G, (t || keep) ? (T)1 : (T)0, t ? dh : dh0, U);
+    netbuild_gemm('T', 'N', U, Bn, G, (T)1, W, G, dAt, G, (t || keep) ? (T)1 : (T)0, t ? dh : dh0, U);
 }
 
 // -- simple_rnn: h = act(p + b + h W) ----------------------------------------------------------
@@ -205,7 +192,7 @@ static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias,
     for (int t = 0; t < Tn; ++t) {
         T* St = S + t * step;
         add_bias(St, P + t * step, bias, Bn, U);
-        gemm('N', 'N', U, Bn, U, (T)1, W, U, t ? H + (t - 1) * step : h0, U, (T)1, St, U);
+        netbuild_gemm('N', 'N', U, Bn, U, (T)1, W, U, t ? H + (t - 1) * step : h0, U, (T)1, St, U);
         act(a, St, H + t * step, step);
         if (!keeps_input(a)) memcpy(St, H + t * step, sizeof(T) * step);
     }
@@ -237,7 +224,7 @@ static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const
     for (int t = 0; t < Tn; ++t) {
         T* St = S + (size_t)t * Bn * G;
         add_bias(St, P + (size_t)t * Bn * G, bias, Bn, G);
-        gemm('N', 'N', G, Bn, U, (T)1, W, G, t ? H + (size_t)(t - 1) * Bn * U : h0, U, (T)1, St, G);
+        netbuild_gemm('N', 'N', G, Bn, U, (T)1, W, G, t ? H + (size_t)(t - 1) * Bn * U : h0, U, (T)1, St, G);
         const T* cp = t ? C + (size_t)(t - 1) * Bn * U : c0;
         for (int b = 0; b < Bn; ++b) {
             T* s = St + (size_t)b * G;
@@ -323,7 +310,7 @@ static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const 
     const int G = 3 * U;
     for (int t = 0; t < Tn; ++t) {
         const T* hp = t ? H + (size_t)(t - 1) * Bn * U : h0;
-        gemm('N', 'N', G, Bn, U, (T)1, W, G, hp, U, (T)0, Q, G);
+        netbuild_gemm('N', 'N', G, Bn, U, (T)1, W, G, hp, U, (T)0, Q, G);
         for (int b = 0; b < Bn; ++b) {
             size_t grow = ((size_t)t * Bn + b) * G, row = ((size_t)t * Bn + b) * U;
             const T *__restrict p = P + grow, *__restrict q = Q + (size_t)b * G;
@@ -390,20 +377,6 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
 
 }  // namespace nbrec
 
-// A C-contiguous array of the given shape and type in *out (kept when it already is one).
-static int nbrec_output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum) {
-    if (*out && PyArray_NDIM(*out) == nd && PyArray_TYPE(*out) == typenum
-        && PyArray_IS_C_CONTIGUOUS(*out)) {
-        bool same = true;
-        for (int i = 0; i < nd; ++i) same = same && PyArray_DIMS(*out)[i] == dims[i];
-        if (same) return 0;
-    }
-    Py_XDECREF(*out);
-    *out = (PyArrayObject*)PyArray_EMPTY(nd, (npy_intp*)dims, typenum, 0);
-    if (!*out) { PyErr_NoMemory(); return -1; }
-    return 0;
-}
-
 // Check an input's shape: a ValueError "op: name has shape (..); expected (Tn, ..) = (..)".
 static int nbrec_check(PyArrayObject* a, const char* op, const char* name, const char* expected,
                        int nd, const npy_intp* dims) {
@@ -427,7 +400,7 @@ static int nbrec_check(PyArrayObject* a, const char* op, const char* name, const
 
 #: Bump on every change of the C code: the compile cache keys a module by this version, not by
 #: its text.
-_VERSION = 5
+_VERSION = 6
 
 # Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
 _SHAPES = {"P": "Tn, Bn, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
@@ -561,7 +534,7 @@ class _RecurrentCOp(BlasCOp):
         for n, o in zip(out_names, outputs):
             shape = _SHAPES[n]
             lines.append(f"if (!err_) {{ npy_intp d_[] = {{{shape}}}; "
-                         f"err_ = nbrec_output(&{o}, {shape.count(',') + 1}, d_, {typenum}); }}")
+                         f"err_ = netbuild_output(&{o}, {shape.count(',') + 1}, d_, {typenum}); }}")
         lines += [
             "double* acc_ = NULL;",
             f"{ctype}* w_ = NULL;",
