@@ -1,7 +1,7 @@
 """Loss functions, keyed by their YAML names.
 
 Each returns the loss of every example (a vector over the batch). Cross-entropies work from the
-output layer's pre-activation when it has one (softmax -> log-softmax of the logits, sigmoid ->
+output layer's pre-activation when it has one (softmax -> logsumexp of the logits, sigmoid ->
 softplus form), never as the log of a probability.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import pytensor.tensor as pt
 
-from . import activations
+from .ops.softmax import softmax_cross_entropy
 from .registry import lookup, name_of
 
 _EPS = 1e-7
@@ -39,15 +39,19 @@ def one_hot(ids, n_classes: int, dtype: str):
 
 
 def categorical_crossentropy(target, out: Output, label_smoothing: float = 0.0, **_):
-    """``-sum(t * log p)`` over the last axis; ``target`` is class ids or one-hot rows."""
+    """``-sum(t log p)`` over the last axis; ``target`` is class ids or one-hot rows. After a
+    softmax, one C op computes it from the logits (:mod:`netbuild.ops.softmax`)."""
     value = out.value
+    ids = target.ndim == value.ndim - 1
+    if out.activation == "softmax":
+        if ids and not target.dtype.startswith(("int", "uint")):
+            target = pt.cast(target, "int64")
+        return _per_example(softmax_cross_entropy(out.logits, target, label_smoothing))
     k = value.shape[-1]
-    t = one_hot(target, k, value.dtype) if target.ndim == value.ndim - 1 else target
+    t = one_hot(target, k, value.dtype) if ids else target
     if label_smoothing:
         t = t * (1.0 - label_smoothing) + label_smoothing / k.astype(value.dtype)
-    if out.activation == "softmax":
-        log_p = activations.log_softmax(out.logits)
-    elif out.activation == "log_softmax":
+    if out.activation == "log_softmax":
         log_p = value
     else:
         log_p = pt.log(pt.clip(value, _EPS, 1.0))

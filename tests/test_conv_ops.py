@@ -26,8 +26,9 @@ from netbuild.compile import compile_train
 from netbuild.layers.base import Context
 from netbuild.layers.conv import Window, _graph_conv
 from netbuild.network import Network
-from netbuild.ops.conv import Conv, ConvGradInput, ConvGradWeights, _ConvCOp, conv
-from netbuild.ops.pool import Pool, PoolGrad, _PoolCOp
+from netbuild.ops import NetbuildCOp
+from netbuild.ops.conv import Conv, ConvGradInput, ConvGradWeights, conv
+from netbuild.ops.pool import Pool, PoolGrad
 from netbuild.spec import load_text, validate
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -35,14 +36,13 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 @contextlib.contextmanager
 def ops_in_c():
-    """Functions compiled meanwhile run netbuild's conv and pool ops in C (PyTensor's own ops
-    stay in the tests' Python mode)."""
+    """Functions compiled meanwhile run netbuild's own ops in C (PyTensor's own ops stay in the
+    tests' Python mode)."""
     with pytest.MonkeyPatch.context() as patch:
-        for cls in (_ConvCOp, _PoolCOp):
-            def c_thunk(self, node, storage_map, compute_map, no_recycling, impl=None,
-                        _make=cls.make_thunk):
-                return _make(self, node, storage_map, compute_map, no_recycling, impl="c")
-            patch.setattr(cls, "make_thunk", c_thunk)
+        def c_thunk(self, node, storage_map, compute_map, no_recycling, impl=None,
+                    _make=NetbuildCOp.make_thunk):
+            return _make(self, node, storage_map, compute_map, no_recycling, impl="c")
+        patch.setattr(NetbuildCOp, "make_thunk", c_thunk)
         yield
 
 
@@ -53,7 +53,7 @@ def function(inputs, outputs, c: bool):
         return pytensor.function(inputs, outputs, mode=TEST_MODE, on_unused_input="ignore")
     with ops_in_c():
         fn = pytensor.function(inputs, outputs, mode=TEST_MODE, on_unused_input="ignore")
-    ours = [t for n, t in zip(fn.vm.nodes, fn.vm.thunks) if isinstance(n.op, (_ConvCOp, _PoolCOp))]
+    ours = [t for n, t in zip(fn.vm.nodes, fn.vm.thunks) if isinstance(n.op, NetbuildCOp)]
     assert ours and all(getattr(t, "cthunk", None) is not None for t in ours)
     return fn
 

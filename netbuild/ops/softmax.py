@@ -1,0 +1,485 @@
+"""Softmax and softmax cross-entropy over the last axis, in C, with their gradients.
+
+Written from PyTensor's elementwise ops and reductions, a softmax classifier's output and loss
+took about 25 nodes (max, shift, exp, sum, log, a one-hot mask from ``arange``, and the same
+again for the gradient), each a C module of its own: a dozen g++ runs in every cold compile, and
+a dozen passes over the logits in every step. Here they are four ops:
+
+- :class:`Softmax` ``p = softmax(x)`` and :class:`SoftmaxGrad` ``dx = p (dp - sum(dp p))``;
+- :class:`SoftmaxCrossEntropy` ``loss = -sum(t log softmax(x))``, one value per row, from the
+  logits (``logsumexp(x) sum(t) - sum(t x)``: never the log of a probability), for targets ``t``
+  of class ids or of rows like ``x``, with label smoothing (``t (1 - s) + s / k``) built in;
+- :class:`SoftmaxCrossEntropyGrad` ``dx = dloss (p sum(t) - t)``, which takes ``p`` from the
+  network's own :class:`Softmax` node (PyTensor merges the two), so no exponential is computed
+  twice.
+
+Rows are every index of the leading axes; each op reads its inputs as C-contiguous rows (copying
+a strided input once). Each has a numpy ``perform`` too, for PyTensor's Python modes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+from pytensor.gradient import DisconnectedType, disconnected_type
+from pytensor.graph.basic import Apply
+from pytensor.graph.replace import graph_replace
+from pytensor.link.c.params_type import ParamsType
+from pytensor.scalar import float64
+
+from . import NetbuildCOp
+
+#: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
+_VERSION = 2
+
+_KERNELS = r"""
+#include <cmath>
+
+namespace nbsoftmax {
+
+// The maximum and log(sum(exp(x - max))) of one row: logsumexp(x) = max + log(sum).
+template <typename T>
+static inline void row_lse(const T* __restrict__ x, npy_intp k, T* mx, double* lse) {
+    T m = -INFINITY;
+    for (npy_intp j = 0; j < k; ++j) m = x[j] > m ? x[j] : m;
+    double s = 0.0;
+    for (npy_intp j = 0; j < k; ++j) s += std::exp((double)(x[j] - m));
+    *mx = m;
+    *lse = (double)m + std::log(s);
+}
+
+template <typename T>
+__attribute__((noinline)) static void softmax(const T* __restrict__ X, T* __restrict__ P,
+                                              npy_intp rows, npy_intp k) {
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T* x = X + r * k;
+        T* p = P + r * k;
+        T m = -INFINITY;
+        for (npy_intp j = 0; j < k; ++j) m = x[j] > m ? x[j] : m;
+        double s = 0.0;
+        for (npy_intp j = 0; j < k; ++j) {
+            const T e = std::exp(x[j] - m);
+            p[j] = e;
+            s += e;
+        }
+        const T inv = (T)(1.0 / s);
+        for (npy_intp j = 0; j < k; ++j) p[j] *= inv;
+    }
+}
+
+// dx = p * (dp - sum(dp * p)), row by row.
+template <typename T>
+__attribute__((noinline)) static void softmax_grad(const T* __restrict__ DP, const T* __restrict__ P,
+                                                   T* __restrict__ DX, npy_intp rows, npy_intp k) {
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T* dp = DP + r * k;
+        const T* p = P + r * k;
+        T* dx = DX + r * k;
+        double s = 0.0;
+        for (npy_intp j = 0; j < k; ++j) s += (double)dp[j] * p[j];
+        const T st = (T)s;
+        for (npy_intp j = 0; j < k; ++j) dx[j] = p[j] * (dp[j] - st);
+    }
+}
+
+// Class ids: loss = lse - (1 - s) x[y] - s/k sum(x). Returns 0, or 1 + the first row whose id
+// is outside [0, k).
+template <typename T, typename I>
+__attribute__((noinline)) static npy_intp xent_ids(const T* __restrict__ X, const I* __restrict__ Y,
+                                                   T* __restrict__ L, npy_intp rows, npy_intp k,
+                                                   double smooth) {
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T* x = X + r * k;
+        const npy_intp y = (npy_intp)Y[r];
+        if (y < 0 || y >= k) return r + 1;
+        T m;
+        double lse, sx = 0.0;
+        row_lse(x, k, &m, &lse);
+        if (smooth != 0.0)
+            for (npy_intp j = 0; j < k; ++j) sx += x[j];
+        L[r] = (T)(lse - (1.0 - smooth) * x[y] - smooth / k * sx);
+    }
+    return 0;
+}
+
+// Target rows: with t' = (1 - s) t + s/k, loss = sum(t') lse - sum(t' x).
+template <typename T>
+__attribute__((noinline)) static void xent_rows(const T* __restrict__ X, const T* __restrict__ Tg,
+                                                T* __restrict__ L, npy_intp rows, npy_intp k,
+                                                double smooth) {
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T* x = X + r * k;
+        const T* t = Tg + r * k;
+        T m;
+        double lse, st = 0.0, stx = 0.0, sx = 0.0;
+        row_lse(x, k, &m, &lse);
+        for (npy_intp j = 0; j < k; ++j) {
+            st += t[j];
+            stx += (double)t[j] * x[j];
+            sx += x[j];
+        }
+        const double a = 1.0 - smooth;
+        L[r] = (T)((a * st + smooth) * lse - a * stx - smooth / k * sx);
+    }
+}
+
+// Class ids: dx = dl (p - (1 - s) [j == y] - s/k). ``gstep`` is 0 when dl is one value for all.
+template <typename T, typename I>
+__attribute__((noinline)) static npy_intp xent_ids_grad(
+        const T* __restrict__ DL, npy_intp gstep, const T* __restrict__ P, const I* __restrict__ Y,
+        T* __restrict__ DX, npy_intp rows, npy_intp k, double smooth) {
+    const T a = (T)(1.0 - smooth), b = (T)(smooth / k);
+    for (npy_intp r = 0; r < rows; ++r) {
+        const npy_intp y = (npy_intp)Y[r];
+        if (y < 0 || y >= k) return r + 1;
+        const T g = DL[r * gstep];
+        const T* p = P + r * k;
+        T* dx = DX + r * k;
+        for (npy_intp j = 0; j < k; ++j) dx[j] = g * (p[j] - b);
+        dx[y] -= g * a;
+    }
+    return 0;
+}
+
+// Target rows: dx = dl (p sum(t') - t').
+template <typename T>
+__attribute__((noinline)) static void xent_rows_grad(
+        const T* __restrict__ DL, npy_intp gstep, const T* __restrict__ P,
+        const T* __restrict__ Tg, T* __restrict__ DX, npy_intp rows, npy_intp k, double smooth) {
+    const T a = (T)(1.0 - smooth), b = (T)(smooth / k);
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T g = DL[r * gstep];
+        const T* p = P + r * k;
+        const T* t = Tg + r * k;
+        T* dx = DX + r * k;
+        double st = 0.0;
+        for (npy_intp j = 0; j < k; ++j) st += t[j];
+        const T sum_t = (T)((1.0 - smooth) * st + smooth);
+        for (npy_intp j = 0; j < k; ++j) dx[j] = g * (p[j] * sum_t - a * t[j] - b);
+    }
+}
+
+}  // namespace nbsoftmax
+"""
+
+
+# -- numpy twins (PyTensor's Python modes, and the tests' references) ----------------------------
+def _np_lse(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _np_targets(t: np.ndarray, k: int, smoothing: float, dtype) -> np.ndarray:
+    """Target rows ``t' = (1 - s) t + s / k`` (class ids become one-hot rows first)."""
+    if t.dtype.kind in "iub":
+        bad = (t < 0) | (t >= k)
+        if bad.any():
+            raise ValueError(f"SoftmaxCrossEntropy: class id {t[bad].flat[0]} is outside the "
+                             f"output's range; expected ids 0..{k - 1}")
+        t = np.eye(k, dtype=dtype)[t]
+    return ((1.0 - smoothing) * t + smoothing / k).astype(dtype, copy=False)
+
+
+# -- ops -----------------------------------------------------------------------------------------
+def _float(x):
+    x = pt.as_tensor_variable(x)
+    if x.type.dtype not in ("float32", "float64") or x.type.ndim < 1:
+        raise TypeError(f"expected a float tensor of at least one axis; received {x.type}")
+    return x
+
+
+class _RowsCOp(NetbuildCOp):
+    """The C skeleton the four ops share: rows of ``k`` (the last axis of ``x``), shape checks,
+    contiguous copies of the inputs, the output, then one kernel call without the GIL."""
+
+    kernels = (_KERNELS,)
+
+    def c_code_cache_version(self):
+        return (_VERSION,)
+
+    def _c_body(self, node, sub, x: str, inputs: list[tuple[str, str, str]], out: str,
+                out_rank: str, call: str) -> str:
+        """``inputs``: ``(variable, name, shape)``, the shape ``"rows_k"`` (as ``x``), ``"rows"``
+        (as ``x`` without its last axis), ``"rows_or_one"`` (that, or a single value) or
+        ``"any"`` (not checked); ``out_rank``: ``"rows"`` or ``"rows_k"``; ``call`` (with
+        ``IN_(i, T)``, ``OUT_``, ``ROWS_``, ``K_``) returns 0, or 1 + the first row whose class id
+        is out of range."""
+        dtype = node.outputs[0].dtype
+        ctype = f"npy_{dtype}"
+        typenum = f"NPY_{dtype.upper()}"
+        op, fail = type(self).__name__, sub["fail"]
+        n = len(inputs)
+        lines = [
+            "{",
+            "int err_ = 0;",
+            f"PyArrayObject* c_[{n}] = {{{', '.join(['NULL'] * n)}}};",
+            f"const int nd_ = PyArray_NDIM({x});",
+            f"const npy_intp* xd_ = PyArray_DIMS({x});",
+            "const npy_intp K_ = xd_[nd_ - 1];",
+            "npy_intp ROWS_ = 1;",
+            "for (int i_ = 0; i_ < nd_ - 1; ++i_) ROWS_ *= xd_[i_];",
+        ]
+        for v, what, shape in inputs:
+            if shape == "any":
+                continue
+            nd = "nd_" if shape == "rows_k" else "nd_ - 1"
+            one = f"PyArray_SIZE({v}) == 1" if shape == "rows_or_one" else "false"
+            lines.append(
+                f"if (!err_) {{ const bool one_ = {one}; bool ok_ = one_ || PyArray_NDIM({v}) == {nd}; "
+                f"for (int i_ = 0; !one_ && ok_ && i_ < {nd}; ++i_) "
+                f"ok_ = PyArray_DIMS({v})[i_] == xd_[i_]; "
+                f"if (!ok_) {{ PyErr_Format(PyExc_ValueError, \"{op}: {what} does not match the "
+                f"{'rows of the ' if shape != 'rows_k' else ''}logits' shape\"); err_ = 1; }} }}")
+        for i, (v, _, _) in enumerate(inputs):
+            lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
+        nd = "nd_" if out_rank == "rows_k" else "nd_ - 1"
+        lines += [
+            f"if (!err_) err_ = netbuild_output(&{out}, {nd}, xd_, {typenum});",
+            "#define IN_(i, T) ((const T*)PyArray_DATA(c_[i]))",
+            "if (!err_) {",
+            "    npy_intp bad_ = 0;",
+            "    Py_BEGIN_ALLOW_THREADS",
+            f"    bad_ = {call.replace('OUT_', f'({ctype}*)PyArray_DATA({out})')};",
+            "    Py_END_ALLOW_THREADS",
+            "    if (bad_) {",
+            f"        PyErr_Format(PyExc_ValueError, \"{op}: the class id of row %ld is outside "
+            "the output's range; expected ids 0..%ld\", (long)(bad_ - 1), (long)(K_ - 1));",
+            "        err_ = 1;",
+            "    }",
+            "}",
+            "#undef IN_",
+            f"for (int i_ = 0; i_ < {n}; ++i_) Py_XDECREF(c_[i_]);",
+            f"if (err_) {fail}",
+            "}",
+        ]
+        return "\n".join(lines)
+
+
+class Softmax(_RowsCOp):
+    """``p = exp(x - max) / sum(exp(x - max))`` over the last axis."""
+
+    __props__ = ()
+
+    def make_node(self, x):
+        x = _float(x)
+        return Apply(self, [x], [x.type()])
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0]]
+
+    def pullback(self, inputs, outputs, cotangents):
+        (dp,) = cotangents
+        if isinstance(dp.type, DisconnectedType):
+            return [disconnected_type()]
+        return [SoftmaxGrad()(dp, outputs[0])]
+
+    def perform(self, node, inputs, output_storage):
+        output_storage[0][0] = _np_softmax(inputs[0]).astype(node.outputs[0].dtype, copy=False)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        (x,), (p,) = inputs, outputs
+        t = f"npy_{node.outputs[0].dtype}"
+        call = f"(nbsoftmax::softmax<{t}>(IN_(0, {t}), OUT_, ROWS_, K_), 0)"
+        return self._c_body(node, sub, x, [(x, "x", "any")], p, "rows_k", call)
+
+
+class SoftmaxGrad(_RowsCOp):
+    """``dx = p (dp - sum(dp p))`` over the last axis: the gradient of :class:`Softmax`'s input
+    from its output ``p`` and the output's gradient ``dp``."""
+
+    __props__ = ()
+
+    def make_node(self, dp, p):
+        p = _float(p)
+        dp = pt.cast(pt.as_tensor_variable(dp), p.dtype)
+        if dp.type.ndim != p.type.ndim:
+            raise TypeError(f"SoftmaxGrad: dp has {dp.type.ndim} axes; expected {p.type.ndim}")
+        return Apply(self, [dp, p], [p.type()])
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[1]]
+
+    def pullback(self, inputs, outputs, cotangents):
+        return _pullback_of(lambda dp, p: p * (dp - (dp * p).sum(axis=-1, keepdims=True)), inputs,
+                            cotangents[0])
+
+    def perform(self, node, inputs, output_storage):
+        dp, p = inputs
+        dx = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        output_storage[0][0] = dx.astype(node.outputs[0].dtype, copy=False)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        (dp, p), (dx,) = inputs, outputs
+        t = f"npy_{node.outputs[0].dtype}"
+        call = f"(nbsoftmax::softmax_grad<{t}>(IN_(0, {t}), IN_(1, {t}), OUT_, ROWS_, K_), 0)"
+        return self._c_body(node, sub, p, [(dp, "dp", "rows_k"), (p, "p", "any")], dx, "rows_k",
+                            call)
+
+
+class _CrossEntropyCOp(_RowsCOp):
+    """The label smoothing ``s`` is a run-time parameter: one module serves every value."""
+
+    __props__ = ("smoothing",)
+    params_type = ParamsType(smoothing=float64)
+
+    def __init__(self, smoothing: float = 0.0):
+        self.smoothing = float(smoothing)
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1]; received {smoothing}")
+
+    def get_params(self, node):
+        return self.params_type.get_params(smoothing=self.smoothing)
+
+    @staticmethod
+    def _targets(t, x):
+        """Class ids (an integer tensor with one axis fewer than ``x``) or rows like ``x``."""
+        t = pt.as_tensor_variable(t)
+        if t.type.dtype.startswith(("int", "uint")) and t.type.ndim == x.type.ndim - 1:
+            return t
+        if t.type.ndim != x.type.ndim:
+            raise TypeError(f"targets {t.type} need {x.type.ndim - 1} axes (class ids) or "
+                            f"{x.type.ndim} (rows like the logits {x.type})")
+        return pt.cast(t, x.dtype)
+
+    def _smoothed_rows(self, t, k, dtype: str):
+        """Symbolic ``t' = (1 - s) t + s / k`` (class ids as one-hot rows)."""
+        if t.type.dtype.startswith(("int", "uint")):
+            t = pt.eq(t[..., None], pt.arange(k)).astype(dtype)
+        return (1.0 - self.smoothing) * t + self.smoothing / k.astype(dtype)
+
+
+class SoftmaxCrossEntropy(_CrossEntropyCOp):
+    """``loss = -sum(t' log softmax(x))`` over the last axis, from the logits ``x`` and targets
+    ``t``: class ids (``t' `` their one-hot rows) or rows like ``x``, smoothed to
+    ``t' = (1 - s) t + s / k``."""
+
+    def make_node(self, x, t):
+        x = _float(x)
+        t = self._targets(t, x)
+        return Apply(self, [x, t], [pt.tensor(dtype=x.dtype, shape=x.type.shape[:-1])])
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0][:-1]]
+
+    def connection_pattern(self, node):
+        return [[True], [node.inputs[1].type.dtype.startswith("float")]]
+
+    def pullback(self, inputs, outputs, cotangents):
+        x, t = inputs
+        (dl,) = cotangents
+        ids = not t.type.dtype.startswith("float")
+        if isinstance(dl.type, DisconnectedType):
+            return [disconnected_type(), disconnected_type()]
+        dx = SoftmaxCrossEntropyGrad(self.smoothing)(dl, Softmax()(x), t)
+        if ids:
+            return [dx, disconnected_type()]
+        m = pt.max(x, axis=-1, keepdims=True)
+        log_p = x - m - pt.log(pt.exp(x - m).sum(axis=-1, keepdims=True))
+        return [dx, -(1.0 - self.smoothing) * dl[..., None] * log_p]
+
+    def perform(self, node, inputs, output_storage):
+        x, t = inputs
+        x = x.astype(np.float64)  # as the C code: logsumexp - x[y] in double, no cancellation
+        rows = _np_targets(t, x.shape[-1], self.smoothing, x.dtype)
+        loss = rows.sum(axis=-1) * _np_lse(x) - (rows * x).sum(axis=-1)
+        output_storage[0][0] = np.asarray(loss, dtype=node.outputs[0].dtype)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        (x, t), (loss,) = inputs, outputs
+        ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
+        if node.inputs[1].type.dtype.startswith("float"):
+            call = (f"(nbsoftmax::xent_rows<{ft}>(IN_(0, {ft}), IN_(1, {ft}), OUT_, ROWS_, K_, "
+                    f"{s}), 0)")
+            shape = "rows_k"
+        else:
+            it = f"dtype_{t}"
+            call = f"nbsoftmax::xent_ids<{ft}, {it}>(IN_(0, {ft}), IN_(1, {it}), OUT_, ROWS_, K_, {s})"
+            shape = "rows"
+        return self._c_body(node, sub, x, [(x, "x", "any"), (t, "the targets", shape)], loss,
+                            "rows", call)
+
+
+class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
+    """``dx = dl (p sum(t') - t')``: the gradient of :class:`SoftmaxCrossEntropy`'s logits from
+    the loss's gradient ``dl`` (one value per row, or one for all), the softmax ``p`` of the
+    logits and the targets ``t``."""
+
+    def make_node(self, dl, p, t):
+        p = _float(p)
+        dl = pt.cast(pt.as_tensor_variable(dl), p.dtype)
+        if dl.type.ndim != p.type.ndim - 1:
+            raise TypeError(f"SoftmaxCrossEntropyGrad: dl has {dl.type.ndim} axes; expected "
+                            f"{p.type.ndim - 1}")
+        t = self._targets(t, p)
+        return Apply(self, [dl, p, t], [p.type()])
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[1]]
+
+    def connection_pattern(self, node):
+        return [[True], [True], [node.inputs[2].type.dtype.startswith("float")]]
+
+    def pullback(self, inputs, outputs, cotangents):
+        dl, p, t = inputs
+
+        def dx(dl, p, t=t):
+            rows = self._smoothed_rows(t, p.shape[-1], p.dtype)
+            return dl[..., None] * (p * rows.sum(axis=-1, keepdims=True) - rows)
+
+        if t.type.dtype.startswith("float"):
+            return _pullback_of(dx, [dl, p, t], cotangents[0])
+        return _pullback_of(dx, [dl, p], cotangents[0]) + [disconnected_type()]
+
+    def perform(self, node, inputs, output_storage):
+        dl, p, t = inputs
+        rows = _np_targets(t, p.shape[-1], self.smoothing, p.dtype)
+        dl = np.broadcast_to(dl, p.shape[:-1])
+        dx = dl[..., None] * (p * rows.sum(axis=-1, keepdims=True) - rows)
+        output_storage[0][0] = dx.astype(node.outputs[0].dtype, copy=False)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        (dl, p, t), (dx,) = inputs, outputs
+        ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
+        # dl: one value per row, or a single value broadcast to every row (gstep 0)
+        gstep = f"(PyArray_SIZE({dl}) == 1 && ROWS_ != 1 ? 0 : 1)"
+        if node.inputs[2].type.dtype.startswith("float"):
+            call = (f"(nbsoftmax::xent_rows_grad<{ft}>(IN_(0, {ft}), {gstep}, IN_(1, {ft}), "
+                    f"IN_(2, {ft}), OUT_, ROWS_, K_, {s}), 0)")
+            shape = "rows_k"
+        else:
+            it = f"dtype_{t}"
+            call = (f"nbsoftmax::xent_ids_grad<{ft}, {it}>(IN_(0, {ft}), {gstep}, IN_(1, {ft}), "
+                    f"IN_(2, {it}), OUT_, ROWS_, K_, {s})")
+            shape = "rows"
+        return self._c_body(node, sub, p, [(dl, "dl", "rows_or_one"), (p, "p", "any"),
+                                           (t, "the targets", shape)], dx, "rows_k", call)
+
+
+def _pullback_of(build, inputs: list, cotangent) -> list:
+    """The pullback of ``build(*inputs)``, a symbolic expression (second derivatives, rarely
+    needed). It is differentiated with respect to stand-ins of ``inputs``, then the inputs
+    replace them: where one input is computed from another (``dp = 2 p``), the chain rule
+    already follows that path outside this op."""
+    if isinstance(cotangent.type, DisconnectedType):
+        return [disconnected_type() for _ in inputs]
+    stand_ins = [v.type() for v in inputs]
+    grads = pytensor.grad(None, stand_ins, known_grads={build(*stand_ins): cotangent},
+                          disconnected_inputs="ignore", return_disconnected="zero")
+    return graph_replace(grads, dict(zip(stand_ins, inputs)), strict=False)
+
+
+def softmax(x):
+    """The softmax of ``x`` over its last axis (:class:`Softmax`)."""
+    return Softmax()(x)
+
+
+def softmax_cross_entropy(logits, targets, smoothing: float = 0.0):
+    """Each row's cross-entropy of ``softmax(logits)`` against ``targets`` (class ids or rows),
+    label-smoothed by ``smoothing`` (:class:`SoftmaxCrossEntropy`)."""
+    return SoftmaxCrossEntropy(smoothing)(logits, targets)
