@@ -31,7 +31,7 @@ from pytensor.scalar import float64
 from . import NetbuildCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 2
+_VERSION = 3
 
 _KERNELS = r"""
 #include <cmath>
@@ -234,8 +234,8 @@ class _RowsCOp(NetbuildCOp):
                 f"if (!err_) {{ const bool one_ = {one}; bool ok_ = one_ || PyArray_NDIM({v}) == {nd}; "
                 f"for (int i_ = 0; !one_ && ok_ && i_ < {nd}; ++i_) "
                 f"ok_ = PyArray_DIMS({v})[i_] == xd_[i_]; "
-                f"if (!ok_) {{ PyErr_Format(PyExc_ValueError, \"{op}: {what} does not match the "
-                f"{'rows of the ' if shape != 'rows_k' else ''}logits' shape\"); err_ = 1; }} }}")
+                f"if (!ok_) {{ PyErr_Format(PyExc_ValueError, \"{op}: the shape of {what} does not "
+                f"match {'the rows of ' if shape != 'rows_k' else ''}the logits\"); err_ = 1; }} }}")
         for i, (v, _, _) in enumerate(inputs):
             lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
         nd = "nd_" if out_rank == "rows_k" else "nd_ - 1"
