@@ -15,12 +15,12 @@ from pathlib import Path
 import click
 
 from . import __version__, report
-from .errors import NetbuildError
+from .errors import NetbuildError, printable
 
 
 def _fail(lines: list[str], code: int) -> None:
-    for line in lines:
-        click.echo(line, err=True)
+    for line in lines:  # a control character in a file name must not split a message
+        click.echo(printable(line), err=True)
     sys.exit(code)
 
 

@@ -234,6 +234,31 @@ def test_odd_paths_give_one_line_and_never_block(odd, model, tmp_path, run_cli):
         assert not (tmp_path / "p.npz").exists()
 
 
+@pytest.mark.parametrize("odd", ["fifo", "device", "newline", "loop"])
+def test_an_odd_spec_file_gives_one_line_and_never_blocks(odd, tmp_path, run_cli):
+    """A named pipe or a device given as the spec is refused before it is read (reading would
+    block, or never end); a control character in its name stays escaped on one line."""
+    if odd == "fifo":
+        path = tmp_path / "net.yaml"
+        os.mkfifo(path)
+    elif odd == "device":
+        path = "/dev/zero"
+    elif odd == "newline":
+        path = tmp_path / "a\nb.yaml"
+    else:
+        path = tmp_path / "loop.yaml"
+        path.symlink_to(path)
+    for args in (["check", path], ["train", path, "--quiet", "--run-dir", tmp_path / "run"]):
+        line = one_line(run_cli(*args))
+        expected = {"fifo": "is not a regular file (a device, pipe or socket); expected a YAML file",
+                    "device": "is not a regular file (a device, pipe or socket); expected a YAML file",
+                    "newline": "file not found", "loop": "cannot read: "}[odd]
+        assert expected in line, (args, line)
+    if odd == "newline":
+        assert "a\\nb.yaml" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_nul_byte_in_a_data_path(tmp_path, run_cli):
     spec = spec_naming(tmp_path, '"a\\0b.npz"')
     line = one_line(run_cli("check", spec))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -196,6 +197,18 @@ def load_file(path: str | os.PathLike) -> Spec:
     """Read and parse a spec file. Raises :class:`SpecError` when it cannot be read."""
     path = FsPath(path)
     source = str(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SpecError(Issue(Location(source), (), "file not found")) from None
+    except (OSError, ValueError) as exc:  # a loop of links, a name too long or holding a NUL
+        reason = getattr(exc, "strerror", None) or "the name holds a NUL byte"
+        raise SpecError(Issue(Location(source), (), f"cannot read: {reason}")) from None
+    if stat.S_ISDIR(mode):
+        raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file"))
+    if not stat.S_ISREG(mode):  # reading a pipe or a device would block, or never end
+        raise SpecError(Issue(Location(source), (), "is not a regular file (a device, pipe or "
+                                                    "socket); expected a YAML file"))
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
