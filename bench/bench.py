@@ -6,8 +6,10 @@ same initial weights on the same batches in the same order. Epochs alternate, ne
 PyTorch, for ``--rounds`` rounds after one warm-up epoch each, and the medians are reported:
 this machine is noisy. Both use ``--threads`` threads (default 1).
 
-Also measured: the numpy matrix-product bound of the MLP (the time of the products one training
-step needs, nothing else), the compile time of each training function with an empty compile cache
+Also measured: the numpy matrix-product bound of the MLP (an epoch of nothing but each training
+step's matrix products, in the step's order, on the step's batches; and, for reference, the sum of
+the products each timed alone with its operands in cache), the compile time of each training
+function with an empty compile cache
 (a fresh PyTensor compiledir, in a new process) and with a warm one, and the peak memory (max RSS)
 of ``netbuild train`` on a 1 GiB float32 npz.
 """
@@ -29,13 +31,14 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from itertools import pairwise  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from models import MODELS, Model, matmul_shapes  # noqa: E402
+from models import MLP_WIDTHS, MODELS, Model, matmul_shapes  # noqa: E402
 
 TARGETS = {"mlp": 1.5, "cnn": 1.0, "lstm": 1.0}
 BOUND_TARGET = 0.8
@@ -98,8 +101,55 @@ class TorchRun:
 
 
 # -- the matrix-product bound --------------------------------------------------------------------
-def matmul_bound(model: Model, repeats: int = 20) -> float:
-    """Samples/s if a training step did nothing but its matrix products (numpy, float32)."""
+class StepProducts:
+    """The MLP's matrix-product bound: an epoch of nothing but each training step's matrix
+    products (numpy, float32), in the step's order, on the step's batches (the same epoch order
+    as netbuild's), with the layouts the step uses (``x.T`` as a view) and outputs written into
+    buffers allocated once. Only the products are timed, not the gather of each batch."""
+
+    def __init__(self, model: Model):
+        rng = np.random.default_rng(0)
+        widths = list(pairwise(MLP_WIDTHS))
+        b = model.batch
+        self.model = model
+        self.x, _ = model.data()
+        self.w = [rng.standard_normal(shape, dtype=np.float32) for shape in widths]
+        self.h = [np.empty((b, n), np.float32) for _, n in widths]      # layer outputs
+        self.dy = [rng.standard_normal((b, n), dtype=np.float32) for _, n in widths]
+        self.dw = [np.empty(shape, np.float32) for shape in widths]
+        self.dx = [np.empty((b, k), np.float32) for k, _ in widths]
+
+    def _step(self, x: np.ndarray) -> None:
+        h = x
+        for w, out in zip(self.w, self.h):
+            np.dot(h, w, out=out)                                   # forward  h W
+            h = out
+        for i in reversed(range(len(self.w))):
+            below = x if i == 0 else self.h[i - 1]
+            np.dot(below.T, self.dy[i], out=self.dw[i])              # dW = h^T dy
+            if i > 0:
+                np.dot(self.dy[i], self.w[i].T, out=self.dx[i])      # dx = dy W^T
+
+    def epoch(self, epoch: int) -> float:
+        """Samples per second of the products alone."""
+        from netbuild.data import batches, epoch_order
+
+        n = len(self.x)
+        total = 0.0
+        for idx in batches(n, self.model.batch, epoch_order(n, 0, epoch)):
+            if len(idx) != self.model.batch:  # the buffers hold full batches
+                continue
+            x = self.x[idx]
+            start = time.perf_counter()
+            self._step(x)
+            total += time.perf_counter() - start
+        return (n - n % self.model.batch) / total
+
+
+def hot_products(model: Model, repeats: int = 20) -> float:
+    """Samples/s if each of a step's products ran with its operands already in cache: each timed
+    alone, ``repeats`` times in a row, median. Below what a step can reach (a step's products
+    follow one another on new data), shown for reference."""
     rng = np.random.default_rng(0)
     total = 0.0
     for m, k, n in matmul_shapes(model):
@@ -198,18 +248,26 @@ def write_results(path: Path, env: dict, rows: list[dict], memory: dict | None, 
              "float32, Adam, softmax cross-entropy, same initial weights and batches.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "| model | batch | netbuild samples/s | PyTorch samples/s | ratio | target | "
-             "matmul bound samples/s | netbuild / bound | compile cold s | compile warm s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "matmul bound samples/s | netbuild / bound | products in cache samples/s | "
+             "netbuild / products in cache | compile cold s | compile warm s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bound = r.get("bound")
         lines.append(
             f"| {r['title']} | {r['batch']} | {_fmt(r['netbuild'])} | {_fmt(r['torch'])} | "
             f"{r['ratio']:.2f}x | {TARGETS[r['name']]:.1f}x | {_fmt(bound)} | "
-            f"{_fmt(r['of_bound'], 2) + 'x' if bound else '-'} | "
+            f"{_fmt(r['of_bound'], 2) + 'x' if bound else '-'} | {_fmt(r.get('hot'))} | "
+            f"{_fmt(r['of_hot'], 2) + 'x' if bound else '-'} | "
             f"{_fmt(r.get('compile_cold'), 1)} | {_fmt(r.get('compile_warm'), 2)} |")
     lines.append("")
-    lines.append("netbuild / bound is the median over rounds of each round's netbuild epoch "
-                 "against the bound measured right after it (the machine's speed drifts).")
+    lines.append("The matmul bound is an epoch of nothing but each training step's matrix "
+                 "products (numpy, one thread), in the step's order, on the step's batches, into "
+                 "buffers allocated once: what a step costs if everything else were free. "
+                 "\"Products in cache\" sums the same products each timed alone, repeated with "
+                 "its operands in cache: faster than any step can run them, shown for reference. "
+                 "Every ratio is the median over rounds of each round's netbuild epoch against "
+                 "the PyTorch epoch or the bound measured in the same round (the machine's speed "
+                 "drifts by a third within a minute).")
     lines.append("")
     lines.append("Compile times are of the training function alone (`compile_train`); a new, empty "
                  "compile cache also builds PyTensor's own helper modules once per machine, "
@@ -235,7 +293,7 @@ def write_results(path: Path, env: dict, rows: list[dict], memory: dict | None, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,cnn,lstm")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1 GiB peak-memory run")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -258,19 +316,25 @@ def main() -> None:
                            cold_process=cold["process"], warm_process=warm["process"])
             trainer = netbuild_trainer(model, tmp)
             torch_run = TorchRun(model, trainer.network.param_values())
+            products = StepProducts(model) if name == "mlp" else None
             trainer.run_epoch(1), torch_run.epoch(1)  # warm-up
-            nb, th, bound = [], [], []
+            if products:
+                products.epoch(1)
+            nb, th, bound, hot = [], [], [], []
             for r in range(args.rounds):
                 nb.append(trainer.run_epoch(r + 2)["samples_per_second"])
                 th.append(torch_run.epoch(r + 2))
-                if name == "mlp":
-                    bound.append(matmul_bound(model))
+                if products:
+                    bound.append(products.epoch(r + 2))
+                    hot.append(hot_products(model))
             row.update(netbuild=statistics.median(nb), torch=statistics.median(th),
                        netbuild_all=nb, torch_all=th, bound=statistics.median(bound) if bound else None,
-                       bound_all=bound)
-            row["ratio"] = row["netbuild"] / row["torch"]
-            if bound:  # paired: each round's epoch against the bound measured right after it
+                       bound_all=bound, hot=statistics.median(hot) if hot else None)
+            # paired, as the bound's ratios: each round's netbuild epoch against its PyTorch epoch
+            row["ratio"] = statistics.median(n / t for n, t in zip(nb, th))
+            if bound:  # paired: each round's epoch against the bound measured in the same round
                 row["of_bound"] = statistics.median(n / b for n, b in zip(nb, bound))
+                row["of_hot"] = statistics.median(n / h for n, h in zip(nb, hot))
             print(f"{name}: netbuild {row['netbuild']:,.0f}/s, torch {row['torch']:,.0f}/s, "
                   f"ratio {row['ratio']:.2f}" + (f", bound {row['bound']:,.0f}/s, netbuild / bound "
                                                  f"{row['of_bound']:.2f}" if bound else ""),

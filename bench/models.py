@@ -7,6 +7,7 @@ synthetic data in the same batch order, and train with Adam (lr 1e-3) on softmax
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Callable
 
 import numpy as np
@@ -129,14 +130,17 @@ MODELS = {m.name: m for m in [
 ]}
 
 
+#: The MLP's layer widths, input first.
+MLP_WIDTHS = (784, 512, 256, 10)
+
+
 def matmul_shapes(model: Model) -> list[tuple[int, int, int]]:
     """The ``(m, k, n)`` matrix products of one MLP training step: each layer's forward product,
     its weight gradient, and (above the first layer) its input gradient."""
     assert model.name == "mlp"
-    widths = [784, 512, 256, 10]
     b = model.batch
     shapes = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (fan_in, fan_out) in enumerate(pairwise(MLP_WIDTHS)):
         shapes.append((b, fan_in, fan_out))        # forward  x W
         shapes.append((fan_in, b, fan_out))        # dW = x^T dy
         if i > 0:
