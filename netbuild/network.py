@@ -255,7 +255,13 @@ class Network:
         return {name: var.get_value() for name, var in self.params.items()}
 
     def set_param_values(self, values: dict[str, np.ndarray]) -> None:
-        """Load values saved by :meth:`param_values`; shapes must match."""
+        """Load values saved by :meth:`param_values`: the same names (KeyError for a missing one,
+        ValueError for one this network does not have, as after renaming a layer) and shapes."""
+        extra = sorted(set(values) - set(self.params))
+        if extra:
+            listed = ", ".join(f"'{k}'" for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+            raise ValueError(f"holds parameters this network does not have: {listed}; expected "
+                             f"the network's {len(self.params)} parameters (was a layer renamed?)")
         for name, var in self.params.items():
             if name not in values:
                 raise KeyError(name)

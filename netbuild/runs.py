@@ -49,7 +49,8 @@ class Checkpoint:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (fsynced)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename, the file and then its
+    folder fsynced (so that the rename itself survives a power cut)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -67,6 +68,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a folder we may write but not open: the file itself is safe already
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -51,6 +51,32 @@ def test_model_file_is_self_contained(trained):
     assert spec["data"]["train"].startswith("/")  # absolute: usable from anywhere
 
 
+@pytest.mark.parametrize("change", ["extra", "missing", "shape"])
+def test_a_model_whose_parameters_do_not_fit_its_spec(change, trained, run_cli, tmp_path):
+    """A model.npz whose arrays are not exactly its spec's parameters (a layer renamed, one
+    dropped, one reshaped) is refused in one line by eval and predict, not loaded in part."""
+    run_dir, _ = trained
+    with np.load(run_dir / "model.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if change == "extra":
+        arrays["hidden/W"] = arrays["dense_0/W"]
+        expected = "holds parameters this network does not have: 'hidden/W'"
+    elif change == "missing":
+        del arrays["out/b"]
+        expected = "parameter 'out/b' is missing"
+    else:
+        arrays["out/b"] = np.zeros(11, dtype=np.float32)
+        expected = "'out/b' has shape (11,); expected (10,)"
+    model = tmp_path / "model.npz"
+    np.savez(model, **arrays)
+    for args in (["eval", model], ["predict", model, "--data", TEST_NPZ, "--out", tmp_path / "p.npz"]):
+        result = run_cli(*args)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(model) in lines[0] and expected in lines[0], lines
+    assert not (tmp_path / "p.npz").exists()
+
+
 def test_eval_accuracy_equals_numpy_on_predict_output(trained, run_cli, tmp_path):
     run_dir, _ = trained
     result = run_cli("eval", run_dir, "--format", "json")
