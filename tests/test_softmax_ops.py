@@ -227,6 +227,22 @@ def test_targets_of_the_wrong_shape_raise(c):
         fn(np.zeros((3, 4)), np.zeros((3, 5)))
 
 
+@HOW
+def test_logits_without_classes_raise(c):
+    """An empty last axis has no softmax: every op says so (C and numpy alike)."""
+    x = np.zeros((3, 0))
+    xv = symbol(x)
+    ids, rows = np.zeros(3, dtype=np.int64), np.zeros((3, 0))
+    iv, rv = symbol(ids), symbol(rows)
+    cases = [([xv], softmax(xv), [x]),
+             ([xv, iv], softmax_cross_entropy(xv, iv), [x, ids]),
+             ([xv, rv], softmax_cross_entropy(xv, rv), [x, rows])]
+    for variables, output, values in cases:
+        fn = function(variables, [output], c)
+        with pytest.raises(ValueError, match="no classes"):
+            fn(*values)
+
+
 def test_make_node_refuses_wrong_types():
     with pytest.raises(TypeError, match="float tensor"):
         Softmax()(pt.lmatrix())

@@ -31,7 +31,7 @@ from pytensor.scalar import float64
 from . import NetbuildCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 3
+_VERSION = 4
 
 _KERNELS = r"""
 #include <cmath>
@@ -175,12 +175,18 @@ def _np_softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _np_targets(t: np.ndarray, k: int, smoothing: float, dtype) -> np.ndarray:
+def _np_check_classes(op, x: np.ndarray) -> None:
+    """The C code's refusal of logits without classes (an empty last axis)."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"{type(op).__name__}: the logits have no classes (an empty last axis)")
+
+
+def _np_targets(op, t: np.ndarray, k: int, smoothing: float, dtype) -> np.ndarray:
     """Target rows ``t' = (1 - s) t + s / k`` (class ids become one-hot rows first)."""
     if t.dtype.kind in "iub":
         bad = (t < 0) | (t >= k)
         if bad.any():
-            raise ValueError(f"SoftmaxCrossEntropy: class id {t[bad].flat[0]} is outside the "
+            raise ValueError(f"{type(op).__name__}: class id {t[bad].flat[0]} is outside the "
                              f"output's range; expected ids 0..{k - 1}")
         t = np.eye(k, dtype=dtype)[t]
     return ((1.0 - smoothing) * t + smoothing / k).astype(dtype, copy=False)
@@ -224,6 +230,8 @@ class _RowsCOp(NetbuildCOp):
             "const npy_intp K_ = xd_[nd_ - 1];",
             "npy_intp ROWS_ = 1;",
             "for (int i_ = 0; i_ < nd_ - 1; ++i_) ROWS_ *= xd_[i_];",
+            f"if (K_ == 0) {{ PyErr_SetString(PyExc_ValueError, \"{op}: the logits have no classes "
+            "(an empty last axis)\"); err_ = 1; }",
         ]
         for v, what, shape in inputs:
             if shape == "any":
@@ -280,6 +288,7 @@ class Softmax(_RowsCOp):
         return [SoftmaxGrad()(dp, outputs[0])]
 
     def perform(self, node, inputs, output_storage):
+        _np_check_classes(self, inputs[0])
         output_storage[0][0] = _np_softmax(inputs[0]).astype(node.outputs[0].dtype, copy=False)
 
     def c_code(self, node, name, inputs, outputs, sub):
@@ -311,6 +320,7 @@ class SoftmaxGrad(_RowsCOp):
 
     def perform(self, node, inputs, output_storage):
         dp, p = inputs
+        _np_check_classes(self, p)
         dx = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
         output_storage[0][0] = dx.astype(node.outputs[0].dtype, copy=False)
 
@@ -386,7 +396,8 @@ class SoftmaxCrossEntropy(_CrossEntropyCOp):
     def perform(self, node, inputs, output_storage):
         x, t = inputs
         x = x.astype(np.float64)  # as the C code: logsumexp - x[y] in double, no cancellation
-        rows = _np_targets(t, x.shape[-1], self.smoothing, x.dtype)
+        _np_check_classes(self, x)
+        rows = _np_targets(self, t, x.shape[-1], self.smoothing, x.dtype)
         loss = rows.sum(axis=-1) * _np_lse(x) - (rows * x).sum(axis=-1)
         output_storage[0][0] = np.asarray(loss, dtype=node.outputs[0].dtype)
 
@@ -438,7 +449,8 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
 
     def perform(self, node, inputs, output_storage):
         dl, p, t = inputs
-        rows = _np_targets(t, p.shape[-1], self.smoothing, p.dtype)
+        _np_check_classes(self, p)
+        rows = _np_targets(self, t, p.shape[-1], self.smoothing, p.dtype)
         dl = np.broadcast_to(dl, p.shape[:-1])
         dx = dl[..., None] * (p * rows.sum(axis=-1, keepdims=True) - rows)
         output_storage[0][0] = dx.astype(node.outputs[0].dtype, copy=False)
