@@ -231,3 +231,16 @@ def test_doctor_reports_the_backend(run_cli):
     info = json.loads(result.output)
     assert info["blas"] == "scipy-openblas32" and info["mode"].startswith("CVM")
     assert info["gemm_gflops"] > 0 and info["compiled_modules"] > 0
+
+
+@pytest.mark.parametrize("args", [["eval", "runs/x", "--fail-under", "a\nb"],
+                                  ["sweep", str(MLP), "--grid", "x\ny"],
+                                  ["train", str(MLP), "--epochs", "1\n2"]],
+                         ids=["fail-under", "grid", "epochs"])
+def test_a_control_character_in_an_option_stays_on_the_error_line(args, run_cli):
+    """Click's usage errors quote the value; a newline in it is escaped, not printed."""
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "\\n" in error[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,7 +4,11 @@ to another run is refused with the real path, and that run's files are left as t
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,6 +261,20 @@ def test_an_odd_spec_file_gives_one_line_and_never_blocks(odd, tmp_path, run_cli
     if odd == "newline":
         assert "a\\nb.yaml" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_spec_piped_through_standard_input():
+    """`... | netbuild check /dev/stdin` reads the pipe (relative data paths from the current
+    folder); a named pipe that is not standard input is still refused, as above."""
+    netbuild = Path(sys.executable).with_name("netbuild")
+    done = subprocess.run([str(netbuild), "check", "/dev/stdin", "--format", "json"],
+                          input=MLP.read_bytes(), cwd=CONFIGS, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    done = subprocess.run([str(netbuild), "check", "/dev/stdin"], input=b"model: [",
+                          capture_output=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith("/dev/stdin:1:"), done.stderr
 
 
 def test_a_nul_byte_in_a_data_path(tmp_path, run_cli):

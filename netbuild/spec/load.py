@@ -12,6 +12,7 @@ import copy
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -206,17 +207,17 @@ def load_file(path: str | os.PathLike) -> Spec:
         raise SpecError(Issue(Location(source), (), f"cannot read: {reason}")) from None
     if stat.S_ISDIR(mode):
         raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file"))
-    if not stat.S_ISREG(mode):  # reading a pipe or a device would block, or never end
+    if _is_piped_stdin(mode, path):  # `... | netbuild check /dev/stdin`
+        raw = sys.stdin.buffer.read(MAX_PIPED_BYTES + 1)
+        if len(raw) > MAX_PIPED_BYTES:
+            raise SpecError(Issue(Location(source), (), f"holds more than {MAX_PIPED_BYTES // 2**20} "
+                                                        "MiB; expected a YAML spec"))
+        base_dir = FsPath.cwd()  # relative data paths: from the current folder
+    elif not stat.S_ISREG(mode):  # reading another pipe or a device would block, or never end
         raise SpecError(Issue(Location(source), (), "is not a regular file (a device, pipe or "
                                                     "socket); expected a YAML file"))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(Issue(Location(source), (), "file not found")) from None
-    except IsADirectoryError:
-        raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file")) from None
-    except OSError as exc:
-        raise SpecError(Issue(Location(source), (), f"cannot read: {exc.strerror}")) from None
+    else:
+        raw, base_dir = _read_bytes(path, source), path.resolve().parent
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -227,7 +228,33 @@ def load_file(path: str | os.PathLike) -> Spec:
         line, column = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
         raise SpecError(Issue(Location(source, line, column), (),
                               "holds a NUL byte; expected a YAML text file"))
-    return load_text(text, source, path.resolve().parent)
+    return load_text(text, source, base_dir)
+
+
+def _read_bytes(path: FsPath, source: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(Issue(Location(source), (), "file not found")) from None
+    except IsADirectoryError:
+        raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file")) from None
+    except OSError as exc:
+        raise SpecError(Issue(Location(source), (), f"cannot read: {exc.strerror}")) from None
+
+
+#: The most a spec piped through standard input may hold.
+MAX_PIPED_BYTES = 16 * 2**20
+
+
+def _is_piped_stdin(mode: int, path: FsPath) -> bool:
+    """Whether ``path`` (a pipe) is this process's standard input, as ``/dev/stdin`` is."""
+    if not stat.S_ISFIFO(mode):
+        return False
+    try:
+        ours, theirs = os.fstat(0), path.stat()
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 # ----- --set overrides --------------------------------------------------------------------
