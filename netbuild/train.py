@@ -195,6 +195,11 @@ def _monitor(spec: Spec, section: str, has_validation: bool) -> Monitor | None:
     return Monitor(name, cfg.get("mode", "auto"), cfg.get("min_delta", 0.0))
 
 
+#: curves.png is drawn again when this many seconds have passed since it was last drawn (and
+#: after the last epoch): drawing takes about 0.3 s, longer than an epoch of a small network.
+CURVES_EVERY_S = 10.0
+
+
 class Trainer:
     """One training run of a validated spec into a run directory."""
 
@@ -324,6 +329,7 @@ class Trainer:
             self.on.resumed(self.epoch)
         every = int(self.cfg.get("checkpoint", {}).get("every", 1))
         stopped = self.stopped = False
+        curves_drawn = time.monotonic()
         for epoch in range(self.epoch + 1, self.epochs + 1):
             record = self.run_epoch(epoch)
             self.epoch = epoch
@@ -341,7 +347,9 @@ class Trainer:
             self.run_dir.save_model(self.spec, self.final_params() if last else self.model_params())
             if last or epoch % every == 0:
                 self.run_dir.save_checkpoint(self.spec, self.checkpoint())
+            if last or time.monotonic() - curves_drawn >= CURVES_EVERY_S:
                 self.run_dir.save_curves(self.history)
+                curves_drawn = time.monotonic()
             if stopped:
                 break
         if stopped or self.restores_best():

@@ -151,6 +151,23 @@ def test_run_directory_holds_checkpoint_and_curves(tmp_path, run_cli):
         assert "optimizer/dense_0/W/m" in f.files and "params/out/b" in f.files
 
 
+@pytest.mark.parametrize("every_s", [10.0, 0.0])
+def test_curves_are_drawn_at_the_end_and_every_few_seconds(every_s, tmp_path, run_cli, monkeypatch):
+    """Drawing curves.png takes longer than an epoch of a small network: it is drawn after the
+    last epoch, and before that only once CURVES_EVERY_S have passed since the last drawing."""
+    from netbuild import runs, train
+
+    drawn = []
+    save = runs.RunDir.save_curves
+    monkeypatch.setattr(train, "CURVES_EVERY_S", every_s)
+    monkeypatch.setattr(runs.RunDir, "save_curves",
+                        lambda self, records: drawn.append(len(records)) or save(self, records))
+    run = tmp_path / "run"
+    assert run_cli("train", MLP, "--run-dir", run, "--epochs", "3", "--quiet").exit_code == 0
+    assert drawn == ([3] if every_s else [1, 2, 3])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_locked_run_directory_is_refused(tmp_path, run_cli):
     run = tmp_path / "run"
     holder = RunDir(run)
