@@ -193,6 +193,11 @@ def _np_targets(op, t: np.ndarray, k: int, smoothing: float, dtype) -> np.ndarra
 
 
 # -- ops -----------------------------------------------------------------------------------------
+def _class_ids(t) -> bool:
+    """Whether targets ``t`` are class ids (integers); else they are rows of the logits' type."""
+    return t.type.dtype.startswith(("int", "uint"))
+
+
 def _float(x):
     x = pt.as_tensor_variable(x)
     if x.type.dtype not in ("float32", "float64") or x.type.ndim < 1:
@@ -350,7 +355,7 @@ class _CrossEntropyCOp(_RowsCOp):
     def _targets(t, x):
         """Class ids (an integer tensor with one axis fewer than ``x``) or rows like ``x``."""
         t = pt.as_tensor_variable(t)
-        if t.type.dtype.startswith(("int", "uint")) and t.type.ndim == x.type.ndim - 1:
+        if _class_ids(t) and t.type.ndim == x.type.ndim - 1:
             return t
         if t.type.ndim != x.type.ndim:
             raise TypeError(f"targets {t.type} need {x.type.ndim - 1} axes (class ids) or "
@@ -359,7 +364,7 @@ class _CrossEntropyCOp(_RowsCOp):
 
     def _smoothed_rows(self, t, k, dtype: str):
         """Symbolic ``t' = (1 - s) t + s / k`` (class ids as one-hot rows)."""
-        if t.type.dtype.startswith(("int", "uint")):
+        if _class_ids(t):
             t = pt.eq(t[..., None], pt.arange(k)).astype(dtype)
         return (1.0 - self.smoothing) * t + self.smoothing / k.astype(dtype)
 
@@ -378,16 +383,15 @@ class SoftmaxCrossEntropy(_CrossEntropyCOp):
         return [shapes[0][:-1]]
 
     def connection_pattern(self, node):
-        return [[True], [node.inputs[1].type.dtype.startswith("float")]]
+        return [[True], [not _class_ids(node.inputs[1])]]
 
     def pullback(self, inputs, outputs, cotangents):
         x, t = inputs
         (dl,) = cotangents
-        ids = not t.type.dtype.startswith("float")
         if isinstance(dl.type, DisconnectedType):
             return [disconnected_type(), disconnected_type()]
         dx = SoftmaxCrossEntropyGrad(self.smoothing)(dl, Softmax()(x), t)
-        if ids:
+        if _class_ids(t):
             return [dx, disconnected_type()]
         m = pt.max(x, axis=-1, keepdims=True)
         log_p = x - m - pt.log(pt.exp(x - m).sum(axis=-1, keepdims=True))
@@ -404,7 +408,7 @@ class SoftmaxCrossEntropy(_CrossEntropyCOp):
     def c_code(self, node, name, inputs, outputs, sub):
         (x, t), (loss,) = inputs, outputs
         ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
-        if node.inputs[1].type.dtype.startswith("float"):
+        if not _class_ids(node.inputs[1]):
             call = (f"(nbsoftmax::xent_rows<{ft}>(IN_(0, {ft}), IN_(1, {ft}), OUT_, ROWS_, K_, "
                     f"{s}), 0)")
             shape = "rows_k"
@@ -434,7 +438,7 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
         return [shapes[1]]
 
     def connection_pattern(self, node):
-        return [[True], [True], [node.inputs[2].type.dtype.startswith("float")]]
+        return [[True], [True], [not _class_ids(node.inputs[2])]]
 
     def pullback(self, inputs, outputs, cotangents):
         dl, p, t = inputs
@@ -443,7 +447,7 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
             rows = self._smoothed_rows(t, p.shape[-1], p.dtype)
             return dl[..., None] * (p * rows.sum(axis=-1, keepdims=True) - rows)
 
-        if t.type.dtype.startswith("float"):
+        if not _class_ids(t):
             return _pullback_of(dx, [dl, p, t], cotangents[0])
         return _pullback_of(dx, [dl, p], cotangents[0]) + [disconnected_type()]
 
@@ -460,7 +464,7 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
         ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
         # dl: one value per row, or a single value broadcast to every row (gstep 0)
         gstep = f"(PyArray_SIZE({dl}) == 1 && ROWS_ != 1 ? 0 : 1)"
-        if node.inputs[2].type.dtype.startswith("float"):
+        if not _class_ids(node.inputs[2]):
             call = (f"(nbsoftmax::xent_rows_grad<{ft}>(IN_(0, {ft}), {gstep}, IN_(1, {ft}), "
                     f"IN_(2, {ft}), OUT_, ROWS_, K_, {s}), 0)")
             shape = "rows_k"
