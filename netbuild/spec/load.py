@@ -199,21 +199,21 @@ def load_file(path: str | os.PathLike) -> Spec:
     path = FsPath(path)
     source = str(path)
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except FileNotFoundError:
         raise SpecError(Issue(Location(source), (), "file not found")) from None
     except (OSError, ValueError) as exc:  # a loop of links, a name too long or holding a NUL
         reason = getattr(exc, "strerror", None) or "the name holds a NUL byte"
         raise SpecError(Issue(Location(source), (), f"cannot read: {reason}")) from None
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(st.st_mode):
         raise SpecError(Issue(Location(source), (), "is a folder; expected a YAML file"))
-    if _is_piped_stdin(mode, path):  # `... | netbuild check /dev/stdin`
+    if _is_piped_stdin(st):  # `... | netbuild check /dev/stdin`
         raw = sys.stdin.buffer.read(MAX_PIPED_BYTES + 1)
         if len(raw) > MAX_PIPED_BYTES:
             raise SpecError(Issue(Location(source), (), f"holds more than {MAX_PIPED_BYTES // 2**20} "
                                                         "MiB; expected a YAML spec"))
         base_dir = FsPath.cwd()  # relative data paths: from the current folder
-    elif not stat.S_ISREG(mode):  # reading another pipe or a device would block, or never end
+    elif not stat.S_ISREG(st.st_mode):  # reading another pipe or a device would block, or never end
         raise SpecError(Issue(Location(source), (), "is not a regular file (a device, pipe or "
                                                     "socket); expected a YAML file"))
     else:
@@ -246,15 +246,15 @@ def _read_bytes(path: FsPath, source: str) -> bytes:
 MAX_PIPED_BYTES = 16 * 2**20
 
 
-def _is_piped_stdin(mode: int, path: FsPath) -> bool:
-    """Whether ``path`` (a pipe) is this process's standard input, as ``/dev/stdin`` is."""
-    if not stat.S_ISFIFO(mode):
+def _is_piped_stdin(st: os.stat_result) -> bool:
+    """Whether the file of ``st`` is a pipe and this process's standard input (``/dev/stdin``)."""
+    if not stat.S_ISFIFO(st.st_mode):
         return False
     try:
-        ours, theirs = os.fstat(0), path.stat()
-    except OSError:
+        ours = os.fstat(0)
+    except OSError:  # no standard input at all
         return False
-    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+    return (ours.st_dev, ours.st_ino) == (st.st_dev, st.st_ino)
 
 
 # ----- --set overrides --------------------------------------------------------------------
