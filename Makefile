@@ -36,7 +36,7 @@ data: $(STAMP)
 	$(BIN)/python configs/data/make_data.py
 
 # netbuild against PyTorch (CPU) on an MLP, a CNN and an LSTM: samples/s, the matrix-product
-# bound, compile times and peak memory, written to bench/RESULTS.md (about 3 minutes).
+# bound, compile times and peak memory, written to bench/RESULTS.md (about 2 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
