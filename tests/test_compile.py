@@ -30,9 +30,15 @@ train: {loss: mse, optimizer: {type: sgd}}
 
 def test_penalty_covers_weights_not_biases(float64):
     net = Network.from_spec(validate(load_text(SPEC, "t.yaml")))
-    value = pytensor.function([], penalty(net), mode=TEST_MODE)()
+    # Biases start at zero, where a penalty on them would add nothing: give them values first.
+    net.params["dense_0/b"].set_value(np.array([3.0, -2.0, 1.5, 4.0]))
+    net.params["dense_1/b"].set_value(np.array([5.0, -5.0]))
+    b = net.params["dense_0/b"]
+    grad_b = pytensor.grad(penalty(net), b, disconnected_inputs="ignore")  # zeros unless b counts
+    value, grad_b = pytensor.function([], [penalty(net), grad_b], mode=TEST_MODE)()
     W = net.params["dense_0/W"].get_value()
-    assert np.isclose(value, 0.01 * np.abs(W).sum() + 0.1 * (W**2).sum())
+    assert np.isclose(value, 0.01 * np.abs(W).sum() + 0.1 * (W**2).sum(), rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(grad_b, 0.0)
 
 
 def test_clipping_by_value_then_global_norm(float64):
@@ -46,6 +52,49 @@ def test_clipping_by_value_then_global_norm(float64):
     np.testing.assert_allclose(out[0], [1.0, -1.0, 0.5])
     small = pytensor.function([a, b], clip([a, b], 100.0, None), mode=TEST_MODE)(ga, gb)
     np.testing.assert_allclose(small[0], ga)  # under the limit: unchanged
+
+
+def np_clip(grads, clip_norm, clip_value):
+    """The documented order in numpy: each value to [-clip_value, clip_value], then the global norm."""
+    grads = [np.clip(g, -clip_value, clip_value) for g in grads]
+    norm = np.sqrt(sum((g**2).sum() for g in grads))
+    return [g * min(1.0, clip_norm / norm) for g in grads]
+
+
+def test_clipping_by_value_and_norm_at_once(float64):
+    """Both limits at once. The values are chosen so that the other order gives other numbers:
+    norm first scales [3, -4, 0.5, 12] by 1/13.3 and leaves nothing above 1 to clip."""
+    a, b = pt.vector(), pt.vector()
+    ga, gb = np.array([3.0, -4.0, 0.5]), np.array([12.0])
+    out = pytensor.function([a, b], clip([a, b], 1.0, 1.0), mode=TEST_MODE)(ga, gb)
+    want = np_clip([ga, gb], 1.0, 1.0)
+    np.testing.assert_allclose(out[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(out[1], want[1], rtol=1e-12)
+    assert not np.allclose(out[1], np.clip(gb / np.sqrt(169.25), -1, 1))
+
+
+def test_the_training_step_clips_by_both_of_the_specs_limits(float64):
+    """train.clip_value and train.clip_norm reach the compiled step: one SGD step (learning rate 1)
+    moves every parameter by minus its clipped gradient, the gradient computed on its own."""
+    text = SPEC.replace("train: {loss: mse, optimizer: {type: sgd}}",
+                        "train: {loss: mse, optimizer: {type: sgd, learning_rate: 1.0}, "
+                        "clip_value: 0.05, clip_norm: 0.1}")
+    spec = validate(load_text(text, "t.yaml"))
+    net = Network.from_spec(spec)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 3)) * 3, rng.normal(size=(8, 2)) * 3
+    params = net.trainable()
+    before = [p.get_value() for p in params]
+    xv, yv = net.input_variable(), pt.matrix("y")
+    out, _ = net.forward(xv, training=True)
+    loss = ((out - yv) ** 2).mean(-1).mean() + penalty(net)
+    grads = pytensor.function([xv, yv], pytensor.grad(loss, params), mode=TEST_MODE)(x, y)
+    assert max(np.abs(g).max() for g in grads) > 0.05  # the value limit bites
+    want = np_clip(grads, 0.1, 0.05)
+    assert np.sqrt(sum((g**2).sum() for g in np_clip(grads, np.inf, 0.05))) > 0.1  # so does the norm
+    compile_train(net, spec.data["train"], y, 0).step(x, y)
+    for p, b, g in zip(params, before, want):
+        np.testing.assert_allclose(b - p.get_value(), g, rtol=1e-9, atol=1e-12, err_msg=p.name)
 
 
 def python_nodes(fn, where: str) -> list[str]:
