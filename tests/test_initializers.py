@@ -24,6 +24,7 @@ def test_uniform_families_fill_their_range(name, limit):
     w = sample(name)
     assert np.abs(w).max() <= limit and np.abs(w).max() > 0.99 * limit
     assert w.std() == pytest.approx(limit / np.sqrt(3), rel=0.02)
+    assert abs(w.mean()) < 4 * limit / np.sqrt(3) / np.sqrt(w.size)
 
 
 @pytest.mark.parametrize("name,std", [
@@ -34,7 +35,8 @@ def test_uniform_families_fill_their_range(name, limit):
 ])
 def test_normal_families_have_their_deviation(name, std):
     w = sample(name)
-    assert w.std() == pytest.approx(std, rel=0.02) and abs(w.mean()) < 0.01 * std * 10
+    assert w.std() == pytest.approx(std, rel=0.02)
+    assert abs(w.mean()) < 4 * std / np.sqrt(w.size)  # four standard errors of the mean
     if name != {"type": "normal", "stddev": 0.2}:  # truncated at two deviations of the unit normal
         assert np.abs(w).max() <= 2 * std / 0.87962566103423978 + 1e-12
 

@@ -113,6 +113,7 @@ def test_extreme_logits_stay_finite(c, dtype):
     p, value, dx = function([xv, tv], [softmax(xv), loss, pytensor.grad(loss.sum(), xv)], c)(x, t)
     assert np.isfinite(p).all() and np.isfinite(value).all() and np.isfinite(dx).all()
     np.testing.assert_allclose(value, [2e4, np.log(3)], rtol=1e-6)
+    np.testing.assert_allclose(dx, [[1.0, -1.0, 0.0], [1 / 3, 1 / 3, -2 / 3]], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(p[1], 1 / 3, rtol=1e-6)
     assert value.dtype == dtype
 
