@@ -253,7 +253,7 @@ def _files_load(run) -> None:
 
 def _start_and_kill(args: list, log, delay: float) -> None:
     """Start ``netbuild ARGS``, wait until its training function is compiled, let it run for
-    ``delay`` seconds (a new epoch's writes start about every 0.3 s), then SIGKILL it."""
+    ``delay`` seconds (a new epoch's writes start about every 10 ms), then SIGKILL it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "netbuild", *map(str, args)], cwd=ROOT,
@@ -286,7 +286,10 @@ def test_killed_at_random_instants_then_resumed_is_bitwise_identical(kills, tmp_
         if (run / "spec.yaml").exists():
             _start_and_kill(["train", "--resume", run], log, rng.uniform(0.0, 1.2))
         else:  # killed before its first file: a fresh start (the folder holds only the lock)
-            _start_and_kill(["train", MLP, "--run-dir", run, "--epochs", "1000"], log, rng.uniform(0.0, 1.2))
+            # An epoch of this MLP with its writes takes about 10 ms, so the kills' 0.6 s on
+            # average add up to thousands of epochs: the run must never reach its last one.
+            _start_and_kill(["train", MLP, "--run-dir", run, "--epochs", "1000000"], log,
+                            rng.uniform(0.0, 1.2))
         _files_load(run)
     checkpoint = run / "checkpoint.npz"
     done = 0
