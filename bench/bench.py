@@ -21,7 +21,7 @@ import sys
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 # Before numpy loads its OpenBLAS: the matrix-product bound runs with the same threads.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+for _var in ("NETBUILD_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 
 import argparse  # noqa: E402

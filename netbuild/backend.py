@@ -17,6 +17,9 @@ from pathlib import Path
 _BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", "copy",
                                   "syrk", "trsm") for p in "sd"]
 
+#: OpenBLAS's own functions that netbuild's C ops call (netbuild.ops.GEMM).
+_OPENBLAS_FUNCTIONS = ("set_num_threads", "get_num_threads")
+
 _configured = False
 _blas_source = "none"
 
@@ -115,7 +118,8 @@ def openblas_ldflags() -> str | None:
         return None
     lib_dir = scipy_openblas32.get_lib_dir()
     lib = scipy_openblas32.get_library()
-    defines = " ".join(f"-D{n}_=scipy_{n}_" for n in _BLAS_ROUTINES)
+    defines = " ".join([f"-D{n}_=scipy_{n}_" for n in _BLAS_ROUTINES]
+                       + [f"-Dopenblas_{f}=scipy_openblas_{f}" for f in _OPENBLAS_FUNCTIONS])
     return f"-L{lib_dir} -l{lib} -Wl,-rpath,{lib_dir} {defines}"
 
 
@@ -132,10 +136,14 @@ def configure(float_type: str = "float32") -> None:
         # PyTensor runs g++ with -g; debug information was a third of a small module's compile
         # time (0.95 s against 0.68 s), and about 40 modules make a cold compile.
         pytensor.config.gcc__cxxflags = f"{pytensor.config.gcc__cxxflags} {COMPILE_FLAGS}".strip()
-    # OpenBLAS's worker threads spin while they wait; on small matrix products, or with other
-    # work on the machine, they made training steps up to 50x slower than one thread (measured
-    # on 2 cores: an LSTM step of 0.77 s against 0.015 s). A user's own setting wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Every core by default (netbuild.threads); a bad NETBUILD_THREADS is reported by the command
+    # that reads it, in one line, so here it falls back to the cores.
+    from . import threads
+
+    try:
+        threads.apply(threads.resolve())
+    except threads.ThreadsError:
+        threads.apply(threads.available_cores())
     if _user_set("blas__ldflags"):
         _blas_source = "user (PYTENSOR_FLAGS or .pytensorrc)"
     else:
@@ -179,6 +187,15 @@ def compile_cache() -> tuple[str, int, int]:
     return str(root), modules, size
 
 
+def _threads_info() -> dict:
+    from . import threads
+
+    info = threads.describe()
+    return {"threads": info["threads"], "available_cores": info["available_cores"],
+            "cpus": info["cpus"], "blas_threads": info["blas_threads"],
+            "threads_env": info["env"] or "(not set)"}
+
+
 def describe() -> dict:
     """What netbuild computes with: versions, mode, float type, BLAS, threads, compile cache."""
     import platform
@@ -196,8 +213,7 @@ def describe() -> dict:
         "compile_flags": f"-O3 {pytensor.config.gcc__cxxflags}".strip(),
         "blas": blas_source(),
         "blas_flags": pytensor.config.blas__ldflags or "(none)",
-        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(OpenBLAS default)"),
-        "cpus": os.cpu_count(),
+        **_threads_info(),
         "compile_cache": cache,
         "compiled_modules": modules,
         "compile_cache_bytes": size,

@@ -42,6 +42,19 @@ def handles_errors(fn):
 set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
                           help="Override a spec value, e.g. train.optimizer.learning_rate=0.01 "
                                "or model.layers[0].units=64 (repeatable).")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                              help="Threads to compute with (default: NETBUILD_THREADS, else every "
+                                   "core this process may run on; never more than those cores).")
+
+
+def _use_threads(requested: int | None) -> int:
+    """Compute with ``--threads`` (or the default) from here on; a bad NETBUILD_THREADS is one
+    line, exit 2."""
+    from . import threads
+
+    return threads.apply(threads.resolve(requested))
+
+
 format_option = click.option("--format", "fmt", type=click.Choice(["text", "json"]),
                              default="text", show_default=True, help="Output format.")
 
@@ -115,10 +128,11 @@ def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
 @click.option("--force", is_flag=True, help="With --resume: continue even if SPEC differs from the run's.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing run directory.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@threads_option
 @click.pass_context
 @handles_errors
 def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, epochs: int | None,
-          resume_dir: str | None, force: bool, overwrite: bool, quiet: bool) -> None:
+          resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, threads: int | None) -> None:
     """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
     curves.png into the run directory."""
     from .check import load_spec
@@ -129,6 +143,7 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
         raise click.UsageError("give SPEC, or --resume DIR to continue a run", ctx)
     if resume_dir and (run_dir or overwrite):
         raise click.UsageError("--resume continues its own directory; drop --run-dir/--overwrite", ctx)
+    n_threads = _use_threads(threads)
     resolved = load_spec(spec, overrides) if spec else None
     target = RunDir(resume_dir or run_dir or Path("runs") / resolved.data["name"])
     with target:
@@ -138,10 +153,10 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
         else:
             target.create(overwrite=overwrite)
             checkpoint = None
-        _run_training(resolved, target, epochs, checkpoint, quiet)
+        _run_training(resolved, target, epochs, checkpoint, quiet, n_threads)
 
 
-def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
+def _run_training(resolved, target, epochs, checkpoint, quiet: bool, n_threads: int) -> None:
     from .train import Callbacks
     from .train import train as run_training
 
@@ -167,7 +182,7 @@ def _run_training(resolved, target, epochs, checkpoint, quiet: bool) -> None:
 
     real = target.path.resolve()
     where = f"{target.path} (resolves to {real})" if real != target.path.absolute() else str(target.path)
-    say(f"training {resolved.data['name']} into {where}")
+    say(f"training {resolved.data['name']} into {where} on {n_threads} thread{'s' * (n_threads != 1)}")
     say("compiling the training function ...")
     result = run_training(resolved, target, epochs=epochs, resume_from=checkpoint, callbacks=Callbacks(
         compiled=lambda s: say(f"compiled in {s:.1f} s"),
@@ -203,14 +218,16 @@ def _threshold(ctx, param, values) -> list[tuple[str, float]]:
               help="Exit 3 when METRIC is above VALUE (repeatable), e.g. loss=0.3.")
 @click.option("--confusion", is_flag=True, help="Also print the confusion matrix (classification).")
 @format_option
+@threads_option
 @click.pass_context
 @handles_errors
 def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_under, fail_over,
-                 confusion: bool, fmt: str) -> None:
+                 confusion: bool, fmt: str, threads: int | None) -> None:
     """Evaluate MODEL (a run directory or model.npz): loss and metrics; gate on thresholds."""
     from .errors import ThresholdError
     from .evaluate import evaluate, failed_thresholds
 
+    _use_threads(threads)
     result = evaluate(model, data_file, confusion=confusion)
     metrics = result["metrics"]
     for name, _ in list(fail_under) + list(fail_over):
@@ -236,11 +253,13 @@ def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_und
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Where to write the outputs (.npz, key y).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@threads_option
 @handles_errors
-def predict(model: str, data_file: str, out_file: str, overwrite: bool) -> None:
+def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads: int | None) -> None:
     """Run MODEL on the inputs of --data and write its outputs to --out."""
     from .evaluate import predict as run_predict
 
+    _use_threads(threads)
     result = run_predict(model, data_file, out_file, overwrite)
     click.echo(f"wrote {result['out']}: y of shape {report.shape(result['output_shape'])}")
 
@@ -295,19 +314,24 @@ def schema() -> None:
               help="Where to write the runs and the summary (default: runs/<name>-sweep).")
 @click.option("--overwrite", is_flag=True, help="Train every point again from scratch.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Threads each point computes with on the local cluster (default: the cores "
+                   "divided among the workers).")
 @click.pass_context
 @handles_errors
 def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points: int | None,
                   seed: int | None, workers: int | None, scheduler: str | None, monitor: str | None,
-                  sweep_dir: str | None, overwrite: bool, quiet: bool) -> None:
+                  sweep_dir: str | None, overwrite: bool, quiet: bool, threads: int | None) -> None:
     """Train SPEC at every combination of the --grid values (and the spec's sweep section), each
     point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
     monitored metric. Exit 1 when a point failed; run again to skip completed points."""
     from . import sweep as sweeps
 
-    if workers and scheduler:
-        raise click.UsageError("--workers sizes the local cluster; with --scheduler the cluster's "
-                               "own workers run the points", ctx)
+    if (workers or threads) and scheduler:
+        raise click.UsageError("--workers and --threads size the local cluster; with --scheduler "
+                               "the cluster's own workers run the points (set NETBUILD_THREADS "
+                               "in their environment)", ctx)
+    _use_threads(None)  # a bad NETBUILD_THREADS is reported before anything starts
     try:
         plan = sweeps.plan(spec, grid, overrides, random=random_points, seed=seed, monitor=monitor,
                            sweep_dir=sweep_dir, workers=workers)
@@ -337,7 +361,8 @@ def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points:
         say(line + (f"  {record['message']}" if record["message"] else ""))
 
     result = sweeps.run(plan, scheduler=scheduler, workers=workers, overwrite=overwrite,
-                        callbacks=sweeps.Callbacks(start=started, point=finished))
+                        callbacks=sweeps.Callbacks(start=started, point=finished),
+                        per_point_threads=threads)
     headers, rows, align = sweeps.summary_table(plan, result.rows)
     say(report.table(headers, rows, align))
     say("wrote " + ", ".join(str(f) for f in result.files))

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from . import metrics as metrics_mod
+from . import threads
 from .errors import Issue, Location, NetbuildError, RunError, SpecError, format_path, printable
 from .spec import Spec, load_file, validate
 from .spec.load import apply_override, apply_overrides, parse_path
@@ -605,6 +606,7 @@ def run_point(task: Task) -> dict:
         # reference counts while building a function then warns of a harmless inconsistency.
         warnings.filterwarnings("ignore", message="Detected reference count inconsistency")
         try:
+            threads.apply(threads.resolve())  # OpenMP's count is per thread: this worker thread's
             check = _cancel_check(task.cancel_event)
             state = PointState("new") if task.overwrite else inspect_point(task.run_dir, task.spec)
             if state.kind == "complete":
@@ -642,31 +644,28 @@ def _different_message(run_dir, changed: list[str]) -> str:
 # ----- the cluster -------------------------------------------------------------------------
 
 
-def blas_threads(workers: int, cores: int | None = None) -> int:
-    """BLAS threads per worker: netbuild's default of one (see ``backend``), or the user's
-    ``OPENBLAS_NUM_THREADS``, never more than the cores each worker has to itself."""
-    cores = cores or os.cpu_count() or 1
-    share = max(1, cores // max(1, workers))
-    try:
-        wanted = int(os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-    except ValueError:
-        wanted = 1
-    return max(1, min(wanted, share))
+def point_threads(workers: int, requested: int | None = None, cores: int | None = None) -> int:
+    """Threads per worker: ``requested`` (``--threads``), else netbuild's default
+    (``NETBUILD_THREADS``, else every core), never more than the cores each worker has to
+    itself."""
+    share = max(1, (cores or threads.available_cores()) // max(1, workers))
+    return max(1, min(requested or threads.default_threads(), share))
 
 
 def default_workers(points: int, cores: int | None = None) -> int:
     """One worker per core, at most one per point to train."""
-    return max(1, min(cores or os.cpu_count() or 1, points))
+    return max(1, min(cores or threads.available_cores(), points))
 
 
-def local_cluster(workers: int):
-    """A ``LocalCluster`` of ``workers`` processes, one thread each (one point at a time), with
-    :func:`blas_threads` BLAS threads each, so that workers x threads stays within the cores."""
+def local_cluster(workers: int, per_worker: int):
+    """A ``LocalCluster`` of ``workers`` processes, one thread each (one point at a time), each
+    computing with ``per_worker`` threads (:func:`point_threads`), so that workers x threads
+    stays within the cores."""
     import dask
     from distributed import LocalCluster
 
-    threads = str(blas_threads(workers))
-    env = {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    n = str(per_worker)
+    env = {threads.ENV: n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
     # Ctrl-C in a terminal reaches every process of the group. The workers inherit an ignored
     # SIGINT (a disposition survives exec), so that only this process hears it and stops them in
     # order; a Ctrl-C during these few seconds of start-up is ignored. Dask's statistical
@@ -729,7 +728,7 @@ def _connect(scheduler: str):
 
 
 @contextlib.contextmanager
-def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
+def _client(workers: int, scheduler: str | None, per_worker: int) -> Iterator[Any]:
     from distributed import Client
 
     if scheduler:
@@ -739,7 +738,7 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
         finally:
             client.close()
         return
-    cluster = local_cluster(workers)
+    cluster = local_cluster(workers, per_worker)
     try:
         client = Client(cluster)
         try:
@@ -838,10 +837,11 @@ class _SweepDir:
 
 
 def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
-        callbacks: Callbacks | None = None) -> SweepResult:
+        callbacks: Callbacks | None = None, per_point_threads: int | None = None) -> SweepResult:
     """Train every point of ``plan`` that is not complete yet, on a ``LocalCluster`` of
-    ``workers`` processes (default: one per core, at most one per point) or on the cluster of
-    ``scheduler``; write ``sweep.json`` and the summary. Raises :class:`SweepInterrupted` on
+    ``workers`` processes (default: one per core, at most one per point), each with
+    ``per_point_threads`` threads (default: the cores divided among them), or on the cluster of
+    ``scheduler`` (whose workers compute with their own ``NETBUILD_THREADS``); write ``sweep.json`` and the summary. Raises :class:`SweepInterrupted` on
     Ctrl-C (after writing the summary of what completed)."""
     on = callbacks or Callbacks()
     folder = plan.sweep_dir.absolute()
@@ -866,13 +866,16 @@ def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, ov
         _write_state(sweep_dir, plan, records)
 
         n_workers = workers or plan.workers or default_workers(len(todo))
+        per_worker = point_threads(n_workers, per_point_threads)
         on.start({"points": len(plan.points), "complete": len(plan.points) - len(todo), "to_run": len(todo),
                   "where": f"the cluster at {scheduler}" if scheduler
-                  else f"a local cluster of {n_workers} worker{'s' * (n_workers != 1)}",
+                  else (f"a local cluster of {n_workers} worker{'s' * (n_workers != 1)} "
+                        f"({per_worker} thread{'s' * (per_worker != 1)} each)"),
                   "sweep_dir": plan.sweep_dir})
         interrupted = False
         if todo:
-            interrupted = _train(plan, todo, records, sweep_dir, scheduler, n_workers, overwrite, on)
+            interrupted = _train(plan, todo, records, sweep_dir, scheduler, n_workers, per_worker,
+                                 overwrite, on)
         ordered = [records[p.id] for p in plan.points]
         rows = summary_rows(plan, ordered)
         files = write_summary(sweep_dir, plan, rows)
@@ -888,14 +891,14 @@ def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, ov
 
 
 def _train(plan: Plan, todo: list[Point], records: dict, sweep_dir: _SweepDir, scheduler: str | None,
-           workers: int, overwrite: bool, on: Callbacks) -> bool:
+           workers: int, per_worker: int, overwrite: bool, on: Callbacks) -> bool:
     """Submit ``todo`` and collect the records as points finish; True when interrupted."""
     from distributed import Event, as_completed
 
     futures: dict = {}
     finished = 0
     try:
-        with _client(workers, scheduler) as client:
+        with _client(workers, scheduler, per_worker) as client:
             event = f"netbuild-sweep-cancel-{uuid.uuid4().hex}"
             cancel = Event(event, client=client)
             try:

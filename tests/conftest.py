@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
+# pytest-xdist runs one test process per core: each computes on one thread unless a test asks for
+# more (tests/test_threads.py), so that the processes do not oversubscribe the cores.
+os.environ.setdefault("NETBUILD_THREADS", "1")
+
 import numpy as np
 import pytensor
 import pytensor.gradient

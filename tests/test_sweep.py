@@ -30,7 +30,7 @@ REGRESSION = SPECS / "valid" / "regression-sgd.yaml"
 def scheduler():
     """A LocalCluster of 2 workers shared by the tests of this module (``--scheduler``), made as
     `netbuild sweep` makes its own."""
-    cluster = sweep.local_cluster(2)
+    cluster = sweep.local_cluster(2, 1)
     yield cluster.scheduler_address
     cluster.close()
 
@@ -268,7 +268,9 @@ def test_a_bad_value_at_one_point_stops_the_sweep_before_it_starts(tmp_path, run
     ([], "nothing to sweep"),
     (["--grid", "train.epochs=1,2", "--monitor", "val_acc"], "'val_acc' is not recorded"),
     (["--grid", "train.epochs=1,2", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"],
-     "--workers sizes the local cluster"),
+     "--workers and --threads size the local cluster"),
+    (["--grid", "train.epochs=1,2", "--threads", "2", "--scheduler", "tcp://127.0.0.1:1"],
+     "--workers and --threads size the local cluster"),
     (["--grid", "train.epochs=1,2", "--seed", "3"], "--seed picks the points of --random"),
 ])
 def test_command_line_mistakes_are_usage_errors(run_cli, args, message):
@@ -355,9 +357,12 @@ def test_a_plan_validates_every_point_and_drops_the_sweep_section(tmp_path):
         sweep.plan(str(tmp_path / "missing.yaml"), ["train.epochs=1"])
 
 
-def test_blas_threads_never_oversubscribe(monkeypatch):
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    assert sweep.blas_threads(2, cores=8) == 1  # netbuild's default
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
-    assert sweep.blas_threads(2, cores=8) == 4 and sweep.blas_threads(16, cores=8) == 1
+def test_threads_per_point_never_oversubscribe(monkeypatch):
+    monkeypatch.delenv("NETBUILD_THREADS", raising=False)
+    monkeypatch.setattr(sweep.threads, "available_cores", lambda: 8)
+    assert sweep.point_threads(2, cores=8) == 4  # the cores divided among the workers
+    assert sweep.point_threads(2, requested=2, cores=8) == 2
+    assert sweep.point_threads(2, requested=6, cores=8) == 4 and sweep.point_threads(16, cores=8) == 1
+    monkeypatch.setenv("NETBUILD_THREADS", "1")
+    assert sweep.point_threads(2, cores=8) == 1
     assert sweep.default_workers(3, cores=8) == 3 and sweep.default_workers(30, cores=8) == 8

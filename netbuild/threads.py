@@ -1,0 +1,156 @@
+"""How many threads netbuild computes with, and telling OpenMP and OpenBLAS.
+
+By default every core this process may run on: its CPU affinity (``os.sched_getaffinity``, as
+``taskset`` or a container's cpuset leaves it) and its cgroup's CPU quota (``cpu.max`` in cgroup
+v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smaller.
+``NETBUILD_THREADS`` overrides that, and ``--threads N`` on a command overrides both.
+
+The same count goes to netbuild's own C ops (OpenMP, over the images or rows of a batch) and to
+OpenBLAS (PyTensor's matrix products). The two take turns and never run at once: inside one of
+netbuild's parallel loops every BLAS call runs on its caller's thread (the ops set OpenBLAS to one
+thread for the loop, :data:`netbuild.ops.GEMM`), so threads never outnumber the cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from pathlib import Path
+
+from .errors import NetbuildError
+
+#: The environment variable that sets the default thread count.
+ENV = "NETBUILD_THREADS"
+
+_gomp = None
+_openblas = None
+_current: int | None = None
+
+
+class ThreadsError(NetbuildError):
+    """``NETBUILD_THREADS`` is not a positive whole number: a usage error (exit 2)."""
+
+    exit_code = 2
+
+
+def _cgroup_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Cores allowed by this process's cgroup CPU quota (rounded up), or None without one."""
+    try:
+        fields = (root / "cpu.max").read_text().split()  # v2: "max 100000" or "150000 100000"
+        if fields and fields[0] != "max":
+            return max(1, math.ceil(int(fields[0]) / int(fields[1])))
+        return None
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        pass
+    try:  # v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its affinity, capped by its cgroup's CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_limit(cgroup_root)
+    return max(1, min(cores, limit) if limit else cores)
+
+
+def default_threads() -> int:
+    """``NETBUILD_THREADS`` if set (at most the available cores), else the available cores."""
+    cores = available_cores()
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return cores
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ThreadsError(f"{ENV}={value!r}: expected a whole number of threads, at least 1")
+    return min(n, cores)
+
+
+def resolve(requested: int | None = None) -> int:
+    """The thread count to use: ``requested`` (``--threads``), else :func:`default_threads`;
+    never more than the available cores."""
+    if requested is None:
+        return default_threads()
+    return max(1, min(int(requested), available_cores()))
+
+
+#: Read by OpenMP and OpenBLAS when they load (a user's own values win): idle threads sleep
+#: instead of spinning. netbuild's parallel loops and OpenBLAS's threads take turns on the same
+#: cores, and a pool spinning while the other works halved the CNN's gain from a second core
+#: (1.03x against 1.64x, measured on 2 cores).
+WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "4"}
+
+
+def _load_gomp():
+    global _gomp
+    if _gomp is None:
+        try:  # RTLD_GLOBAL before OpenBLAS loads: its weak omp_in_parallel then resolves
+            _gomp = ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            _gomp = False
+    return _gomp or None
+
+
+def _load_openblas():
+    global _openblas
+    if _openblas is None:
+        try:
+            import scipy_openblas32
+
+            lib = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+            _openblas = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except (ImportError, OSError, AttributeError):
+            _openblas = False
+    return _openblas or None
+
+
+def preload() -> None:
+    """Load libgomp (globally) and then OpenBLAS, before any compiled op links them, with
+    :data:`WAIT_POLICY`."""
+    for name, value in WAIT_POLICY.items():
+        os.environ.setdefault(name, value)
+    _load_gomp()
+    _load_openblas()
+
+
+def apply(n: int) -> int:
+    """Compute with ``n`` threads from now on, in this thread (OpenMP's count is per thread) and
+    in child processes (the environment). Returns ``n``."""
+    global _current
+    n = max(1, int(n))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
+    preload()
+    gomp, blas = _load_gomp(), _load_openblas()
+    if gomp is not None:
+        gomp.omp_set_num_threads(ctypes.c_int(n))
+    if blas is not None and hasattr(blas, "scipy_openblas_set_num_threads"):
+        blas.scipy_openblas_set_num_threads(ctypes.c_int(n))
+    _current = n
+    return n
+
+
+def current() -> int:
+    """The thread count last applied (the default before any)."""
+    return _current if _current is not None else default_threads()
+
+
+def describe() -> dict:
+    """Threads and where the count came from, for ``netbuild doctor``."""
+    cores = available_cores()
+    blas = _load_openblas()
+    blas_threads = (int(blas.scipy_openblas_get_num_threads())
+                    if blas is not None and hasattr(blas, "scipy_openblas_get_num_threads") else None)
+    return {"threads": current(), "available_cores": cores, "cpus": os.cpu_count(),
+            "env": os.environ.get(ENV) or None, "blas_threads": blas_threads,
+            "openmp": _load_gomp() is not None}
