@@ -251,10 +251,11 @@ def _files_load(run) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data.endswith(b"IEND\xaeB`\x82")
 
 
-def _start_and_kill(args: list, log, delay: float) -> None:
-    """Start ``netbuild ARGS``, wait until its training function is compiled, let it run for
-    ``delay`` seconds (a new epoch's writes start about every 10 ms), then SIGKILL it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _start_and_kill(args: list, log, delay: float, threads: int = 1) -> None:
+    """Start ``netbuild ARGS`` on ``threads`` threads, wait until its training function is
+    compiled, let it run for ``delay`` seconds (a new epoch's writes start about every 10 ms),
+    then SIGKILL it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NETBUILD_THREADS=str(threads))
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "netbuild", *map(str, args)], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -272,24 +273,25 @@ def _start_and_kill(args: list, log, delay: float) -> None:
     assert "Traceback" not in text and "Error" not in text, text  # it was training, not failing
 
 
-@pytest.mark.parametrize("kills", [pytest.param(20, id="20-kills"),
-                                   pytest.param(50, id="50-kills", marks=pytest.mark.slow)])
-def test_killed_at_random_instants_then_resumed_is_bitwise_identical(kills, tmp_path, run_cli):
-    """SIGKILL training (then each resume) ``kills`` times, each at a random instant of its
-    first 1.2 s of training (epochs, writes of every file, the rewrites at a resume); after each
-    kill every file loads. Then the run is resumed to one epoch past where it stands and must
-    equal, bit for bit, a run of as many epochs never interrupted."""
+@pytest.mark.parametrize("kills, threads", [pytest.param(20, 1, id="20-kills"),
+                                            pytest.param(50, 2, id="50-kills-2-threads",
+                                                         marks=pytest.mark.slow)])
+def test_killed_at_random_instants_then_resumed_is_bitwise_identical(kills, threads, tmp_path, run_cli):
+    """SIGKILL training (then each resume, on ``threads`` threads) ``kills`` times, each at a
+    random instant of its first 1.2 s of training (epochs, writes of every file, the rewrites at a
+    resume); after each kill every file loads. Then the run is resumed (on one thread) to one epoch
+    past where it stands and must equal, bit for bit, a run of as many epochs never interrupted."""
     run = tmp_path / "run"
     log = tmp_path / "log"
     rng = np.random.default_rng(kills)
     for _ in range(kills):
         if (run / "spec.yaml").exists():
-            _start_and_kill(["train", "--resume", run], log, rng.uniform(0.0, 1.2))
+            _start_and_kill(["train", "--resume", run], log, rng.uniform(0.0, 1.2), threads)
         else:  # killed before its first file: a fresh start (the folder holds only the lock)
             # An epoch of this MLP with its writes takes about 10 ms, so the kills' 0.6 s on
             # average add up to thousands of epochs: the run must never reach its last one.
             _start_and_kill(["train", MLP, "--run-dir", run, "--epochs", "1000000"], log,
-                            rng.uniform(0.0, 1.2))
+                            rng.uniform(0.0, 1.2), threads)
         _files_load(run)
     checkpoint = run / "checkpoint.npz"
     done = 0

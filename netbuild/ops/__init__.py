@@ -31,6 +31,32 @@ static int netbuild_output(PyArrayObject** out, int nd, const npy_intp* dims, in
 }
 """
 
+#: C: threads (OpenMP). ``netbuild_threads()``: how many a parallel loop may use (netbuild's thread
+#: count, :mod:`netbuild.threads`); ``netbuild_thread()``: the caller's index among them.
+#: ``netbuild_slices(n)`` and ``netbuild_slice_start(n, s)``: a fixed cut of ``n`` items (a batch)
+#: into at most :data:`SLICES` slices of consecutive items, a function of ``n`` alone, so that a sum
+#: over slices taken in slice order has the same bits whatever the number of threads.
+THREADS = r"""
+#ifdef _OPENMP
+#include <omp.h>
+static inline int netbuild_threads(void) { int n = omp_get_max_threads(); return n > 0 ? n : 1; }
+static inline int netbuild_thread(void) { return omp_get_thread_num(); }
+#else
+static inline int netbuild_threads(void) { return 1; }
+static inline int netbuild_thread(void) { return 0; }
+#endif
+static inline npy_intp netbuild_slices(npy_intp n) { return n < %(slices)d ? n : %(slices)d; }
+static inline npy_intp netbuild_slice_start(npy_intp n, npy_intp s) {
+    npy_intp k = netbuild_slices(n);
+    return k ? s * n / k : 0;
+}
+"""
+
+#: The most slices a batch is cut into (see :data:`THREADS`): more threads than this gain nothing
+#: on a weight gradient.
+SLICES = 16
+THREADS = THREADS % {"slices": SLICES}
+
 #: C: a scratch buffer of at least ``n`` bytes, kept by the node between calls.
 SCRATCH = r"""
 static void* netbuild_scratch(void** buf, size_t* size, size_t n) {
@@ -50,6 +76,31 @@ static void* netbuild_scratch(void** buf, size_t* size, size_t n) {
 #: ``c`` by ``beta``, as the reference BLAS does).
 GEMM = r"""
 #include <string.h>
+
+// OpenBLAS's thread count, if the BLAS is OpenBLAS (weak: another BLAS leaves these NULL).
+extern "C" {
+void openblas_set_num_threads(int) __attribute__((weak));
+int openblas_get_num_threads(void) __attribute__((weak));
+}
+
+// BLAS on its caller's thread while it lives: inside netbuild's parallel loops each thread calls
+// gemm on its own slice, and OpenBLAS's own threads (for PyTensor's large products) would queue
+// the calls one behind another (OpenBLAS warns "Detect OpenMP Loop" and runs 6x slower).
+struct netbuild_serial_blas {
+    int previous;
+    explicit netbuild_serial_blas(int threads) : previous(0) {
+        if (threads > 1 && openblas_set_num_threads && openblas_get_num_threads) {
+            int n = openblas_get_num_threads();
+            if (n > 1) {
+                previous = n;
+                openblas_set_num_threads(1);
+            }
+        }
+    }
+    ~netbuild_serial_blas() {
+        if (previous) openblas_set_num_threads(previous);
+    }
+};
 
 template <typename T>
 static inline void netbuild_gemm_empty_k(int m, int n, T beta, T* c, int ldc) {
@@ -83,7 +134,13 @@ class NetbuildCOp(COp):
     kernels: tuple[str, ...] = ()
 
     def c_support_code(self, **kwargs):
-        return [OUTPUT, *self.kernels]
+        return [THREADS, OUTPUT, *self.kernels]
+
+    def c_compile_args(self, **kwargs):
+        return ["-fopenmp"]
+
+    def c_libraries(self, **kwargs):
+        return ["gomp"]
 
 
 class BlasCOp(NetbuildCOp):
@@ -96,13 +153,13 @@ class BlasCOp(NetbuildCOp):
     extra_compile_args: tuple[str, ...] = ()
 
     def c_support_code(self, **kwargs):
-        return [blas_header_text(), SCRATCH, OUTPUT, GEMM, *self.kernels]
+        return [blas_header_text(), THREADS, SCRATCH, OUTPUT, GEMM, *self.kernels]
 
     def c_libraries(self, **kwargs):
-        return ldflags()
+        return [*ldflags(), *super().c_libraries()]
 
     def c_compile_args(self, **kwargs):
-        return [*ldflags(libs=False, flags=True), *self.extra_compile_args]
+        return [*ldflags(libs=False, flags=True), *super().c_compile_args(), *self.extra_compile_args]
 
     def c_lib_dirs(self, **kwargs):
         return ldflags(libs=False, libs_dir=True)

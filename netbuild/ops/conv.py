@@ -38,7 +38,7 @@ from pytensor.tensor.blas_headers import blas_header_version
 from . import BlasCOp
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 9
+_VERSION = 11
 
 #: Activations the ops apply themselves, and their codes in the C code.
 ACTIVATIONS = {"linear": 0, "relu": 1}
@@ -215,13 +215,45 @@ static inline void relu_grad(const T* __restrict__ y, const T* __restrict__ dy, 
     for (npy_intp i = 0; i < n; ++i) dz[i] = std::copysign((T)1, y[i]) > 0 ? dy[i] : (T)0;
 }
 
-// y (N, F, OH, OW) = act(conv(x (N, C, H, W), w (F, C, KH, KW)) + b (F,)); b may be NULL; act 1:
-// relu, applied to each image's output while it is in cache.
+// Each thread's scratch: the columns of one image and one image's pre-activation gradient; for the
+// weight gradient, a partial dW and bias sums per slice of the batch.
 template <typename T>
-static void forward(npy_intp N, const T* x, const T* w, const T* b, int act, T* y, T* cols,
-                    const Geom& g) {
+struct Scratch {
+    T* cols;            // nt * per_thread values: thread t's columns at cols + t * per_thread
+    npy_intp per_thread;
+    T* part;            // slices * F * CK: each slice's partial dW
+    double* acc;        // slices * F: each slice's bias sums
+    int nt;             // threads
+};
+
+// The scratch layout for N images with nt threads: its size in bytes; with a buffer, the
+// pointers into it.
+template <typename T>
+static size_t scratch_layout(char* base, npy_intp N, int nt, const Geom& g, Scratch<T>* s) {
+    const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, S = netbuild_slices(N);
+    s->nt = nt;
+    s->per_thread = (CK + g.F) * P;
+    const size_t acc = sizeof(double) * (size_t)(S * g.F);
+    const size_t part = sizeof(T) * (size_t)(S * g.F * CK);
+    if (base) {
+        s->acc = (double*)base;
+        s->part = (T*)(base + acc);
+        s->cols = (T*)(base + acc + part);
+    }
+    return acc + part + sizeof(T) * (size_t)(nt * s->per_thread);
+}
+
+// y (N, F, OH, OW) = act(conv(x (N, C, H, W), w (F, C, KH, KW)) + b (F,)); b may be NULL; act 1:
+// relu, applied to each image's output while it is in cache. Images in parallel: each is computed
+// alone, so the result does not depend on the threads.
+template <typename T>
+static void forward(npy_intp N, const T* x, const T* w, const T* b, int act, T* y,
+                    const Scratch<T>& sc, const Geom& g) {
+    netbuild_serial_blas serial(sc.nt);
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
+    #pragma omp parallel for num_threads(sc.nt) schedule(static)
     for (npy_intp n = 0; n < N; ++n) {
+        T* cols = sc.cols + netbuild_thread() * sc.per_thread;
         const T* xn = x + n * g.C * g.H * g.W;
         T* yn = y + n * F * P;
         const T* a = xn;
@@ -256,13 +288,17 @@ static inline const T* pre_grad(const T* dy, const T* y, T* dz, npy_intp n, npy_
 }
 
 // dx (N, C, H, W) = the input gradient of y = act(conv(x, w) + b), given dy (N, F, OH, OW) and,
-// after a relu, y (else NULL); dz: scratch of F * OH * OW.
+// after a relu, y (else NULL). Images in parallel, each alone.
 template <typename T>
-static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, T* cols, T* dz,
+static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, const Scratch<T>& sc,
                        const Geom& g) {
+    netbuild_serial_blas serial(sc.nt);
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F, HW = g.H * g.W;
     const bool dir = direct(g);
+    #pragma omp parallel for num_threads(sc.nt) schedule(static)
     for (npy_intp n = 0; n < N; ++n) {
+        T* cols = sc.cols + netbuild_thread() * sc.per_thread;
+        T* dz = cols + CK * P;
         T* dxn = dx + n * g.C * HW;
         if (F == 0 || P == 0) {
             memset(dxn, 0, sizeof(T) * g.C * HW);
@@ -280,31 +316,57 @@ static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, T
 }
 
 // dw (F, C, KH, KW) and db (F,) (db may be NULL) of y = act(conv(x, w) + b), given dy and, after
-// a relu, y (else NULL); dz: scratch of F * OH * OW; acc: scratch of F doubles.
+// a relu, y (else NULL). The batch is cut into netbuild_slices(N) slices, a function of N alone;
+// each slice sums its images' products in order into its own partial, in parallel, and the
+// partials are added in slice order: the same bits with any number of threads.
 template <typename T>
-static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw, T* db, T* cols,
-                         T* dz, double* acc, const Geom& g) {
-    const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
-    memset(dw, 0, sizeof(T) * F * CK);
-    for (npy_intp f = 0; f < F; ++f) acc[f] = 0;
-    if (db) memset(db, 0, sizeof(T) * F);
-    if (P == 0) return;
-    for (npy_intp n = 0; n < N; ++n) {
-        const T* xn = x + n * g.C * g.H * g.W;
-        const T* d = pre_grad(dy, y, dz, n, F * P);
-        const T* a = xn;
-        if (!direct(g)) {
-            im2col(xn, cols, g);
-            a = cols;
-        }
-        // dW^T (CK, F) += cols (CK, P) dz^T (P, F)
-        if (CK > 0 && F > 0)
-            netbuild_gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1, dw, (int)CK);
-        if (db)
-            for (npy_intp f = 0; f < F; ++f) acc[f] += sum(d + f * P, P);
+static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw, T* db,
+                         const Scratch<T>& sc, const Geom& g) {
+    netbuild_serial_blas serial(sc.nt);
+    const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F, S = netbuild_slices(N);
+    if (P == 0 || S == 0) {
+        memset(dw, 0, sizeof(T) * F * CK);
+        if (db) memset(db, 0, sizeof(T) * F);
+        return;
     }
-    if (db)
-        for (npy_intp f = 0; f < F; ++f) db[f] = (T)acc[f];
+    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    for (npy_intp s = 0; s < S; ++s) {
+        T* cols = sc.cols + netbuild_thread() * sc.per_thread;
+        T* dz = cols + CK * P;
+        T* part = sc.part + s * F * CK;
+        double* acc = sc.acc + s * F;
+        memset(part, 0, sizeof(T) * F * CK);
+        for (npy_intp f = 0; f < F; ++f) acc[f] = 0;
+        for (npy_intp n = netbuild_slice_start(N, s); n < netbuild_slice_start(N, s + 1); ++n) {
+            const T* xn = x + n * g.C * g.H * g.W;
+            const T* d = pre_grad(dy, y, dz, n, F * P);
+            const T* a = xn;
+            if (!direct(g)) {
+                im2col(xn, cols, g);
+                a = cols;
+            }
+            // dW^T (CK, F) += cols (CK, P) dz^T (P, F)
+            if (CK > 0 && F > 0)
+                netbuild_gemm('T', 'N', (int)CK, (int)F, (int)P, (T)1, a, (int)P, d, (int)P, (T)1,
+                              part, (int)CK);
+            if (db)
+                for (npy_intp f = 0; f < F; ++f) acc[f] += sum(d + f * P, P);
+        }
+    }
+    const npy_intp FCK = F * CK;
+    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    for (npy_intp i = 0; i < FCK; ++i) {
+        T v = sc.part[i];
+        for (npy_intp s = 1; s < S; ++s) v += sc.part[s * FCK + i];
+        dw[i] = v;
+    }
+    if (db) {
+        for (npy_intp f = 0; f < F; ++f) {
+            double v = sc.acc[f];
+            for (npy_intp s = 1; s < S; ++s) v += sc.acc[s * F + f];
+            db[f] = (T)v;
+        }
+    }
 }
 
 }  // namespace nbconv
@@ -410,9 +472,9 @@ class _ConvCOp(BlasCOp):
                 outs: list[tuple[str, str]], call: str) -> str:
         """C code: the geometry from ``x_like`` (N, C, *spatial) and ``w_like`` (F, C, *kernel);
         ``checks``: ``(variable, name, shape)`` of inputs to check; contiguous copies ``c_[i]`` of
-        ``contig``; outputs ``(variable, shape)``; scratch for the columns (``cols_``), one
-        image's pre-activation gradient (``dz_``) and a double per filter (``acc_``); then
-        ``call`` without the GIL.
+        ``contig``; outputs ``(variable, shape)``; the scratch ``sc_`` (each thread's columns
+        and pre-activation gradient, each slice's partial weight gradient); then ``call``
+        without the GIL.
         A shape is the 2-d op's 4 dims, a C initializer (a 1-d op leaves out the third); the same
         code serves both ranks, so that they share one compiled module."""
         dtype = node.outputs[0].dtype
@@ -460,13 +522,11 @@ class _ConvCOp(BlasCOp):
                 lines.append(f"if (!err_) {{ nbwin::dims(d_, nd_, {shape}); "
                              f"err_ = netbuild_output(&{v}, nd_, d_, {typenum}); }}")
         lines += [
-            "char* s_ = NULL;",
-            f"if (!err_) {{ s_ = (char*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, "
-            f"sizeof(double) * g_.F + sizeof({ctype}) * (size_t)((g_.C * g_.KH * g_.KW + g_.F) "
-            "* g_.OH * g_.OW)); if (!s_) err_ = 1; }",
-            "double* acc_ = (double*)s_;",
-            f"{ctype}* cols_ = ({ctype}*)(s_ + sizeof(double) * g_.F);",
-            f"{ctype}* dz_ = cols_ + g_.C * g_.KH * g_.KW * g_.OH * g_.OW;",
+            f"nbconv::Scratch<{ctype}> sc_;",
+            "const int nt_ = netbuild_threads();",
+            f"if (!err_) {{ size_t n_ = nbconv::scratch_layout<{ctype}>(NULL, N_, nt_, g_, &sc_); "
+            f"char* s_ = (char*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, n_); "
+            f"if (!s_) err_ = 1; else nbconv::scratch_layout<{ctype}>(s_, N_, nt_, g_, &sc_); }}",
             f"#define IN_(i) ((const {ctype}*)PyArray_DATA(c_[i]))",
             f"#define OUT_(o) (({ctype}*)PyArray_DATA(o))",
             "if (!err_) {",
@@ -539,7 +599,7 @@ class Conv(_ConvCOp):
         checks = [(inputs[2], "b", "g_.F")] if bias else []
         b = "IN_(2)" if bias else "(const T_*)NULL"
         call = (f"nbconv::forward(N_, IN_(0), IN_(1), {b}, (int){sub['params']}->act, OUT_({y}), "
-                "cols_, g_)")
+                "sc_, g_)")
         return self._c_body(node, name, sub, x, w, checks, list(inputs),
                             [(y, "N_, g_.F, g_.OH, g_.OW")], call)
 
@@ -613,7 +673,7 @@ class ConvGradInput(_ConvGradCOp):
         shape = "N_, g_.F, g_.OH, g_.OW"
         checks = [(dy, "dy", shape)] + [(v, "y", shape) for v in inputs[3:]]
         y = "IN_(2)" if len(inputs) == 4 else "(const T_*)NULL"
-        call = f"nbconv::grad_input(N_, IN_(0), IN_(1), {y}, OUT_({dx}), cols_, dz_, g_)"
+        call = f"nbconv::grad_input(N_, IN_(0), IN_(1), {y}, OUT_({dx}), sc_, g_)"
         return self._c_body(node, name, sub, x, w, checks, [w, dy] + list(inputs[3:]),
                             [(dx, "N_, g_.C, g_.H, g_.W")], call)
 
@@ -676,8 +736,7 @@ class ConvGradWeights(_ConvGradCOp):
         checks = [(dy, "dy", shape)] + [(v, "y", shape) for v in inputs[3:]]
         y = "IN_(2)" if len(inputs) == 4 else "(const T_*)NULL"
         db = f"OUT_({outputs[1]})" if self.bias else "(T_*)NULL"
-        call = (f"nbconv::grad_weights(N_, IN_(0), IN_(1), {y}, OUT_({outputs[0]}), {db}, cols_, "
-                "dz_, acc_, g_)")
+        call = (f"nbconv::grad_weights(N_, IN_(0), IN_(1), {y}, OUT_({outputs[0]}), {db}, sc_, g_)")
         outs = [(outputs[0], "g_.F, g_.C, g_.KH, g_.KW")]
         if self.bias:
             outs.append((outputs[1], "g_.F"))

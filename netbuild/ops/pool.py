@@ -32,7 +32,7 @@ from . import NetbuildCOp
 from .conv import HELPERS
 
 #: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 7
+_VERSION = 8
 
 MODES = {"max": 0, "avg": 1}
 
@@ -125,7 +125,9 @@ template <typename T>
 __attribute__((noinline)) static void forward(int mode, npy_intp planes, const T* __restrict__ x,
                                               T* __restrict__ y, const Geom& g) {
     const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
+    const int nt = netbuild_threads();
     if (mode == 0 && tiles2x2(g)) {
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (npy_intp p = 0; p < planes; ++p) {
             const T* xp = x + p * HW;
             T* yp = y + p * P;
@@ -137,6 +139,7 @@ __attribute__((noinline)) static void forward(int mode, npy_intp planes, const T
         }
         return;
     }
+    #pragma omp parallel for num_threads(nt) schedule(static)
     for (npy_intp p = 0; p < planes; ++p) {
         const T* xp = x + p * HW;
         T* yp = y + p * P;
@@ -163,8 +166,10 @@ __attribute__((noinline)) static void backward(int mode, npy_intp planes, const 
                                                const T* __restrict__ dy, T* __restrict__ dx,
                                                const Geom& g) {
     const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
+    const int nt = netbuild_threads();
     if (mode == 0 && tiles2x2(g)) {
         // every element of dx written once, no zeroing pass
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (npy_intp p = 0; p < planes; ++p) {
             const T* xp = x + p * HW;
             const T* dyp = dy + p * P;
@@ -185,11 +190,12 @@ __attribute__((noinline)) static void backward(int mode, npy_intp planes, const 
         }
         return;
     }
-    memset(dx, 0, sizeof(T) * planes * HW);
+    #pragma omp parallel for num_threads(nt) schedule(static)
     for (npy_intp p = 0; p < planes; ++p) {
         const T* xp = x + p * HW;
         const T* dyp = dy + p * P;
         T* dxp = dx + p * HW;
+        memset(dxp, 0, sizeof(T) * HW);
         for (npy_intp i = 0; i < g.OH; ++i) {
             for (npy_intp j = 0; j < g.OW; ++j) {
                 const T d = dyp[i * g.OW + j];
