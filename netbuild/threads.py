@@ -34,30 +34,63 @@ class ThreadsError(NetbuildError):
     exit_code = 2
 
 
-def _cgroup_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Cores allowed by this process's cgroup CPU quota (rounded up), or None without one."""
+def _quota(folder: Path) -> int | None:
+    """The cores one cgroup's CPU quota allows (rounded up): ``cpu.max`` (v2) or
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (v1); None without a quota."""
     try:
-        fields = (root / "cpu.max").read_text().split()  # v2: "max 100000" or "150000 100000"
-        if fields and fields[0] != "max":
-            return max(1, math.ceil(int(fields[0]) / int(fields[1])))
-        return None
+        fields = (folder / "cpu.max").read_text().split()  # "max 100000" or "150000 100000"
+        return max(1, math.ceil(int(fields[0]) / int(fields[1]))) if fields[0] != "max" else None
     except (OSError, ValueError, IndexError, ZeroDivisionError):
         pass
-    try:  # v1
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
         return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
     except (OSError, ValueError, ZeroDivisionError):
         return None
 
 
-def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The cores this process may use: its affinity, capped by its cgroup's CPU quota."""
+def _cgroup_folders(root: Path, membership: Path) -> list[Path]:
+    """The folders of this process's CPU cgroups (v2, v1 and the hybrid layout's ``unified``),
+    from ``/proc/self/cgroup``; the mount points themselves when it cannot be read."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return [root, root / "cpu"]
+    folders = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.strip().lstrip("/")
+        if controllers == "":
+            folders += [root / rel, root / "unified" / rel]
+        elif "cpu" in controllers.split(","):
+            folders += [root / controllers / rel, root / "cpu" / rel]
+    return folders
+
+
+def _cgroup_limit(root: Path = Path("/sys/fs/cgroup"),
+                  membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Cores allowed by the tightest CPU quota of this process's cgroups and their ancestors
+    (as ``docker --cpus`` or a systemd slice sets it), or None without one."""
+    limits = []
+    for folder in _cgroup_folders(root, membership):
+        for level in (folder, *folder.parents):
+            if root not in (level, *level.parents):
+                break
+            quota = _quota(level)
+            if quota:
+                limits.append(quota)
+    return min(limits) if limits else None
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                    membership: Path = Path("/proc/self/cgroup")) -> int:
+    """The cores this process may use: its affinity, capped by its cgroups' CPU quota."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    limit = _cgroup_limit(cgroup_root)
+    limit = _cgroup_limit(cgroup_root, membership)
     return max(1, min(cores, limit) if limit else cores)
 
 
@@ -86,8 +119,8 @@ def resolve(requested: int | None = None) -> int:
 
 #: Read by OpenMP and OpenBLAS when they load (a user's own values win): idle threads sleep
 #: instead of spinning. netbuild's parallel loops and OpenBLAS's threads take turns on the same
-#: cores, and a pool spinning while the other works halved the CNN's gain from a second core
-#: (1.03x against 1.64x, measured on 2 cores).
+#: cores, and a pool spinning while the other works made the bench CNN's epoch on 2 threads
+#: slower than on 1 (0.39x its speed; 1.42x with sleeping pools; 7 rounds each, 2 cores).
 WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytensor
 import pytensor.tensor as pt
 import pytest
 from conftest import CONFIGS
@@ -34,13 +35,35 @@ def restore_threads():
     ({"cpu.max": "garbage"}, None),
     ({}, None),
 ])
-def test_cgroup_quota(files, limit, tmp_path):
+def test_cgroup_quota_at_the_mount_points(files, limit, tmp_path):
+    """Without /proc/self/cgroup: the quota of the mount points themselves."""
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert threads._cgroup_limit(tmp_path) == limit
+    unreadable = tmp_path / "no-such-proc-file"
+    assert threads._cgroup_limit(tmp_path, unreadable) == limit
     affinity = len(os.sched_getaffinity(0))
-    assert threads.available_cores(tmp_path) == min(affinity, limit or affinity)
+    assert threads.available_cores(tmp_path, unreadable) == min(affinity, limit or affinity)
+
+
+@pytest.mark.parametrize("membership, files, limit", [
+    # v2: the process's own cgroup and its ancestors; the tightest wins
+    ("0::/slice/job\n", {"slice/cpu.max": "400000 100000", "slice/job/cpu.max": "200000 100000"}, 2),
+    ("0::/slice/job\n", {"slice/cpu.max": "100000 100000", "slice/job/cpu.max": "max 100000"}, 1),
+    # the hybrid layout: v1 controllers, v2 under unified/
+    ("1:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "250000",
+                                            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 3),
+    ("4:memory:/x\n1:cpu:/\n0::/\n", {"unified/cpu.max": "max 100000"}, None),
+    ("garbage without colons\n", {}, None),
+])
+def test_cgroup_quota_of_this_process(membership, files, limit, tmp_path):
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "cgroup-membership"
+    proc.write_text(membership)
+    assert threads._cgroup_limit(root, proc) == limit
 
 
 def test_the_default_is_every_core_or_netbuild_threads(monkeypatch):
@@ -67,12 +90,13 @@ def test_a_bad_netbuild_threads_is_one_line(monkeypatch, run_cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_apply_tells_openblas(restore_threads):
-    threads.apply(2)
-    assert threads.describe()["blas_threads"] in (2, None)  # None: not netbuild's OpenBLAS
-    assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["OPENBLAS_NUM_THREADS"] == "2"
-    threads.apply(1)
-    assert threads.describe()["blas_threads"] in (1, None)
+def test_apply_tells_openmp_and_openblas(restore_threads):
+    """The count reaches the libraries themselves, not only the environment."""
+    for n in (2, 1):
+        threads.apply(n)
+        assert threads.describe()["blas_threads"] == n  # the bundled scipy-openblas32
+        assert threads._load_gomp().omp_get_max_threads() == n
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == str(n)
 
 
 # -- the same bits on 1 and 2 threads ------------------------------------------------------------
@@ -91,8 +115,6 @@ def test_conv_and_pool_ops_give_the_same_bits_on_1_and_2_threads(batch, restore_
     y = Conv((1, 1), (1, 1), ((1, 1), (1, 1)), "relu")(xv, wv, bv)
     pooled = Pool("max", (2, 2), (2, 2), ((0, 0), (0, 0)))(y)
     loss = (pooled * pooled).sum() + (Pool("avg", (3, 3), (2, 2), ((1, 1), (1, 1)))(y) ** 2).sum()
-    import pytensor
-
     outputs = [y, pooled, *pytensor.grad(loss, [xv, wv, bv])]
     fn = function([xv, wv, bv], outputs, c=True)
     one = _on(1, fn, x, w, b)
