@@ -841,7 +841,8 @@ def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, ov
     """Train every point of ``plan`` that is not complete yet, on a ``LocalCluster`` of
     ``workers`` processes (default: one per core, at most one per point), each with
     ``per_point_threads`` threads (default: the cores divided among them), or on the cluster of
-    ``scheduler`` (whose workers compute with their own ``NETBUILD_THREADS``); write ``sweep.json`` and the summary. Raises :class:`SweepInterrupted` on
+    ``scheduler`` (whose workers compute with their own ``NETBUILD_THREADS``); write
+    ``sweep.json`` and the summary. Raises :class:`SweepInterrupted` on
     Ctrl-C (after writing the summary of what completed)."""
     on = callbacks or Callbacks()
     folder = plan.sweep_dir.absolute()

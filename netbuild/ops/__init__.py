@@ -31,6 +31,10 @@ static int netbuild_output(PyArrayObject** out, int nd, const npy_intp* dims, in
 }
 """
 
+#: The most slices a batch is cut into (see :data:`THREADS`): more threads than this gain nothing
+#: on a weight gradient.
+SLICES = 16
+
 #: C: threads (OpenMP). ``netbuild_threads()``: how many a parallel loop may use (netbuild's thread
 #: count, :mod:`netbuild.threads`); ``netbuild_thread()``: the caller's index among them.
 #: ``netbuild_slices(n)`` and ``netbuild_slice_start(n, s)``: a fixed cut of ``n`` items (a batch)
@@ -50,12 +54,7 @@ static inline npy_intp netbuild_slice_start(npy_intp n, npy_intp s) {
     npy_intp k = netbuild_slices(n);
     return k ? s * n / k : 0;
 }
-"""
-
-#: The most slices a batch is cut into (see :data:`THREADS`): more threads than this gain nothing
-#: on a weight gradient.
-SLICES = 16
-THREADS = THREADS % {"slices": SLICES}
+""" % {"slices": SLICES}
 
 #: C: a scratch buffer of at least ``n`` bytes, kept by the node between calls.
 SCRATCH = r"""
