@@ -8,7 +8,7 @@ v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smal
 The same count goes to netbuild's own C ops (OpenMP, over the images or rows of a batch) and to
 OpenBLAS (PyTensor's matrix products). The two take turns and never run at once: inside one of
 netbuild's parallel loops every BLAS call runs on its caller's thread (the ops set OpenBLAS to one
-thread for the loop, :data:`netbuild.ops.GEMM`), so threads never outnumber the cores.
+thread for the loop: ``netbuild_serial_blas`` in ``netbuild/ops/blas.c``), so threads never outnumber the cores.
 """
 
 from __future__ import annotations

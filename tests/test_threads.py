@@ -14,6 +14,7 @@ from conftest import CONFIGS
 from test_conv_ops import function
 
 from netbuild import threads
+from netbuild.ops import recurrent
 from netbuild.ops.conv import Conv
 from netbuild.ops.pool import Pool
 
@@ -124,6 +125,49 @@ def test_conv_and_pool_ops_give_the_same_bits_on_1_and_2_threads(batch, restore_
     numpy = function([xv, wv, bv], outputs, c=False)(x, w, b)
     for name, a, ref in zip(["y", "pooled", "dx", "dW", "db"], two, numpy):
         np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def _sequence_function(cell: str, activation: str, recurrent_activation: str, dtype: str):
+    """The recurrent op's outputs and every input's gradient, in C."""
+    names = ["P", "b", "W", "h0"] + ([recurrent.CELLS[cell][1]] if recurrent.CELLS[cell][1] else [])
+    ndims = {"P": 3, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
+    inputs = [pt.tensor(n, dtype=dtype, shape=(None,) * ndims[n]) for n in names]
+    outs = recurrent.sequence(cell, *inputs[:4], *(inputs[4:] or [None]), activation=activation,
+                              recurrent_activation=recurrent_activation)
+    weights = pt.tensor("weights", dtype=dtype, shape=(None, None, None))
+    loss = (outs[0] * weights).sum()
+    if cell == "lstm":  # a gradient reaches the cell states too
+        loss = loss + (outs[1] * outs[1]).sum()
+    return names, function([*inputs, weights], [*outs, *pytensor.grad(loss, inputs)], c=True)
+
+
+# Batches: one row, fewer rows than two parts of recurrent.c's ROWS_PER_PART (one part on any
+# number of threads), two uneven parts.
+@pytest.mark.parametrize("batch", [1, 20, 37])
+@pytest.mark.parametrize("cell, activation, recurrent_activation", [
+    ("simple_rnn", "tanh", "sigmoid"), ("simple_rnn", "relu", "sigmoid"),
+    ("lstm", "tanh", "sigmoid"), ("lstm", "relu", "hard_sigmoid"),
+    ("gru", "tanh", "sigmoid"), ("gru", "linear", "hard_sigmoid")])
+def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation, batch,
+                                          restore_threads):
+    """Each thread runs the whole time loop on its own rows: on 2 threads the results agree with
+    1 thread's to rounding, and a given number of threads gives the same bits every time.
+    Whether 1 and 2 threads give the same bits is up to the BLAS: OpenBLAS's product of a row
+    can depend on the rows it is computed with (README, Threads)."""
+    rng = np.random.default_rng(batch)
+    T, U = 6, 20
+    G = recurrent.CELLS[cell][0] * U
+    values = {"P": rng.normal(size=(T, batch, G)), "b": rng.normal(size=G) * 0.1,
+              "W": rng.normal(size=(U, G)) * 0.3, "h0": rng.normal(size=(batch, U)) * 0.5,
+              "c0": rng.normal(size=(batch, U)) * 0.5, "b_hn": rng.normal(size=U) * 0.1}
+    names, fn = _sequence_function(cell, activation, recurrent_activation, "float64")
+    args = [values[n] for n in names] + [rng.normal(size=(T, batch, U))]
+    one = [a.copy() for a in _on(1, fn, *args)]
+    two = [a.copy() for a in _on(2, fn, *args)]
+    again = _on(2, fn, *args)
+    for i, (a, b, c) in enumerate(zip(one, two, again)):
+        np.testing.assert_array_equal(b, c, err_msg=f"output {i}: 2 threads, twice")
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"output {i}")
 
 
 def _trained(run_cli, config, run, n: int, epochs: int) -> dict:

@@ -6,159 +6,146 @@ gemm, and its gradients), :mod:`netbuild.ops.pool` (max and average pooling, and
 gradient) and :mod:`netbuild.ops.softmax` (softmax and softmax cross-entropy, and their
 gradients).
 
-Every op here derives from :class:`NetbuildCOp`.
+Every op here derives from :class:`NetbuildCOp`, PyTensor's ``ExternalCOp``: its C lives in a
+``.c`` file beside its module, cut into ``#section`` blocks, after the glue every op shares
+(``netbuild.c``: threads, slices, outputs, the node's scratch buffer, shape checks; and for ops
+that call BLAS, ``blas.c``). The Python side of each op writes only its call: :class:`CCall`
+writes what every call repeats (contiguous inputs, checked shapes, allocated outputs, the scratch,
+the kernel without the GIL, the cleanup). The compile cache keys each module by a hash of all of
+that text, C files and Python glue, so an edit can never run a stale module.
 """
 
 from __future__ import annotations
 
-from pytensor.link.c.op import COp
+import functools
+import inspect
+import re
+from pathlib import Path
+
+from pytensor.link.c.op import ExternalCOp
 from pytensor.tensor.blas import ldflags
-from pytensor.tensor.blas_headers import blas_header_text
+from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
+from pytensor.utils import hash_from_code
 
-#: C: ``*out`` as a C-contiguous, writeable array of ``dims`` and ``typenum``: kept when it
-#: already is one (the node's output from the previous call), else newly allocated.
-OUTPUT = r"""
-static int netbuild_output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum) {
-    if (*out && PyArray_NDIM(*out) == nd && PyArray_TYPE(*out) == typenum
-        && PyArray_IS_C_CONTIGUOUS(*out) && PyArray_ISWRITEABLE(*out)) {
-        bool same = true;
-        for (int i = 0; i < nd; ++i) same = same && PyArray_DIMS(*out)[i] == dims[i];
-        if (same) return 0;
-    }
-    Py_XDECREF(*out);
-    *out = (PyArrayObject*)PyArray_EMPTY(nd, (npy_intp*)dims, typenum, 0);
-    return *out ? 0 : -1;
-}
-"""
+HERE = Path(__file__).resolve().parent
 
-#: The most slices a batch is cut into (see :data:`THREADS`): more threads than this gain nothing
-#: on a weight gradient.
-SLICES = 16
-
-#: C: threads (OpenMP). ``netbuild_threads()``: how many a parallel loop may use (netbuild's thread
-#: count, :mod:`netbuild.threads`); ``netbuild_thread()``: the caller's index among them.
-#: ``netbuild_slices(n)`` and ``netbuild_slice_start(n, s)``: a fixed cut of ``n`` items (a batch)
-#: into at most :data:`SLICES` slices of consecutive items, a function of ``n`` alone, so that a sum
-#: over slices taken in slice order has the same bits whatever the number of threads.
-THREADS = r"""
-#ifdef _OPENMP
-#include <omp.h>
-static inline int netbuild_threads(void) { int n = omp_get_max_threads(); return n > 0 ? n : 1; }
-static inline int netbuild_thread(void) { return omp_get_thread_num(); }
-#else
-static inline int netbuild_threads(void) { return 1; }
-static inline int netbuild_thread(void) { return 0; }
-#endif
-static inline npy_intp netbuild_slices(npy_intp n) { return n < %(slices)d ? n : %(slices)d; }
-static inline npy_intp netbuild_slice_start(npy_intp n, npy_intp s) {
-    npy_intp k = netbuild_slices(n);
-    return k ? s * n / k : 0;
-}
-""" % {"slices": SLICES}
-
-#: C: a scratch buffer of at least ``n`` bytes, kept by the node between calls.
-SCRATCH = r"""
-static void* netbuild_scratch(void** buf, size_t* size, size_t n) {
-    if (n > *size) {
-        free(*buf);
-        *buf = malloc(n ? n : 1);
-        *size = *buf ? n : 0;
-        if (!*buf) PyErr_NoMemory();
-    }
-    return *buf;
-}
-"""
+#: The C types and type numbers of the float types the ops compute in.
+CTYPES = {"float32": "npy_float32", "float64": "npy_float64"}
+TYPENUMS = {"float32": "NPY_FLOAT32", "float64": "NPY_FLOAT64"}
 
 
-#: C: ``netbuild_gemm``, BLAS ``?gemm_`` for float and double (column-major, as Fortran sees
-#: arrays): ``c (m, n) = alpha op(a) op(b) + beta c``, safe for empty sizes (``k = 0`` scales
-#: ``c`` by ``beta``, as the reference BLAS does).
-GEMM = r"""
-#include <string.h>
+class _Sections(ExternalCOp):
+    """Only to parse files with ``ExternalCOp.load_c_code``; never an op."""
 
-// OpenBLAS's thread count, if the BLAS is OpenBLAS (weak: another BLAS leaves these NULL).
-extern "C" {
-void openblas_set_num_threads(int) __attribute__((weak));
-int openblas_get_num_threads(void) __attribute__((weak));
-}
-
-// BLAS on its caller's thread while it lives: inside netbuild's parallel loops each thread calls
-// gemm on its own slice, and OpenBLAS's own threads (for PyTensor's large products) would queue
-// the calls one behind another (OpenBLAS warns "Detect OpenMP Loop" and runs 6x slower).
-struct netbuild_serial_blas {
-    int previous;
-    explicit netbuild_serial_blas(int threads) : previous(0) {
-        if (threads > 1 && openblas_set_num_threads && openblas_get_num_threads) {
-            int n = openblas_get_num_threads();
-            if (n > 1) {
-                previous = n;
-                openblas_set_num_threads(1);
-            }
-        }
-    }
-    ~netbuild_serial_blas() {
-        if (previous) openblas_set_num_threads(previous);
-    }
-};
-
-template <typename T>
-static inline void netbuild_gemm_empty_k(int m, int n, T beta, T* c, int ldc) {
-    for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) c[(size_t)j * ldc + i] = beta == (T)0 ? (T)0 : beta * c[(size_t)j * ldc + i];
-}
-static inline void netbuild_gemm(char ta, char tb, int m, int n, int k, float alpha,
-                                 const float* a, int lda, const float* b, int ldb, float beta,
-                                 float* c, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) { netbuild_gemm_empty_k(m, n, beta, c, ldc); return; }
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-static inline void netbuild_gemm(char ta, char tb, int m, int n, int k, double alpha,
-                                 const double* a, int lda, const double* b, int ldb, double beta,
-                                 double* c, int ldc) {
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) { netbuild_gemm_empty_k(m, n, beta, c, ldc); return; }
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-"""
+    def perform(self, node, inputs, output_storage):
+        raise NotImplementedError
 
 
-class NetbuildCOp(COp):
-    """Base of netbuild's C ops (PyTensor's ``COp``). Their hot loops live in ``noinline``
-    functions with ``__restrict__`` parameters: inlined into PyTensor's generated function, g++
-    compiled them as cold code, unvectorized.
+@functools.cache
+def _load(files: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The texts of ``files`` (beside this module) and their ``#section`` blocks, joined in
+    file order, parsed by PyTensor's own ``ExternalCOp.load_c_code``."""
+    holder = _Sections.__new__(_Sections)
+    holder.func_codes, holder.code_sections = [], {}
+    ExternalCOp.load_c_code(holder, [HERE / f for f in files])
+    return tuple(holder.func_codes), holder.code_sections
 
-    Subclasses give :attr:`kernels`, their C support code; :data:`OUTPUT` comes with it."""
 
-    kernels: tuple[str, ...] = ()
+def _define(name: str) -> int:
+    """An integer ``#define`` of ``netbuild.c``."""
+    text = _load(("netbuild.c",))[0][0]
+    return int(re.search(rf"^#define {name} (\d+)$", text, re.MULTILINE).group(1))
+
+
+#: The most slices a batch is cut into (``NETBUILD_SLICES`` of ``netbuild.c``): more threads than
+#: this gain nothing on a weight gradient.
+SLICES = _define("NETBUILD_SLICES")
+
+
+class NetbuildCOp(ExternalCOp):
+    """Base of netbuild's C ops: PyTensor's ``ExternalCOp`` on ``netbuild.c`` and the op's own
+    :attr:`c_file`, compiled with OpenMP.
+
+    The files are read once per class, not per instance (``ExternalCOp.__init__`` is not called:
+    the class alone says which files it uses). The compile-cache version is a hash of the C
+    files and of the Python modules that write the op's call (:meth:`c_code_cache_version`).
+    """
+
+    #: The op's own C file, beside its module (e.g. ``"conv.c"``).
+    c_file: str = ""
+    #: The shared files loaded before it.
+    shared_files: tuple[str, ...] = ("netbuild.c",)
+    #: Flags the op's C needs beyond OpenMP's.
+    extra_compile_args: tuple[str, ...] = ()
+    func_name = None
+    _cop_num_inputs = None
+    _cop_num_outputs = None
+
+    def __init__(self):  # the class says which files: nothing to load per instance
+        pass
+
+    @classmethod
+    def c_files(cls) -> tuple[str, ...]:
+        return (*cls.shared_files, cls.c_file)
+
+    @property
+    def func_files(self) -> list[Path]:
+        return [HERE / f for f in self.c_files()]
+
+    @property
+    def func_codes(self) -> list[str]:
+        return list(_load(self.c_files())[0])
+
+    @property
+    def code_sections(self) -> dict[str, str]:
+        return _load(self.c_files())[1]
+
+    @classmethod
+    @functools.cache
+    def _glue_hash(cls) -> str:
+        """A hash of the Python that writes the op's C: the modules of its classes in
+        ``netbuild.ops``, this one included."""
+        sources = sorted({inspect.getsourcefile(k) for k in cls.__mro__
+                          if k.__module__.startswith("netbuild.ops")})
+        return hash_from_code("\n".join(Path(s).read_text(encoding="utf-8") for s in sources))
+
+    def c_code_cache_version(self):
+        return (hash_from_code("\n".join(self.func_codes)), self._glue_hash(),
+                *super().c_code_cache_version()[1:])
 
     def c_support_code(self, **kwargs):
-        return [THREADS, OUTPUT, *self.kernels]
+        """Each file's support code as its own string: PyTensor keeps one copy of a string that
+        several ops of a module share (the glue), where one joined string would define it twice."""
+        codes = (_load((f,))[1].get("support_code", "") for f in self.c_files())
+        return [c for c in codes if c.strip()]
 
     def c_compile_args(self, **kwargs):
-        return ["-fopenmp"]
+        return ["-fopenmp", *self.extra_compile_args]
 
     def c_libraries(self, **kwargs):
         return ["gomp"]
 
+    def c_code(self, node, name, inputs, outputs, sub):  # each op writes its own call
+        raise NotImplementedError
+
 
 class BlasCOp(NetbuildCOp):
-    """A netbuild op whose C code calls BLAS (``netbuild_gemm``, :data:`GEMM`), linked the way
-    PyTensor's own Gemm ops are (``blas__ldflags``, see :mod:`netbuild.backend`), with a scratch buffer
-    ``scratch_<name>`` of ``scratch_size_<name>`` bytes that the node keeps between calls
-    (grown by ``netbuild_scratch``, :data:`SCRATCH`).
-    Subclasses give :attr:`kernels` (their C support code) and :attr:`extra_compile_args`."""
+    """A netbuild op whose C calls BLAS (``netbuild_gemm`` of ``blas.c``), linked the way
+    PyTensor's own Gemm ops are (``blas__ldflags``, see :mod:`netbuild.backend`)."""
 
-    extra_compile_args: tuple[str, ...] = ()
+    shared_files = ("netbuild.c", "blas.c")
 
     def c_support_code(self, **kwargs):
-        return [blas_header_text(), THREADS, SCRATCH, OUTPUT, GEMM, *self.kernels]
+        return [blas_header_text(), *super().c_support_code(**kwargs)]
+
+    def c_code_cache_version(self):
+        return (*super().c_code_cache_version(), *blas_header_version())
 
     def c_libraries(self, **kwargs):
         return [*ldflags(), *super().c_libraries()]
 
     def c_compile_args(self, **kwargs):
-        return [*ldflags(libs=False, flags=True), *super().c_compile_args(), *self.extra_compile_args]
+        return [*ldflags(libs=False, flags=True), *super().c_compile_args()]
 
     def c_lib_dirs(self, **kwargs):
         return ldflags(libs=False, libs_dir=True)
@@ -166,11 +153,82 @@ class BlasCOp(NetbuildCOp):
     def c_header_dirs(self, **kwargs):
         return ldflags(libs=False, include_dir=True)
 
-    def c_support_code_struct(self, node, name):
-        return f"void* scratch_{name}; size_t scratch_size_{name};"
 
-    def c_init_code_struct(self, node, name, sub):
-        return f"scratch_{name} = NULL; scratch_size_{name} = 0;"
+class CCall:
+    """The C of one call of an op's kernel, with what every call repeats written once.
 
-    def c_cleanup_code_struct(self, node, name):
-        return f"free(scratch_{name}); scratch_{name} = NULL; scratch_size_{name} = 0;"
+    Statements run in the order they are added, each only while no error is set (``err_``):
+    :meth:`check` and :meth:`check_shape` raise a ValueError naming the op; :meth:`input` makes
+    an input C-contiguous; :meth:`output` allocates an output (or keeps last call's);
+    :meth:`scratch` grows the node's scratch buffer; :meth:`run` runs the kernel without the GIL
+    (a nonzero result of the kernel is an error already set). :meth:`code` closes the block:
+    the contiguous copies are released and a failure jumps to PyTensor's ``fail``.
+    """
+
+    def __init__(self, op, node, name: str, sub: dict):
+        self.op = type(op).__name__
+        self.name, self.sub = name, sub
+        self.dtype = node.outputs[0].dtype
+        self.ctype, self.typenum = CTYPES[self.dtype], TYPENUMS[self.dtype]
+        self._inputs: list[str] = []
+        self._lines: list[str] = []
+
+    def line(self, code: str) -> "CCall":
+        """A C statement or declaration, run whatever the error state (declarations)."""
+        self._lines.append(code)
+        return self
+
+    def when_ok(self, code: str) -> "CCall":
+        """A C statement run while no error is set; it may set ``err_``."""
+        self._lines.append(f"if (!err_) {{ {code} }}")
+        return self
+
+    def check(self, condition: str, message: str, *args: str) -> "CCall":
+        """Unless ``condition``: ValueError ``"<Op>: <message>"`` (a printf format of ``args``)."""
+        fmt = ", ".join(["", *args]) if args else ""
+        return self.when_ok(f"if (!({condition})) {{ PyErr_Format(PyExc_ValueError, "
+                            f"\"{self.op}: {message}\"{fmt}); err_ = 1; }}")
+
+    def check_shape(self, var: str, label: str, dims: str, nd: int | str | None = None) -> "CCall":
+        """``var`` must have the shape ``dims`` (a C initializer list, e.g. ``"Tn, Bn, U"``)."""
+        nd = dims.count(",") + 1 if nd is None else nd
+        return self.when_ok(f"npy_intp d_[] = {{{dims}}}; err_ = netbuild_check_shape({var}, "
+                            f"\"{self.op}\", \"{label}\", \"{dims}\", {nd}, d_);")
+
+    def input(self, var: str, ctype: str | None = None) -> str:
+        """``var`` made C-contiguous; returns the C expression of its data pointer."""
+        i = len(self._inputs)
+        self._inputs.append(var)
+        self.when_ok(f"c_[{i}] = PyArray_GETCONTIGUOUS({var}); if (!c_[{i}]) err_ = 1;")
+        return f"(({ctype or self.ctype}*)PyArray_DATA(c_[{i}]))"
+
+    def output(self, var: str, dims: str, nd: int | str | None = None,
+               typenum: str | None = None) -> str:
+        """Allocate ``var`` with the shape ``dims``; returns the C expression of its data."""
+        nd = dims.count(",") + 1 if nd is None else nd
+        self.when_ok(f"npy_intp d_[] = {{{dims}}}; err_ = netbuild_output(&{var}, {nd}, d_, "
+                     f"{typenum or self.typenum});")
+        return f"(({self.ctype}*)PyArray_DATA({var}))"
+
+    def scratch(self, nbytes: str) -> str:
+        """At least ``nbytes`` bytes of the node's scratch buffer; returns a ``char*``
+        expression (``s_``)."""
+        name = self.name
+        self.line("char* s_ = NULL;")
+        self.when_ok(f"s_ = (char*)netbuild_scratch(&scratch_{name}, &scratch_size_{name}, "
+                     f"(size_t)({nbytes})); if (!s_) err_ = 1;")
+        return "s_"
+
+    def run(self, call: str, returns: bool = False) -> "CCall":
+        """``call`` without the GIL; with ``returns``, a nonzero result is a failure with the
+        Python error already set by the code after it (see :meth:`line`)."""
+        body = f"err_ = ({call});" if returns else f"{call};"
+        return self.when_ok(f"Py_BEGIN_ALLOW_THREADS {body} Py_END_ALLOW_THREADS")
+
+    def code(self) -> str:
+        n = max(len(self._inputs), 1)
+        head = ["{", "int err_ = 0;", f"PyArrayObject* c_[{n}] = {{{', '.join(['NULL'] * n)}}};",
+                f"typedef {self.ctype} T_;"]
+        tail = [f"for (int i_ = 0; i_ < {n}; ++i_) Py_XDECREF(c_[i_]);",
+                f"if (err_) {self.sub['fail']}", "}"]
+        return "\n".join(head + self._lines + tail)

@@ -28,193 +28,9 @@ from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int64
 
-from . import NetbuildCOp
-from .conv import HELPERS
-
-#: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 8
+from . import CCall, NetbuildCOp
 
 MODES = {"max": 0, "avg": 1}
-
-_KERNELS = r"""
-namespace nbpool {
-using nbwin::Geom;
-
-// The input rows [*h0, *h1) and columns [*w0, *w1) of output (i, j)'s window.
-static inline void window(const Geom& g, npy_intp i, npy_intp j, npy_intp* h0, npy_intp* h1,
-                          npy_intp* w0, npy_intp* w1) {
-    npy_intp hs = i * g.sh - g.ph, ws = j * g.sw - g.pw;
-    *h0 = hs < 0 ? 0 : hs;
-    *h1 = hs + g.KH < g.H ? hs + g.KH : g.H;
-    *w0 = ws < 0 ? 0 : ws;
-    *w1 = ws + g.KW < g.W ? ws + g.KW : g.W;
-}
-
-// Whether v replaces m, the maximum so far: larger, or the first NaN.
-template <typename T> static inline bool beats(T v, T m) { return v > m || (v != v && m == m); }
-
-// The offset in a plane of the first maximum of output (i, j)'s window (a NaN beats any number).
-template <typename T>
-static inline npy_intp argmax(const T* __restrict__ x, const Geom& g, npy_intp i, npy_intp j) {
-    npy_intp h0, h1, w0, w1;
-    window(g, i, j, &h0, &h1, &w0, &w1);
-    npy_intp best = h0 * g.W + w0;
-    T m = x[best];
-    for (npy_intp h = h0; h < h1; ++h) {
-        for (npy_intp w = w0; w < w1; ++w) {
-            const T v = x[h * g.W + w];
-            if (beats(v, m)) {
-                m = v;
-                best = h * g.W + w;
-            }
-        }
-    }
-    return best;
-}
-
-// 2x2 windows tiling the input, every window inside it (an odd last row or column is cropped,
-// never padded).
-static inline bool tiles2x2(const Geom& g) {
-    return g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0
-           && 2 * g.OH <= g.H && 2 * g.OW <= g.W;
-}
-
-// The 2x2 fast paths compute each window with selects, no branches (comparisons of real data
-// mispredict: a branchy argmax was 6x slower), which g++ vectorizes; they ignore NaNs, and
-// return whether a window of the row held one (or infinities of both signs: its sum is NaN),
-// for the caller to redo that row with the exact code.
-
-// y[j] = max of the window (r0[2j], r0[2j+1] / r1[2j], r1[2j+1]).
-template <typename T>
-static inline bool max2x2_row(const T* __restrict__ r0, const T* __restrict__ r1,
-                              T* __restrict__ y, npy_intp OW) {
-    int bad = 0;
-    for (npy_intp j = 0; j < OW; ++j) {
-        const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-        const T m1 = a > b ? a : b, m2 = c > d ? c : d;
-        const T s = (a + b) + (c + d);
-        bad |= s != s;
-        y[j] = m1 >= m2 ? m1 : m2;
-    }
-    return bad;
-}
-
-// d0, d1 (the window rows of dx) = dy[j] at each window's first maximum, 0 elsewhere.
-template <typename T>
-static inline bool max2x2_grad_row(const T* __restrict__ r0, const T* __restrict__ r1,
-                                   const T* __restrict__ dy, T* __restrict__ d0,
-                                   T* __restrict__ d1, npy_intp OW) {
-    int bad = 0;
-    for (npy_intp j = 0; j < OW; ++j) {
-        const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], e = r1[2 * j + 1], d = dy[j];
-        const T m1 = a > b ? a : b, m2 = c > e ? c : e, m = m1 >= m2 ? m1 : m2;
-        const bool h0 = a == m, h1 = !h0 & (b == m), h2 = !(h0 | h1) & (c == m);
-        const bool h3 = !(h0 | h1 | h2);
-        const T s = (a + b) + (c + e);
-        bad |= s != s;
-        d0[2 * j] = h0 ? d : (T)0;
-        d0[2 * j + 1] = h1 ? d : (T)0;
-        d1[2 * j] = h2 ? d : (T)0;
-        d1[2 * j + 1] = h3 ? d : (T)0;
-    }
-    return bad;
-}
-
-// y (planes, OH, OW) from x (planes, H, W); mode 0: max, 1: average of the inputs covered.
-template <typename T>
-__attribute__((noinline)) static void forward(int mode, npy_intp planes, const T* __restrict__ x,
-                                              T* __restrict__ y, const Geom& g) {
-    const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
-    const int nt = netbuild_threads();
-    if (mode == 0 && tiles2x2(g)) {
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (npy_intp p = 0; p < planes; ++p) {
-            const T* xp = x + p * HW;
-            T* yp = y + p * P;
-            for (npy_intp i = 0; i < g.OH; ++i) {
-                const T* r0 = xp + 2 * i * g.W;
-                if (max2x2_row(r0, r0 + g.W, yp + i * g.OW, g.OW))
-                    for (npy_intp j = 0; j < g.OW; ++j) yp[i * g.OW + j] = xp[argmax(xp, g, i, j)];
-            }
-        }
-        return;
-    }
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (npy_intp p = 0; p < planes; ++p) {
-        const T* xp = x + p * HW;
-        T* yp = y + p * P;
-        for (npy_intp i = 0; i < g.OH; ++i) {
-            for (npy_intp j = 0; j < g.OW; ++j) {
-                if (mode == 0) {
-                    yp[i * g.OW + j] = xp[argmax(xp, g, i, j)];
-                    continue;
-                }
-                npy_intp h0, h1, w0, w1;
-                window(g, i, j, &h0, &h1, &w0, &w1);
-                T s = 0;
-                for (npy_intp h = h0; h < h1; ++h)
-                    for (npy_intp w = w0; w < w1; ++w) s += xp[h * g.W + w];
-                yp[i * g.OW + j] = s / (T)((h1 - h0) * (w1 - w0));
-            }
-        }
-    }
-}
-
-// dx (planes, H, W) from x and dy (planes, OH, OW).
-template <typename T>
-__attribute__((noinline)) static void backward(int mode, npy_intp planes, const T* __restrict__ x,
-                                               const T* __restrict__ dy, T* __restrict__ dx,
-                                               const Geom& g) {
-    const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
-    const int nt = netbuild_threads();
-    if (mode == 0 && tiles2x2(g)) {
-        // every element of dx written once, no zeroing pass
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (npy_intp p = 0; p < planes; ++p) {
-            const T* xp = x + p * HW;
-            const T* dyp = dy + p * P;
-            T* dxp = dx + p * HW;
-            for (npy_intp i = 0; i < g.OH; ++i) {
-                const T* r0 = xp + 2 * i * g.W;
-                T* d0 = dxp + 2 * i * g.W;
-                T* d1 = d0 + g.W;
-                if (max2x2_grad_row(r0, r0 + g.W, dyp + i * g.OW, d0, d1, g.OW)) {
-                    memset(d0, 0, sizeof(T) * 2 * g.OW);
-                    memset(d1, 0, sizeof(T) * 2 * g.OW);
-                    for (npy_intp j = 0; j < g.OW; ++j)
-                        dxp[argmax(xp, g, i, j)] += dyp[i * g.OW + j];
-                }
-                for (npy_intp w = 2 * g.OW; w < g.W; ++w) d0[w] = d1[w] = 0;  // cropped column
-            }
-            memset(dxp + 2 * g.OH * g.W, 0, sizeof(T) * (g.H - 2 * g.OH) * g.W);  // cropped row
-        }
-        return;
-    }
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (npy_intp p = 0; p < planes; ++p) {
-        const T* xp = x + p * HW;
-        const T* dyp = dy + p * P;
-        T* dxp = dx + p * HW;
-        memset(dxp, 0, sizeof(T) * HW);
-        for (npy_intp i = 0; i < g.OH; ++i) {
-            for (npy_intp j = 0; j < g.OW; ++j) {
-                const T d = dyp[i * g.OW + j];
-                if (mode == 0) {
-                    dxp[argmax(xp, g, i, j)] += d;
-                    continue;
-                }
-                npy_intp h0, h1, w0, w1;
-                window(g, i, j, &h0, &h1, &w0, &w1);
-                const T share = d / (T)((h1 - h0) * (w1 - w0));
-                for (npy_intp h = h0; h < h1; ++h)
-                    for (npy_intp w = w0; w < w1; ++w) dxp[h * g.W + w] += share;
-            }
-        }
-    }
-}
-
-}  // namespace nbpool
-"""
 
 
 class _PoolCOp(NetbuildCOp):
@@ -223,6 +39,9 @@ class _PoolCOp(NetbuildCOp):
     ``kernel``, ``strides``: one int per spatial axis (1 or 2 axes); ``pads``: ``(before, after)``
     per spatial axis, each smaller than the kernel (so that every window covers an input element).
     """
+
+    c_file = "pool.c"
+    shared_files = (*NetbuildCOp.shared_files, "window.c")
 
     __props__ = ("mode", "kernel", "strides", "pads")
     params_type = ParamsType(mode_code=int64, kh=int64, kw=int64, sh=int64, sw=int64, ph=int64,
@@ -280,28 +99,16 @@ class _PoolCOp(NetbuildCOp):
         return x
 
     # -- C compilation ------------------------------------------------------------------------------
-    def c_headers(self, **kwargs):
-        return ["<string.h>", "<stdlib.h>"]
-
-    kernels = (HELPERS, _KERNELS)
-
-    def c_code_cache_version(self):
-        return (_VERSION,)
-
-    def _c_body(self, node, sub, x: str, contig: list[str], checks: list, out: str,
+    def _c_body(self, node, name, sub, x: str, contig: list[str], checks: list, out: str,
                 out_shape: str, call: str) -> str:
-        """C code: the geometry from ``x`` (N, C, *spatial); ``checks``: ``(variable, name,
-        shape)``; contiguous copies ``c_[i]`` of ``contig``; the output ``out`` of ``out_shape``;
-        then ``call`` (``OUT_`` its data) without the GIL. Shapes are the 2-d op's 4 dims (a 1-d op
+        """C code (:class:`netbuild.ops.CCall`): the geometry from ``x`` (N, C, *spatial);
+        ``checks``: ``(variable, name, shape)``; contiguous copies of ``contig``; the output
+        ``out`` of ``out_shape``; then ``call`` without the GIL, ``{i[k]}`` in it the data of
+        ``contig[k]`` and ``{out}`` that of the output. Shapes are the 2-d op's 4 dims (a 1-d op
         leaves out the third): one compiled module serves both ranks."""
-        dtype = node.outputs[0].dtype
-        ctype = {"float32": "npy_float32", "float64": "npy_float64"}[dtype]
-        typenum = {"float32": "NPY_FLOAT32", "float64": "NPY_FLOAT64"}[dtype]
-        p, op, fail = sub["params"], type(self).__name__, sub["fail"]
-        lines = [
-            "{",
-            "int err_ = 0;",
-            f"PyArrayObject* c_[{len(contig)}] = {{{', '.join(['NULL'] * len(contig))}}};",
+        c = CCall(self, node, name, sub)
+        p = sub["params"]
+        for line in (
             "nbwin::Geom g_;",
             f"const int nd_ = PyArray_NDIM({x});",
             f"const npy_intp* xd_ = PyArray_DIMS({x});",
@@ -312,31 +119,20 @@ class _PoolCOp(NetbuildCOp):
             f"g_.ph = {p}->ph; g_.pw = {p}->pw;",
             f"g_.OH = nbwin::out_length(g_.H, g_.KH, g_.sh, 1, g_.ph, {p}->pha);",
             f"g_.OW = nbwin::out_length(g_.W, g_.KW, g_.sw, 1, g_.pw, {p}->pwa);",
-            "npy_intp d_[4];",
-            f"if (g_.OH < 1 || g_.OW < 1) {{ PyErr_Format(PyExc_ValueError, \"{op}: the window "
-            "(%ld, %ld) is larger than the padded input (%ld, %ld)\", (long)g_.KH, (long)g_.KW, "
-            "(long)g_.H, (long)g_.W); err_ = 1; }",
-        ]
+        ):
+            c.line(line)
+        c.check("g_.OH >= 1 && g_.OW >= 1", "the window (%ld, %ld) is larger than the padded "
+                "input (%ld, %ld)", "(long)g_.KH", "(long)g_.KW", "(long)g_.H", "(long)g_.W")
+        op = type(self).__name__
         for v, what, shape in checks:
-            lines.append(f"if (!err_) {{ nbwin::dims(d_, nd_, {shape}); err_ = nbwin::check({v}, "
-                         f"nd_, d_, \"{op}\", \"{what}\"); }}")
-        for i, v in enumerate(contig):
-            lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
-        lines += [
-            f"if (!err_) {{ nbwin::dims(d_, nd_, {out_shape}); "
-            f"err_ = netbuild_output(&{out}, nd_, d_, {typenum}); }}",
-            f"#define IN_(i) ((const {ctype}*)PyArray_DATA(c_[i]))",
-            "if (!err_) {",
-            "    Py_BEGIN_ALLOW_THREADS",
-            f"    {call.replace('OUT_', f'({ctype}*)PyArray_DATA({out})')};",
-            "    Py_END_ALLOW_THREADS",
-            "}",
-            "#undef IN_",
-            f"for (int i_ = 0; i_ < {len(contig)}; ++i_) Py_XDECREF(c_[i_]);",
-            f"if (err_) {fail}",
-            "}",
-        ]
-        return "\n".join(lines)
+            c.when_ok(f"npy_intp d_[4]; nbwin::dims(d_, nd_, {shape}); err_ = nbwin::check({v}, "
+                      f"nd_, d_, \"{op}\", \"{what}\");")
+        ins = [c.input(v) for v in contig]
+        a, b, h, w = (d.strip() for d in out_shape.split(","))
+        # a 1-d op (nd_ == 3) leaves out h, as nbwin::dims does
+        data = c.output(out, f"{a}, {b}, nd_ == 4 ? {h} : {w}, {w}", "nd_")
+        c.run(call.format(i=ins, out=data))
+        return c.code()
 
 
 class Pool(_PoolCOp):
@@ -369,8 +165,8 @@ class Pool(_PoolCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,), (y,) = inputs, outputs
-        call = f"nbpool::forward({sub['params']}->mode_code, N_ * g_.C, IN_(0), OUT_, g_)"
-        return self._c_body(node, sub, x, [x], [], y, "N_, g_.C, g_.OH, g_.OW", call)
+        call = f"nbpool::forward({sub['params']}->mode_code, N_ * g_.C, {{i[0]}}, {{out}}, g_)"
+        return self._c_body(node, name, sub, x, [x], [], y, "N_, g_.C, g_.OH, g_.OW", call)
 
 
 class PoolGrad(_PoolCOp):
@@ -415,9 +211,9 @@ class PoolGrad(_PoolCOp):
         x, dy = inputs
         (dx,) = outputs
         checks = [(dy, "dy", "N_, g_.C, g_.OH, g_.OW")]
-        call = (f"nbpool::backward({sub['params']}->mode_code, N_ * g_.C, IN_(0), IN_(1), OUT_, "
-                "g_)")
-        return self._c_body(node, sub, x, [x, dy], checks, dx, "N_, g_.C, g_.H, g_.W", call)
+        call = (f"nbpool::backward({sub['params']}->mode_code, N_ * g_.C, {{i[0]}}, {{i[1]}}, "
+                "{out}, g_)")
+        return self._c_body(node, name, sub, x, [x, dy], checks, dx, "N_, g_.C, g_.H, g_.W", call)
 
 
 def pool(x, mode: str, kernel: Sequence[int], strides: Sequence[int] | None = None,

@@ -17,7 +17,7 @@ import pytensor.tensor as pt
 from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Apply
 
-from . import NetbuildCOp
+from . import CCall, NetbuildCOp
 
 _M64 = (1 << 64) - 1
 
@@ -68,6 +68,8 @@ class CounterUniform(NetbuildCOp):
     """``(shape, seed, step) -> U[0, 1)`` samples of ``shape`` for one ``stream`` (an op
     property: each dropout layer of a network draws from its own)."""
 
+    c_file = "random.c"
+
     __props__ = ("dtype", "stream")
 
     def __init__(self, dtype: str, stream: int):
@@ -97,69 +99,25 @@ class CounterUniform(NetbuildCOp):
         outputs[0][0] = uniform_reference(tuple(int(s) for s in shape), int(seed), self.stream,
                                           int(step), self.dtype)
 
-    def c_code_cache_version(self):
-        return (1,)
-
-    def c_support_code(self, **kwargs):
-        return """
-        static inline npy_uint64 netbuild_splitmix(npy_uint64 z) {
-            z += 0x9E3779B97F4A7C15ULL;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-            return z ^ (z >> 31);
-        }
-        static inline npy_uint32 netbuild_fmix32(npy_uint32 h) {
-            h ^= h >> 16; h *= 0x85EBCA6BU; h ^= h >> 13; h *= 0xC2B2AE35U; return h ^ (h >> 16);
-        }
-        static inline npy_uint32 netbuild_bits(npy_uint64 i, npy_uint32 k1, npy_uint32 k2) {
-            return netbuild_fmix32(netbuild_fmix32((npy_uint32)i + k1) ^ (npy_uint32)(i >> 32) ^ k2);
-        }
-        // Not inlined into PyTensor's generated function, where loops compile as cold code.
-        __attribute__((noinline)) static void netbuild_uniform_f32(
-                float* __restrict__ out, npy_intp n, npy_uint32 k1, npy_uint32 k2) {
-            for (npy_intp i = 0; i < n; ++i)
-                out[i] = (float)(netbuild_bits((npy_uint64)i, k1, k2) >> 8) * (1.0f / 16777216.0f);
-        }
-        __attribute__((noinline)) static void netbuild_uniform_f64(
-                double* __restrict__ out, npy_intp n, npy_uint32 k1, npy_uint32 k2) {
-            for (npy_intp i = 0; i < n; ++i) {
-                double hi = (double)(netbuild_bits((npy_uint64)i, k1, k2) >> 5);
-                double lo = (double)(netbuild_bits((npy_uint64)i, k2, k1) >> 6);
-                out[i] = (hi * 67108864.0 + lo) * (1.0 / 9007199254740992.0);
-            }
-        }
-        """
-
     def c_code(self, node, name, inputs, outputs, sub):
+        """The shape from its input, the output, the keys, then the draws without the GIL
+        (:class:`netbuild.ops.CCall`)."""
         shape, seed, step = inputs
         (out,) = outputs
-        fail = sub["fail"]
         ndim = node.outputs[0].type.ndim
         if self.dtype not in ("float32", "float64"):
             raise NotImplementedError(self.dtype)
-        typenum = "NPY_FLOAT32" if self.dtype == "float32" else "NPY_FLOAT64"
-        fill = ("netbuild_uniform_f32((float*)" if self.dtype == "float32"
-                else "netbuild_uniform_f64((double*)")
-        return f"""
-        {{
-            npy_intp dims[{max(ndim, 1)}];
-            for (int d = 0; d < {ndim}; ++d) {{
-                dims[d] = ((npy_int64*)PyArray_GETPTR1({shape}, d))[0];
-                if (dims[d] < 0) {{
-                    PyErr_SetString(PyExc_ValueError, "CounterUniform: negative shape");
-                    {fail}
-                }}
-            }}
-            int same = {out} != NULL && PyArray_NDIM({out}) == {ndim} && PyArray_IS_C_CONTIGUOUS({out});
-            for (int d = 0; same && d < {ndim}; ++d) same = PyArray_DIMS({out})[d] == dims[d];
-            if (!same) {{
-                Py_XDECREF({out});
-                {out} = (PyArrayObject*)PyArray_EMPTY({ndim}, dims, {typenum}, 0);
-                if (!{out}) {{ {fail} }}
-            }}
-            npy_uint64 z = netbuild_splitmix((npy_uint64)((npy_int64*)PyArray_DATA({seed}))[0]);
-            z = netbuild_splitmix(z ^ (npy_uint64){self.stream}ULL);
-            z = netbuild_splitmix(z ^ (npy_uint64)((npy_int64*)PyArray_DATA({step}))[0]);
-            {fill}PyArray_DATA({out}), PyArray_SIZE({out}), (npy_uint32)z, (npy_uint32)(z >> 32));
-        }}
-        """
+        c = CCall(self, node, name, sub)
+        c.line(f"npy_intp dims_[{max(ndim, 1)}] = {{0}};")
+        c.line(f"for (int d_ = 0; d_ < {ndim}; ++d_) "
+               f"dims_[d_] = ((npy_int64*)PyArray_GETPTR1({shape}, d_))[0];")
+        c.check(" && ".join([f"dims_[{d}] >= 0" for d in range(ndim)]) or "true", "negative shape")
+        data = c.output(out, ", ".join(f"dims_[{d}]" for d in range(ndim)) or "0", ndim)
+        c.line("npy_uint64 z_ = 0;")
+        seed_, step_ = (f"(npy_uint64)((npy_int64*)PyArray_DATA({v}))[0]" for v in (seed, step))
+        c.when_ok(f"z_ = netbuild_splitmix({seed_}); "
+                  f"z_ = netbuild_splitmix(z_ ^ (npy_uint64){self.stream}ULL); "
+                  f"z_ = netbuild_splitmix(z_ ^ {step_});")
+        fill = "netbuild_uniform_f32" if self.dtype == "float32" else "netbuild_uniform_f64"
+        c.run(f"{fill}({data}, PyArray_SIZE({out}), (npy_uint32)z_, (npy_uint32)(z_ >> 32))")
+        return c.code()

@@ -28,140 +28,7 @@ from pytensor.graph.replace import graph_replace
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import float64
 
-from . import NetbuildCOp
-
-#: Bump whenever the C code below changes: PyTensor's compile cache is keyed by it.
-_VERSION = 4
-
-_KERNELS = r"""
-#include <cmath>
-
-namespace nbsoftmax {
-
-// The maximum and log(sum(exp(x - max))) of one row: logsumexp(x) = max + log(sum).
-template <typename T>
-static inline void row_lse(const T* __restrict__ x, npy_intp k, T* mx, double* lse) {
-    T m = -INFINITY;
-    for (npy_intp j = 0; j < k; ++j) m = x[j] > m ? x[j] : m;
-    double s = 0.0;
-    for (npy_intp j = 0; j < k; ++j) s += std::exp((double)(x[j] - m));
-    *mx = m;
-    *lse = (double)m + std::log(s);
-}
-
-template <typename T>
-__attribute__((noinline)) static void softmax(const T* __restrict__ X, T* __restrict__ P,
-                                              npy_intp rows, npy_intp k) {
-    for (npy_intp r = 0; r < rows; ++r) {
-        const T* x = X + r * k;
-        T* p = P + r * k;
-        T m = -INFINITY;
-        for (npy_intp j = 0; j < k; ++j) m = x[j] > m ? x[j] : m;
-        double s = 0.0;
-        for (npy_intp j = 0; j < k; ++j) {
-            const T e = std::exp(x[j] - m);
-            p[j] = e;
-            s += e;
-        }
-        const T inv = (T)(1.0 / s);
-        for (npy_intp j = 0; j < k; ++j) p[j] *= inv;
-    }
-}
-
-// dx = p * (dp - sum(dp * p)), row by row.
-template <typename T>
-__attribute__((noinline)) static void softmax_grad(const T* __restrict__ DP, const T* __restrict__ P,
-                                                   T* __restrict__ DX, npy_intp rows, npy_intp k) {
-    for (npy_intp r = 0; r < rows; ++r) {
-        const T* dp = DP + r * k;
-        const T* p = P + r * k;
-        T* dx = DX + r * k;
-        double s = 0.0;
-        for (npy_intp j = 0; j < k; ++j) s += (double)dp[j] * p[j];
-        const T st = (T)s;
-        for (npy_intp j = 0; j < k; ++j) dx[j] = p[j] * (dp[j] - st);
-    }
-}
-
-// Class ids: loss = lse - (1 - s) x[y] - s/k sum(x). Returns 0, or 1 + the first row whose id
-// is outside [0, k).
-template <typename T, typename I>
-__attribute__((noinline)) static npy_intp xent_ids(const T* __restrict__ X, const I* __restrict__ Y,
-                                                   T* __restrict__ L, npy_intp rows, npy_intp k,
-                                                   double smooth) {
-    for (npy_intp r = 0; r < rows; ++r) {
-        const T* x = X + r * k;
-        const npy_intp y = (npy_intp)Y[r];
-        if (y < 0 || y >= k) return r + 1;
-        T m;
-        double lse, sx = 0.0;
-        row_lse(x, k, &m, &lse);
-        if (smooth != 0.0)
-            for (npy_intp j = 0; j < k; ++j) sx += x[j];
-        L[r] = (T)(lse - (1.0 - smooth) * x[y] - smooth / k * sx);
-    }
-    return 0;
-}
-
-// Target rows: with t' = (1 - s) t + s/k, loss = sum(t') lse - sum(t' x).
-template <typename T>
-__attribute__((noinline)) static void xent_rows(const T* __restrict__ X, const T* __restrict__ Tg,
-                                                T* __restrict__ L, npy_intp rows, npy_intp k,
-                                                double smooth) {
-    for (npy_intp r = 0; r < rows; ++r) {
-        const T* x = X + r * k;
-        const T* t = Tg + r * k;
-        T m;
-        double lse, st = 0.0, stx = 0.0, sx = 0.0;
-        row_lse(x, k, &m, &lse);
-        for (npy_intp j = 0; j < k; ++j) {
-            st += t[j];
-            stx += (double)t[j] * x[j];
-            sx += x[j];
-        }
-        const double a = 1.0 - smooth;
-        L[r] = (T)((a * st + smooth) * lse - a * stx - smooth / k * sx);
-    }
-}
-
-// Class ids: dx = dl (p - (1 - s) [j == y] - s/k). ``gstep`` is 0 when dl is one value for all.
-template <typename T, typename I>
-__attribute__((noinline)) static npy_intp xent_ids_grad(
-        const T* __restrict__ DL, npy_intp gstep, const T* __restrict__ P, const I* __restrict__ Y,
-        T* __restrict__ DX, npy_intp rows, npy_intp k, double smooth) {
-    const T a = (T)(1.0 - smooth), b = (T)(smooth / k);
-    for (npy_intp r = 0; r < rows; ++r) {
-        const npy_intp y = (npy_intp)Y[r];
-        if (y < 0 || y >= k) return r + 1;
-        const T g = DL[r * gstep];
-        const T* p = P + r * k;
-        T* dx = DX + r * k;
-        for (npy_intp j = 0; j < k; ++j) dx[j] = g * (p[j] - b);
-        dx[y] -= g * a;
-    }
-    return 0;
-}
-
-// Target rows: dx = dl (p sum(t') - t').
-template <typename T>
-__attribute__((noinline)) static void xent_rows_grad(
-        const T* __restrict__ DL, npy_intp gstep, const T* __restrict__ P,
-        const T* __restrict__ Tg, T* __restrict__ DX, npy_intp rows, npy_intp k, double smooth) {
-    const T a = (T)(1.0 - smooth), b = (T)(smooth / k);
-    for (npy_intp r = 0; r < rows; ++r) {
-        const T g = DL[r * gstep];
-        const T* p = P + r * k;
-        const T* t = Tg + r * k;
-        T* dx = DX + r * k;
-        double st = 0.0;
-        for (npy_intp j = 0; j < k; ++j) st += t[j];
-        const T sum_t = (T)((1.0 - smooth) * st + smooth);
-        for (npy_intp j = 0; j < k; ++j) dx[j] = g * (p[j] * sum_t - a * t[j] - b);
-    }
-}
-
-}  // namespace nbsoftmax
-"""
+from . import CCall, NetbuildCOp
 
 
 # -- numpy twins (PyTensor's Python modes, and the tests' references) ----------------------------
@@ -207,71 +74,47 @@ def _float(x):
 
 class _RowsCOp(NetbuildCOp):
     """The C skeleton the four ops share: rows of ``k`` (the last axis of ``x``), shape checks,
-    contiguous copies of the inputs, the output, then one kernel call without the GIL."""
+    contiguous copies of the inputs, the output, then one kernel call without the GIL
+    (:class:`netbuild.ops.CCall`)."""
 
-    kernels = (_KERNELS,)
+    c_file = "softmax.c"
 
-    def c_code_cache_version(self):
-        return (_VERSION,)
-
-    def _c_body(self, node, sub, x: str, inputs: list[tuple[str, str, str]], out: str,
-                out_rank: str, call: str) -> str:
-        """``inputs``: ``(variable, name, shape)``, the shape ``"rows_k"`` (as ``x``), ``"rows"``
-        (as ``x`` without its last axis), ``"rows_or_one"`` (that, or a single value) or
-        ``"any"`` (not checked); ``out_rank``: ``"rows"`` or ``"rows_k"``; ``call`` (with
-        ``IN_(i, T)``, ``OUT_``, ``ROWS_``, ``K_``) returns 0, or 1 + the first row whose class id
-        is out of range."""
-        dtype = node.outputs[0].dtype
-        ctype = f"npy_{dtype}"
-        typenum = f"NPY_{dtype.upper()}"
-        op, fail = type(self).__name__, sub["fail"]
-        n = len(inputs)
-        lines = [
-            "{",
-            "int err_ = 0;",
-            f"PyArrayObject* c_[{n}] = {{{', '.join(['NULL'] * n)}}};",
-            f"const int nd_ = PyArray_NDIM({x});",
-            f"const npy_intp* xd_ = PyArray_DIMS({x});",
-            "const npy_intp K_ = xd_[nd_ - 1];",
-            "npy_intp ROWS_ = 1;",
-            "for (int i_ = 0; i_ < nd_ - 1; ++i_) ROWS_ *= xd_[i_];",
-            f"if (K_ == 0) {{ PyErr_SetString(PyExc_ValueError, \"{op}: the logits have no classes "
-            "(an empty last axis)\"); err_ = 1; }",
-        ]
-        for v, what, shape in inputs:
+    def _c_body(self, node, name, sub, x: str, inputs: list[tuple[str, str, str, str | None]],
+                out: str, out_rank: str, call: str) -> str:
+        """``inputs``: ``(variable, name, shape, C type)``, the shape ``"rows_k"`` (as ``x``),
+        ``"rows"`` (as ``x`` without its last axis), ``"rows_or_one"`` (that, or a single value)
+        or ``"any"`` (not checked), the C type of its data (None: the output's, ``T_``);
+        ``out_rank``: ``"rows"`` or ``"rows_k"``; ``call`` (with ``{i[k]}`` the data of input
+        ``k``, ``{out}`` that of the output, ``ROWS_``, ``K_``) returns 0, or 1 + the first row
+        whose class id is out of range."""
+        c = CCall(self, node, name, sub)
+        op = type(self).__name__
+        c.line(f"const int nd_ = PyArray_NDIM({x});")
+        c.line(f"const npy_intp* xd_ = PyArray_DIMS({x});")
+        c.line("const npy_intp K_ = xd_[nd_ - 1];")
+        c.line("npy_intp ROWS_ = 1;")
+        c.line("for (int i_ = 0; i_ < nd_ - 1; ++i_) ROWS_ *= xd_[i_];")
+        c.check("K_ != 0", "the logits have no classes (an empty last axis)")
+        for v, what, shape, _ in inputs:
             if shape == "any":
                 continue
             nd = "nd_" if shape == "rows_k" else "nd_ - 1"
             one = f"PyArray_SIZE({v}) == 1" if shape == "rows_or_one" else "false"
-            lines.append(
-                f"if (!err_) {{ const bool one_ = {one}; bool ok_ = one_ || PyArray_NDIM({v}) == {nd}; "
+            c.when_ok(
+                f"const bool one_ = {one}; bool ok_ = one_ || PyArray_NDIM({v}) == {nd}; "
                 f"for (int i_ = 0; !one_ && ok_ && i_ < {nd}; ++i_) "
                 f"ok_ = PyArray_DIMS({v})[i_] == xd_[i_]; "
                 f"if (!ok_) {{ PyErr_Format(PyExc_ValueError, \"{op}: the shape of {what} does not "
-                f"match {'the rows of ' if shape != 'rows_k' else ''}the logits\"); err_ = 1; }} }}")
-        for i, (v, _, _) in enumerate(inputs):
-            lines.append(f"if (!err_) {{ c_[{i}] = PyArray_GETCONTIGUOUS({v}); if (!c_[{i}]) err_ = 1; }}")
+                f"match {'the rows of ' if shape != 'rows_k' else ''}the logits\"); err_ = 1; }}")
+        ins = [c.input(v, ctype) for v, _, _, ctype in inputs]
+        # the output has x's shape, or its rows' (any number of axes: no initializer list)
         nd = "nd_" if out_rank == "rows_k" else "nd_ - 1"
-        lines += [
-            f"if (!err_) err_ = netbuild_output(&{out}, {nd}, xd_, {typenum});",
-            "#define IN_(i, T) ((const T*)PyArray_DATA(c_[i]))",
-            "if (!err_) {",
-            "    npy_intp bad_ = 0;",
-            "    Py_BEGIN_ALLOW_THREADS",
-            f"    bad_ = {call.replace('OUT_', f'({ctype}*)PyArray_DATA({out})')};",
-            "    Py_END_ALLOW_THREADS",
-            "    if (bad_) {",
-            f"        PyErr_Format(PyExc_ValueError, \"{op}: the class id of row %ld is outside "
-            "the output's range; expected ids 0..%ld\", (long)(bad_ - 1), (long)(K_ - 1));",
-            "        err_ = 1;",
-            "    }",
-            "}",
-            "#undef IN_",
-            f"for (int i_ = 0; i_ < {n}; ++i_) Py_XDECREF(c_[i_]);",
-            f"if (err_) {fail}",
-            "}",
-        ]
-        return "\n".join(lines)
+        c.when_ok(f"err_ = netbuild_output(&{out}, {nd}, xd_, {c.typenum});")
+        c.line("npy_intp bad_ = 0;")
+        c.run("bad_ = " + call.format(i=ins, out=f"(({c.ctype}*)PyArray_DATA({out}))"))
+        c.check("bad_ == 0", "the class id of row %ld is outside the output's range; expected "
+                "ids 0..%ld", "(long)(bad_ - 1)", "(long)(K_ - 1)")
+        return c.code()
 
 
 class Softmax(_RowsCOp):
@@ -298,9 +141,8 @@ class Softmax(_RowsCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,), (p,) = inputs, outputs
-        t = f"npy_{node.outputs[0].dtype}"
-        call = f"(nbsoftmax::softmax<{t}>(IN_(0, {t}), OUT_, ROWS_, K_), 0)"
-        return self._c_body(node, sub, x, [(x, "x", "any")], p, "rows_k", call)
+        call = "(nbsoftmax::softmax<T_>({i[0]}, {out}, ROWS_, K_), 0)"
+        return self._c_body(node, name, sub, x, [(x, "x", "any", None)], p, "rows_k", call)
 
 
 class SoftmaxGrad(_RowsCOp):
@@ -331,10 +173,9 @@ class SoftmaxGrad(_RowsCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):
         (dp, p), (dx,) = inputs, outputs
-        t = f"npy_{node.outputs[0].dtype}"
-        call = f"(nbsoftmax::softmax_grad<{t}>(IN_(0, {t}), IN_(1, {t}), OUT_, ROWS_, K_), 0)"
-        return self._c_body(node, sub, p, [(dp, "dp", "rows_k"), (p, "p", "any")], dx, "rows_k",
-                            call)
+        call = "(nbsoftmax::softmax_grad<T_>({i[0]}, {i[1]}, {out}, ROWS_, K_), 0)"
+        return self._c_body(node, name, sub, p, [(dp, "dp", "rows_k", None), (p, "p", "any", None)],
+                            dx, "rows_k", call)
 
 
 class _CrossEntropyCOp(_RowsCOp):
@@ -407,17 +248,16 @@ class SoftmaxCrossEntropy(_CrossEntropyCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x, t), (loss,) = inputs, outputs
-        ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
+        s = f"{sub['params']}->smoothing"
         if not _class_ids(node.inputs[1]):
-            call = (f"(nbsoftmax::xent_rows<{ft}>(IN_(0, {ft}), IN_(1, {ft}), OUT_, ROWS_, K_, "
-                    f"{s}), 0)")
-            shape = "rows_k"
+            call = f"(nbsoftmax::xent_rows<T_>({{i[0]}}, {{i[1]}}, {{out}}, ROWS_, K_, {s}), 0)"
+            shape, it = "rows_k", None
         else:
             it = f"dtype_{t}"
-            call = f"nbsoftmax::xent_ids<{ft}, {it}>(IN_(0, {ft}), IN_(1, {it}), OUT_, ROWS_, K_, {s})"
+            call = f"nbsoftmax::xent_ids<T_, {it}>({{i[0]}}, {{i[1]}}, {{out}}, ROWS_, K_, {s})"
             shape = "rows"
-        return self._c_body(node, sub, x, [(x, "x", "any"), (t, "the targets", shape)], loss,
-                            "rows", call)
+        return self._c_body(node, name, sub, x, [(x, "x", "any", None),
+                                                 (t, "the targets", shape, it)], loss, "rows", call)
 
 
 class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
@@ -461,20 +301,21 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):
         (dl, p, t), (dx,) = inputs, outputs
-        ft, s = f"npy_{node.outputs[0].dtype}", f"{sub['params']}->smoothing"
+        s = f"{sub['params']}->smoothing"
         # dl: one value per row, or a single value broadcast to every row (gstep 0)
         gstep = f"(PyArray_SIZE({dl}) == 1 && ROWS_ != 1 ? 0 : 1)"
         if not _class_ids(node.inputs[2]):
-            call = (f"(nbsoftmax::xent_rows_grad<{ft}>(IN_(0, {ft}), {gstep}, IN_(1, {ft}), "
-                    f"IN_(2, {ft}), OUT_, ROWS_, K_, {s}), 0)")
-            shape = "rows_k"
+            call = (f"(nbsoftmax::xent_rows_grad<T_>({{i[0]}}, {gstep}, {{i[1]}}, {{i[2]}}, "
+                    f"{{out}}, ROWS_, K_, {s}), 0)")
+            shape, it = "rows_k", None
         else:
             it = f"dtype_{t}"
-            call = (f"nbsoftmax::xent_ids_grad<{ft}, {it}>(IN_(0, {ft}), {gstep}, IN_(1, {ft}), "
-                    f"IN_(2, {it}), OUT_, ROWS_, K_, {s})")
+            call = (f"nbsoftmax::xent_ids_grad<T_, {it}>({{i[0]}}, {gstep}, {{i[1]}}, {{i[2]}}, "
+                    f"{{out}}, ROWS_, K_, {s})")
             shape = "rows"
-        return self._c_body(node, sub, p, [(dl, "dl", "rows_or_one"), (p, "p", "any"),
-                                           (t, "the targets", shape)], dx, "rows_k", call)
+        return self._c_body(node, name, sub, p, [(dl, "dl", "rows_or_one", None),
+                                                 (p, "p", "any", None),
+                                                 (t, "the targets", shape, it)], dx, "rows_k", call)
 
 
 def _pullback_of(build, inputs: list, cotangent) -> list:

@@ -14,7 +14,7 @@ from pytensor.compile import optdb
 from pytensor.graph.basic import Apply
 from pytensor.graph.rewriting.basic import WalkingGraphRewriter, node_rewriter
 
-from . import NetbuildCOp
+from . import CTYPES, CCall, NetbuildCOp
 
 
 class AdamStep(NetbuildCOp):
@@ -28,6 +28,9 @@ class AdamStep(NetbuildCOp):
     ``decay = lr * weight_decay`` gives AdamW (0 for Adam). With ``inplace``, ``p, m, v`` are
     overwritten (the compiled function's updates of their shared variables).
     """
+
+    c_file = "update.c"
+    extra_compile_args = ("-fno-math-errno",)  # lets g++ vectorize sqrt
 
     __props__ = ("beta1", "beta2", "epsilon", "inplace")
 
@@ -61,74 +64,31 @@ class AdamStep(NetbuildCOp):
     def infer_shape(self, fgraph, node, shapes):
         return [shapes[0], shapes[0], shapes[0]]
 
-    def c_code_cache_version(self):
-        return (3,)
-
-    def c_compile_args(self, **kwargs):
-        return ["-fno-math-errno"]  # lets g++ vectorize sqrt
-
     def c_code(self, node, name, inputs, outputs, sub):
+        """Take ``p, m, v`` (themselves when in place and they allow it, else copies), then the
+        step without the GIL (:class:`netbuild.ops.CCall`)."""
+        if node.outputs[0].dtype not in CTYPES:
+            raise NotImplementedError(f"AdamStep: no C code for {node.outputs[0].dtype}")
         p, m, v, g, step, isb, decay = inputs
-        fail = sub["fail"]
-        dtype = f"dtype_{p}"
-        take = []
+        c = CCall(self, node, name, sub)
+        c.line(f"const npy_intp n_ = PyArray_SIZE({p});")
+        c.check(f"PyArray_SIZE({m}) == n_ && PyArray_SIZE({v}) == n_ && PyArray_SIZE({g}) == n_",
+                "parameter, moments and gradient differ in size (%ld, %ld, %ld, %ld)", "(long)n_",
+                f"(long)PyArray_SIZE({m})", f"(long)PyArray_SIZE({v})", f"(long)PyArray_SIZE({g})")
+        # the outputs are p, m, v themselves or copies: not netbuild_output's fresh arrays
         for out, src in zip(outputs, (p, m, v)):
-            take.append(f"""
-            Py_XDECREF({out});
-            if ({int(self.inplace)} && PyArray_IS_C_CONTIGUOUS({src}) && PyArray_ISWRITEABLE({src})) {{
-                {out} = {src};
-                Py_INCREF({out});
-            }} else {{
-                {out} = (PyArrayObject*)PyArray_NewCopy({src}, NPY_CORDER);
-                if (!{out}) {{ {fail} }}
-            }}""")
-        p_out, m_out, v_out = outputs
-        return f"""
-        {{
-            const npy_intp n = PyArray_SIZE({p});
-            if (PyArray_SIZE({m}) != n || PyArray_SIZE({v}) != n || PyArray_SIZE({g}) != n) {{
-                PyErr_Format(PyExc_ValueError, "AdamStep: parameter, moments and gradient differ "
-                             "in size (%ld, %ld, %ld, %ld)", (long)n, (long)PyArray_SIZE({m}),
-                             (long)PyArray_SIZE({v}), (long)PyArray_SIZE({g}));
-                {fail}
-            }}
-            {''.join(take)}
-            PyArrayObject* g_c = PyArray_GETCONTIGUOUS({g});
-            if (!g_c) {{ {fail} }}
-            typedef {dtype} T;
-            netbuild_adam_step<T>(
-                (T*)PyArray_DATA({p_out}), (T*)PyArray_DATA({m_out}), (T*)PyArray_DATA({v_out}),
-                (const T*)PyArray_DATA(g_c), n,
-                ((dtype_{step}*)PyArray_DATA({step}))[0], ((dtype_{isb}*)PyArray_DATA({isb}))[0],
-                (T)1 - ((dtype_{decay}*)PyArray_DATA({decay}))[0],
-                (T){self.beta1!r}, (T){self.beta2!r}, (T){self.epsilon!r});
-            Py_DECREF(g_c);
-        }}
-        """
-
-    def c_headers(self, **kwargs):
-        return ["<cmath>"]
-
-    def c_support_code(self, **kwargs):
-        # A function of its own, not inlined: g++ honours __restrict__ on parameters, and does
-        # not treat the loop as cold code (inlined after PyTensor's error checks, it was compiled
-        # for size: scalar, 5x slower).
-        return """
-        template <typename T>
-        __attribute__((noinline)) static void netbuild_adam_step(
-                T* __restrict__ P, T* __restrict__ M, T* __restrict__ V, const T* __restrict__ G,
-                npy_intp n, T step, T isb, T keep, T b1, T b2, T eps) {
-            const T c1 = (T)1 - b1, c2 = (T)1 - b2;
-            for (npy_intp i = 0; i < n; ++i) {
-                const T gi = G[i];
-                const T mi = b1 * M[i] + c1 * gi;
-                const T vi = b2 * V[i] + c2 * gi * gi;
-                M[i] = mi;
-                V[i] = vi;
-                P[i] = keep * P[i] - step * mi / (std::sqrt(vi) * isb + eps);
-            }
-        }
-        """
+            c.when_ok(f"Py_XDECREF({out}); if ({int(self.inplace)} "
+                      f"&& PyArray_IS_C_CONTIGUOUS({src}) && PyArray_ISWRITEABLE({src})) "
+                      f"{{ {out} = {src}; Py_INCREF({out}); }} "
+                      f"else {{ {out} = (PyArrayObject*)PyArray_NewCopy({src}, NPY_CORDER); "
+                      f"if (!{out}) err_ = 1; }}")
+        grad = c.input(g)
+        p_out, m_out, v_out = (f"((T_*)PyArray_DATA({o}))" for o in outputs)
+        c.run(f"netbuild_adam_step<T_>({p_out}, {m_out}, {v_out}, {grad}, n_, "
+              f"((dtype_{step}*)PyArray_DATA({step}))[0], ((dtype_{isb}*)PyArray_DATA({isb}))[0], "
+              f"(T_)1 - ((dtype_{decay}*)PyArray_DATA({decay}))[0], "
+              f"(T_){self.beta1!r}, (T_){self.beta2!r}, (T_){self.epsilon!r})")
+        return c.code()
 
 
 def adam_step(p, m, v, g, step_size, inv_sqrt_bc2, decay, beta1, beta2, epsilon):

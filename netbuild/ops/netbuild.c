@@ -1,0 +1,115 @@
+#section support_code
+/* The glue every netbuild op shares (loaded before the op's own .c file; see
+   netbuild/ops/__init__.py): threads and the fixed cut of a batch into slices, outputs, a scratch
+   buffer kept by the node, and shape checks that name what they received. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Threads (OpenMP). netbuild_threads(): how many a parallel loop may use (netbuild's thread count,
+   netbuild/threads.py); netbuild_thread(): the caller's index among them. */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int netbuild_threads(void) { int n = omp_get_max_threads(); return n > 0 ? n : 1; }
+static inline int netbuild_thread(void) { return omp_get_thread_num(); }
+#else
+static inline int netbuild_threads(void) { return 1; }
+static inline int netbuild_thread(void) { return 0; }
+#endif
+
+/* The most slices a batch is cut into: more threads than this gain nothing on a weight gradient
+   (netbuild.ops.SLICES reads it from here). */
+#define NETBUILD_SLICES 16
+
+/* A fixed cut of n items (a batch) into at most NETBUILD_SLICES slices of consecutive items, a
+   function of n alone, so that a sum over slices taken in slice order has the same bits whatever
+   the number of threads. */
+static inline npy_intp netbuild_slices(npy_intp n) { return n < NETBUILD_SLICES ? n : NETBUILD_SLICES; }
+static inline npy_intp netbuild_slice_start(npy_intp n, npy_intp s) {
+    npy_intp k = netbuild_slices(n);
+    return k ? s * n / k : 0;
+}
+
+/* A cut of n items into one part per thread (at most `threads`, each of at least `least` items):
+   for loops whose bits do not depend on how the items are grouped, or that say so. */
+static inline int netbuild_parts(npy_intp n, int threads, npy_intp least) {
+    npy_intp most = least > 0 ? n / least : n;
+    if (most < 1) most = 1;
+    return (int)(threads < most ? threads : most);
+}
+static inline npy_intp netbuild_part_start(npy_intp n, int parts, int p) {
+    return parts ? (npy_intp)p * n / parts : 0;
+}
+
+/* f(start, stop) for each part of a cut of n items into netbuild_parts(n, threads, least) parts,
+   the parts on threads of their own. */
+template <typename F> static void netbuild_for_parts(npy_intp n, npy_intp least, F f) {
+    const int parts = netbuild_parts(n, netbuild_threads(), least);
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    for (int p = 0; p < parts; ++p)
+        f(netbuild_part_start(n, parts, p), netbuild_part_start(n, parts, p + 1));
+}
+
+/* *out as a C-contiguous, writeable array of dims and typenum: kept when it already is one (the
+   node's output from the previous call), else newly allocated. */
+static int netbuild_output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum) {
+    if (*out && PyArray_NDIM(*out) == nd && PyArray_TYPE(*out) == typenum
+        && PyArray_IS_C_CONTIGUOUS(*out) && PyArray_ISWRITEABLE(*out)) {
+        bool same = true;
+        for (int i = 0; i < nd; ++i) same = same && PyArray_DIMS(*out)[i] == dims[i];
+        if (same) return 0;
+    }
+    Py_XDECREF(*out);
+    *out = (PyArrayObject*)PyArray_EMPTY(nd, (npy_intp*)dims, typenum, 0);
+    return *out ? 0 : -1;
+}
+
+/* A scratch buffer of at least n bytes, kept by the node between calls (its pointer and size are
+   the node's scratch_<name>, scratch_size_<name>: see support_code_struct below). */
+static void* netbuild_scratch(void** buf, size_t* size, size_t n) {
+    if (!*buf || n > *size) {
+        free(*buf);
+        *buf = malloc(n ? n : 1);
+        *size = *buf ? n : 0;
+        if (!*buf) PyErr_NoMemory();
+    }
+    return *buf;
+}
+
+/* "(2, 3)" or "(5,)" into buf */
+static void netbuild_format_dims(char* buf, size_t size, int nd, const npy_intp* dims) {
+    size_t k = snprintf(buf, size, "(");
+    for (int i = 0; i < nd && k < size; ++i)
+        k += snprintf(buf + k, size - k, i ? ", %ld" : "%ld", (long)dims[i]);
+    if (k < size) snprintf(buf + k, size - k, nd == 1 ? ",)" : ")");
+}
+
+/* Check an input's shape: 0, or -1 with a ValueError
+   "Op: name has shape (..); expected (what) = (..)". */
+static int netbuild_check_shape(PyArrayObject* a, const char* op, const char* name,
+                                const char* what, int nd, const npy_intp* dims) {
+    bool ok = PyArray_NDIM(a) == nd;
+    for (int i = 0; ok && i < nd; ++i) ok = PyArray_DIMS(a)[i] == dims[i];
+    if (ok) return 0;
+    char got[200], want[200];
+    netbuild_format_dims(got, sizeof got, PyArray_NDIM(a), PyArray_DIMS(a));
+    netbuild_format_dims(want, sizeof want, nd, dims);
+    PyErr_Format(PyExc_ValueError, "%s: %s has shape %s; expected (%s) = %s", op, name, got, what,
+                 want);
+    return -1;
+}
+
+#section support_code_struct
+void* APPLY_SPECIFIC(scratch);
+size_t APPLY_SPECIFIC(scratch_size);
+
+#section init_code_struct
+APPLY_SPECIFIC(scratch) = NULL;
+APPLY_SPECIFIC(scratch_size) = 0;
+
+#section cleanup_code_struct
+free(APPLY_SPECIFIC(scratch));
+APPLY_SPECIFIC(scratch) = NULL;
+APPLY_SPECIFIC(scratch_size) = 0;
