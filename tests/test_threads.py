@@ -141,21 +141,21 @@ def _sequence_function(cell: str, activation: str, recurrent_activation: str, dt
     return names, function([*inputs, weights], [*outs, *pytensor.grad(loss, inputs)], c=True)
 
 
-# Batches: one row, fewer rows than two parts of recurrent.c's ROWS_PER_PART (one part on any
-# number of threads), two uneven parts.
-@pytest.mark.parametrize("batch", [1, 20, 37])
+# Units: fewer than two parts of recurrent.c's UNITS_PER_PART (one part on any number of
+# threads), two even parts, two uneven parts; with one row and with several.
+@pytest.mark.parametrize("units, batch", [(20, 5), (40, 1), (40, 9), (37, 6)])
 @pytest.mark.parametrize("cell, activation, recurrent_activation", [
     ("simple_rnn", "tanh", "sigmoid"), ("simple_rnn", "relu", "sigmoid"),
     ("lstm", "tanh", "sigmoid"), ("lstm", "relu", "hard_sigmoid"),
     ("gru", "tanh", "sigmoid"), ("gru", "linear", "hard_sigmoid")])
-def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation, batch,
+def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation, units, batch,
                                           restore_threads):
-    """Each thread runs the whole time loop on its own rows: on 2 threads the results agree with
-    1 thread's to rounding, and a given number of threads gives the same bits every time.
-    Whether 1 and 2 threads give the same bits is up to the BLAS: OpenBLAS's product of a row
-    can depend on the rows it is computed with (README, Threads)."""
-    rng = np.random.default_rng(batch)
-    T, U = 6, 20
+    """Each thread computes its own units' columns, step by step: on 2 threads the results agree
+    with 1 thread's to rounding, and a given number of threads gives the same bits every time.
+    Whether 1 and 2 threads give the same bits is up to the BLAS: OpenBLAS's product for an
+    element can depend on the others it is computed with (README, Threads)."""
+    rng = np.random.default_rng(units * batch)
+    T, U = 6, units
     G = recurrent.CELLS[cell][0] * U
     values = {"P": rng.normal(size=(T, batch, G)), "b": rng.normal(size=G) * 0.1,
               "W": rng.normal(size=(U, G)) * 0.3, "h0": rng.normal(size=(batch, U)) * 0.5,

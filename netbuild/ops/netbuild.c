@@ -52,6 +52,48 @@ template <typename F> static void netbuild_for_parts(npy_intp n, npy_intp least,
         f(netbuild_part_start(n, parts, p), netbuild_part_start(n, parts, p + 1));
 }
 
+/* A team of threads that wait for one another at every step of a loop (a recurrent op's
+   timesteps): wait(n) returns once all n have called it. It spins (then yields): between two
+   balanced steps a thread waits microseconds, where OpenMP's own barrier under
+   OMP_WAIT_POLICY=passive puts it to sleep and wakes it tens of microseconds later. */
+#include <atomic>
+#include <sched.h>
+static inline void netbuild_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+struct netbuild_team {
+    std::atomic<int> arrived{0};
+    std::atomic<int> generation{0};
+    void wait(int n) {
+        if (n <= 1) return;
+        const int gen = generation.load(std::memory_order_acquire);
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+            arrived.store(0, std::memory_order_relaxed);
+            generation.fetch_add(1, std::memory_order_release);
+            return;
+        }
+        for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+            if (spins < 4096) netbuild_pause();
+            else sched_yield();
+        }
+    }
+};
+
+/* f(p, n, team) on each of n threads (p = 0..n-1; n <= parts, whatever OpenMP grants). */
+template <typename F> static void netbuild_team_run(int parts, F f) {
+    netbuild_team team;
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+#ifdef _OPENMP
+        f(omp_get_thread_num(), omp_get_num_threads(), team);
+#else
+        f(0, 1, team);
+#endif
+    }
+}
+
 /* *out as a C-contiguous, writeable array of dims and typenum: kept when it already is one (the
    node's output from the previous call), else newly allocated. */
 static int netbuild_output(PyArrayObject** out, int nd, const npy_intp* dims, int typenum) {

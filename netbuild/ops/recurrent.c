@@ -1,13 +1,19 @@
 #section support_code
 /* The recurrent layers' loop over timesteps (netbuild/ops/recurrent.py), forward and backward.
 
-   The rows of a batch are independent: the batch is cut into one part of consecutive rows per
-   thread (netbuild_for_parts, at least ROWS_PER_PART rows each) and each thread runs the whole
-   time loop on its rows, one BLAS gemm per step on its rows' states, without waiting for the
-   others. The weight gradient (one gemm over all T*B rows) and the bias gradients (column sums
-   in double, row by row in order) come after the loop, on every thread. Each step's elementwise
-   maths is one fused loop per row, vectorized: templates on the two activations for the default
-   pair (tanh, sigmoid) and the simple RNN's, a run-time switch for the other pairs.
+   Threads split the units: each of a team of threads (netbuild_team_run, at least
+   UNITS_PER_PART units each) owns the columns of its units in every gate block, for all rows of
+   the batch. A forward step is, on each thread, one BLAS gemm of the whole state h[t-1] with its
+   columns of W (gathered once per call into a block of its own, W'), then the fused elementwise
+   maths of its units; the team waits for one another once per step (h[t] complete). A backward
+   step is the elementwise maths of the thread's units (the gates' gradients dA[t]), a wait
+   (dA[t] complete), then the gemm of dA[t] with its units' rows of W for its columns of dh.
+   So W is read by each thread in parts, not whole (a split over rows made every thread pack all
+   of W at every step: 1.5x from a second core, against 2x this way). The weight gradient (one
+   gemm over all T*B rows) and the bias gradients (column sums in double, row by row in order)
+   come after the loop, on every thread. The fused loops are vectorized: templates on the two
+   activations for the default pair (tanh, sigmoid) and the simple RNN's tanh and relu, a
+   run-time switch for the other pairs.
 
    Row-major (B, N) arrays are column-major (N, B) matrices to Fortran BLAS, so every product is
    written transposed: gates[t] (B, G*U) += h (B, U) W (U, G*U) is gemm("N", "N", GU, B, U, W, h). */
@@ -15,7 +21,7 @@
 namespace nbrec {
 
 enum { LINEAR = 0, TANH = 1, SIGMOID = 2, RELU = 3, HARD_SIGMOID = 4, ANY = -1 };
-static const npy_intp ROWS_PER_PART = 16;
+static const npy_intp UNITS_PER_PART = 16;
 static inline bool keeps_input(int code) { return code == RELU || code == HARD_SIGMOID; }
 
 /* float: branch-free exp and tanh (Cephes' expf and tanhf, within 2 ulp) that g++ vectorizes
@@ -98,14 +104,6 @@ template <int A, typename T> static inline T df(int code, T s, T g) {
     }
 }
 
-/* rows of y = rows of x + bias (rows of n values, y and x with row strides ldy and ldx) */
-template <typename T>
-static inline void add_bias(T* __restrict y, const T* __restrict x, const T* __restrict bias,
-                            npy_intp rows, npy_intp n) {
-    for (npy_intp r = 0; r < rows; ++r)
-        for (npy_intp k = 0; k < n; ++k) y[r * n + k] = x[r * n + k] + bias[k];
-}
-
 /* out[k] = sum over rows r of x[r * ld + off + k], k < n, in double and in row order: the same
    bits whatever the number of threads (each thread sums its own columns). */
 template <typename T>
@@ -131,98 +129,134 @@ static void weight_grad(int Tn, int Bn, int U, int G, const T* dA, const T* H, c
     netbuild_gemm('N', 'T', G, U, Tn > 0 ? Bn : 0, (T)1, dA, G, h0, U, Tn > 1 ? (T)1 : (T)0, dW, G);
 }
 
-/* The state's gradient carried to step t - 1, for rows [r0, r0 + nr): dh = dH[t-1] + dA[t] W^T
-   (+ what dh already holds when keep); at t = 0 into dh0. dh and dh0 are (Bn, U), dA[t] (Bn, G). */
+/* How many parts the units are cut into: one per thread, at least UNITS_PER_PART units each. */
+static inline int unit_parts(int U) { return netbuild_parts(U, netbuild_threads(), UNITS_PER_PART); }
+
+/* Wp (U, g*nu) = the columns q*U + u0 ... q*U + u0 + nu - 1 of W (U, g*U) of every gate block q,
+   side by side. */
 template <typename T>
-static inline void carry(int t, int Bn, int U, int G, npy_intp r0, npy_intp nr, const T* W,
-                         const T* dAt, const T* dH, bool keep, T* dh, T* dh0) {
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U, n = (size_t)nr * U;
-    T* __restrict rows = dh + off;
-    if (t && keep) {
-        const T* __restrict from = dH + (t - 1) * step + off;
-        for (size_t k = 0; k < n; ++k) rows[k] += from[k];
-    } else if (t) {
-        memcpy(rows, dH + (t - 1) * step + off, sizeof(T) * n);
-    } else if (keep) {
-        memcpy(dh0 + off, rows, sizeof(T) * n);
-    }
-    netbuild_gemm('T', 'N', U, (int)nr, G, (T)1, W, G, dAt + (size_t)r0 * G, G,
-                  (t || keep) ? (T)1 : (T)0, (t ? dh : dh0) + off, U);
+static void gather_columns(int U, int g, npy_intp u0, npy_intp nu, const T* W, T* Wp) {
+    const npy_intp G = (npy_intp)g * U, w = g * nu;
+    for (npy_intp k = 0; k < U; ++k)
+        for (int q = 0; q < g; ++q)
+            memcpy(Wp + k * w + q * nu, W + k * G + q * U + u0, sizeof(T) * nu);
 }
 
-/* The first gradient of the backward loop, dh = dH[T-1] (or dh0 = 0 with no steps), for rows. */
+/* X (Bn, g*nu) = the same columns of Pt (Bn, g*U) + bias */
 template <typename T>
-static inline void start_backward(int Tn, int Bn, int U, npy_intp r0, npy_intp nr, const T* dH,
-                                  T* dh, T* dh0) {
-    const size_t off = (size_t)r0 * U, n = (size_t)nr * U;
-    if (Tn > 0) memcpy(dh + off, dH + (size_t)(Tn - 1) * Bn * U + off, sizeof(T) * n);
-    else memset(dh0 + off, 0, sizeof(T) * n);
+static void gather_input(int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* Pt,
+                         const T* bias, T* X) {
+    const npy_intp G = (npy_intp)g * U, w = g * nu;
+    for (npy_intp r = 0; r < Bn; ++r)
+        for (int q = 0; q < g; ++q) {
+            const T* __restrict p = Pt + r * G + q * U + u0;
+            const T* __restrict b = bias + q * U + u0;
+            T* __restrict x = X + r * w + q * nu;
+            for (npy_intp k = 0; k < nu; ++k) x[k] = p[k] + b[k];
+        }
+}
+
+/* The columns [u0, u0 + nu) of rows of to (Bn, U) = (or +=) those of from */
+template <typename T>
+static void copy_units(int Bn, int U, npy_intp u0, npy_intp nu, const T* from, T* to, bool add) {
+    for (npy_intp r = 0; r < Bn; ++r) {
+        const T* __restrict f = from + r * U + u0;
+        T* __restrict t = to + r * U + u0;
+        if (add) for (npy_intp k = 0; k < nu; ++k) t[k] += f[k];
+        else memcpy(t, f, sizeof(T) * nu);
+    }
+}
+
+template <typename T>
+static void zero_units(int Bn, int U, npy_intp u0, npy_intp nu, T* to) {
+    for (npy_intp r = 0; r < Bn; ++r) memset(to + r * U + u0, 0, sizeof(T) * nu);
+}
+
+/* The part [u0, u0 + nu) of p of n. */
+#define NBREC_PART(U, p, n)                                           \
+    const npy_intp u0 = netbuild_part_start((U), (n), (p));            \
+    const npy_intp nu = netbuild_part_start((U), (n), (p) + 1) - u0
+
+/* dh's columns of the part, carried to step t - 1: dh = dH[t-1] + dA[t] W^T (+ what dh holds
+   when keep); at t = 0 into dh0 (dh0 = dh + dA[0] W^T when keep). dA[t] is (Bn, G) whole. */
+template <typename T>
+static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, const T* W,
+                        const T* dAt, const T* dH, bool keep, T* dh, T* dh0) {
+    const size_t step = (size_t)Bn * U;
+    if (t) copy_units(Bn, U, u0, nu, dH + (t - 1) * step, dh, keep);
+    else if (keep) copy_units(Bn, U, u0, nu, dh, dh0, false);
+    netbuild_gemm('T', 'N', (int)nu, Bn, G, (T)1, W + u0 * G, G, dAt, G,
+                  (t || keep) ? (T)1 : (T)0, (t ? dh : dh0) + u0, U);
 }
 
 /* -- simple_rnn: h = act(p + b + h W) ---------------------------------------------------------- */
 template <int A, typename T>
-__attribute__((noinline)) static void rnn_cells(int a, npy_intp n, T* __restrict s, T* __restrict h) {
-    for (npy_intp k = 0; k < n; ++k) {
-        T x = s[k], y = f<A>(a, x);
-        h[k] = y;
-        s[k] = keep<A>(a, x, y);
-    }
+__attribute__((noinline)) static void rnn_cells(int a, int Bn, int U, npy_intp nu,
+                                                const T* __restrict X, T* __restrict S,
+                                                T* __restrict H) {
+    for (npy_intp r = 0; r < Bn; ++r)
+        for (npy_intp k = 0; k < nu; ++k) {
+            T x = X[r * nu + k], y = f<A>(a, x);
+            H[r * U + k] = y;
+            S[r * U + k] = keep<A>(a, x, y);
+        }
 }
 
 template <int A, typename T>
-__attribute__((noinline)) static void rnn_cells_grad(int a, npy_intp n, const T* __restrict s,
-                                                     const T* __restrict dh, T* __restrict d) {
-    for (npy_intp k = 0; k < n; ++k) d[k] = df<A>(a, s[k], dh[k]);
-}
-
-template <int A, typename T>
-static void rnn_forward_rows(int a, int Tn, int Bn, int U, npy_intp r0, npy_intp nr, const T* P,
-                             const T* bias, const T* W, const T* h0, T* H, T* S) {
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U;
-    for (int t = 0; t < Tn; ++t) {
-        T* St = S + t * step + off;
-        add_bias(St, P + t * step + off, bias, nr, U);
-        const T* hp = (t ? H + (t - 1) * step : h0) + off;
-        netbuild_gemm('N', 'N', U, (int)nr, U, (T)1, W, U, hp, U, (T)1, St, U);
-        rnn_cells<A>(a, nr * U, St, H + t * step + off);
-    }
+__attribute__((noinline)) static void rnn_cells_grad(int a, int Bn, int U, npy_intp nu,
+                                                     const T* __restrict S,
+                                                     const T* __restrict dh, T* __restrict D) {
+    for (npy_intp r = 0; r < Bn; ++r)
+        for (npy_intp k = 0; k < nu; ++k) D[r * U + k] = df<A>(a, S[r * U + k], dh[r * U + k]);
 }
 
 template <typename T>
 static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias, const T* W,
-                        const T* h0, T* H, T* S) {
-    netbuild_serial_blas serial(netbuild_threads());
-    netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-        switch (a) {
-        case TANH: rnn_forward_rows<TANH>(a, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, H, S); break;
-        case RELU: rnn_forward_rows<RELU>(a, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, H, S); break;
-        default: rnn_forward_rows<ANY>(a, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, H, S);
+                        const T* h0, T* H, T* S, T* work) {
+    const size_t step = (size_t)Bn * U;
+    const int parts = unit_parts(U);
+    netbuild_serial_blas serial(parts);
+    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+        NBREC_PART(U, p, n);
+        T* Wp = work + (size_t)U * u0;
+        T* X = work + (size_t)U * U + (size_t)Bn * u0;
+        gather_columns(U, 1, u0, nu, W, Wp);
+        for (int t = 0; t < Tn; ++t) {
+            gather_input(Bn, U, 1, u0, nu, P + t * step, bias, X);
+            const T* hp = t ? H + (t - 1) * step : h0;
+            netbuild_gemm('N', 'N', (int)nu, Bn, U, (T)1, Wp, (int)nu, hp, U, (T)1, X, (int)nu);
+            T *St = S + t * step + u0, *Ht = H + t * step + u0;
+            switch (a) {
+            case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, St, Ht); break;
+            case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, St, Ht); break;
+            default: rnn_cells<ANY>(a, Bn, U, nu, X, St, Ht);
+            }
+            team.wait(n);
         }
     });
-}
-
-template <int A, typename T>
-static void rnn_backward_rows(int a, int Tn, int Bn, int U, npy_intp r0, npy_intp nr, const T* W,
-                              const T* S, const T* dH, T* dP, T* dh0, T* dh) {
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U;
-    start_backward(Tn, Bn, U, r0, nr, dH, dh, dh0);
-    for (int t = Tn - 1; t >= 0; --t) {
-        T* dPt = dP + t * step;
-        rnn_cells_grad<A>(a, nr * U, S + t * step + off, dh + off, dPt + off);
-        carry(t, Bn, U, U, r0, nr, W, dPt, dH, false, dh, dh0);
-    }
 }
 
 template <typename T>
 static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
                          const T* S, const T* dH, T* dP, T* db, T* dW, T* dh0, T* dh, double* acc) {
+    const size_t step = (size_t)Bn * U;
     {
-        netbuild_serial_blas serial(netbuild_threads());
-        netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-            switch (a) {
-            case TANH: rnn_backward_rows<TANH>(a, Tn, Bn, U, r0, r1 - r0, W, S, dH, dP, dh0, dh); break;
-            case RELU: rnn_backward_rows<RELU>(a, Tn, Bn, U, r0, r1 - r0, W, S, dH, dP, dh0, dh); break;
-            default: rnn_backward_rows<ANY>(a, Tn, Bn, U, r0, r1 - r0, W, S, dH, dP, dh0, dh);
+        const int parts = unit_parts(U);
+        netbuild_serial_blas serial(parts);
+        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+            NBREC_PART(U, p, n);
+            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
+            else zero_units(Bn, U, u0, nu, dh0);
+            for (int t = Tn - 1; t >= 0; --t) {
+                const T* St = S + t * step + u0;
+                T* dPt = dP + t * step;
+                switch (a) {
+                case TANH: rnn_cells_grad<TANH>(a, Bn, U, nu, St, dh + u0, dPt + u0); break;
+                case RELU: rnn_cells_grad<RELU>(a, Bn, U, nu, St, dh + u0, dPt + u0); break;
+                default: rnn_cells_grad<ANY>(a, Bn, U, nu, St, dh + u0, dPt + u0);
+                }
+                team.wait(n);
+                carry_units(t, Bn, U, U, u0, nu, W, dPt, dH, false, dh, dh0);
             }
         });
     }
@@ -231,16 +265,19 @@ static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, 
 }
 
 /* -- lstm: a = p + b + h W; i, f, g, o = ract, ract, act, ract; c = f c + i g; h = o act(c) ---- */
+/* X (Bn, 4nu): the part's pre-activations; S (row stride 4U, gate blocks U apart), cp, C, AC, H
+   (row stride U): at the part's first unit. */
 template <int A, int RA, typename T>
-__attribute__((noinline)) static void lstm_cells(int a, int ra, npy_intp rows, int U,
-                                                 T* __restrict S, const T* __restrict cp,
-                                                 T* __restrict C, T* __restrict AC,
-                                                 T* __restrict H) {
-    for (npy_intp r = 0; r < rows; ++r) {
+__attribute__((noinline)) static void lstm_cells(int a, int ra, int Bn, int U, npy_intp nu,
+                                                 const T* __restrict X, T* __restrict S,
+                                                 const T* __restrict cp, T* __restrict C,
+                                                 T* __restrict AC, T* __restrict H) {
+    for (npy_intp r = 0; r < Bn; ++r) {
+        const T* __restrict x = X + r * 4 * nu;
         T* __restrict s = S + r * 4 * U;
         const size_t o = (size_t)r * U;
-        for (int k = 0; k < U; ++k) {
-            T xi = s[k], xf = s[U + k], xg = s[2 * U + k], xo = s[3 * U + k];
+        for (npy_intp k = 0; k < nu; ++k) {
+            T xi = x[k], xf = x[nu + k], xg = x[2 * nu + k], xo = x[3 * nu + k];
             T vi = f<RA>(ra, xi), vf = f<RA>(ra, xf), vg = f<A>(a, xg), vo = f<RA>(ra, xo);
             T c = vf * cp[o + k] + vi * vg;
             T ac = f<A>(a, c);
@@ -255,24 +292,26 @@ __attribute__((noinline)) static void lstm_cells(int a, int ra, npy_intp rows, i
     }
 }
 
-/* One backward step for rows: the gates' gradients d (rows, 4U) and the carried dc, from dh. */
-template <int A, int RA, typename T>
+/* One backward step of the part's units: the gates' gradients D (as S) and the carried dc, from
+   dh; every pointer at the part's first unit. DC: whether dC is given (a test inside the loop
+   kept g++ from vectorizing it). */
+template <int A, int RA, bool DC, typename T>
 __attribute__((noinline)) static void lstm_cells_grad(
-        int a, int ra, npy_intp rows, int U, const T* __restrict S, const T* __restrict C,
+        int a, int ra, int Bn, int U, npy_intp nu, const T* __restrict S, const T* __restrict C,
         const T* __restrict AC, const T* __restrict cp, const T* __restrict dC,
         const T* __restrict dh, T* __restrict dc, T* __restrict D) {
-    for (npy_intp r = 0; r < rows; ++r) {
+    for (npy_intp r = 0; r < Bn; ++r) {
         const T* __restrict s = S + r * 4 * U;
         T* __restrict d = D + r * 4 * U;
         const size_t o = (size_t)r * U;
-        for (int k = 0; k < U; ++k) {
+        for (npy_intp k = 0; k < nu; ++k) {
             T si = s[k], sf = s[U + k], sg = s[2 * U + k], so = s[3 * U + k];
             T vi = value<RA>(ra, si), vf = value<RA>(ra, sf), vg = value<A>(a, sg);
             T vo = value<RA>(ra, so);
             T ac = AC[o + k], dhk = dh[o + k];
             // h = o act(c): the cell state's gradient through act
             T d_ac = df<A>(a, keeps_input(A == ANY ? a : A) ? C[o + k] : ac, dhk * vo);
-            if (dC) d_ac += dC[o + k];
+            if (DC) d_ac += dC[o + k];
             T dck = dc[o + k] + d_ac;
             d[k] = df<RA>(ra, si, dck * vg);
             d[U + k] = df<RA>(ra, sf, dck * cp[o + k]);
@@ -283,54 +322,33 @@ __attribute__((noinline)) static void lstm_cells_grad(
     }
 }
 
-template <int A, int RA, typename T>
-static void lstm_forward_rows(int a, int ra, int Tn, int Bn, int U, npy_intp r0, npy_intp nr,
-                              const T* P, const T* bias, const T* W, const T* h0, const T* c0,
-                              T* H, T* C, T* S, T* AC) {
-    const int G = 4 * U;
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U, goff = (size_t)r0 * G;
-    for (int t = 0; t < Tn; ++t) {
-        T* St = S + (size_t)t * Bn * G + goff;
-        add_bias(St, P + (size_t)t * Bn * G + goff, bias, nr, G);
-        const T* hp = (t ? H + (t - 1) * step : h0) + off;
-        netbuild_gemm('N', 'N', G, (int)nr, U, (T)1, W, G, hp, U, (T)1, St, G);
-        const T* cp = (t ? C + (t - 1) * step : c0) + off;
-        lstm_cells<A, RA>(a, ra, nr, U, St, cp, C + t * step + off, AC + t * step + off,
-                          H + t * step + off);
-    }
-}
-
 template <typename T>
 static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
-                         const T* W, const T* h0, const T* c0, T* H, T* C, T* S, T* AC) {
-    netbuild_serial_blas serial(netbuild_threads());
-    netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-        if (a == TANH && ra == SIGMOID)
-            lstm_forward_rows<TANH, SIGMOID>(a, ra, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, c0, H,
-                                             C, S, AC);
-        else
-            lstm_forward_rows<ANY, ANY>(a, ra, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, c0, H, C,
-                                        S, AC);
-    });
-}
-
-template <int A, int RA, typename T>
-static void lstm_backward_rows(int a, int ra, int Tn, int Bn, int U, npy_intp r0, npy_intp nr,
-                               const T* W, const T* c0, const T* C, const T* S, const T* AC,
-                               const T* dH, const T* dC, T* dP, T* dh0, T* dc0, T* dh, T* dc) {
+                         const T* W, const T* h0, const T* c0, T* H, T* C, T* S, T* AC, T* work) {
     const int G = 4 * U;
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U, goff = (size_t)r0 * G;
-    memset(dc + off, 0, sizeof(T) * nr * U);
-    start_backward(Tn, Bn, U, r0, nr, dH, dh, dh0);
-    for (int t = Tn - 1; t >= 0; --t) {
-        const T* cp = (t ? C + (t - 1) * step : c0) + off;
-        T* dPt = dP + (size_t)t * Bn * G;
-        lstm_cells_grad<A, RA>(a, ra, nr, U, S + (size_t)t * Bn * G + goff, C + t * step + off,
-                               AC + t * step + off, cp, dC ? dC + t * step + off : (const T*)0,
-                               dh + off, dc + off, dPt + goff);
-        carry(t, Bn, U, G, r0, nr, W, dPt, dH, false, dh, dh0);
-    }
-    memcpy(dc0 + off, dc + off, sizeof(T) * nr * U);
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
+    const int parts = unit_parts(U);
+    netbuild_serial_blas serial(parts);
+    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+        NBREC_PART(U, p, n);
+        const int w = (int)(4 * nu);
+        T* Wp = work + (size_t)4 * U * u0;
+        T* X = work + (size_t)U * G + (size_t)Bn * 4 * u0;
+        gather_columns(U, 4, u0, nu, W, Wp);
+        for (int t = 0; t < Tn; ++t) {
+            gather_input(Bn, U, 4, u0, nu, P + t * gstep, bias, X);
+            const T* hp = t ? H + (t - 1) * step : h0;
+            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)1, X, w);
+            const T* cp = (t ? C + (t - 1) * step : c0) + u0;
+            T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
+            T* Ht = H + t * step + u0;
+            if (a == TANH && ra == SIGMOID)
+                lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, St, cp, Ct, ACt, Ht);
+            else
+                lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, St, cp, Ct, ACt, Ht);
+            team.wait(n);
+        }
+    });
 }
 
 /* dC may be NULL (no gradient reaches the cell states) */
@@ -340,15 +358,37 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
                           const T* dH, const T* dC, T* dP, T* db, T* dW, T* dh0, T* dc0,
                           T* dh, T* dc, double* acc) {
     const int G = 4 * U;
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
     {
-        netbuild_serial_blas serial(netbuild_threads());
-        netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-            if (a == TANH && ra == SIGMOID)
-                lstm_backward_rows<TANH, SIGMOID>(a, ra, Tn, Bn, U, r0, r1 - r0, W, c0, C, S, AC,
-                                                  dH, dC, dP, dh0, dc0, dh, dc);
-            else
-                lstm_backward_rows<ANY, ANY>(a, ra, Tn, Bn, U, r0, r1 - r0, W, c0, C, S, AC, dH,
-                                             dC, dP, dh0, dc0, dh, dc);
+        const int parts = unit_parts(U);
+        netbuild_serial_blas serial(parts);
+        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+            NBREC_PART(U, p, n);
+            zero_units(Bn, U, u0, nu, dc);
+            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
+            else zero_units(Bn, U, u0, nu, dh0);
+            for (int t = Tn - 1; t >= 0; --t) {
+                const T* cp = (t ? C + (t - 1) * step : c0) + u0;
+                const T* St = S + t * gstep + u0;
+                const T *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
+                const T* dCt = dC ? dC + t * step + u0 : (const T*)0;
+                T* dPt = dP + t * gstep;
+                if (a == TANH && ra == SIGMOID && dC)
+                    lstm_cells_grad<TANH, SIGMOID, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
+                                                         dh + u0, dc + u0, dPt + u0);
+                else if (a == TANH && ra == SIGMOID)
+                    lstm_cells_grad<TANH, SIGMOID, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
+                                                          dh + u0, dc + u0, dPt + u0);
+                else if (dC)
+                    lstm_cells_grad<ANY, ANY, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
+                                                    dh + u0, dc + u0, dPt + u0);
+                else
+                    lstm_cells_grad<ANY, ANY, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
+                                                     dh + u0, dc + u0, dPt + u0);
+                team.wait(n);
+                carry_units(t, Bn, U, G, u0, nu, W, dPt, dH, false, dh, dh0);
+            }
+            copy_units(Bn, U, u0, nu, dc, dc0, false);
         });
     }
     column_sums(dP, (npy_intp)Tn * Bn, G, 0, G, db, acc);
@@ -357,21 +397,23 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
 
 /* -- gru: q = h W; r, z = ract(p + b + q); n = act(p_n + b_n + r (q_n + b_hn));
       h = (1 - z) n + z h ------------------------------------------------------------------- */
+/* Q (Bn, 3nu): the part's h W; P, S (row stride 3U, gate blocks U apart), bias, bhn, hp, HN, H
+   (row stride U): at the part's first unit. */
 template <int A, int RA, typename T>
-__attribute__((noinline)) static void gru_cells(int a, int ra, npy_intp rows, int U,
+__attribute__((noinline)) static void gru_cells(int a, int ra, int Bn, int U, npy_intp nu,
                                                 const T* __restrict P, const T* __restrict bias,
                                                 const T* __restrict Q, const T* __restrict bhn,
                                                 const T* __restrict hp, T* __restrict S,
                                                 T* __restrict HN, T* __restrict H) {
-    for (npy_intp r = 0; r < rows; ++r) {
+    for (npy_intp r = 0; r < Bn; ++r) {
         const size_t g = (size_t)r * 3 * U, o = (size_t)r * U;
         const T* __restrict p = P + g;
-        const T* __restrict q = Q + g;
+        const T* __restrict q = Q + r * 3 * nu;
         T* __restrict s = S + g;
-        for (int k = 0; k < U; ++k) {
-            T xr = (p[k] + bias[k]) + q[k], xz = (p[U + k] + bias[U + k]) + q[U + k];
+        for (npy_intp k = 0; k < nu; ++k) {
+            T xr = (p[k] + bias[k]) + q[k], xz = (p[U + k] + bias[U + k]) + q[nu + k];
             T vr = f<RA>(ra, xr), vz = f<RA>(ra, xz);
-            T hn = q[2 * U + k] + bhn[k];
+            T hn = q[2 * nu + k] + bhn[k];
             T xn = (p[2 * U + k] + bias[2 * U + k]) + vr * hn;
             T vn = f<A>(a, xn);
             HN[o + k] = hn;
@@ -385,14 +427,15 @@ __attribute__((noinline)) static void gru_cells(int a, int ra, npy_intp rows, in
 
 template <int A, int RA, typename T>
 __attribute__((noinline)) static void gru_cells_grad(
-        int a, int ra, npy_intp rows, int U, const T* __restrict S, const T* __restrict HN,
-        const T* __restrict hp, T* __restrict dh, T* __restrict D, T* __restrict DQ) {
-    for (npy_intp r = 0; r < rows; ++r) {
+        int a, int ra, int Bn, int U, npy_intp nu, const T* __restrict S,
+        const T* __restrict HN, const T* __restrict hp, T* __restrict dh, T* __restrict D,
+        T* __restrict DQ) {
+    for (npy_intp r = 0; r < Bn; ++r) {
         const size_t g = (size_t)r * 3 * U, o = (size_t)r * U;
         const T* __restrict s = S + g;
         T* __restrict d = D + g;
         T* __restrict dq = DQ + g;
-        for (int k = 0; k < U; ++k) {
+        for (npy_intp k = 0; k < nu; ++k) {
             T sr = s[k], sz = s[U + k], sn = s[2 * U + k];
             T vr = value<RA>(ra, sr), vz = value<RA>(ra, sz), vn = value<A>(a, sn);
             T dhk = dh[o + k];
@@ -410,49 +453,33 @@ __attribute__((noinline)) static void gru_cells_grad(
     }
 }
 
-template <int A, int RA, typename T>
-static void gru_forward_rows(int a, int ra, int Tn, int Bn, int U, npy_intp r0, npy_intp nr,
-                             const T* P, const T* bias, const T* W, const T* h0, const T* bhn,
-                             T* H, T* S, T* HN, T* Q) {
-    const int G = 3 * U;
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U, goff = (size_t)r0 * G;
-    for (int t = 0; t < Tn; ++t) {
-        const T* hp = (t ? H + (t - 1) * step : h0) + off;
-        netbuild_gemm('N', 'N', G, (int)nr, U, (T)1, W, G, hp, U, (T)0, Q + goff, G);
-        const size_t tg = (size_t)t * Bn * G + goff;
-        gru_cells<A, RA>(a, ra, nr, U, P + tg, bias, Q + goff, bhn, hp, S + tg,
-                         HN + t * step + off, H + t * step + off);
-    }
-}
-
 template <typename T>
 static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
-                        const T* W, const T* h0, const T* bhn, T* H, T* S, T* HN, T* Q) {
-    netbuild_serial_blas serial(netbuild_threads());
-    netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-        if (a == TANH && ra == SIGMOID)
-            gru_forward_rows<TANH, SIGMOID>(a, ra, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, bhn, H,
-                                            S, HN, Q);
-        else
-            gru_forward_rows<ANY, ANY>(a, ra, Tn, Bn, U, r0, r1 - r0, P, bias, W, h0, bhn, H, S,
-                                       HN, Q);
-    });
-}
-
-template <int A, int RA, typename T>
-static void gru_backward_rows(int a, int ra, int Tn, int Bn, int U, npy_intp r0, npy_intp nr,
-                              const T* W, const T* h0, const T* H, const T* S, const T* HN,
-                              const T* dH, T* dP, T* dh0, T* dh, T* dQ) {
+                        const T* W, const T* h0, const T* bhn, T* H, T* S, T* HN, T* work) {
     const int G = 3 * U;
-    const size_t step = (size_t)Bn * U, off = (size_t)r0 * U, goff = (size_t)r0 * G;
-    start_backward(Tn, Bn, U, r0, nr, dH, dh, dh0);
-    for (int t = Tn - 1; t >= 0; --t) {
-        const T* hp = (t ? H + (t - 1) * step : h0) + off;
-        const size_t tg = (size_t)t * Bn * G;
-        gru_cells_grad<A, RA>(a, ra, nr, U, S + tg + goff, HN + t * step + off, hp, dh + off,
-                              dP + tg + goff, dQ + tg + goff);
-        carry(t, Bn, U, G, r0, nr, W, dQ + tg, dH, true, dh, dh0);
-    }
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
+    const int parts = unit_parts(U);
+    netbuild_serial_blas serial(parts);
+    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+        NBREC_PART(U, p, n);
+        const int w = (int)(3 * nu);
+        T* Wp = work + (size_t)3 * U * u0;
+        T* Q = work + (size_t)U * G + (size_t)Bn * 3 * u0;
+        gather_columns(U, 3, u0, nu, W, Wp);
+        for (int t = 0; t < Tn; ++t) {
+            const T* hp = t ? H + (t - 1) * step : h0;
+            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, Q, w);
+            const T* Pt = P + t * gstep + u0;
+            T *St = S + t * gstep + u0, *HNt = HN + t * step + u0, *Ht = H + t * step + u0;
+            if (a == TANH && ra == SIGMOID)
+                gru_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0,
+                                         St, HNt, Ht);
+            else
+                gru_cells<ANY, ANY>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St,
+                                    HNt, Ht);
+            team.wait(n);
+        }
+    });
 }
 
 template <typename T>
@@ -460,20 +487,34 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
                          const T* H, const T* S, const T* HN, const T* dH, T* dP, T* db, T* dW,
                          T* dh0, T* dbhn, T* dh, T* dQ, double* acc) {
     const int G = 3 * U;
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
     {
-        netbuild_serial_blas serial(netbuild_threads());
-        netbuild_for_parts(Bn, ROWS_PER_PART, [&](npy_intp r0, npy_intp r1) {
-            if (a == TANH && ra == SIGMOID)
-                gru_backward_rows<TANH, SIGMOID>(a, ra, Tn, Bn, U, r0, r1 - r0, W, h0, H, S, HN,
-                                                 dH, dP, dh0, dh, dQ);
-            else
-                gru_backward_rows<ANY, ANY>(a, ra, Tn, Bn, U, r0, r1 - r0, W, h0, H, S, HN, dH,
-                                            dP, dh0, dh, dQ);
+        const int parts = unit_parts(U);
+        netbuild_serial_blas serial(parts);
+        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+            NBREC_PART(U, p, n);
+            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
+            else zero_units(Bn, U, u0, nu, dh0);
+            for (int t = Tn - 1; t >= 0; --t) {
+                const T* hp = (t ? H + (t - 1) * step : h0) + u0;
+                const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
+                T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep;
+                if (a == TANH && ra == SIGMOID)
+                    gru_cells_grad<TANH, SIGMOID>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt,
+                                                  dQt + u0);
+                else
+                    gru_cells_grad<ANY, ANY>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt,
+                                             dQt + u0);
+                team.wait(n);
+                carry_units(t, Bn, U, G, u0, nu, W, dQt, dH, true, dh, dh0);
+            }
         });
     }
     column_sums(dP, (npy_intp)Tn * Bn, G, 0, G, db, acc);
     column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U, U, dbhn, acc);
     weight_grad(Tn, Bn, U, G, dQ, H, h0, dW);
 }
+
+#undef NBREC_PART
 
 }  // namespace nbrec

@@ -232,12 +232,13 @@ class RecurrentSequence(_RecurrentCOp):
 
     def _kernel(self):
         if self.cell == "simple_rnn":
-            return "nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {H}, {S})", "0", "0"
+            return ("nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {H}, {S}, {w})",
+                    "U * G + Bn * G", "0")
         if self.cell == "lstm":
             return ("nbrec::lstm_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {c0}, "
-                    "{H}, {C}, {S}, {AC})", "0", "0")
+                    "{H}, {C}, {S}, {AC}, {w})", "U * G + Bn * G", "0")
         return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {b_hn}, {H}, "
-                "{S}, {HN}, {w})", "Bn * G", "0")
+                "{S}, {HN}, {w})", "U * G + Bn * G", "0")
 
 
 class RecurrentSequenceGrad(_RecurrentCOp):
