@@ -5,6 +5,10 @@ Importing netbuild configures PyTensor once (C backend, BLAS, float type); see `
 
 __version__ = "0.1.0"
 
+from . import threads as _threads  # noqa: E402
+
+_threads.wait_policy()  # before numpy loads its OpenBLAS
+
 from . import backend as _backend  # noqa: E402
 
 _backend.configure()

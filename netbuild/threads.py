@@ -147,11 +147,18 @@ def _load_openblas():
     return _openblas or None
 
 
+def wait_policy() -> None:
+    """:data:`WAIT_POLICY`, unless the environment sets it. Libraries read it when they load:
+    ``import netbuild`` sets it first, so that numpy's own OpenBLAS (loaded later) also lets its
+    threads sleep."""
+    for name, value in WAIT_POLICY.items():
+        os.environ.setdefault(name, value)
+
+
 def preload() -> None:
     """Load libgomp (globally) and then OpenBLAS, before any compiled op links them, with
     :data:`WAIT_POLICY`."""
-    for name, value in WAIT_POLICY.items():
-        os.environ.setdefault(name, value)
+    wait_policy()
     _load_gomp()
     _load_openblas()
 
