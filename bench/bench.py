@@ -1,103 +1,222 @@
 """``make bench``: netbuild against PyTorch on the CPU, side by side, written to bench/RESULTS.md.
 
-For each model of :mod:`models` (MLP, CNN, LSTM): netbuild trains through the loop of
-``netbuild train`` (``Trainer.run_epoch``); PyTorch (eager, CPU) trains the same network from the
-same initial weights on the same batches in the same order. Epochs alternate, netbuild then
-PyTorch, for ``--rounds`` rounds after one warm-up epoch each, and the medians are reported:
-this machine is noisy. Both use ``--threads`` threads (default 1).
+Each tool trains in a process of its own (a *worker*), as a user runs it, on the models of
+:mod:`models` (MLP, CNN, LSTM, GRU) with each optimizer of :data:`models.OPTIMIZERS` (SGD with
+momentum, Adam), in two settings:
 
-Also measured: the numpy matrix-product bound of the MLP (an epoch of nothing but each training
-step's matrix products, in the step's order, on the step's batches; and, for reference, the sum of
-the products each timed alone with its operands in cache), the compile time of each training
-function with an empty compile cache
-(a fresh PyTensor compiledir, in a new process) and with a warm one, and the peak memory (max RSS)
-of ``netbuild train`` on a 1 GiB float32 npz.
+- **defaults**: each tool at its own default thread count, the environment's thread variables
+  (``NETBUILD_THREADS``, ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``)
+  removed: netbuild uses every core the process may run on, PyTorch ``torch.get_num_threads()``;
+- **1 thread**: netbuild with ``NETBUILD_THREADS=1`` (what ``--threads 1`` sets), PyTorch after
+  ``torch.set_num_threads(1)``.
+
+netbuild trains through the loop of ``netbuild train`` (``Trainer.run_epoch``); PyTorch (eager,
+CPU) trains the same network from the same initial weights (netbuild's, written to a file the
+PyTorch worker reads) on the same batches in the same order. After one warm-up epoch each, epochs
+alternate, netbuild then PyTorch, for ``--rounds`` rounds; each figure is a median, and each
+ratio the median of the rounds' paired ratios (this machine's speed drifts within a minute). The
+speed-up from 1 thread to all cores is each tool's median at its defaults over its median on one
+thread, with the same optimizer.
+
+Also measured: the numpy matrix-product bound of the MLP at one thread (an epoch of nothing but
+each training step's matrix products, in the step's order, on the step's batches; and, for
+reference, the sum of the products each timed alone with its operands in cache), the compile time
+of each training function with an empty compile cache (a fresh PyTensor compiledir, in a new
+process) and with a warm one, and the peak memory (max RSS) of ``netbuild train`` on a 1 GiB
+float32 npz.
+
+The environment's other variables are kept. Where the machine forces OpenBLAS's kernels
+(``OPENBLAS_CORETYPE``), the report says so: run ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
+make bench`` to measure with the kernels OpenBLAS picks for the CPU, as on a user's machine.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import statistics
+import subprocess
 import sys
-
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-# Before numpy loads its OpenBLAS: the matrix-product bound runs with the same threads.
-for _var in ("NETBUILD_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from itertools import pairwise  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from models import MLP_WIDTHS, MODELS, Model, matmul_shapes  # noqa: E402
+if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1:][:1] == ["netbuild"]:
+    import netbuild  # noqa: F401  first, as `netbuild train` does (before numpy: netbuild.threads)
+#: The environment as the bench was started, before importing netbuild sets thread variables of
+#: its own in this process: what the workers start from.
+BASE_ENV = dict(os.environ)
 
-TARGETS = {"mlp": 1.5, "cnn": 1.0, "lstm": 1.0}
+#: The thread variables a user's defaults are without.
+THREAD_VARS = ("NETBUILD_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: Settings: name -> thread count (None: each tool's default).
+SETTINGS = {"defaults": None, "1 thread": 1}
+
+#: Targets (netbuild / PyTorch samples/s, both optimizers), by setting and model.
+TARGETS = {"defaults": {"mlp": 1.5, "cnn": 1.3, "lstm": 1.2, "gru": 1.2},
+           "1 thread": {"mlp": 1.0, "cnn": 1.2, "lstm": 1.0, "gru": 1.0}}
+#: netbuild's gain from the second core, by model.
+SPEEDUP_TARGETS = {"cnn": 1.7, "lstm": 1.7}
 BOUND_TARGET = 0.8
 COMPILE_COLD_TARGET, COMPILE_WARM_TARGET = 20.0, 2.0
 MEMORY_TARGET_GB = 2.5
 
 
-# -- netbuild ------------------------------------------------------------------------------------
-def netbuild_trainer(model: Model, workdir: Path):
+# -- workers: one process per tool, driven over stdin/stdout --------------------------------------
+def _serve(epoch) -> None:
+    """Answer ``epoch K`` lines with ``{"samples_per_second": ...}`` until ``quit``."""
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            return
+        print(json.dumps({"samples_per_second": epoch(int(words[1]))}), flush=True)
+
+
+def netbuild_trainer(model, workdir: Path, optimizer: str = "adam"):
     """A Trainer for ``model`` on synthetic data in ``workdir`` (compiled: the cache may be warm)."""
+    import numpy as np
+
     from netbuild.check import load_spec
     from netbuild.runs import RunDir
     from netbuild.train import Trainer
 
     x, y = model.data()
     np.savez(workdir / f"{model.name}.npz", x=x, y=y)
-    spec_file = workdir / f"{model.name}.yaml"
-    spec_file.write_text(model.spec_text(f"{model.name}.npz", epochs=1000))
-    run = RunDir(workdir / f"run-{model.name}")
+    spec_file = workdir / f"{model.name}-{optimizer}.yaml"
+    spec_file.write_text(model.spec_text(f"{model.name}.npz", epochs=1000, optimizer=optimizer))
+    run = RunDir(workdir / f"run-{model.name}-{optimizer}")
     run.create()
     return Trainer(load_spec(str(spec_file)), run)
 
 
-# -- PyTorch -------------------------------------------------------------------------------------
-class TorchRun:
-    """The same training loop in PyTorch: batches of the same order, Adam, cross-entropy."""
+def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs: int) -> None:
+    """Writes the initial weights to ``params`` and the shuffled order of each epoch to
+    ``orders_file(params)`` for the PyTorch worker, which does not import netbuild (importing it
+    sets thread variables)."""
+    import numpy as np
 
-    def __init__(self, model: Model, params: dict, seed: int = 0):
+    from netbuild import threads
+    from netbuild.data import epoch_order
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = netbuild_trainer(model, workdir, optimizer)
+    n = len(model.data()[0])
+    np.savez(orders_file(params), **{str(k): epoch_order(n, 0, k) for k in range(1, epochs + 1)})
+    np.savez(params, **trainer.network.param_values())
+    trainer.run_epoch(1)  # warm-up
+    print(json.dumps({"ready": True, "threads": threads.resolve()}), flush=True)
+    try:
+        _serve(lambda k: trainer.run_epoch(k)["samples_per_second"])
+    finally:
+        trainer.run_dir.unlock()
+
+
+def orders_file(params: Path) -> Path:
+    return params.with_name(params.stem + "-orders.npz")
+
+
+class TorchRun:
+    """The same training loop in PyTorch: batches of the same order (netbuild's, ``orders``:
+    epoch -> permutation), the same optimizer, cross-entropy."""
+
+    def __init__(self, model, params: dict, optimizer: str, orders: dict):
         import torch
 
-        torch.set_num_threads(THREADS)
+        from models import OPTIMIZERS
+
         self.torch = torch
         self.model = model
         self.net = model.torch_model(params)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        self.opt = OPTIMIZERS[optimizer][1](torch, self.net.parameters())
         x, y = model.data()
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        self.seed = seed
+        self.orders = orders
 
     def epoch(self, epoch: int) -> float:
         """Train one epoch; return samples per second (the batch loop only, as netbuild's)."""
-        from netbuild.data import batches, epoch_order
-
         torch = self.torch
-        n = len(self.x)
-        order = epoch_order(n, self.seed, epoch)
-        outputs = []
+        n, b = len(self.x), self.model.batch
+        order = self.orders[str(epoch)]
         start = time.perf_counter()
-        for idx in batches(n, self.model.batch, order):
+        for idx in (order[i:i + b] for i in range(0, n, b)):  # netbuild.data.batches
             index = torch.from_numpy(idx)
             xb, yb = self.x[index], self.y[index]
             self.opt.zero_grad(set_to_none=True)
-            logits = self.net(xb)
-            loss = torch.nn.functional.cross_entropy(logits, yb)
+            loss = torch.nn.functional.cross_entropy(self.net(xb), yb)
             loss.backward()
             self.opt.step()
             float(loss.item())
-            outputs.append(logits.detach())
         return n / (time.perf_counter() - start)
+
+
+def _torch_worker(model, optimizer: str, threads: int | None, params: Path) -> None:
+    import numpy as np
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with np.load(params) as values, np.load(orders_file(params)) as orders:
+        run = TorchRun(model, dict(values), optimizer, dict(orders))
+    run.epoch(1)  # warm-up
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    _serve(run.epoch)
+
+
+def _bound_worker(model) -> None:
+    products = StepProducts(model)
+    products.epoch(1)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            return
+        k = int(words[1])
+        print(json.dumps({"samples_per_second": products.epoch(k), "hot": hot_products(model)}),
+              flush=True)
+
+
+class Worker:
+    """A worker process: started, then asked for one epoch at a time."""
+
+    def __init__(self, kind: str, model: str, optimizer: str, threads: int | None,
+                 workdir: Path, params: Path, epochs: int):
+        env = {k: v for k, v in BASE_ENV.items() if k not in THREAD_VARS}
+        if threads is not None and kind in ("netbuild", "bound"):
+            env["NETBUILD_THREADS"] = str(threads)
+        if threads is not None and kind == "bound":  # numpy's OpenBLAS reads it at import
+            env["OPENBLAS_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, __file__, "--worker", kind, "--models", model, "--optimizer",
+               optimizer, "--workdir", str(workdir), "--params", str(params), "--rounds",
+               str(epochs)]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.ready = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"a bench worker ended early (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def epoch(self, k: int) -> dict:
+        self.proc.stdin.write(f"epoch {k}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
 
 
 # -- the matrix-product bound --------------------------------------------------------------------
@@ -107,7 +226,11 @@ class StepProducts:
     as netbuild's), with the layouts the step uses (``x.T`` as a view) and outputs written into
     buffers allocated once. Only the products are timed, not the gather of each batch."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model):
+        import numpy as np
+
+        from models import MLP_WIDTHS
+
         rng = np.random.default_rng(0)
         widths = list(pairwise(MLP_WIDTHS))
         b = model.batch
@@ -119,7 +242,9 @@ class StepProducts:
         self.dw = [np.empty(shape, np.float32) for shape in widths]
         self.dx = [np.empty((b, k), np.float32) for k, _ in widths]
 
-    def _step(self, x: np.ndarray) -> None:
+    def _step(self, x) -> None:
+        import numpy as np
+
         h = x
         for w, out in zip(self.w, self.h):
             np.dot(h, w, out=out)                                   # forward  h W
@@ -146,10 +271,14 @@ class StepProducts:
         return (n - n % self.model.batch) / total
 
 
-def hot_products(model: Model, repeats: int = 20) -> float:
+def hot_products(model, repeats: int = 20) -> float:
     """Samples/s if each of a step's products ran with its operands already in cache: each timed
     alone, ``repeats`` times in a row, median. Below what a step can reach (a step's products
     follow one another on new data), shown for reference."""
+    import numpy as np
+
+    from models import matmul_shapes
+
     rng = np.random.default_rng(0)
     total = 0.0
     for m, k, n in matmul_shapes(model):
@@ -179,6 +308,8 @@ def compile_seconds(name: str, compiledir: Path) -> dict:
 
 
 def _compile_only(name: str) -> None:
+    from models import MODELS
+
     with tempfile.TemporaryDirectory() as tmp:
         trainer = netbuild_trainer(MODELS[name], Path(tmp))
         print(json.dumps({"function": trainer.fns.seconds}))
@@ -186,6 +317,8 @@ def _compile_only(name: str) -> None:
 
 def peak_memory(workdir: Path, gib: float = 1.0) -> dict:
     """Max RSS of ``netbuild train`` (a small MLP, one epoch) on a ``gib`` GiB float32 npz."""
+    import numpy as np
+
     width = 1024
     rows = int(gib * 2**30 / (4 * width))
     rng = np.random.default_rng(0)
@@ -217,10 +350,11 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam, learning_rate: 0
 
 # -- the report ----------------------------------------------------------------------------------
 def environment() -> dict:
+    import numpy as np
     import pytensor
     import torch
 
-    from netbuild import backend
+    from netbuild import backend, threads
     from netbuild.compile import measure_gemm
 
     cpu = platform.processor() or "?"
@@ -236,14 +370,21 @@ def environment() -> dict:
         numpy_blas = f"{numpy_blas['name']} {numpy_blas['version']}"
     except (KeyError, TypeError):
         numpy_blas = "?"
+    backend.configure()
+    threads.apply(1)
+    gflops = measure_gemm()
+    threads.apply(threads.available_cores())
     # The bound runs on numpy's OpenBLAS, netbuild on scipy-openblas32: both are shown, with
-    # each one's 1024 x 1024 sgemm rate.
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS,
+    # each one's 1024 x 1024 sgemm rate on one thread.
+    return {"cpu": cpu, "cores the process may use": threads.available_cores(),
             "python": platform.python_version(), "pytensor": pytensor.__version__,
-            "torch": torch.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "torch default threads": torch.get_num_threads(),
+            "numpy": np.__version__,
             "netbuild blas": f"{backend.blas_source()} {_version('scipy-openblas32')}",
-            "netbuild sgemm_gflops": round(measure_gemm(), 1),
-            "numpy blas (the bound's)": numpy_blas, "numpy sgemm_gflops": round(_numpy_gflops(), 1)}
+            "netbuild blas kernels": backend.blas_core(),
+            "netbuild sgemm_gflops (1 thread)": round(gflops, 1),
+            "numpy blas (the bound's)": numpy_blas,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(not set)")}
 
 
 def _version(package: str) -> str:
@@ -255,60 +396,117 @@ def _version(package: str) -> str:
         return ""
 
 
-def _numpy_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    np.dot(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.dot(a, a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def write_results(path: Path, env: dict, rows: list[dict], memory: dict | None, rounds: int) -> str:
+def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir: Path,
+            with_bound: bool) -> dict:
+    """One model, optimizer and setting: the workers' epochs, alternating."""
+    threads = SETTINGS[setting]
+    workdir = workdir / f"{model_name}-{optimizer}-{threads or 'default'}"
+    params = workdir / "params.npz"
+    epochs = rounds + 1
+    nb = Worker("netbuild", model_name, optimizer, threads, workdir, params, epochs)
+    th = Worker("torch", model_name, optimizer, threads, workdir, params, epochs)
+    bound = (Worker("bound", model_name, optimizer, 1, workdir, params, epochs) if with_bound
+             else None)
+    try:
+        rows = {"netbuild": [], "torch": [], "bound": [], "hot": []}
+        for r in range(rounds):
+            rows["netbuild"].append(nb.epoch(r + 2)["samples_per_second"])
+            rows["torch"].append(th.epoch(r + 2)["samples_per_second"])
+            if bound:
+                b = bound.epoch(r + 2)
+                rows["bound"].append(b["samples_per_second"])
+                rows["hot"].append(b["hot"])
+    finally:
+        for w in (nb, th, bound):
+            if w:
+                w.close()
+    result = {"model": model_name, "optimizer": optimizer, "setting": setting,
+              "netbuild_threads": nb.ready["threads"], "torch_threads": th.ready["threads"],
+              "netbuild": statistics.median(rows["netbuild"]),
+              "torch": statistics.median(rows["torch"]),
+              "ratio": statistics.median(n / t for n, t in zip(rows["netbuild"], rows["torch"])),
+              "netbuild_all": rows["netbuild"], "torch_all": rows["torch"]}
+    if bound:
+        result.update(bound=statistics.median(rows["bound"]), hot=statistics.median(rows["hot"]),
+                      of_bound=statistics.median(n / b for n, b in zip(rows["netbuild"],
+                                                                       rows["bound"])),
+                      bound_all=rows["bound"])
+    return result
+
+
+def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memory: dict | None,
+                  rounds: int) -> str:
+    from models import MODELS
+
     lines = ["# netbuild vs PyTorch (CPU)", "",
-             f"Written by `make bench` ({time.strftime('%Y-%m-%d %H:%M')}). Medians of {rounds} "
-             "alternating epochs (netbuild, PyTorch, netbuild, ...) after one warm-up epoch each; "
-             "float32, Adam, softmax cross-entropy, same initial weights and batches.", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| model | batch | netbuild samples/s | PyTorch samples/s | ratio | target | "
-             "matmul bound samples/s | netbuild / bound | products in cache samples/s | "
-             "netbuild / products in cache | compile cold s | compile warm s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Written by `make bench` ({time.strftime('%Y-%m-%d %H:%M')}). Each tool in a process "
+             f"of its own; medians of {rounds} alternating epochs (netbuild, PyTorch, netbuild, "
+             "...) after one warm-up epoch each; float32, softmax cross-entropy, same initial "
+             "weights and batches. **defaults**: each tool at its own default thread count (no "
+             "thread variables set); **1 thread**: netbuild `--threads 1`, PyTorch "
+             "`torch.set_num_threads(1)`. Ratio: netbuild / PyTorch training samples/s, the "
+             "median of each round's paired ratio.", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if env["OPENBLAS_CORETYPE"] != "(not set)":
+        lines += [f"This run's environment forces OpenBLAS's kernels (OPENBLAS_CORETYPE="
+                  f"{env['OPENBLAS_CORETYPE']}): netbuild's matrix products run on those, not on "
+                  "the ones OpenBLAS picks for this CPU; PyTorch's (MKL, oneDNN) do not read it.",
+                  ""]
+    lines += ["| model | optimizer | setting | threads (netbuild, PyTorch) | netbuild samples/s | "
+              "PyTorch samples/s | ratio | target |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        bound = r.get("bound")
-        lines.append(
-            f"| {r['title']} | {r['batch']} | {_fmt(r['netbuild'])} | {_fmt(r['torch'])} | "
-            f"{r['ratio']:.2f}x | {TARGETS[r['name']]:.1f}x | {_fmt(bound)} | "
-            f"{_fmt(r['of_bound'], 2) + 'x' if bound else '-'} | {_fmt(r.get('hot'))} | "
-            f"{_fmt(r['of_hot'], 2) + 'x' if bound else '-'} | "
-            f"{_fmt(r.get('compile_cold'), 1)} | {_fmt(r.get('compile_warm'), 2)} |")
-    lines.append("")
-    lines.append("The matmul bound is an epoch of nothing but each training step's matrix "
-                 "products (numpy, one thread), in the step's order, on the step's batches, into "
-                 "buffers allocated once: what a step costs if everything else were free. "
-                 "\"Products in cache\" sums the same products each timed alone, repeated with "
-                 "its operands in cache: faster than any step can run them, shown for reference. "
-                 "Every ratio is the median over rounds of each round's netbuild epoch against "
-                 "the PyTorch epoch or the bound measured in the same round (the machine's speed "
-                 "drifts by a third within a minute).")
-    lines.append("")
-    lines.append("Compile times are of the training function alone (`compile_train`); a new, empty "
-                 "compile cache also builds PyTensor's own helper modules once per machine, "
-                 "included in the process times below.")
-    lines.append("")
+        target = TARGETS[r["setting"]][r["model"]]
+        lines.append(f"| {MODELS[r['model']].title} | {r['optimizer']} | {r['setting']} | "
+                     f"{r['netbuild_threads']}, {r['torch_threads']} | {_fmt(r['netbuild'])} | "
+                     f"{_fmt(r['torch'])} | {r['ratio']:.2f}x | {target:.1f}x |")
+    lines += ["", "Speed-up from 1 thread to all cores (median at the defaults / median on one "
+              "thread, same optimizer):", "",
+              "| model | optimizer | netbuild | PyTorch | netbuild target |", "|---|---|---|---|---|"]
+    by = {(r["model"], r["optimizer"], r["setting"]): r for r in rows}
+    for (model, optimizer, setting), r in by.items():
+        one = by.get((model, optimizer, "1 thread"))
+        if setting != "defaults" or not one:
+            continue
+        target = SPEEDUP_TARGETS.get(model)
+        lines.append(f"| {MODELS[model].title} | {optimizer} | {r['netbuild'] / one['netbuild']:.2f}x"
+                     f" | {r['torch'] / one['torch']:.2f}x | "
+                     f"{f'{target:.1f}x' if target else '-'} |")
+    bound_rows = [r for r in rows if r.get("bound")]
+    if bound_rows:
+        lines += ["", "The MLP's matrix-product bound (numpy, one thread): an epoch of nothing but "
+                  "each training step's matrix products, in the step's order, on the step's "
+                  "batches, into buffers allocated once: what a step costs if everything else "
+                  "were free. \"Products in cache\" sums the same products each timed alone, "
+                  "repeated with its operands in cache: faster than any step can run them.", "",
+                  "| model | optimizer | setting | netbuild samples/s | bound samples/s | "
+                  "netbuild / bound | target | products in cache samples/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in bound_rows:
+            lines.append(f"| {MODELS[r['model']].title} | {r['optimizer']} | {r['setting']} | "
+                         f"{_fmt(r['netbuild'])} | {_fmt(r['bound'])} | {r['of_bound']:.2f}x | "
+                         f"{BOUND_TARGET:.1f}x | {_fmt(r['hot'])} |")
+    if compiles:
+        lines += ["", "Compile time of the training function alone (`compile_train`, Adam, "
+                  f"targets {COMPILE_COLD_TARGET:.0f} s cold and {COMPILE_WARM_TARGET:.0f} s warm); "
+                  "a new, empty compile cache also builds PyTensor's own helper modules once per "
+                  "machine, included in the process times:", "",
+                  "| model | cold s | warm s | cold process s | warm process s |",
+                  "|---|---|---|---|---|"]
+        for name, c in compiles.items():
+            lines.append(f"| {MODELS[name].title} | {c['cold']:.1f} | {c['warm']:.2f} | "
+                         f"{c['cold_process']:.1f} | {c['warm_process']:.1f} |")
+    lines += ["", "Every epoch (samples/s):", ""]
     for r in rows:
         bound = (f"; matmul bound {', '.join(_fmt(v) for v in r['bound_all'])}"
                  if r.get("bound_all") else "")
-        lines.append(f"- {r['name']}: netbuild epochs {', '.join(_fmt(v) for v in r['netbuild_all'])}; "
-                     f"PyTorch {', '.join(_fmt(v) for v in r['torch_all'])}{bound}; cold-cache process "
-                     f"{_fmt(r.get('cold_process'), 1)} s, warm-cache process "
-                     f"{_fmt(r.get('warm_process'), 1)} s")
+        lines.append(f"- {r['model']}, {r['optimizer']}, {r['setting']}: netbuild "
+                     f"{', '.join(_fmt(v) for v in r['netbuild_all'])}; PyTorch "
+                     f"{', '.join(_fmt(v) for v in r['torch_all'])}{bound}")
     if memory:
         lines += ["", f"Peak memory of `netbuild train` on a {memory['npz_bytes'] / 2**30:.2f} GiB "
                       f"float32 npz (small MLP, validation_split 0.05, one epoch): "
@@ -320,58 +518,54 @@ def write_results(path: Path, env: dict, rows: list[dict], memory: dict | None, 
 
 
 def main() -> None:
+    from models import MODELS, OPTIMIZERS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mlp,cnn,lstm")
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1 GiB peak-memory run")
+    parser.add_argument("--no-bound", action="store_true", help="skip the MLP's matmul bound")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--compile-only", help=argparse.SUPPRESS)
+    for hidden in ("--worker", "--optimizer", "--workdir", "--params", "--threads"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_only:
         return _compile_only(args.compile_only)
+    if args.worker:
+        model = MODELS[args.models]
+        threads = int(args.threads) if args.threads else None
+        if args.worker == "netbuild":
+            return _netbuild_worker(model, args.optimizer, Path(args.workdir), Path(args.params),
+                                    args.rounds)
+        if args.worker == "torch":
+            return _torch_worker(model, args.optimizer, threads, Path(args.params))
+        return _bound_worker(model)
 
     env = environment()
-    rows = []
+    rows, compiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            model = MODELS[name]
-            row = {"name": name, "title": model.title, "batch": model.batch}
             if not args.no_compile:
                 cold = compile_seconds(name, tmp / f"cache-{name}")
                 warm = compile_seconds(name, tmp / f"cache-{name}")
-                row.update(compile_cold=cold["function"], compile_warm=warm["function"],
-                           cold_process=cold["process"], warm_process=warm["process"])
-            trainer = netbuild_trainer(model, tmp)
-            torch_run = TorchRun(model, trainer.network.param_values())
-            products = StepProducts(model) if name == "mlp" else None
-            trainer.run_epoch(1), torch_run.epoch(1)  # warm-up
-            if products:
-                products.epoch(1)
-            nb, th, bound, hot = [], [], [], []
-            for r in range(args.rounds):
-                nb.append(trainer.run_epoch(r + 2)["samples_per_second"])
-                th.append(torch_run.epoch(r + 2))
-                if products:
-                    bound.append(products.epoch(r + 2))
-                    hot.append(hot_products(model))
-            row.update(netbuild=statistics.median(nb), torch=statistics.median(th),
-                       netbuild_all=nb, torch_all=th, bound=statistics.median(bound) if bound else None,
-                       bound_all=bound, hot=statistics.median(hot) if hot else None)
-            # paired, as the bound's ratios: each round's netbuild epoch against its PyTorch epoch
-            row["ratio"] = statistics.median(n / t for n, t in zip(nb, th))
-            if bound:  # paired: each round's epoch against the bound measured in the same round
-                row["of_bound"] = statistics.median(n / b for n, b in zip(nb, bound))
-                row["of_hot"] = statistics.median(n / h for n, h in zip(nb, hot))
-            print(f"{name}: netbuild {row['netbuild']:,.0f}/s, torch {row['torch']:,.0f}/s, "
-                  f"ratio {row['ratio']:.2f}" + (f", bound {row['bound']:,.0f}/s, netbuild / bound "
-                                                 f"{row['of_bound']:.2f}" if bound else ""),
-                  flush=True)
-            trainer.run_dir.unlock()
-            rows.append(row)
+                compiles[name] = {"cold": cold["function"], "warm": warm["function"],
+                                  "cold_process": cold["process"], "warm_process": warm["process"]}
+            for optimizer in args.optimizers.split(","):
+                for setting in args.settings.split(","):
+                    with_bound = (name == "mlp" and setting == "1 thread" and optimizer == "adam"
+                                  and not args.no_bound)
+                    row = measure(name, optimizer, setting, args.rounds, tmp, with_bound)
+                    print(f"{name}, {optimizer}, {setting} (threads {row['netbuild_threads']}, "
+                          f"{row['torch_threads']}): netbuild {row['netbuild']:,.0f}/s, torch "
+                          f"{row['torch']:,.0f}/s, ratio {row['ratio']:.2f}", flush=True)
+                    rows.append(row)
         memory = None if args.no_memory else peak_memory(tmp)
-    print(write_results(Path(args.out), env, rows, memory, args.rounds))
+    print(write_results(Path(args.out), env, rows, compiles, memory, args.rounds))
 
 
 if __name__ == "__main__":

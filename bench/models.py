@@ -1,7 +1,9 @@
-"""The three benchmark models, each as a netbuild spec and as the same network in PyTorch.
+"""The benchmark models, each as a netbuild spec and as the same network in PyTorch, and the
+optimizers they train with.
 
 Both sides start from netbuild's initial weights (copied into torch's layout), see the same
-synthetic data in the same batch order, and train with Adam (lr 1e-3) on softmax cross-entropy.
+synthetic data in the same batch order, and train with the same optimizer (:data:`OPTIMIZERS`)
+on softmax cross-entropy.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Model:
     layers: str            # the spec's model.layers, YAML flow style
     torch_model: Callable  # (params: dict[str, np.ndarray]) -> torch.nn.Module
 
-    def spec_text(self, data_file: str, epochs: int = 1) -> str:
+    def spec_text(self, data_file: str, epochs: int = 1, optimizer: str = "adam") -> str:
         return f"""
 name: bench-{self.name}
 seed: 0
@@ -33,7 +35,7 @@ model:
   layers: {self.layers}
 train:
   loss: categorical_crossentropy
-  optimizer: {{type: adam, learning_rate: 0.001}}
+  optimizer: {OPTIMIZERS[optimizer][0]}
   batch_size: {self.batch}
   epochs: {epochs}
   shuffle: true
@@ -85,31 +87,42 @@ def torch_cnn(params: dict):
                          _linear(params, "h"), nn.ReLU(), _linear(params, "out"))
 
 
-class _TorchLSTM:
-    """``nn.LSTM`` (batch first) then a linear layer on the last hidden state."""
+def _torch_recurrent(kind: str, gates: int):
+    """``nn.LSTM`` or ``nn.GRU`` (batch first) then a linear layer on the last hidden state."""
 
-    def __new__(cls, params: dict):
-        import torch
+    def build(params: dict):
         import torch.nn as nn
 
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
                 w_ih = params["rnn/W_ih"]
-                self.lstm = nn.LSTM(w_ih.shape[0], w_ih.shape[1] // 4, batch_first=True)
-                self.lstm.weight_ih_l0 = _t(w_ih.T)
-                self.lstm.weight_hh_l0 = _t(params["rnn/W_hh"].T)
-                self.lstm.bias_ih_l0 = _t(params["rnn/b_ih"])
-                self.lstm.bias_hh_l0 = _t(params["rnn/b_hh"])
-                self.lstm.flatten_parameters()
+                self.rnn = getattr(nn, kind)(w_ih.shape[0], w_ih.shape[1] // gates,
+                                             batch_first=True)
+                self.rnn.weight_ih_l0 = _t(w_ih.T)
+                self.rnn.weight_hh_l0 = _t(params["rnn/W_hh"].T)
+                self.rnn.bias_ih_l0 = _t(params["rnn/b_ih"])
+                self.rnn.bias_hh_l0 = _t(params["rnn/b_hh"])
+                self.rnn.flatten_parameters()
                 self.out = _linear(params, "out")
 
             def forward(self, x):
-                _, (h, _) = self.lstm(x)
+                _, state = self.rnn(x)
+                h = state[0] if kind == "LSTM" else state
                 return self.out(h[0])
 
-        del torch
         return Net()
+
+    return build
+
+
+#: By name: (the spec's ``train.optimizer``, the same optimizer in PyTorch).
+OPTIMIZERS = {
+    "sgd-momentum": ("{type: sgd, learning_rate: 0.01, momentum: 0.9}",
+                     lambda torch, params: torch.optim.SGD(params, lr=0.01, momentum=0.9)),
+    "adam": ("{type: adam, learning_rate: 0.001}",
+             lambda torch, params: torch.optim.Adam(params, lr=1e-3)),
+}
 
 
 MODELS = {m.name: m for m in [
@@ -126,7 +139,12 @@ MODELS = {m.name: m for m in [
           "{type: dense, units: 10, activation: softmax, name: out}]", torch_cnn),
     Model("lstm", "LSTM 128 units, 50 steps x 32 features", (50, 32), 64, 64 * 20,
           "[{type: lstm, units: 128, name: rnn}, "
-          "{type: dense, units: 10, activation: softmax, name: out}]", _TorchLSTM),
+          "{type: dense, units: 10, activation: softmax, name: out}]",
+          _torch_recurrent("LSTM", 4)),
+    Model("gru", "GRU 128 units, 50 steps x 32 features", (50, 32), 64, 64 * 20,
+          "[{type: gru, units: 128, name: rnn}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]",
+          _torch_recurrent("GRU", 3)),
 ]}
 
 
