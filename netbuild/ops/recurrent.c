@@ -104,29 +104,43 @@ template <int A, typename T> static inline T df(int code, T s, T g) {
     }
 }
 
-/* out[k] = sum over rows r of x[r * ld + off + k], k < n, in double and in row order: the same
-   bits whatever the number of threads (each thread sums its own columns). */
+/* out[k] = sum over rows r of x[r * ld + off + k], k < n, in double (acc, n of them) and in row
+   order: the same bits however the columns are shared among threads. */
 template <typename T>
-__attribute__((noinline)) static void column_sums(const T* __restrict x, npy_intp rows, npy_intp ld,
-                                                  npy_intp off, npy_intp n, T* __restrict out,
-                                                  double* __restrict acc) {
-    netbuild_for_parts(n, 64, [&](npy_intp k0, npy_intp k1) {
-        double* __restrict a = acc + k0;
-        for (npy_intp k = 0; k < k1 - k0; ++k) a[k] = 0.0;
-        for (npy_intp r = 0; r < rows; ++r) {
-            const T* __restrict row = x + r * ld + off + k0;
-            for (npy_intp k = 0; k < k1 - k0; ++k) a[k] += row[k];
-        }
-        for (npy_intp k = k0; k < k1; ++k) out[k] = (T)acc[k];
-    });
+static void column_sums(const T* __restrict x, npy_intp rows, npy_intp ld, npy_intp off,
+                        npy_intp n, T* __restrict out, double* __restrict acc) {
+    for (npy_intp k = 0; k < n; ++k) acc[k] = 0.0;
+    for (npy_intp r = 0; r < rows; ++r) {
+        const T* __restrict row = x + r * ld + off;
+        for (npy_intp k = 0; k < n; ++k) acc[k] += row[k];
+    }
+    for (npy_intp k = 0; k < n; ++k) out[k] = (T)acc[k];
 }
 
-/* dW (U, G) = sum_t h[t-1]^T dA[t]: one gemm over steps 1..T-1 (h = H[0..T-2]), one for step 0
-   (h0); OpenBLAS's own threads on the large one. */
+/* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t]: per gate block, one gemm over steps
+   1..T-1 (h = H[0..T-2]) and one for step 0 (h0). */
 template <typename T>
-static void weight_grad(int Tn, int Bn, int U, int G, const T* dA, const T* H, const T* h0, T* dW) {
-    netbuild_gemm('N', 'T', G, U, (Tn - 1) * Bn, (T)1, dA + (size_t)Bn * G, G, H, U, (T)0, dW, G);
-    netbuild_gemm('N', 'T', G, U, Tn > 0 ? Bn : 0, (T)1, dA, G, h0, U, Tn > 1 ? (T)1 : (T)0, dW, G);
+static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
+                              const T* H, const T* h0, T* dW) {
+    const int G = g * U;
+    for (int q = 0; q < g; ++q) {
+        const npy_intp c = q * U + u0;
+        netbuild_gemm('N', 'T', (int)nu, U, (Tn - 1) * Bn, (T)1, dA + (size_t)Bn * G + c, G, H, U,
+                      (T)0, dW + c, G);
+        netbuild_gemm('N', 'T', (int)nu, U, Tn > 0 ? Bn : 0, (T)1, dA + c, G, h0, U,
+                      Tn > 1 ? (T)1 : (T)0, dW + c, G);
+    }
+}
+
+/* After the backward loop, on each thread of the team: the part's columns of dW (from dA) and of
+   the bias gradient db (column sums of dB) in every gate block. */
+template <typename T>
+static void part_grads(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
+                       const T* dB, const T* H, const T* h0, T* dW, T* db, double* acc) {
+    weight_grad_units(Tn, Bn, U, g, u0, nu, dA, H, h0, dW);
+    for (int q = 0; q < g; ++q)
+        column_sums(dB, (npy_intp)Tn * Bn, (npy_intp)g * U, q * U + u0, nu, db + q * U + u0,
+                    acc + q * U + u0);
 }
 
 /* How many parts the units are cut into: one per thread, at least UNITS_PER_PART units each. */
@@ -140,20 +154,6 @@ static void gather_columns(int U, int g, npy_intp u0, npy_intp nu, const T* W, T
     for (npy_intp k = 0; k < U; ++k)
         for (int q = 0; q < g; ++q)
             memcpy(Wp + k * w + q * nu, W + k * G + q * U + u0, sizeof(T) * nu);
-}
-
-/* X (Bn, g*nu) = the same columns of Pt (Bn, g*U) + bias */
-template <typename T>
-static void gather_input(int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* Pt,
-                         const T* bias, T* X) {
-    const npy_intp G = (npy_intp)g * U, w = g * nu;
-    for (npy_intp r = 0; r < Bn; ++r)
-        for (int q = 0; q < g; ++q) {
-            const T* __restrict p = Pt + r * G + q * U + u0;
-            const T* __restrict b = bias + q * U + u0;
-            T* __restrict x = X + r * w + q * nu;
-            for (npy_intp k = 0; k < nu; ++k) x[k] = p[k] + b[k];
-        }
 }
 
 /* The columns [u0, u0 + nu) of rows of to (Bn, U) = (or +=) those of from */
@@ -190,13 +190,15 @@ static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, c
 }
 
 /* -- simple_rnn: h = act(p + b + h W) ---------------------------------------------------------- */
+/* X (Bn, nu): the part's h W; P, bias, S, H (row stride U): at the part's first unit */
 template <int A, typename T>
 __attribute__((noinline)) static void rnn_cells(int a, int Bn, int U, npy_intp nu,
-                                                const T* __restrict X, T* __restrict S,
+                                                const T* __restrict X, const T* __restrict P,
+                                                const T* __restrict bias, T* __restrict S,
                                                 T* __restrict H) {
     for (npy_intp r = 0; r < Bn; ++r)
         for (npy_intp k = 0; k < nu; ++k) {
-            T x = X[r * nu + k], y = f<A>(a, x);
+            T x = (P[r * U + k] + bias[k]) + X[r * nu + k], y = f<A>(a, x);
             H[r * U + k] = y;
             S[r * U + k] = keep<A>(a, x, y);
         }
@@ -222,14 +224,14 @@ static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias,
         T* X = work + (size_t)U * U + (size_t)Bn * u0;
         gather_columns(U, 1, u0, nu, W, Wp);
         for (int t = 0; t < Tn; ++t) {
-            gather_input(Bn, U, 1, u0, nu, P + t * step, bias, X);
             const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', (int)nu, Bn, U, (T)1, Wp, (int)nu, hp, U, (T)1, X, (int)nu);
+            netbuild_gemm('N', 'N', (int)nu, Bn, U, (T)1, Wp, (int)nu, hp, U, (T)0, X, (int)nu);
+            const T *Pt = P + t * step + u0, *b = bias + u0;
             T *St = S + t * step + u0, *Ht = H + t * step + u0;
             switch (a) {
-            case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, St, Ht); break;
-            case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, St, Ht); break;
-            default: rnn_cells<ANY>(a, Bn, U, nu, X, St, Ht);
+            case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
+            case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
+            default: rnn_cells<ANY>(a, Bn, U, nu, X, Pt, b, St, Ht);
             }
             team.wait(n);
         }
@@ -258,26 +260,29 @@ static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, 
                 team.wait(n);
                 carry_units(t, Bn, U, U, u0, nu, W, dPt, dH, false, dh, dh0);
             }
+            part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, acc);
         });
     }
-    column_sums(dP, (npy_intp)Tn * Bn, U, 0, U, db, acc);
-    weight_grad(Tn, Bn, U, U, dP, H, h0, dW);
 }
 
 /* -- lstm: a = p + b + h W; i, f, g, o = ract, ract, act, ract; c = f c + i g; h = o act(c) ---- */
-/* X (Bn, 4nu): the part's pre-activations; S (row stride 4U, gate blocks U apart), cp, C, AC, H
+/* X (Bn, 4nu): the part's h W; P, bias and S (row stride 4U, gate blocks U apart), cp, C, AC, H
    (row stride U): at the part's first unit. */
 template <int A, int RA, typename T>
 __attribute__((noinline)) static void lstm_cells(int a, int ra, int Bn, int U, npy_intp nu,
-                                                 const T* __restrict X, T* __restrict S,
+                                                 const T* __restrict X, const T* __restrict P,
+                                                 const T* __restrict bias, T* __restrict S,
                                                  const T* __restrict cp, T* __restrict C,
                                                  T* __restrict AC, T* __restrict H) {
     for (npy_intp r = 0; r < Bn; ++r) {
         const T* __restrict x = X + r * 4 * nu;
+        const T* __restrict p = P + r * 4 * U;
         T* __restrict s = S + r * 4 * U;
         const size_t o = (size_t)r * U;
         for (npy_intp k = 0; k < nu; ++k) {
-            T xi = x[k], xf = x[nu + k], xg = x[2 * nu + k], xo = x[3 * nu + k];
+            T xi = (p[k] + bias[k]) + x[k], xf = (p[U + k] + bias[U + k]) + x[nu + k];
+            T xg = (p[2 * U + k] + bias[2 * U + k]) + x[2 * nu + k];
+            T xo = (p[3 * U + k] + bias[3 * U + k]) + x[3 * nu + k];
             T vi = f<RA>(ra, xi), vf = f<RA>(ra, xf), vg = f<A>(a, xg), vo = f<RA>(ra, xo);
             T c = vf * cp[o + k] + vi * vg;
             T ac = f<A>(a, c);
@@ -336,16 +341,15 @@ static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const
         T* X = work + (size_t)U * G + (size_t)Bn * 4 * u0;
         gather_columns(U, 4, u0, nu, W, Wp);
         for (int t = 0; t < Tn; ++t) {
-            gather_input(Bn, U, 4, u0, nu, P + t * gstep, bias, X);
             const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)1, X, w);
-            const T* cp = (t ? C + (t - 1) * step : c0) + u0;
+            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, X, w);
+            const T *cp = (t ? C + (t - 1) * step : c0) + u0, *Pt = P + t * gstep + u0;
             T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
             T* Ht = H + t * step + u0;
             if (a == TANH && ra == SIGMOID)
-                lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, St, cp, Ct, ACt, Ht);
+                lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
             else
-                lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, St, cp, Ct, ACt, Ht);
+                lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
             team.wait(n);
         }
     });
@@ -389,10 +393,9 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
                 carry_units(t, Bn, U, G, u0, nu, W, dPt, dH, false, dh, dh0);
             }
             copy_units(Bn, U, u0, nu, dc, dc0, false);
+            part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, acc);
         });
     }
-    column_sums(dP, (npy_intp)Tn * Bn, G, 0, G, db, acc);
-    weight_grad(Tn, Bn, U, G, dP, H, h0, dW);
 }
 
 /* -- gru: q = h W; r, z = ract(p + b + q); n = act(p_n + b_n + r (q_n + b_hn));
@@ -508,11 +511,11 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
                 team.wait(n);
                 carry_units(t, Bn, U, G, u0, nu, W, dQt, dH, true, dh, dh0);
             }
+            part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, acc);
+            // b_hn's gradient: the n block of dQ (its accumulators after db's G)
+            column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U + u0, nu, dbhn + u0, acc + G + u0);
         });
     }
-    column_sums(dP, (npy_intp)Tn * Bn, G, 0, G, db, acc);
-    column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U, U, dbhn, acc);
-    weight_grad(Tn, Bn, U, G, dQ, H, h0, dW);
 }
 
 #undef NBREC_PART

@@ -289,7 +289,7 @@ class RecurrentSequenceGrad(_RecurrentCOp):
                     "{w}, {w} + Bn * U, {acc})", "2 * Bn * U", "G")
         return ("nbrec::gru_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {HN}, {dH}, "
                 "{dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, {acc})",
-                "Bn * U + Tn * Bn * G", "G")
+                "Bn * U + Tn * Bn * G", "G + U")
 
 
 def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
