@@ -12,11 +12,11 @@ momentum, Adam), in two settings:
 
 netbuild trains through the loop of ``netbuild train`` (``Trainer.run_epoch``); PyTorch (eager,
 CPU) trains the same network from the same initial weights (netbuild's, written to a file the
-PyTorch worker reads) on the same batches in the same order. After one warm-up epoch each, epochs
-alternate, netbuild then PyTorch, for ``--rounds`` rounds; each figure is a median, and each
-ratio the median of the rounds' paired ratios (this machine's speed drifts within a minute). The
-speed-up from 1 thread to all cores is each tool's median at its defaults over its median on one
-thread, with the same optimizer.
+PyTorch worker reads) on the same batches in the same order. For each setting in turn, both
+workers start (one warm-up epoch each), then epochs alternate, netbuild then PyTorch, for
+``--rounds`` rounds. Each figure is a median over rounds, each ratio the median of the rounds'
+paired ratios (this machine's speed drifts within a minute), and each tool's speed-up from 1
+thread to all cores its median at the defaults over its median on one thread.
 
 Also measured: the numpy matrix-product bound of the MLP at one thread (an epoch of nothing but
 each training step's matrix products, in the step's order, on the step's batches; and, for
@@ -400,42 +400,54 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir: Path,
-            with_bound: bool) -> dict:
-    """One model, optimizer and setting: the workers' epochs, alternating."""
-    threads = SETTINGS[setting]
-    workdir = workdir / f"{model_name}-{optimizer}-{threads or 'default'}"
-    params = workdir / "params.npz"
-    epochs = rounds + 1
-    nb = Worker("netbuild", model_name, optimizer, threads, workdir, params, epochs)
-    th = Worker("torch", model_name, optimizer, threads, workdir, params, epochs)
-    bound = (Worker("bound", model_name, optimizer, 1, workdir, params, epochs) if with_bound
-             else None)
+def measure(model_name: str, optimizer: str, settings: list[str], rounds: int, workdir: Path,
+            with_bound: bool) -> list[dict]:
+    """One model and optimizer in ``settings``: a netbuild and a PyTorch worker per setting, all
+    started first, then rounds of one epoch each, in turn (this machine's speed drifts: each ratio
+    pairs epochs of the same round). ``main`` passes one setting at a time: with a 1-thread
+    netbuild worker alternating beside it, a 2-thread netbuild worker trained the CNN 1.3x slower
+    than alone or beside a PyTorch worker, which a user's single run never sees."""
+    workers = {}
     try:
-        rows = {"netbuild": [], "torch": [], "bound": [], "hot": []}
+        for setting in settings:
+            threads = SETTINGS[setting]
+            wd = workdir / f"{model_name}-{optimizer}-{threads or 'default'}"
+            params = wd / "params.npz"
+            nb = Worker("netbuild", model_name, optimizer, threads, wd, params, rounds + 1)
+            th = Worker("torch", model_name, optimizer, threads, wd, params, rounds + 1)
+            bound = (Worker("bound", model_name, optimizer, 1, wd, params, rounds + 1)
+                     if with_bound and threads == 1 else None)
+            workers[setting] = (nb, th, bound)
+        epochs = {s: {"netbuild": [], "torch": [], "bound": [], "hot": []} for s in settings}
         for r in range(rounds):
-            rows["netbuild"].append(nb.epoch(r + 2)["samples_per_second"])
-            rows["torch"].append(th.epoch(r + 2)["samples_per_second"])
-            if bound:
-                b = bound.epoch(r + 2)
-                rows["bound"].append(b["samples_per_second"])
-                rows["hot"].append(b["hot"])
+            for setting, (nb, th, bound) in workers.items():
+                epochs[setting]["netbuild"].append(nb.epoch(r + 2)["samples_per_second"])
+                epochs[setting]["torch"].append(th.epoch(r + 2)["samples_per_second"])
+                if bound:
+                    b = bound.epoch(r + 2)
+                    epochs[setting]["bound"].append(b["samples_per_second"])
+                    epochs[setting]["hot"].append(b["hot"])
     finally:
-        for w in (nb, th, bound):
-            if w:
-                w.close()
-    result = {"model": model_name, "optimizer": optimizer, "setting": setting,
-              "netbuild_threads": nb.ready["threads"], "torch_threads": th.ready["threads"],
-              "netbuild": statistics.median(rows["netbuild"]),
-              "torch": statistics.median(rows["torch"]),
-              "ratio": statistics.median(n / t for n, t in zip(rows["netbuild"], rows["torch"])),
-              "netbuild_all": rows["netbuild"], "torch_all": rows["torch"]}
-    if bound:
-        result.update(bound=statistics.median(rows["bound"]), hot=statistics.median(rows["hot"]),
-                      of_bound=statistics.median(n / b for n, b in zip(rows["netbuild"],
-                                                                       rows["bound"])),
-                      bound_all=rows["bound"])
-    return result
+        for trio in workers.values():
+            for w in trio:
+                if w:
+                    w.close()
+    results = []
+    for setting, (nb, th, bound) in workers.items():
+        e = epochs[setting]
+        result = {"model": model_name, "optimizer": optimizer, "setting": setting,
+                  "netbuild_threads": nb.ready["threads"], "torch_threads": th.ready["threads"],
+                  "netbuild": statistics.median(e["netbuild"]),
+                  "torch": statistics.median(e["torch"]),
+                  "ratio": statistics.median(n / t for n, t in zip(e["netbuild"], e["torch"])),
+                  "netbuild_all": e["netbuild"], "torch_all": e["torch"]}
+        if bound:
+            result.update(bound=statistics.median(e["bound"]), hot=statistics.median(e["hot"]),
+                          of_bound=statistics.median(n / b for n, b in zip(e["netbuild"],
+                                                                           e["bound"])),
+                          bound_all=e["bound"])
+        results.append(result)
+    return results
 
 
 def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memory: dict | None,
@@ -444,8 +456,9 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
 
     lines = ["# netbuild vs PyTorch (CPU)", "",
              f"Written by `make bench` ({time.strftime('%Y-%m-%d %H:%M')}). Each tool in a process "
-             f"of its own; medians of {rounds} alternating epochs (netbuild, PyTorch, netbuild, "
-             "...) after one warm-up epoch each; float32, softmax cross-entropy, same initial "
+             f"of its own; for each setting, medians of {rounds} alternating epochs (netbuild, "
+             "PyTorch, netbuild, ...) after one warm-up epoch each; float32, softmax "
+             "cross-entropy, same initial "
              "weights and batches. **defaults**: each tool at its own default thread count (no "
              "thread variables set); **1 thread**: netbuild `--threads 1`, PyTorch "
              "`torch.set_num_threads(1)`. Ratio: netbuild / PyTorch training samples/s, the "
@@ -473,8 +486,8 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
         if setting != "defaults" or not one:
             continue
         target = SPEEDUP_TARGETS.get(model)
-        lines.append(f"| {MODELS[model].title} | {optimizer} | {r['netbuild'] / one['netbuild']:.2f}x"
-                     f" | {r['torch'] / one['torch']:.2f}x | "
+        lines.append(f"| {MODELS[model].title} | {optimizer} | {r['speedup']['netbuild']:.2f}x"
+                     f" | {r['speedup']['torch']:.2f}x | "
                      f"{f'{target:.1f}x' if target else '-'} |")
     bound_rows = [r for r in rows if r.get("bound")]
     if bound_rows:
@@ -524,7 +537,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1 GiB peak-memory run")
     parser.add_argument("--no-bound", action="store_true", help="skip the MLP's matmul bound")
@@ -556,14 +569,18 @@ def main() -> None:
                 compiles[name] = {"cold": cold["function"], "warm": warm["function"],
                                   "cold_process": cold["process"], "warm_process": warm["process"]}
             for optimizer in args.optimizers.split(","):
+                with_bound = name == "mlp" and optimizer == "adam" and not args.no_bound
+                by_setting = {}
                 for setting in args.settings.split(","):
-                    with_bound = (name == "mlp" and setting == "1 thread" and optimizer == "adam"
-                                  and not args.no_bound)
-                    row = measure(name, optimizer, setting, args.rounds, tmp, with_bound)
+                    (row,) = measure(name, optimizer, [setting], args.rounds, tmp, with_bound)
                     print(f"{name}, {optimizer}, {setting} (threads {row['netbuild_threads']}, "
                           f"{row['torch_threads']}): netbuild {row['netbuild']:,.0f}/s, torch "
                           f"{row['torch']:,.0f}/s, ratio {row['ratio']:.2f}", flush=True)
                     rows.append(row)
+                    by_setting[setting] = row
+                if "defaults" in by_setting and "1 thread" in by_setting:
+                    d, one = by_setting["defaults"], by_setting["1 thread"]
+                    d["speedup"] = {tool: d[tool] / one[tool] for tool in ("netbuild", "torch")}
         memory = None if args.no_memory else peak_memory(tmp)
     print(write_results(Path(args.out), env, rows, compiles, memory, args.rounds))
 

@@ -117,11 +117,14 @@ def resolve(requested: int | None = None) -> int:
     return max(1, min(int(requested), available_cores()))
 
 
-#: Read by OpenMP and OpenBLAS when they load (a user's own values win): idle threads sleep
-#: instead of spinning. netbuild's parallel loops and OpenBLAS's threads take turns on the same
-#: cores, and a pool spinning while the other works made the bench CNN's epoch on 2 threads
-#: slower than on 1 (0.39x its speed; 1.42x with sleeping pools; 7 rounds each, 2 cores).
-WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "4"}
+#: Read by OpenMP and OpenBLAS when they load (a user's own values win). netbuild's parallel
+#: loops and OpenBLAS's threads take turns on the same cores, and a pool spinning while the other
+#: works made the bench CNN's epoch on 2 threads slower than on 1 (0.39x its speed with OpenMP
+#: spinning and OpenBLAS's default of 2^28 cycles, 0.1 s). OpenMP's threads sleep at once;
+#: OpenBLAS's wait 2^17 cycles (about 50 us, yielding the core meanwhile) before they sleep, so
+#: that a step's products one after another find them awake: the bench MLP gained 1.28x from a
+#: second core with 2^4 cycles and 1.55x with 2^17, the CNN and LSTM the same with both.
+WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "17"}
 
 
 def _load_gomp():
