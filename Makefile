@@ -35,8 +35,9 @@ data: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[data]'
 	$(BIN)/python configs/data/make_data.py
 
-# netbuild against PyTorch (CPU) on an MLP, a CNN and an LSTM: samples/s, the matrix-product
-# bound, compile times and peak memory, written to bench/RESULTS.md (about 2 minutes).
+# netbuild against PyTorch (CPU) on an MLP, a CNN, an LSTM and a GRU, with SGD-momentum and Adam,
+# each tool at its default threads and on one: samples/s, the speed-up from the second core, the
+# MLP's matrix-product bound, compile times and peak memory -> bench/RESULTS.md (about 8 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
