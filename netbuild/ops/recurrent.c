@@ -189,6 +189,54 @@ static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, c
                   (t || keep) ? (T)1 : (T)0, (t ? dh : dh0) + u0, U);
 }
 
+/* The forward loop every cell shares. On each thread of the team: its columns W' of W (g gate
+   blocks) gathered once into the scratch; then for every step the product X = h[t-1] W'
+   (Bn, g*nu), cells(t, u0, nu, X, hp) for the part's units (hp: h[t-1], every unit) and a wait
+   for the others (h[t] complete). work: U*g*U + Bn*g*U elements. */
+template <typename T, typename F>
+static void forward_loop(int g, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
+                         T* work, F cells) {
+    const size_t step = (size_t)Bn * U;
+    const int parts = unit_parts(U);
+    netbuild_serial_blas serial(parts);
+    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+        NBREC_PART(U, p, n);
+        const int w = (int)(g * nu);
+        T* Wp = work + (size_t)g * U * u0;
+        T* X = work + (size_t)g * U * U + (size_t)g * Bn * u0;
+        gather_columns(U, g, u0, nu, W, Wp);
+        for (int t = 0; t < Tn; ++t) {
+            const T* hp = t ? H + (t - 1) * step : h0;
+            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, X, w);
+            cells(t, u0, nu, (const T*)X, hp);
+            team.wait(n);
+        }
+    });
+}
+
+/* The backward loop every cell shares. On each thread of the team, for the part's units: dh =
+   dH[T-1] (dh0 = 0 with no steps); then for every step, last first, cells(t, u0, nu) (the gates'
+   gradients dA[t], from dh), a wait for the others (dA[t] complete) and dh carried to the step
+   before (carry_units, keep for the GRU). done(u0, nu) after the loop, on the same thread. */
+template <typename T, typename F, typename D>
+static void backward_loop(int g, bool keep, int Tn, int Bn, int U, const T* W, const T* dA,
+                          const T* dH, T* dh, T* dh0, F cells, D done) {
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * g * U;
+    const int parts = unit_parts(U);
+    netbuild_serial_blas serial(parts);
+    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
+        NBREC_PART(U, p, n);
+        if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
+        else zero_units(Bn, U, u0, nu, dh0);
+        for (int t = Tn - 1; t >= 0; --t) {
+            cells(t, u0, nu);
+            team.wait(n);
+            carry_units(t, Bn, U, g * U, u0, nu, W, dA + t * gstep, dH, keep, dh, dh0);
+        }
+        done(u0, nu);
+    });
+}
+
 /* -- simple_rnn: h = act(p + b + h W) ---------------------------------------------------------- */
 /* X (Bn, nu): the part's h W; P, bias, S, H (row stride U): at the part's first unit */
 template <int A, typename T>
@@ -216,24 +264,14 @@ template <typename T>
 static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias, const T* W,
                         const T* h0, T* H, T* S, T* work) {
     const size_t step = (size_t)Bn * U;
-    const int parts = unit_parts(U);
-    netbuild_serial_blas serial(parts);
-    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-        NBREC_PART(U, p, n);
-        T* Wp = work + (size_t)U * u0;
-        T* X = work + (size_t)U * U + (size_t)Bn * u0;
-        gather_columns(U, 1, u0, nu, W, Wp);
-        for (int t = 0; t < Tn; ++t) {
-            const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', (int)nu, Bn, U, (T)1, Wp, (int)nu, hp, U, (T)0, X, (int)nu);
-            const T *Pt = P + t * step + u0, *b = bias + u0;
-            T *St = S + t * step + u0, *Ht = H + t * step + u0;
-            switch (a) {
-            case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
-            case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
-            default: rnn_cells<ANY>(a, Bn, U, nu, X, Pt, b, St, Ht);
-            }
-            team.wait(n);
+    forward_loop(1, Tn, Bn, U, W, h0, H, work,
+                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T*) {
+        const T *Pt = P + t * step + u0, *b = bias + u0;
+        T *St = S + t * step + u0, *Ht = H + t * step + u0;
+        switch (a) {
+        case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
+        case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
+        default: rnn_cells<ANY>(a, Bn, U, nu, X, Pt, b, St, Ht);
         }
     });
 }
@@ -242,27 +280,16 @@ template <typename T>
 static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
                          const T* S, const T* dH, T* dP, T* db, T* dW, T* dh0, T* dh, double* acc) {
     const size_t step = (size_t)Bn * U;
-    {
-        const int parts = unit_parts(U);
-        netbuild_serial_blas serial(parts);
-        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-            NBREC_PART(U, p, n);
-            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
-            else zero_units(Bn, U, u0, nu, dh0);
-            for (int t = Tn - 1; t >= 0; --t) {
-                const T* St = S + t * step + u0;
-                T* dPt = dP + t * step;
-                switch (a) {
-                case TANH: rnn_cells_grad<TANH>(a, Bn, U, nu, St, dh + u0, dPt + u0); break;
-                case RELU: rnn_cells_grad<RELU>(a, Bn, U, nu, St, dh + u0, dPt + u0); break;
-                default: rnn_cells_grad<ANY>(a, Bn, U, nu, St, dh + u0, dPt + u0);
-                }
-                team.wait(n);
-                carry_units(t, Bn, U, U, u0, nu, W, dPt, dH, false, dh, dh0);
-            }
-            part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, acc);
-        });
-    }
+    backward_loop(1, false, Tn, Bn, U, W, dP, dH, dh, dh0,
+                  [&](int t, npy_intp u0, npy_intp nu) {
+        const T* St = S + t * step + u0;
+        T* dPt = dP + t * step + u0;
+        switch (a) {
+        case TANH: rnn_cells_grad<TANH>(a, Bn, U, nu, St, dh + u0, dPt); break;
+        case RELU: rnn_cells_grad<RELU>(a, Bn, U, nu, St, dh + u0, dPt); break;
+        default: rnn_cells_grad<ANY>(a, Bn, U, nu, St, dh + u0, dPt);
+        }
+    }, [&](npy_intp u0, npy_intp nu) { part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, acc); });
 }
 
 /* -- lstm: a = p + b + h W; i, f, g, o = ract, ract, act, ract; c = f c + i g; h = o act(c) ---- */
@@ -330,28 +357,16 @@ __attribute__((noinline)) static void lstm_cells_grad(
 template <typename T>
 static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
                          const T* W, const T* h0, const T* c0, T* H, T* C, T* S, T* AC, T* work) {
-    const int G = 4 * U;
-    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    const int parts = unit_parts(U);
-    netbuild_serial_blas serial(parts);
-    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-        NBREC_PART(U, p, n);
-        const int w = (int)(4 * nu);
-        T* Wp = work + (size_t)4 * U * u0;
-        T* X = work + (size_t)U * G + (size_t)Bn * 4 * u0;
-        gather_columns(U, 4, u0, nu, W, Wp);
-        for (int t = 0; t < Tn; ++t) {
-            const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, X, w);
-            const T *cp = (t ? C + (t - 1) * step : c0) + u0, *Pt = P + t * gstep + u0;
-            T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
-            T* Ht = H + t * step + u0;
-            if (a == TANH && ra == SIGMOID)
-                lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
-            else
-                lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
-            team.wait(n);
-        }
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
+    forward_loop(4, Tn, Bn, U, W, h0, H, work,
+                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T*) {
+        const T *cp = (t ? C + (t - 1) * step : c0) + u0, *Pt = P + t * gstep + u0;
+        T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
+        T* Ht = H + t * step + u0;
+        if (a == TANH && ra == SIGMOID)
+            lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
+        else
+            lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
     });
 }
 
@@ -361,41 +376,27 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
                           const T* c0, const T* H, const T* C, const T* S, const T* AC,
                           const T* dH, const T* dC, T* dP, T* db, T* dW, T* dh0, T* dc0,
                           T* dh, T* dc, double* acc) {
-    const int G = 4 * U;
-    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    {
-        const int parts = unit_parts(U);
-        netbuild_serial_blas serial(parts);
-        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-            NBREC_PART(U, p, n);
-            zero_units(Bn, U, u0, nu, dc);
-            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
-            else zero_units(Bn, U, u0, nu, dh0);
-            for (int t = Tn - 1; t >= 0; --t) {
-                const T* cp = (t ? C + (t - 1) * step : c0) + u0;
-                const T* St = S + t * gstep + u0;
-                const T *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
-                const T* dCt = dC ? dC + t * step + u0 : (const T*)0;
-                T* dPt = dP + t * gstep;
-                if (a == TANH && ra == SIGMOID && dC)
-                    lstm_cells_grad<TANH, SIGMOID, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
-                                                         dh + u0, dc + u0, dPt + u0);
-                else if (a == TANH && ra == SIGMOID)
-                    lstm_cells_grad<TANH, SIGMOID, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
-                                                          dh + u0, dc + u0, dPt + u0);
-                else if (dC)
-                    lstm_cells_grad<ANY, ANY, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
-                                                    dh + u0, dc + u0, dPt + u0);
-                else
-                    lstm_cells_grad<ANY, ANY, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt,
-                                                     dh + u0, dc + u0, dPt + u0);
-                team.wait(n);
-                carry_units(t, Bn, U, G, u0, nu, W, dPt, dH, false, dh, dh0);
-            }
-            copy_units(Bn, U, u0, nu, dc, dc0, false);
-            part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, acc);
-        });
-    }
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
+    const bool fast = a == TANH && ra == SIGMOID;
+    backward_loop(4, false, Tn, Bn, U, W, dP, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
+        if (t == Tn - 1) zero_units(Bn, U, u0, nu, dc);
+        const T* cp = (t ? C + (t - 1) * step : c0) + u0;
+        const T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
+        const T* dCt = dC ? dC + t * step + u0 : (const T*)0;
+        T *dPt = dP + t * gstep + u0, *dht = dh + u0, *dct = dc + u0;
+        if (fast && dC)
+            lstm_cells_grad<TANH, SIGMOID, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+        else if (fast)
+            lstm_cells_grad<TANH, SIGMOID, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+        else if (dC)
+            lstm_cells_grad<ANY, ANY, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+        else
+            lstm_cells_grad<ANY, ANY, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+    }, [&](npy_intp u0, npy_intp nu) {
+        if (Tn > 0) copy_units(Bn, U, u0, nu, dc, dc0, false);
+        else zero_units(Bn, U, u0, nu, dc0);
+        part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, acc);
+    });
 }
 
 /* -- gru: q = h W; r, z = ract(p + b + q); n = act(p_n + b_n + r (q_n + b_hn));
@@ -459,29 +460,17 @@ __attribute__((noinline)) static void gru_cells_grad(
 template <typename T>
 static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
                         const T* W, const T* h0, const T* bhn, T* H, T* S, T* HN, T* work) {
-    const int G = 3 * U;
-    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    const int parts = unit_parts(U);
-    netbuild_serial_blas serial(parts);
-    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-        NBREC_PART(U, p, n);
-        const int w = (int)(3 * nu);
-        T* Wp = work + (size_t)3 * U * u0;
-        T* Q = work + (size_t)U * G + (size_t)Bn * 3 * u0;
-        gather_columns(U, 3, u0, nu, W, Wp);
-        for (int t = 0; t < Tn; ++t) {
-            const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, Q, w);
-            const T* Pt = P + t * gstep + u0;
-            T *St = S + t * gstep + u0, *HNt = HN + t * step + u0, *Ht = H + t * step + u0;
-            if (a == TANH && ra == SIGMOID)
-                gru_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0,
-                                         St, HNt, Ht);
-            else
-                gru_cells<ANY, ANY>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St,
-                                    HNt, Ht);
-            team.wait(n);
-        }
+    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 3 * U;
+    forward_loop(3, Tn, Bn, U, W, h0, H, work,
+                 [&](int t, npy_intp u0, npy_intp nu, const T* Q, const T* hp) {
+        const T* Pt = P + t * gstep + u0;
+        T *St = S + t * gstep + u0, *HNt = HN + t * step + u0, *Ht = H + t * step + u0;
+        if (a == TANH && ra == SIGMOID)
+            gru_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St,
+                                     HNt, Ht);
+        else
+            gru_cells<ANY, ANY>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St, HNt,
+                                Ht);
     });
 }
 
@@ -491,31 +480,19 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
                          T* dh0, T* dbhn, T* dh, T* dQ, double* acc) {
     const int G = 3 * U;
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    {
-        const int parts = unit_parts(U);
-        netbuild_serial_blas serial(parts);
-        netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-            NBREC_PART(U, p, n);
-            if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
-            else zero_units(Bn, U, u0, nu, dh0);
-            for (int t = Tn - 1; t >= 0; --t) {
-                const T* hp = (t ? H + (t - 1) * step : h0) + u0;
-                const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
-                T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep;
-                if (a == TANH && ra == SIGMOID)
-                    gru_cells_grad<TANH, SIGMOID>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt,
-                                                  dQt + u0);
-                else
-                    gru_cells_grad<ANY, ANY>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt,
-                                             dQt + u0);
-                team.wait(n);
-                carry_units(t, Bn, U, G, u0, nu, W, dQt, dH, true, dh, dh0);
-            }
-            part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, acc);
-            // b_hn's gradient: the n block of dQ (its accumulators after db's G)
-            column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U + u0, nu, dbhn + u0, acc + G + u0);
-        });
-    }
+    backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
+        const T* hp = (t ? H + (t - 1) * step : h0) + u0;
+        const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
+        T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep + u0;
+        if (a == TANH && ra == SIGMOID)
+            gru_cells_grad<TANH, SIGMOID>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
+        else
+            gru_cells_grad<ANY, ANY>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
+    }, [&](npy_intp u0, npy_intp nu) {
+        part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, acc);
+        // b_hn's gradient: the n block of dQ (its accumulators after db's G)
+        column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U + u0, nu, dbhn + u0, acc + G + u0);
+    });
 }
 
 #undef NBREC_PART
