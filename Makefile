@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-sweep clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ data: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
+
+# What the second core (every core) gives netbuild alone, 1- and all-thread epochs alternating in
+# one process (bench/RESULTS-threads.md, about 3 minutes).
+bench-threads: $(STAMP)
+	$(BIN)/python bench/threads.py
 
 # Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
 bench-sweep: $(STAMP)

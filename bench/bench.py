@@ -13,8 +13,8 @@ momentum, Adam), in two settings:
 netbuild trains through the loop of ``netbuild train`` (``Trainer.run_epoch``); PyTorch (eager,
 CPU) trains the same network from the same initial weights (netbuild's, written to a file the
 PyTorch worker reads) on the same batches in the same order. For each setting in turn, both
-workers start (one warm-up epoch each), then epochs alternate, netbuild then PyTorch, for
-``--rounds`` rounds. Each figure is a median over rounds, each ratio the median of the rounds'
+workers start (one warm-up epoch each), then epochs alternate, netbuild and PyTorch (each going
+first in every other round), for ``--rounds`` rounds. Each figure is a median over rounds, each ratio the median of the rounds'
 paired ratios (this machine's speed drifts within a minute), and each tool's speed-up from 1
 thread to all cores its median at the defaults over its median on one thread.
 
@@ -102,6 +102,7 @@ def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs:
 
     from netbuild import threads
     from netbuild.data import epoch_order
+    from netbuild.train import frozen_garbage
 
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = netbuild_trainer(model, workdir, optimizer)
@@ -111,7 +112,8 @@ def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs:
     trainer.run_epoch(1)  # warm-up
     print(json.dumps({"ready": True, "threads": threads.resolve()}), flush=True)
     try:
-        _serve(lambda k: trainer.run_epoch(k)["samples_per_second"])
+        with frozen_garbage():  # as Trainer.run, which `netbuild train` calls
+            _serve(lambda k: trainer.run_epoch(k)["samples_per_second"])
     finally:
         trainer.run_dir.unlock()
 
@@ -185,7 +187,7 @@ class Worker:
 
     def __init__(self, kind: str, model: str, optimizer: str, threads: int | None,
                  workdir: Path, params: Path, epochs: int):
-        env = {k: v for k, v in BASE_ENV.items() if k not in THREAD_VARS}
+        env = _clean_env()
         if threads is not None and kind in ("netbuild", "bound"):
             env["NETBUILD_THREADS"] = str(threads)
         if threads is not None and kind == "bound":  # numpy's OpenBLAS reads it at import
@@ -260,6 +262,8 @@ class StepProducts:
         from netbuild.data import batches, epoch_order
 
         n = len(self.x)
+        if n < self.model.batch:
+            raise SystemExit(f"the bound needs at least one full batch of {self.model.batch}")
         total = 0.0
         for idx in batches(n, self.model.batch, epoch_order(n, 0, epoch)):
             if len(idx) != self.model.batch:  # the buffers hold full batches
@@ -295,8 +299,13 @@ def hot_products(model, repeats: int = 20) -> float:
 
 
 # -- compile time and memory, each in a new process --------------------------------------------
+def _clean_env() -> dict:
+    """The environment the bench started with, less the thread variables: a user's defaults."""
+    return {k: v for k, v in BASE_ENV.items() if k not in THREAD_VARS}
+
+
 def compile_seconds(name: str, compiledir: Path) -> dict:
-    env = dict(os.environ)
+    env = _clean_env()
     flags = env.get("PYTENSOR_FLAGS", "")
     env["PYTENSOR_FLAGS"] = f"{flags},compiledir={compiledir}" if flags else f"compiledir={compiledir}"
     start = time.perf_counter()
@@ -340,7 +349,7 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam, learning_rate: 0
     netbuild = Path(sys.executable).with_name("netbuild")
     start = time.perf_counter()
     proc = subprocess.Popen([str(netbuild), "train", str(workdir / "big.yaml"), "--quiet",
-                             "--run-dir", str(workdir / "run-big")])
+                             "--run-dir", str(workdir / "run-big")], env=_clean_env())
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit("netbuild train on the 1 GiB npz failed")
@@ -421,8 +430,9 @@ def measure(model_name: str, optimizer: str, settings: list[str], rounds: int, w
         epochs = {s: {"netbuild": [], "torch": [], "bound": [], "hot": []} for s in settings}
         for r in range(rounds):
             for setting, (nb, th, bound) in workers.items():
-                epochs[setting]["netbuild"].append(nb.epoch(r + 2)["samples_per_second"])
-                epochs[setting]["torch"].append(th.epoch(r + 2)["samples_per_second"])
+                # who goes first alternates: neither always follows the other
+                for tool, w in (("netbuild", nb), ("torch", th))[::1 if r % 2 == 0 else -1]:
+                    epochs[setting][tool].append(w.epoch(r + 2)["samples_per_second"])
                 if bound:
                     b = bound.epoch(r + 2)
                     epochs[setting]["bound"].append(b["samples_per_second"])
@@ -456,8 +466,9 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
 
     lines = ["# netbuild vs PyTorch (CPU)", "",
              f"Written by `make bench` ({time.strftime('%Y-%m-%d %H:%M')}). Each tool in a process "
-             f"of its own; for each setting, medians of {rounds} alternating epochs (netbuild, "
-             "PyTorch, netbuild, ...) after one warm-up epoch each; float32, softmax "
+             f"of its own; for each setting, medians of {rounds} rounds of one epoch each (netbuild "
+             "and PyTorch, each first in every other round) after one warm-up epoch each; float32, "
+             "softmax "
              "cross-entropy, same initial "
              "weights and batches. **defaults**: each tool at its own default thread count (no "
              "thread variables set); **1 thread**: netbuild `--threads 1`, PyTorch "
@@ -546,6 +557,8 @@ def main() -> None:
     for hidden in ("--worker", "--optimizer", "--workdir", "--params", "--threads"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.compile_only:
         return _compile_only(args.compile_only)
     if args.worker:

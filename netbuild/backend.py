@@ -17,7 +17,7 @@ from pathlib import Path
 _BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", "copy",
                                   "syrk", "trsm") for p in "sd"]
 
-#: OpenBLAS's own functions that netbuild's C ops call (netbuild.ops.GEMM).
+#: OpenBLAS's own functions that netbuild's C ops call (``netbuild_serial_blas``, ops/blas.c).
 _OPENBLAS_FUNCTIONS = ("set_num_threads", "get_num_threads")
 
 _configured = False
@@ -172,7 +172,10 @@ def blas_source() -> str:
 
 def blas_core() -> str:
     """The kernels scipy-openblas32 runs on this CPU (OpenBLAS's core name, e.g. ``SkylakeX``),
-    with ``OPENBLAS_CORETYPE`` when the environment forces them; ``-`` without that BLAS."""
+    with ``OPENBLAS_CORETYPE`` when the environment forces them; ``-`` when netbuild computes with
+    another BLAS (the user's ``blas__ldflags``) or none."""
+    if _blas_source != "scipy-openblas32":
+        return "-"
     try:
         import ctypes
 

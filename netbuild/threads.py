@@ -5,10 +5,12 @@ By default every core this process may run on: its CPU affinity (``os.sched_geta
 v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smaller.
 ``NETBUILD_THREADS`` overrides that, and ``--threads N`` on a command overrides both.
 
-The same count goes to netbuild's own C ops (OpenMP, over the images or rows of a batch) and to
-OpenBLAS (PyTensor's matrix products). The two take turns and never run at once: inside one of
-netbuild's parallel loops every BLAS call runs on its caller's thread (the ops set OpenBLAS to one
-thread for the loop: ``netbuild_serial_blas`` in ``netbuild/ops/blas.c``), so threads never outnumber the cores.
+The same count goes to netbuild's own C ops (OpenMP: convolution and pooling over the images of
+a batch, the recurrent layers over their units, Adam's update over the elements) and to OpenBLAS
+(PyTensor's matrix products). The two take turns and never run at once: inside one of netbuild's
+parallel loops every BLAS call runs on its caller's thread (the ops set OpenBLAS to one thread for
+the loop: ``netbuild_serial_blas`` in ``netbuild/ops/blas.c``), so threads never outnumber the
+cores.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ resumed from it therefore ends with the same parameters, bit for bit, as one nev
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -201,6 +202,20 @@ def _monitor(spec: Spec, section: str, has_validation: bool) -> Monitor | None:
 CURVES_EVERY_S = 10.0
 
 
+@contextlib.contextmanager
+def frozen_garbage():
+    """While the block runs, Python's cyclic garbage collector leaves alone the objects that exist
+    when it starts: the compiled graphs, hundreds of thousands of objects that it walked again and
+    again during training (7% of the samples in a profile of the bench LSTM). They are collected
+    again afterwards (a process may train many times: a sweep's worker)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class Trainer:
     """One training run of a validated spec into a run directory."""
 
@@ -225,10 +240,6 @@ class Trainer:
         self.schedule = schedules.get(schedule_cfg, base_lr)
         self.fns = compile_train(self.network, self.cfg, self.sets.train.y, self.seed)
         self.evaluate = compile_eval(self.network, self.cfg["loss"], self.sets.validation.y) if has_val else None
-        # The compiled graphs are hundreds of thousands of Python objects that Python's cyclic
-        # collector would walk again and again during training (7% of the samples in a profile
-        # of the bench LSTM): they stay, so they leave its generations.
-        gc.freeze()
         self.history: list[dict] = []
         self.best_params: dict[str, np.ndarray] | None = None
         self.epoch = 0
@@ -319,6 +330,10 @@ class Trainer:
         return record
 
     def run(self, resume_from: Checkpoint | None = None) -> TrainResult:
+        with frozen_garbage():
+            return self._run(resume_from)
+
+    def _run(self, resume_from: Checkpoint | None) -> TrainResult:
         self.on.compiled(self.fns.seconds)
         self.run_dir.write_spec(self.spec)
         if resume_from is not None:

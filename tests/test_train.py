@@ -361,3 +361,26 @@ def test_progress_on_a_terminal(tmp_path):
     screen = b"".join(chunks).decode()
     assert "samples/s" in screen and "[" in screen and "/41  loss" in screen
     assert "epoch 2/2  loss" in screen and "Traceback" not in screen
+
+
+def test_training_freezes_garbage_only_while_it_trains(tmp_path, run_cli, monkeypatch):
+    """`netbuild train` keeps the compiled graphs out of the cyclic collector while it trains, and
+    lets it have them again afterwards: a process that trains many times (a sweep's worker) frees
+    each training's cycles."""
+    import gc
+
+    from netbuild import train as train_mod
+
+    counts = []
+    real_run_epoch = train_mod.Trainer.run_epoch
+
+    def run_epoch(self, epoch):
+        counts.append(gc.get_freeze_count())
+        return real_run_epoch(self, epoch)
+
+    monkeypatch.setattr(train_mod.Trainer, "run_epoch", run_epoch)
+    assert gc.get_freeze_count() == 0
+    result = run_cli("train", MLP, "--run-dir", tmp_path / "run", "--epochs", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(counts) == 2 and min(counts) > 10_000  # the graphs were frozen while training
+    assert gc.get_freeze_count() == 0

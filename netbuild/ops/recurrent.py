@@ -10,20 +10,20 @@
 
 Its first output is ``H (T, B, U)``, the state after every step (the LSTM's second output is the
 cell state ``C``); the others are what the gradient reads back (the gates of every step and, for
-the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one BLAS gemm
-(``gates += h W``, the gate buffer preloaded with ``P[t] + b``) and one fused, vectorized pass of
-elementwise maths per row.
+the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one BLAS gemm (``h W``) and one
+fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and applies the gates.
 
 :class:`RecurrentSequenceGrad` is backpropagation through time in C: one gemm per step for the
-state's gradient (``dh += dgates W^T``); after the loop one gemm over all ``T*B`` rows for
-``dW = sum_t h[t-1]^T dgates[t]`` and the bias gradients as column sums (in double, in row order).
+state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dgates[t]`` as
+gemms over all ``T*B`` rows and the bias gradients as column sums (in double, in row order).
 It has no gradient of its own (no second derivatives).
 
-Threads: the rows of a batch are independent, so both ops cut the batch into one part of
-consecutive rows per thread (at least 16 rows each) and each thread runs the whole time loop on
-its part, with no wait between steps; the weight and bias gradients after the loop use every
-thread. A given number of threads always gives the same bits; 1 and 2 threads agree to rounding
-only, since OpenBLAS's product for a row can depend on how many rows it is computed with.
+Threads: both ops split the units (at least 16 per thread). Each thread owns its units' columns
+in every gate block, for every row: per step, one gemm of the whole state with its columns of
+``W``, its units' elementwise maths, then a wait for the others (the next step needs the whole
+state); after the backward loop, its columns of ``dW`` and of the bias gradients. A given number
+of threads always gives the same bits; 1 and 2 threads agree to rounding only, since OpenBLAS's
+product for an element can depend on the size of the product it is part of.
 
 ``activation`` and ``recurrent_activation`` are one of :data:`ACTIVATIONS` (the YAML names of
 :mod:`netbuild.activations`, with the same derivatives, boundaries included: relu's is 1 at 0,
@@ -170,7 +170,7 @@ class _RecurrentCOp(BlasCOp):
 
 
 def _check_shapes(op: _RecurrentCOp, values: list) -> None:
-    """The numpy twin of the C code's ``nbrec_check``."""
+    """The numpy twin of the C code's shape checks (``netbuild_check_shape``)."""
     by = dict(zip(op.input_names(), values))
     seq = by["P"] if "P" in by else by["H"]
     T, B = seq.shape[:2] if seq.ndim == 3 else (0, 0)
