@@ -34,29 +34,31 @@ COMPILE_FLAGS = "-g0 -pipe"
 #: computed every weight gradient twice (an MLP step spent 20% of its time on the copies).
 EXCLUDED_REWRITES = ("local_softmax_stabilize", "local_dot22_to_dot22scalar")
 
-_mode = None
+_modes: dict[bool, object] = {}
 
 
-def mode():
+def mode(keep_outputs: bool = False):
     """The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which
     compiles these graphs far slower) with the "fast_run" rewrites but not
-    :data:`EXCLUDED_REWRITES`, linked by :class:`netbuild.linker.ParallelCVMLinker`."""
-    global _mode
-    if _mode is None:
+    :data:`EXCLUDED_REWRITES`, linked by :class:`netbuild.linker.ParallelCVMLinker`.
+
+    With ``keep_outputs`` (the training step, called thousands of times on batches of one size),
+    every node keeps its outputs between calls and the ops reuse them: freeing them made every
+    step allocate its large buffers again, each page faulted in and zeroed by the kernel (the
+    bench LSTM trained 1.2x faster on 2 threads without that), at the price of all of a step's
+    intermediates staying allocated. Without it (evaluation, prediction), each is freed once read.
+    A user's own ``allow_gc`` wins over both."""
+    if keep_outputs not in _modes:
         import pytensor
         from pytensor.compile.mode import Mode
 
         from .linker import ParallelCVMLinker
 
         _remember_march_flags()
-        # Keep each node's outputs between calls (unless the user sets allow_gc): the ops reuse
-        # them, where freeing them made every step allocate its large buffers again, each page
-        # faulted in and zeroed by the kernel (the bench LSTM trained 1.2x faster on 2 threads
-        # without that).
-        allow_gc = pytensor.config.allow_gc if _user_set("allow_gc") else False
-        _mode = Mode(ParallelCVMLinker(use_cloop=True, allow_gc=allow_gc),
-                     "fast_run").excluding(*EXCLUDED_REWRITES)
-    return _mode
+        allow_gc = pytensor.config.allow_gc if _user_set("allow_gc") else not keep_outputs
+        _modes[keep_outputs] = Mode(ParallelCVMLinker(use_cloop=True, allow_gc=allow_gc),
+                                    "fast_run").excluding(*EXCLUDED_REWRITES)
+    return _modes[keep_outputs]
 
 
 def _cpu_signature() -> str:

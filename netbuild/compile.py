@@ -81,7 +81,8 @@ def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed
     optimizer = optimizers.get(train_config["optimizer"])
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))
-    step = pytensor.function([x, target], [loss, out], updates=updates, mode=backend.mode(),
+    step = pytensor.function([x, target], [loss, out], updates=updates,
+                             mode=backend.mode(keep_outputs=True),
                              name="train_step")
     # Batches come from netbuild.data, already of the inputs' dtypes and ranks: skip PyTensor's
     # per-call input checks (a tenth of an MLP step). The C code still checks each input's type.
