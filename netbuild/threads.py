@@ -124,8 +124,9 @@ def resolve(requested: int | None = None) -> int:
 #: works made the bench CNN's epoch on 2 threads slower than on 1 (0.39x its speed with OpenMP
 #: spinning and OpenBLAS's default of 2^28 cycles, 0.1 s). OpenMP's threads sleep at once;
 #: OpenBLAS's wait 2^17 cycles (about 50 us, yielding the core meanwhile) before they sleep, so
-#: that a step's products one after another find them awake: the bench MLP gained 1.28x from a
-#: second core with 2^4 cycles and 1.55x with 2^17, the CNN and LSTM the same with both.
+#: that a step's products one after another find them awake: the bench MLP (SGD-momentum, 1- and
+#: 2-thread epochs alternating in one process) gained 1.28x from a second core with 2^4 cycles and
+#: 1.55x with 2^17; the CNN and LSTM gained the same with both.
 WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "17"}
 
 

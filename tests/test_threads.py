@@ -170,6 +170,30 @@ def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"output {i}")
 
 
+def test_adam_step_gives_the_same_bits_on_1_and_2_threads(restore_threads):
+    """Adam's update splits a large parameter over the threads (parts of at least 64k elements):
+    elementwise, so the same bits on any number of threads, and the numpy equations."""
+    from netbuild.ops.update import AdamStep
+
+    rng = np.random.default_rng(3)
+    n = 200_003  # on 2 threads, two uneven parts (100,001 and 100,002 elements)
+    p, m, g = (rng.standard_normal(n).astype("float32") for _ in range(3))
+    v = rng.random(n).astype("float32")
+    pv, mv, vv, gv = (pt.vector(k, dtype="float32") for k in "pmvg")
+    outs = AdamStep(0.9, 0.999, 1e-8)(pv, mv, vv, gv, np.float32(1e-3), np.float32(1.2),
+                                      np.float32(0.0))
+    fn = function([pv, mv, vv, gv], outs, c=True)
+    one = [a.copy() for a in _on(1, fn, p, m, v, g)]
+    two = [a.copy() for a in _on(2, fn, p, m, v, g)]
+    for name, a, b in zip("pmv", one, two):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    m2 = 0.9 * m + 0.1 * g
+    v2 = 0.999 * v + 0.001 * g * g
+    p2 = p - 1e-3 * m2 / (np.sqrt(v2) * 1.2 + 1e-8)
+    for name, a, ref in zip("pmv", two, (p2, m2, v2)):
+        np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def _trained(run_cli, config, run, n: int, epochs: int) -> dict:
     result = run_cli("train", CONFIGS / config, "--run-dir", run, "--epochs", epochs, "--threads", n,
                      "--quiet")
