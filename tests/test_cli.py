@@ -233,6 +233,28 @@ def test_doctor_reports_the_backend(run_cli):
     assert info["gemm_gflops"] > 0 and info["compiled_modules"] > 0
 
 
+def test_doctor_names_openblas_kernels_and_a_forced_coretype(monkeypatch):
+    """The kernels OpenBLAS runs, as it reports them, and the variable when it forces them: a
+    forced older core halves netbuild's matrix products (README, Speed)."""
+    import ctypes
+    from pathlib import Path
+
+    import scipy_openblas32
+
+    from netbuild import backend
+
+    lib = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir())
+                          / f"lib{scipy_openblas32.get_library()}.so"))
+    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+    core = lib.scipy_openblas_get_corename().decode()
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert backend.blas_core() == f"{core} (OPENBLAS_CORETYPE=Haswell)"
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert backend.blas_core() == core
+    monkeypatch.setattr(backend, "_blas_source", "user (PYTENSOR_FLAGS or .pytensorrc)")
+    assert backend.blas_core() == "-"
+
+
 @pytest.mark.parametrize("args", [["eval", "runs/x", "--fail-under", "a\nb"],
                                   ["sweep", str(MLP), "--grid", "x\ny"],
                                   ["train", str(MLP), "--epochs", "1\n2"]],
