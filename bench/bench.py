@@ -68,13 +68,13 @@ MEMORY_TARGET_GB = 2.5
 
 
 # -- workers: one process per tool, driven over stdin/stdout --------------------------------------
-def _serve(epoch) -> None:
-    """Answer ``epoch K`` lines with ``{"samples_per_second": ...}`` until ``quit``."""
+def _serve(answer) -> None:
+    """Answer ``epoch K`` lines with ``answer(K)`` (a dict, as one JSON line) until ``quit``."""
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "quit":
             return
-        print(json.dumps({"samples_per_second": epoch(int(words[1]))}), flush=True)
+        print(json.dumps(answer(int(words[1]))), flush=True)
 
 
 def netbuild_trainer(model, workdir: Path, optimizer: str = "adam"):
@@ -113,7 +113,7 @@ def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs:
     print(json.dumps({"ready": True, "threads": threads.resolve()}), flush=True)
     try:
         with frozen_garbage():  # as Trainer.run, which `netbuild train` calls
-            _serve(lambda k: trainer.run_epoch(k)["samples_per_second"])
+            _serve(lambda k: {"samples_per_second": trainer.run_epoch(k)["samples_per_second"]})
     finally:
         trainer.run_dir.unlock()
 
@@ -166,20 +166,14 @@ def _torch_worker(model, optimizer: str, threads: int | None, params: Path) -> N
         run = TorchRun(model, dict(values), optimizer, dict(orders))
     run.epoch(1)  # warm-up
     print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
-    _serve(run.epoch)
+    _serve(lambda k: {"samples_per_second": run.epoch(k)})
 
 
 def _bound_worker(model) -> None:
     products = StepProducts(model)
     products.epoch(1)
     print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "quit":
-            return
-        k = int(words[1])
-        print(json.dumps({"samples_per_second": products.epoch(k), "hot": hot_products(model)}),
-              flush=True)
+    _serve(lambda k: {"samples_per_second": products.epoch(k), "hot": hot_products(model)})
 
 
 class Worker:
@@ -409,55 +403,49 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def measure(model_name: str, optimizer: str, settings: list[str], rounds: int, workdir: Path,
-            with_bound: bool) -> list[dict]:
-    """One model and optimizer in ``settings``: a netbuild and a PyTorch worker per setting, all
-    started first, then rounds of one epoch each, in turn (this machine's speed drifts: each ratio
-    pairs epochs of the same round). ``main`` passes one setting at a time: with a 1-thread
-    netbuild worker alternating beside it, a 2-thread netbuild worker trained the CNN 1.3x slower
-    than alone or beside a PyTorch worker, which a user's single run never sees."""
-    workers = {}
+def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir: Path,
+            with_bound: bool) -> dict:
+    """One model, optimizer and setting: a netbuild and a PyTorch worker (and, on one thread with
+    ``with_bound``, the bound's), then rounds of one epoch each, in turn (this machine's speed
+    drifts: each ratio pairs epochs of the same round). Settings run one after another, not
+    interleaved: with a 1-thread netbuild worker alternating beside it, a 2-thread netbuild worker
+    trained the CNN 1.3x slower than alone or beside a PyTorch worker, which a user's single run
+    never sees."""
+    threads = SETTINGS[setting]
+    wd = workdir / f"{model_name}-{optimizer}-{threads or 'default'}"
+    params = wd / "params.npz"
+    workers = []
     try:
-        for setting in settings:
-            threads = SETTINGS[setting]
-            wd = workdir / f"{model_name}-{optimizer}-{threads or 'default'}"
-            params = wd / "params.npz"
-            nb = Worker("netbuild", model_name, optimizer, threads, wd, params, rounds + 1)
-            th = Worker("torch", model_name, optimizer, threads, wd, params, rounds + 1)
-            bound = (Worker("bound", model_name, optimizer, 1, wd, params, rounds + 1)
-                     if with_bound and threads == 1 else None)
-            workers[setting] = (nb, th, bound)
-        epochs = {s: {"netbuild": [], "torch": [], "bound": [], "hot": []} for s in settings}
+        nb = Worker("netbuild", model_name, optimizer, threads, wd, params, rounds + 1)
+        workers.append(nb)
+        th = Worker("torch", model_name, optimizer, threads, wd, params, rounds + 1)
+        workers.append(th)
+        bound = None
+        if with_bound and threads == 1:
+            bound = Worker("bound", model_name, optimizer, 1, wd, params, rounds + 1)
+            workers.append(bound)
+        e = {"netbuild": [], "torch": [], "bound": [], "hot": []}
         for r in range(rounds):
-            for setting, (nb, th, bound) in workers.items():
-                # who goes first alternates: neither always follows the other
-                for tool, w in (("netbuild", nb), ("torch", th))[::1 if r % 2 == 0 else -1]:
-                    epochs[setting][tool].append(w.epoch(r + 2)["samples_per_second"])
-                if bound:
-                    b = bound.epoch(r + 2)
-                    epochs[setting]["bound"].append(b["samples_per_second"])
-                    epochs[setting]["hot"].append(b["hot"])
+            # who goes first alternates: neither always follows the other
+            for tool, w in (("netbuild", nb), ("torch", th))[::1 if r % 2 == 0 else -1]:
+                e[tool].append(w.epoch(r + 2)["samples_per_second"])
+            if bound:
+                b = bound.epoch(r + 2)
+                e["bound"].append(b["samples_per_second"])
+                e["hot"].append(b["hot"])
     finally:
-        for trio in workers.values():
-            for w in trio:
-                if w:
-                    w.close()
-    results = []
-    for setting, (nb, th, bound) in workers.items():
-        e = epochs[setting]
-        result = {"model": model_name, "optimizer": optimizer, "setting": setting,
-                  "netbuild_threads": nb.ready["threads"], "torch_threads": th.ready["threads"],
-                  "netbuild": statistics.median(e["netbuild"]),
-                  "torch": statistics.median(e["torch"]),
-                  "ratio": statistics.median(n / t for n, t in zip(e["netbuild"], e["torch"])),
-                  "netbuild_all": e["netbuild"], "torch_all": e["torch"]}
-        if bound:
-            result.update(bound=statistics.median(e["bound"]), hot=statistics.median(e["hot"]),
-                          of_bound=statistics.median(n / b for n, b in zip(e["netbuild"],
-                                                                           e["bound"])),
-                          bound_all=e["bound"])
-        results.append(result)
-    return results
+        for w in workers:
+            w.close()
+    result = {"model": model_name, "optimizer": optimizer, "setting": setting,
+              "netbuild_threads": nb.ready["threads"], "torch_threads": th.ready["threads"],
+              "netbuild": statistics.median(e["netbuild"]), "torch": statistics.median(e["torch"]),
+              "ratio": statistics.median(n / t for n, t in zip(e["netbuild"], e["torch"])),
+              "netbuild_all": e["netbuild"], "torch_all": e["torch"]}
+    if bound:
+        result.update(bound=statistics.median(e["bound"]), hot=statistics.median(e["hot"]),
+                      of_bound=statistics.median(n / b for n, b in zip(e["netbuild"], e["bound"])),
+                      bound_all=e["bound"])
+    return result
 
 
 def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memory: dict | None,
@@ -585,7 +573,7 @@ def main() -> None:
                 with_bound = name == "mlp" and optimizer == "adam" and not args.no_bound
                 by_setting = {}
                 for setting in args.settings.split(","):
-                    (row,) = measure(name, optimizer, [setting], args.rounds, tmp, with_bound)
+                    row = measure(name, optimizer, setting, args.rounds, tmp, with_bound)
                     print(f"{name}, {optimizer}, {setting} (threads {row['netbuild_threads']}, "
                           f"{row['torch_threads']}): netbuild {row['netbuild']:,.0f}/s, torch "
                           f"{row['torch']:,.0f}/s, ratio {row['ratio']:.2f}", flush=True)

@@ -176,20 +176,16 @@ def blas_core() -> str:
     """The kernels scipy-openblas32 runs on this CPU (OpenBLAS's core name, e.g. ``SkylakeX``),
     with ``OPENBLAS_CORETYPE`` when the environment forces them; ``-`` when netbuild computes with
     another BLAS (the user's ``blas__ldflags``) or none."""
-    if _blas_source != "scipy-openblas32":
-        return "-"
-    try:
-        import ctypes
+    import ctypes
 
-        import scipy_openblas32
+    from . import threads
 
-        lib = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir())
-                              / f"lib{scipy_openblas32.get_library()}.so"))
-        corename = lib.scipy_openblas_get_corename
-        corename.restype = ctypes.c_char_p
-        core = corename().decode()
-    except (ImportError, OSError, AttributeError):
+    lib = threads.openblas()
+    if _blas_source != "scipy-openblas32" or lib is None:
         return "-"
+    corename = lib.scipy_openblas_get_corename
+    corename.restype = ctypes.c_char_p
+    core = corename().decode()
     forced = os.environ.get("OPENBLAS_CORETYPE")
     return f"{core} (OPENBLAS_CORETYPE={forced})" if forced else core
 

@@ -140,6 +140,11 @@ def _load_gomp():
     return _gomp or None
 
 
+def openblas():
+    """The bundled scipy-openblas32 library, loaded once (globally), or None without it."""
+    return _load_openblas()
+
+
 def _load_openblas():
     global _openblas
     if _openblas is None:

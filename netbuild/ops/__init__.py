@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from pathlib import Path
 
 from pytensor.link.c.op import ExternalCOp
@@ -49,17 +48,6 @@ def _load(files: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
     holder.func_codes, holder.code_sections = [], {}
     ExternalCOp.load_c_code(holder, [HERE / f for f in files])
     return tuple(holder.func_codes), holder.code_sections
-
-
-def _define(name: str) -> int:
-    """An integer ``#define`` of ``netbuild.c``."""
-    text = _load(("netbuild.c",))[0][0]
-    return int(re.search(rf"^#define {name} (\d+)$", text, re.MULTILINE).group(1))
-
-
-#: The most slices a batch is cut into (``NETBUILD_SLICES`` of ``netbuild.c``): more threads than
-#: this gain nothing on a weight gradient.
-SLICES = _define("NETBUILD_SLICES")
 
 
 class NetbuildCOp(ExternalCOp):
@@ -160,8 +148,8 @@ class CCall:
     Statements run in the order they are added, each only while no error is set (``err_``):
     :meth:`check` and :meth:`check_shape` raise a ValueError naming the op; :meth:`input` makes
     an input C-contiguous; :meth:`output` allocates an output (or keeps last call's);
-    :meth:`scratch` grows the node's scratch buffer; :meth:`run` runs the kernel without the GIL
-    (a nonzero result of the kernel is an error already set). :meth:`code` closes the block:
+    :meth:`scratch` grows the node's scratch buffer; :meth:`run` runs the kernel without the GIL.
+    :meth:`code` closes the block:
     the contiguous copies are released and a failure jumps to PyTensor's ``fail``.
     """
 
@@ -219,11 +207,9 @@ class CCall:
                      f"(size_t)({nbytes})); if (!s_) err_ = 1;")
         return "s_"
 
-    def run(self, call: str, returns: bool = False) -> "CCall":
-        """``call`` without the GIL; with ``returns``, a nonzero result is a failure with the
-        Python error already set by the code after it (see :meth:`line`)."""
-        body = f"err_ = ({call});" if returns else f"{call};"
-        return self.when_ok(f"Py_BEGIN_ALLOW_THREADS {body} Py_END_ALLOW_THREADS")
+    def run(self, call: str) -> "CCall":
+        """``call`` without the GIL."""
+        return self.when_ok(f"Py_BEGIN_ALLOW_THREADS {call}; Py_END_ALLOW_THREADS")
 
     def code(self) -> str:
         n = max(len(self._inputs), 1)

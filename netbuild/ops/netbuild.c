@@ -19,8 +19,8 @@ static inline int netbuild_threads(void) { return 1; }
 static inline int netbuild_thread(void) { return 0; }
 #endif
 
-/* The most slices a batch is cut into: more threads than this gain nothing on a weight gradient
-   (netbuild.ops.SLICES reads it from here). */
+/* The most slices a batch is cut into: more threads than this gain nothing on a weight
+   gradient. */
 #define NETBUILD_SLICES 16
 
 /* A fixed cut of n items (a batch) into at most NETBUILD_SLICES slices of consecutive items, a
