@@ -100,12 +100,19 @@ static inline bool max2x2_grad_row(const T* __restrict__ r0, const T* __restrict
     return bad;
 }
 
+// Threads for a loop over planes of hw inputs each: one per POOL_PER_PART inputs at most. Waking
+// a thread costs more than pooling a few thousand values (a batch of one 8x8 image's channels).
+static const npy_intp POOL_PER_PART = 16384;
+static inline int pool_threads(npy_intp planes, npy_intp hw) {
+    return netbuild_parts(planes, netbuild_threads(), hw > 0 ? (POOL_PER_PART + hw - 1) / hw : 1);
+}
+
 // y (planes, OH, OW) from x (planes, H, W); mode 0: max, 1: average of the inputs covered.
 template <typename T>
 __attribute__((noinline)) static void forward(int mode, npy_intp planes, const T* __restrict__ x,
                                               T* __restrict__ y, const Geom& g) {
     const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
-    const int nt = netbuild_threads();
+    const int nt = pool_threads(planes, HW);
     if (mode == 0 && tiles2x2(g)) {
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (npy_intp p = 0; p < planes; ++p) {
@@ -146,7 +153,7 @@ __attribute__((noinline)) static void backward(int mode, npy_intp planes, const 
                                                const T* __restrict__ dy, T* __restrict__ dx,
                                                const Geom& g) {
     const npy_intp HW = g.H * g.W, P = g.OH * g.OW;
-    const int nt = netbuild_threads();
+    const int nt = pool_threads(planes, HW);
     if (mode == 0 && tiles2x2(g)) {
         // every element of dx written once, no zeroing pass
         #pragma omp parallel for num_threads(nt) schedule(static)
