@@ -7,12 +7,12 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-sweep clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -46,6 +46,11 @@ bench: $(STAMP)
 # one process (bench/RESULTS-threads.md, about 3 minutes).
 bench-threads: $(STAMP)
 	$(BIN)/python bench/threads.py
+
+# The shipped digits CNN exported to ONNX: onnxruntime against `netbuild predict` at batch 1 and
+# 256, each at its default threads and on one (bench/RESULTS-onnx.md, about a minute).
+bench-onnx: $(STAMP)
+	$(BIN)/python bench/export.py
 
 # Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
 bench-sweep: $(STAMP)

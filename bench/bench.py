@@ -81,9 +81,9 @@ def netbuild_trainer(model, workdir: Path, optimizer: str = "adam"):
     """A Trainer for ``model`` on synthetic data in ``workdir`` (compiled: the cache may be warm)."""
     import numpy as np
 
-    from netbuild.check import load_spec
     from netbuild.runs import RunDir
-    from netbuild.train import Trainer
+    from netbuild.spec import load_spec
+    from netbuild.training import Trainer
 
     x, y = model.data()
     np.savez(workdir / f"{model.name}.npz", x=x, y=y)
@@ -91,7 +91,7 @@ def netbuild_trainer(model, workdir: Path, optimizer: str = "adam"):
     spec_file.write_text(model.spec_text(f"{model.name}.npz", epochs=1000, optimizer=optimizer))
     run = RunDir(workdir / f"run-{model.name}-{optimizer}")
     run.create()
-    return Trainer(load_spec(str(spec_file)), run)
+    return Trainer.prepare(load_spec(str(spec_file)), run)
 
 
 def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs: int) -> None:
@@ -102,7 +102,7 @@ def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs:
 
     from netbuild import threads
     from netbuild.data import epoch_order
-    from netbuild.train import frozen_garbage
+    from netbuild.training import frozen_garbage
 
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = netbuild_trainer(model, workdir, optimizer)

@@ -28,7 +28,7 @@ from bench import netbuild_trainer  # noqa: E402
 from models import MODELS, OPTIMIZERS  # noqa: E402
 
 from netbuild import backend, threads  # noqa: E402
-from netbuild.train import frozen_garbage  # noqa: E402
+from netbuild.training import frozen_garbage  # noqa: E402
 
 
 def gain(name: str, optimizer: str, rounds: int, workdir: Path) -> dict:

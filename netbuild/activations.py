@@ -45,12 +45,12 @@ def elu(x, alpha: float = 1.0, **_):
     return pt.switch(x > 0, x, alpha * pt.expm1(pt.minimum(x, 0.0)))
 
 
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 
 
 def selu(x, **_):
-    return _SELU_SCALE * elu(x, alpha=_SELU_ALPHA)
+    return SELU_SCALE * elu(x, alpha=SELU_ALPHA)
 
 
 def gelu(x, **_):

@@ -1,27 +1,106 @@
-"""``netbuild check``'s work: load, override and validate a spec, infer shapes, check the data."""
+"""Everything that can be checked before anything compiles, for ``netbuild check``, ``train``,
+``sweep`` and the Python API alike: the spec's wiring and shapes, what the schema cannot say about
+its training section, the memory training would need, and its data against the network.
+
+Each raises located errors, all of a stage's problems at once.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+
+from . import data, losses
+from . import metrics as metrics_mod
+from .errors import SpecError
 from .network import Network
-from .spec import Spec, apply_overrides, load_file, validate
+from .spec import Spec
 
 
-def load_spec(path: str, overrides=()) -> Spec:
-    """Load a spec file, apply ``--set`` overrides and validate it (defaults filled)."""
-    return validate(apply_overrides(load_file(path), overrides))
-
-
-def check(path: str, overrides=(), with_data: bool = True) -> tuple[Spec, Network]:
-    """Everything that can be checked before compiling; raises located errors, all at once
-    within each stage (spec, shapes, data)."""
-    from . import data
-    from .train import check_training, load_datasets
-
-    spec = load_spec(path, overrides)
+def check(spec: Spec, with_data: bool = True) -> Network:
+    """Check a validated spec: wiring and shapes, then training, then (``with_data``) every data
+    file it names. Returns the network, without parameters."""
     network = Network.from_spec(spec, init=False)
     check_training(spec, network)
     if with_data:
-        load_datasets(spec, network)
-        if spec.data["data"].get("test"):
-            data.load(spec, "test", network)
-    return spec, network
+        check_data(spec, network)
+    return network
+
+
+def check_data(spec: Spec, network: Network) -> None:
+    """Load and check the training, validation and test data against the network."""
+    data.load_datasets(spec, network)
+    if spec.data["data"].get("test"):
+        data.load(spec, "test", network)
+
+
+def default_monitor(has_validation: bool) -> str:
+    return "val_loss" if has_validation else "loss"
+
+
+def recorded(names: list[str], has_validation: bool) -> list[str]:
+    """The keys an epoch's record holds that a monitor can watch."""
+    return ["loss"] + names + (["val_loss"] + [f"val_{n}" for n in names] if has_validation else [])
+
+
+def has_validation(spec: Spec) -> bool:
+    data = spec.data["data"]
+    return bool(data.get("validation") or data.get("validation_split"))
+
+
+def check_training(spec: Spec, network: Network) -> None:
+    """What the schema cannot say about ``train``: every ``monitor`` names a recorded key,
+    metric names are unique, ``class_weights`` has one weight per class. Raises located errors
+    (before anything is compiled)."""
+    entries = spec.data["train"].get("metrics", [])
+    names = [metrics_mod.metric_name(m) for m in entries]
+    issues = [spec.issue(("train", "metrics", i), f"'{n}' is listed twice; expected each metric once")
+              for i, n in enumerate(names) if n in names[:i]]
+    available = recorded(list(dict.fromkeys(names)), has_validation(spec))
+    for section in ("early_stopping", "checkpoint", "schedule"):
+        name = (spec.data["train"].get(section) or {}).get("monitor")
+        if name is not None and name not in available:
+            issues.append(spec.issue(("train", section, "monitor"),
+                                     f"'{name}' is not recorded by this run; expected one of: "
+                                     f"{', '.join(available)}"))
+    loss = spec.data["train"]["loss"]
+    if not losses.is_classification(loss):
+        issues += [spec.issue(("train", "metrics", i), f"'{n}' scores classes; expected a regression "
+                                                      f"metric (mse, mae, r2) for the loss {losses.name_of(loss)}")
+                   for i, n in enumerate(names) if n in metrics_mod.CLASSIFICATION]
+    weights = loss.get("class_weights") if isinstance(loss, dict) else None
+    if weights is not None:
+        k = losses.n_classes(network.output_shape)
+        if not losses.is_classification(loss):
+            issues.append(spec.issue(("train", "loss", "class_weights"),
+                                     f"class weights need a classification loss; received {loss['type']}"))
+        elif len(weights) != k:
+            issues.append(spec.issue(("train", "loss", "class_weights"),
+                                     f"received {len(weights)} weights; expected {k}, one per class "
+                                     f"of the output layer"))
+    issues += _memory_issues(spec, network)
+    if issues:
+        raise SpecError(issues)
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_issues(spec: Spec, network: Network) -> list:
+    """A spec whose training would not fit in this machine's memory, with the estimate."""
+    limit = physical_memory()
+    batch = int(spec.data["train"]["batch_size"])
+    need = network.memory_estimate(batch)
+    if limit is None or need["total"] <= limit:
+        return []
+    largest = max(network.order, key=lambda n: n.n_params * 5 * 4 + math.prod(n.output_shape) * batch * 8)
+    gib = 2**30
+    return [spec.issue(largest.path, f"training would need about {need['total'] / gib:,.1f} GiB "
+                                     f"(parameters {need['parameters'] / gib:,.1f} GiB, activations "
+                                     f"{need['activations'] / gib:,.1f} GiB at batch_size {batch}); "
+                                     f"expected at most the {limit / gib:,.1f} GiB this machine has "
+                                     f"(layer '{largest.name}' is the largest)")]

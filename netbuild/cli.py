@@ -92,11 +92,11 @@ def cli() -> None:
 @handles_errors
 def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
     """Validate SPEC and its data; print each layer's output shape and parameter count."""
-    from .check import check as run_check
+    from . import api
     from .errors import SpecError, format_path
 
     try:
-        resolved, network = run_check(spec, overrides, with_data=not no_data)
+        summary = api.check(api.load_spec(spec, overrides), data=not no_data)
     except SpecError as exc:
         if fmt != "json":
             raise
@@ -106,14 +106,13 @@ def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
              "column": i.location.column if i.location else None,
              "path": format_path(i.path), "message": i.message} for i in exc.issues]}, indent=2))
         sys.exit(exc.exit_code)
-    rows = network.summary()
     if fmt == "json":
-        click.echo(json.dumps({"ok": True, "name": resolved.data["name"], "layers": rows,
-                               "total_params": network.n_params(),
-                               "output_shape": list(network.output_shape)}, indent=2))
+        click.echo(json.dumps({"ok": True, "name": summary.name, "layers": summary.layers,
+                               "total_params": summary.total_params,
+                               "output_shape": list(summary.output_shape)}, indent=2))
         return
     click.echo(f"{spec}: ok")
-    click.echo(report.layer_table(rows, network.n_params()))
+    click.echo(report.layer_table(summary.layers, summary.total_params))
 
 
 @cli.command()
@@ -135,63 +134,57 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
           resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, threads: int | None) -> None:
     """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
     curves.png into the run directory."""
-    from .check import load_spec
-    from .runs import RunDir
-    from .train import prepare_resume
+    from . import api
 
     if spec is None and resume_dir is None:
         raise click.UsageError("give SPEC, or --resume DIR to continue a run", ctx)
     if resume_dir and (run_dir or overwrite):
         raise click.UsageError("--resume continues its own directory; drop --run-dir/--overwrite", ctx)
     n_threads = _use_threads(threads)
-    resolved = load_spec(spec, overrides) if spec else None
-    target = RunDir(resume_dir or run_dir or Path("runs") / resolved.data["name"])
-    with target:
-        if resume_dir:
-            target.open_existing()
-            resolved, checkpoint = prepare_resume(target, resolved, force)
-        else:
-            target.create(overwrite=overwrite)
-            checkpoint = None
-        _run_training(resolved, target, epochs, checkpoint, quiet, n_threads)
+    resolved = api.load_spec(spec, overrides) if spec else None
+    run = api.train(resolved, resume_dir or run_dir, epochs=epochs, overwrite=overwrite,
+                    resume=bool(resume_dir), force=force,
+                    callbacks=_progress(epochs, quiet, n_threads))
+    say = (lambda *_: None) if quiet else click.echo
+    if run.stopped_early:
+        say(f"early stopping after epoch {run.history[-1]['epoch']}; best epoch {run.best_epoch}")
+    say(f"saved {run.path / 'model.npz'}")
 
 
-def _run_training(resolved, target, epochs, checkpoint, quiet: bool, n_threads: int) -> None:
-    from .train import Callbacks
-    from .train import train as run_training
+def _progress(epochs: int | None, quiet: bool, n_threads: int):
+    """The callbacks that print a training run's progress: a line at the start, a progress line
+    per batch on a terminal (at most ten a second), a line per epoch. ``epochs``: --epochs."""
+    from .training import Callbacks
 
-    total = epochs or int(resolved.data["train"]["epochs"])
     say = (lambda *_: None) if quiet else click.echo
     tty = not quiet and sys.stdout.isatty()
+    state = {"at": 0.0, "total": epochs, "batch_size": 0}
 
-    batch_size = int(resolved.data["train"]["batch_size"])
-    last_update = {"at": 0.0}
+    def started(spec, path: Path) -> None:
+        state["total"] = state["total"] or int(spec.data["train"]["epochs"])
+        state["batch_size"] = int(spec.data["train"]["batch_size"])
+        real = path.resolve()
+        where = f"{path} (resolves to {real})" if real != path.absolute() else str(path)
+        say(f"training {spec.data['name']} into {where} on {n_threads} thread{'s' * (n_threads != 1)}")
+        say("compiling the training function ...")
 
     def batch(epoch: int, i: int, n: int, loss: float, seconds: float) -> None:
         now = time.perf_counter()
-        if not tty or (now - last_update["at"] < 0.1 and i < n):  # at most ten updates a second
+        if not tty or (now - state["at"] < 0.1 and i < n):
             return
-        last_update["at"] = now
-        rate = min(i * batch_size, n * batch_size) / seconds if seconds > 0 else 0.0
-        click.echo("\r" + report.progress_line(epoch, total, i, n, loss, rate), nl=False)
+        state["at"] = now
+        size = state["batch_size"]
+        rate = min(i * size, n * size) / seconds if seconds > 0 else 0.0
+        click.echo("\r" + report.progress_line(epoch, state["total"], i, n, loss, rate), nl=False)
 
     def epoch_done(record: dict) -> None:
         if tty:
             click.echo("\r\033[K", nl=False)
-        say(report.epoch_line(record, total))
+        say(report.epoch_line(record, state["total"]))
 
-    real = target.path.resolve()
-    where = f"{target.path} (resolves to {real})" if real != target.path.absolute() else str(target.path)
-    say(f"training {resolved.data['name']} into {where} on {n_threads} thread{'s' * (n_threads != 1)}")
-    say("compiling the training function ...")
-    result = run_training(resolved, target, epochs=epochs, resume_from=checkpoint, callbacks=Callbacks(
-        compiled=lambda s: say(f"compiled in {s:.1f} s"),
-        batch=batch,
-        epoch=epoch_done,
-        resumed=lambda e: say(f"resumed after epoch {e} of {total}")))
-    if result.stopped_early:
-        say(f"early stopping after epoch {result.history[-1]['epoch']}; best epoch {result.best_epoch}")
-    say(f"saved {target.path / 'model.npz'}")
+    return Callbacks(started=started, compiled=lambda s: say(f"compiled in {s:.1f} s"), batch=batch,
+                     epoch=epoch_done,
+                     resumed=lambda e: say(f"resumed after epoch {e} of {state['total']}"))
 
 
 def _threshold(ctx, param, values) -> list[tuple[str, float]]:
@@ -262,6 +255,34 @@ def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads:
     _use_threads(threads)
     result = run_predict(model, data_file, out_file, overwrite)
     click.echo(f"wrote {result['out']}: y of shape {report.shape(result['output_shape'])}")
+
+
+def _opset_range():
+    from .export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+    return DEFAULT_OPSET, click.IntRange(MIN_OPSET, MAX_OPSET)
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX file to write, e.g. model.onnx.")
+@click.option("--opset", type=_opset_range()[1], default=_opset_range()[0], show_default=True,
+              help="The ONNX opset to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@threads_option
+@handles_errors
+def export(model: str, out_file: str, opset: int, overwrite: bool, threads: int | None) -> None:
+    """Write MODEL (a run directory or model.npz) as an ONNX graph: input x, output y, what
+    `netbuild predict` writes. Checked by onnx.checker and compared with netbuild's outputs in
+    onnxruntime before it is written."""
+    from .evaluate import export as run_export
+
+    _use_threads(threads)
+    done = run_export(model, out_file, opset, overwrite)
+    click.echo(f"wrote {done.path}: ONNX opset {done.opset}, {done.nodes} nodes, "
+               f"{done.bytes / 2**20:,.2f} MiB; onnxruntime matches netbuild on "
+               f"{done.examples_checked} random inputs (largest difference {done.max_difference:.1e})")
 
 
 @cli.command()

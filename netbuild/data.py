@@ -75,6 +75,12 @@ class _Reporter:
         return SpecError(Issue(self.where, self.path, what + message))
 
 
+def reporter(name: str) -> _Reporter:
+    """Errors about an array handed over directly (the Python API's ``x`` and ``y``): a
+    :class:`DataError` whose message starts with ``name``."""
+    return _Reporter(None, (), name)
+
+
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -354,6 +360,28 @@ def load_inputs(file: str | Path, spec: Spec, network: Network) -> np.ndarray:
     return prepare_x(x, network, report, x_key)
 
 
+@dataclass
+class Datasets:
+    """What training reads: the training data and the validation data (or None)."""
+
+    train: Dataset
+    validation: Dataset | None = None
+
+
+def load_datasets(spec: Spec, network: Network) -> Datasets:
+    """The training data and the validation data (a file, a split, or none)."""
+    cfg = spec.data["data"]
+    train = load(spec, "train", network)
+    if cfg.get("validation"):
+        return Datasets(train, load(spec, "validation", network))
+    fraction = float(cfg.get("validation_split", 0.0))
+    try:
+        train, validation = split(train, fraction, int(spec.data.get("seed", 0)))
+    except ValueError as exc:
+        raise spec.error(("data", "validation_split"), str(exc)) from None
+    return Datasets(train, validation)
+
+
 def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """A seeded random ``fraction`` of ``data`` held out: ``(train, validation)``."""
     if not fraction:
@@ -372,6 +400,16 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
     idx = np.arange(n) if order is None else order
     for start in range(0, n, batch_size):
         yield idx[start:start + batch_size]
+
+
+def run_batches(fn, dataset: Dataset, batch_size: int) -> tuple[float, np.ndarray]:
+    """Mean loss and all outputs of ``fn(x, y) -> (per-example loss, outputs)`` over a dataset."""
+    total, outputs = 0.0, []
+    for idx in batches(len(dataset), batch_size):
+        per_example, out = fn(dataset.x[idx], dataset.y[idx])
+        total += float(np.sum(per_example))
+        outputs.append(out)
+    return total / len(dataset), np.concatenate(outputs)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -112,6 +112,21 @@ class RunError(NetbuildError):
     """A problem with a run directory or a model file."""
 
 
+class UsageError(NetbuildError):
+    """A call that cannot be taken as given (arguments that contradict each other, a value out
+    of range): exit code 2, as a command-line usage error."""
+
+    exit_code = 2
+
+
+class MissingExtra(NetbuildError):
+    """A command needs an optional dependency that is not installed: says what to install."""
+
+    def __init__(self, extra: str, modules: str, needed_by: str):
+        super().__init__(f"{needed_by} needs {modules}, which are not installed; install them "
+                         f"with: pip install 'netbuild[{extra}]'")
+
+
 class ThresholdError(NetbuildError):
     """A quality gate (``eval --fail-under``) was not met: exit code 3."""
 

@@ -80,6 +80,98 @@ def _topological(nodes: dict[str, Node]) -> tuple[list[Node], list[Node]]:
     return order, sorted((nodes[n] for n in left), key=lambda node: node.index)
 
 
+def _named_nodes(spec: Spec) -> tuple[dict[str, Node], list[str]]:
+    """One node per layer, named (``name`` or ``<type>_<index>``) and reading its ``inputs``
+    (default: the previous layer). Raises for reserved and duplicate names."""
+    issues: list[Issue] = []
+    nodes: dict[str, Node] = {}
+    names: list[str] = []
+    for i, cfg in enumerate(spec.data["model"]["layers"]):
+        name = cfg.get("name") or f"{cfg['type']}_{i}"
+        path = ("model", "layers", i)
+        if name == INPUT:
+            issues.append(spec.issue(path + ("name",), f"'{INPUT}' names the model's input; "
+                                                      "expected another layer name"))
+        elif name in nodes:
+            first = nodes[name].index
+            issues.append(spec.issue(path + ("name",) if "name" in cfg else path,
+                                     f"duplicate layer name '{name}' (also layer {first}); "
+                                     "expected unique names"))
+        inputs = list(cfg["inputs"]) if "inputs" in cfg else [names[-1] if names else INPUT]
+        nodes.setdefault(name, Node(LAYERS[cfg["type"]](name, cfg), i, inputs))
+        names.append(name)
+    if issues:
+        raise SpecError(issues)
+    return nodes, names
+
+
+def _check_wiring(spec: Spec, nodes: dict[str, Node], names: list[str]) -> None:
+    """Every input names a layer (or the model's input) other than the reader, and each layer
+    has as many inputs as its type takes."""
+    issues: list[Issue] = []
+    known = set(nodes) | {INPUT}
+    for node in nodes.values():
+        cfg = spec.data["model"]["layers"][node.index]
+        for j, ref in enumerate(node.inputs):
+            if ref not in known:
+                others = [n for n in names_in_order(nodes) if n != node.name]
+                issues.append(spec.issue(node.path + ("inputs", j),
+                                         f"unknown layer '{ref}'{did_you_mean(ref, others)}; "
+                                         f"expected one of: {', '.join(others)}"))
+            elif ref == node.name:
+                issues.append(spec.issue(node.path + ("inputs", j),
+                                         f"layer '{ref}' cannot read its own output"))
+        lo, hi = type(node.layer).min_inputs, type(node.layer).max_inputs
+        n = len(node.inputs)
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            where = node.path + ("inputs",) if "inputs" in cfg else node.path
+            issues.append(spec.issue(where, f"'{node.layer.type}' takes {want} "
+                                            f"input{'s' if want != '1' else ''}; received {n}"))
+    if issues:
+        raise SpecError(issues)
+
+
+def _ordered(spec: Spec, nodes: dict[str, Node]) -> list[Node]:
+    """The nodes in topological order; raises naming every layer of a cycle."""
+    order, cyclic = _topological(nodes)
+    if cyclic:
+        ring = " -> ".join([n.name for n in cyclic] + [cyclic[0].name])
+        raise SpecError([spec.issue(n.path + ("inputs",), f"layers form a cycle ({ring}); "
+                                                          "expected each layer to read only "
+                                                          "earlier results")
+                         for n in cyclic])
+    return order
+
+
+def _infer_shapes(spec: Spec, order: list[Node], input_shape: tuple) -> None:
+    """Each node's input and output shapes and parameter specs, from the layers' pure shape
+    maths; a layer reading a broken one is skipped, so each mistake is reported once."""
+    issues: list[Issue] = []
+    shapes = {INPUT: input_shape}
+    broken: set[str] = set()
+    for node in order:
+        if any(i in broken for i in node.inputs):
+            broken.add(node.name)
+            continue
+        node.input_shapes = [shapes[i] for i in node.inputs]
+        try:
+            node.output_shape = tuple(int(d) for d in node.layer.output_shape(node.input_shapes))
+            if any(d < 1 for d in node.output_shape):
+                raise LayerError(f"the output shape would be {node.output_shape}, which has an "
+                                 f"empty axis; the input shape is {_fmt_inputs(node.input_shapes)}")
+            node.param_specs = node.layer.param_specs(node.input_shapes)
+        except LayerError as exc:
+            cfg = spec.data["model"]["layers"][node.index]
+            where = node.path + (exc.key,) if exc.key and exc.key in cfg else node.path
+            issues.append(spec.issue(where, f"layer '{node.name}': {exc}"))
+            broken.add(node.name)
+            continue
+        shapes[node.name] = node.output_shape
+    if issues:
+        raise SpecError(issues)
+
+
 class Network:
     """Layers in topological order with static shapes and their parameters.
 
@@ -97,85 +189,17 @@ class Network:
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: Spec, init: bool = True) -> "Network":
-        """Wire, order and shape the layers of a validated spec; create the parameters.
+        """Name and wire the layers of a validated spec, order them, infer their shapes; create
+        the parameters (with ``init=False`` they are not: ``netbuild check`` needs only the shapes).
 
-        Raises :class:`SpecError` naming every layer at fault. With ``init=False`` the
-        parameters are not created (``netbuild check`` needs only the shapes).
+        Raises :class:`SpecError` naming every layer at fault, a stage at a time.
         """
-        model = spec.data["model"]
-        input_shape = tuple(model["input_shape"])
-        issues: list[Issue] = []
-        nodes: dict[str, Node] = {}
-        names: list[str] = []
-        for i, cfg in enumerate(model["layers"]):
-            name = cfg.get("name") or f"{cfg['type']}_{i}"
-            path = ("model", "layers", i)
-            if name == INPUT:
-                issues.append(spec.issue(path + ("name",), f"'{INPUT}' names the model's input; "
-                                                          "expected another layer name"))
-            elif name in nodes:
-                first = nodes[name].index
-                issues.append(spec.issue(path + ("name",) if "name" in cfg else path,
-                                         f"duplicate layer name '{name}' (also layer {first}); "
-                                         "expected unique names"))
-            inputs = list(cfg["inputs"]) if "inputs" in cfg else [names[-1] if names else INPUT]
-            layer = LAYERS[cfg["type"]](name, cfg)
-            nodes.setdefault(name, Node(layer, i, inputs))
-            names.append(name)
-        known = set(nodes) | {INPUT}
-        for node in nodes.values():
-            cfg = model["layers"][node.index]
-            for j, ref in enumerate(node.inputs):
-                if ref not in known:
-                    others = [n for n in names_in_order(nodes) if n != node.name]
-                    issues.append(spec.issue(node.path + ("inputs", j),
-                                             f"unknown layer '{ref}'{did_you_mean(ref, others)}; "
-                                             f"expected one of: {', '.join(others)}"))
-                elif ref == node.name:
-                    issues.append(spec.issue(node.path + ("inputs", j),
-                                             f"layer '{ref}' cannot read its own output"))
-            lo, hi = type(node.layer).min_inputs, type(node.layer).max_inputs
-            n = len(node.inputs)
-            if n < lo or (hi is not None and n > hi):
-                want = f"{lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-                where = node.path + ("inputs",) if "inputs" in cfg else node.path
-                issues.append(spec.issue(where, f"'{node.layer.type}' takes {want} "
-                                                f"input{'s' if want != '1' else ''}; received {n}"))
-        if issues:
-            raise SpecError(issues)
-
-        order, cyclic = _topological(nodes)
-        if cyclic:
-            ring = " -> ".join([n.name for n in cyclic] + [cyclic[0].name])
-            raise SpecError([spec.issue(n.path + ("inputs",), f"layers form a cycle ({ring}); "
-                                                              "expected each layer to read only "
-                                                              "earlier results")
-                             for n in cyclic])
-        shapes = {INPUT: input_shape}
-        broken: set[str] = set()
-        for node in order:
-            if any(i in broken for i in node.inputs):
-                broken.add(node.name)
-                continue
-            node.input_shapes = [shapes[i] for i in node.inputs]
-            try:
-                node.output_shape = tuple(int(d) for d in node.layer.output_shape(node.input_shapes))
-                if any(d < 1 for d in node.output_shape):
-                    raise LayerError(f"the output shape would be {node.output_shape}, which has an "
-                                     f"empty axis; the input shape is {_fmt_inputs(node.input_shapes)}")
-                node.param_specs = node.layer.param_specs(node.input_shapes)
-            except LayerError as exc:
-                where = node.path + (exc.key,) if exc.key and exc.key in model["layers"][node.index] \
-                    else node.path
-                issues.append(spec.issue(where, f"layer '{node.name}': {exc}"))
-                broken.add(node.name)
-                continue
-            shapes[node.name] = node.output_shape
-        if issues:
-            raise SpecError(issues)
-
-        output = names[-1]
-        net = cls(spec, input_shape, order, output)
+        nodes, names = _named_nodes(spec)
+        _check_wiring(spec, nodes, names)
+        order = _ordered(spec, nodes)
+        input_shape = tuple(spec.data["model"]["input_shape"])
+        _infer_shapes(spec, order, input_shape)
+        net = cls(spec, input_shape, order, output=names[-1])
         if init:
             net.init_params(int(spec.data.get("seed", 0)))
         return net

@@ -7,7 +7,7 @@ of them drawn without replacement with a seed. Each point is the spec with its o
 point is validated (schema, shapes, training options, data) before anything runs, and a bad
 value is reported where it was given, with the point named.
 
-Each point trains through :func:`netbuild.train.train` into its own run directory,
+Each point trains through :func:`netbuild.training.train` into its own run directory,
 ``<sweep dir>/<point id>``, as one task on ``dask.distributed``: a ``LocalCluster`` of worker
 processes that the command starts and stops, or the workers of a running scheduler. A task never
 raises for a user's mistake or a diverging run: it returns a record with the status ``failed``
@@ -343,20 +343,15 @@ def _set_value(spec: Spec, axis: Axis, value: Any, where: Location) -> None:
 def _check_point(spec: Spec, data_checked: set) -> Spec:
     """Everything ``netbuild check`` checks, for one point's spec; returns the validated spec
     (defaults filled). Raises located errors."""
-    from . import data
-    from .network import Network
-    from .train import check_training, load_datasets
+    from .checks import check, check_data
 
     resolved = validate(spec)
-    network = Network.from_spec(resolved, init=False)
-    check_training(resolved, network)
+    network = check(resolved, with_data=False)
     # The data checks depend on the data files, the model and the loss alone: once per kind.
     key = _canonical([{k: v for k, v in resolved.data.items() if k != "train"},
                       resolved.data["train"]["loss"], str(resolved.base_dir)])
     if key not in data_checked:
-        load_datasets(resolved, network)
-        if resolved.data["data"].get("test"):
-            data.load(resolved, "test", network)
+        check_data(resolved, network)
         data_checked.add(key)
     return resolved
 
@@ -371,7 +366,7 @@ def plan(spec_file: str, grid: tuple | list = (), overrides: tuple | list = (), 
     malformed argument and located :class:`SpecError` / :class:`SweepError` for everything else;
     a problem found at several points is reported once, naming the first of them.
     """
-    from .train import default_monitor, has_validation
+    from .checks import default_monitor, has_validation
 
     raw = load_file(spec_file)
     if not isinstance(raw.data, dict):
@@ -446,7 +441,7 @@ def _problem_lines(problems: dict[str, list]) -> list[str]:
 
 
 def _check_monitor(name: str, given: str | None, base: Spec, points: list[Point], specs: dict) -> None:
-    from .train import has_validation, recorded
+    from .checks import has_validation, recorded
 
     for point in points:
         spec = specs[point.id]
@@ -596,8 +591,8 @@ def run_point(task: Task) -> dict:
     a diverging run, a cancelled sweep or a bug is a record with its status and message, never an
     exception, so that the other points go on."""
     from .runs import RunDir
-    from .train import Callbacks as TrainCallbacks
-    from .train import train
+    from .training import Callbacks as TrainCallbacks
+    from .training import train
 
     status, message = DONE, ""
     with _ONE_POINT_AT_A_TIME, warnings.catch_warnings():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,21 +23,16 @@ import numpy as np
 from . import data as data_mod
 from . import metrics as metrics_mod
 from . import schedules
-from .compile import compile_eval, compile_train
-from .errors import NetbuildError, RunError, SpecError
+from .checks import check, default_monitor
+from .compile import TrainFunctions, compile_eval, compile_train
+from .errors import NetbuildError, RunError
 from .network import Network
 from .runs import Checkpoint, RunDir
-from .spec import Spec
+from .spec import Spec, load_spec
 
 
 class TrainingDiverged(NetbuildError):
     """The loss became NaN or infinite; training stopped at that batch."""
-
-
-@dataclass
-class Datasets:
-    train: data_mod.Dataset
-    validation: data_mod.Dataset | None = None
 
 
 @dataclass
@@ -51,36 +46,14 @@ class TrainResult:
 
 @dataclass
 class Callbacks:
-    """What the caller hears: the compile time, each batch, each finished epoch."""
+    """What the caller hears: the start (the spec and the run directory, before anything
+    compiles), the compile time, each batch, each finished epoch, a resume."""
 
+    started: Callable[[Spec, Path], None] = lambda spec, path: None
     compiled: Callable[[float], None] = lambda seconds: None
     batch: Callable[[int, int, int, float, float], None] = lambda epoch, i, n, loss, seconds: None
     epoch: Callable[[dict], None] = lambda record: None
     resumed: Callable[[int], None] = lambda epoch: None
-
-
-def load_datasets(spec: Spec, network: Network) -> Datasets:
-    """The training data and the validation data (a file, a split, or none)."""
-    cfg = spec.data["data"]
-    train = data_mod.load(spec, "train", network)
-    if cfg.get("validation"):
-        return Datasets(train, data_mod.load(spec, "validation", network))
-    fraction = float(cfg.get("validation_split", 0.0))
-    try:
-        train, validation = data_mod.split(train, fraction, int(spec.data.get("seed", 0)))
-    except ValueError as exc:
-        raise spec.error(("data", "validation_split"), str(exc)) from None
-    return Datasets(train, validation)
-
-
-def run_batches(fn: Callable, dataset: data_mod.Dataset, batch_size: int) -> tuple[float, np.ndarray]:
-    """Mean loss and all outputs of ``fn(x, y) -> (per-example loss, outputs)`` over a dataset."""
-    total, outputs = 0.0, []
-    for idx in data_mod.batches(len(dataset), batch_size):
-        per_example, out = fn(dataset.x[idx], dataset.y[idx])
-        total += float(np.sum(per_example))
-        outputs.append(out)
-    return total / len(dataset), np.concatenate(outputs)
 
 
 class Monitor:
@@ -115,80 +88,6 @@ class Monitor:
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
 
 
-def default_monitor(has_validation: bool) -> str:
-    return "val_loss" if has_validation else "loss"
-
-
-def recorded(names: list[str], has_validation: bool) -> list[str]:
-    """The keys an epoch's record holds that a monitor can watch."""
-    return ["loss"] + names + (["val_loss"] + [f"val_{n}" for n in names] if has_validation else [])
-
-
-def has_validation(spec: Spec) -> bool:
-    data = spec.data["data"]
-    return bool(data.get("validation") or data.get("validation_split"))
-
-
-def check_training(spec: Spec, network: Network) -> None:
-    """What the schema cannot say about ``train``: every ``monitor`` names a recorded key,
-    metric names are unique, ``class_weights`` has one weight per class. Raises located errors
-    (before anything is compiled)."""
-    from . import losses
-
-    entries = spec.data["train"].get("metrics", [])
-    names = [metrics_mod.metric_name(m) for m in entries]
-    issues = [spec.issue(("train", "metrics", i), f"'{n}' is listed twice; expected each metric once")
-              for i, n in enumerate(names) if n in names[:i]]
-    available = recorded(list(dict.fromkeys(names)), has_validation(spec))
-    for section in ("early_stopping", "checkpoint", "schedule"):
-        name = (spec.data["train"].get(section) or {}).get("monitor")
-        if name is not None and name not in available:
-            issues.append(spec.issue(("train", section, "monitor"),
-                                     f"'{name}' is not recorded by this run; expected one of: "
-                                     f"{', '.join(available)}"))
-    loss = spec.data["train"]["loss"]
-    if not losses.is_classification(loss):
-        issues += [spec.issue(("train", "metrics", i), f"'{n}' scores classes; expected a regression "
-                                                      f"metric (mse, mae, r2) for the loss {losses.name_of(loss)}")
-                   for i, n in enumerate(names) if n in metrics_mod.CLASSIFICATION]
-    weights = loss.get("class_weights") if isinstance(loss, dict) else None
-    if weights is not None:
-        k = losses.n_classes(network.output_shape)
-        if not losses.is_classification(loss):
-            issues.append(spec.issue(("train", "loss", "class_weights"),
-                                     f"class weights need a classification loss; received {loss['type']}"))
-        elif len(weights) != k:
-            issues.append(spec.issue(("train", "loss", "class_weights"),
-                                     f"received {len(weights)} weights; expected {k}, one per class "
-                                     f"of the output layer"))
-    issues += _memory_issues(spec, network)
-    if issues:
-        raise SpecError(issues)
-
-
-def physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _memory_issues(spec: Spec, network: Network) -> list:
-    """A spec whose training would not fit in this machine's memory, with the estimate."""
-    limit = physical_memory()
-    batch = int(spec.data["train"]["batch_size"])
-    need = network.memory_estimate(batch)
-    if limit is None or need["total"] <= limit:
-        return []
-    largest = max(network.order, key=lambda n: n.n_params * 5 * 4 + math.prod(n.output_shape) * batch * 8)
-    gib = 2**30
-    return [spec.issue(largest.path, f"training would need about {need['total'] / gib:,.1f} GiB "
-                                     f"(parameters {need['parameters'] / gib:,.1f} GiB, activations "
-                                     f"{need['activations'] / gib:,.1f} GiB at batch_size {batch}); "
-                                     f"expected at most the {limit / gib:,.1f} GiB this machine has "
-                                     f"(layer '{largest.name}' is the largest)")]
-
-
 def _monitor(spec: Spec, section: str, has_validation: bool) -> Monitor | None:
     cfg = spec.data["train"].get(section)
     if cfg is None:
@@ -217,29 +116,32 @@ def frozen_garbage():
 
 
 class Trainer:
-    """One training run of a validated spec into a run directory."""
+    """One training run of a validated spec into a run directory: the loop and its state.
 
-    def __init__(self, spec: Spec, run_dir: RunDir, epochs: int | None = None,
+    :meth:`prepare` builds one from a spec, a stage at a time; the constructor only takes the
+    built parts.
+    """
+
+    def __init__(self, spec: Spec, run_dir: RunDir, network: Network, sets: data_mod.Datasets,
+                 fns: TrainFunctions, evaluate: Callable | None, epochs: int | None = None,
                  callbacks: Callbacks | None = None):
         self.spec = spec
         self.run_dir = run_dir
+        self.network = network
+        self.sets = sets
+        self.fns = fns
+        self.evaluate = evaluate
         self.cfg = spec.data["train"]
         self.seed = int(spec.data.get("seed", 0))
         self.epochs = int(epochs or self.cfg["epochs"])
         self.on = callbacks or Callbacks()
-        self.network = Network.from_spec(spec)
-        self.sets = load_datasets(spec, self.network)
         self.metric_entries = list(self.cfg.get("metrics", []))
-        has_val = self.sets.validation is not None
-        check_training(spec, self.network)
+        has_val = sets.validation is not None
         self.stopper = _monitor(spec, "early_stopping", has_val)
         self.keeper = _monitor(spec, "checkpoint", has_val) \
             if self.cfg.get("checkpoint", {}).get("save_best") else None
         schedule_cfg = self.cfg.get("schedule", {"type": "constant"})
-        base_lr = float(self.cfg["optimizer"]["learning_rate"])
-        self.schedule = schedules.get(schedule_cfg, base_lr)
-        self.fns = compile_train(self.network, self.cfg, self.sets.train.y, self.seed)
-        self.evaluate = compile_eval(self.network, self.cfg["loss"], self.sets.validation.y) if has_val else None
+        self.schedule = schedules.get(schedule_cfg, float(self.cfg["optimizer"]["learning_rate"]))
         self.history: list[dict] = []
         self.best_params: dict[str, np.ndarray] | None = None
         self.epoch = 0
@@ -247,6 +149,19 @@ class Trainer:
         # The resolved spec records the epochs this run trains for (--epochs included), so that
         # a plain --resume continues to the same end.
         spec.data["train"]["epochs"] = self.epochs
+
+    @classmethod
+    def prepare(cls, spec: Spec, run_dir: RunDir, epochs: int | None = None,
+                callbacks: Callbacks | None = None) -> "Trainer":
+        """Check the spec (shapes and training, before any parameter exists), build the network,
+        load the data, compile the training and validation functions."""
+        network = check(spec, with_data=False)
+        network.init_params(int(spec.data.get("seed", 0)))
+        sets = data_mod.load_datasets(spec, network)
+        cfg = spec.data["train"]
+        fns = compile_train(network, cfg, sets.train.y, int(spec.data.get("seed", 0)))
+        evaluate = compile_eval(network, cfg["loss"], sets.validation.y) if sets.validation else None
+        return cls(spec, run_dir, network, sets, fns, evaluate, epochs, callbacks)
 
     # -- state ------------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -320,7 +235,7 @@ class Trainer:
         record: dict = {"epoch": epoch, "loss": total / n}
         record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets), np.concatenate(outputs)))
         if self.evaluate is not None:
-            val_loss, val_out = run_batches(self.evaluate, self.sets.validation, batch_size)
+            val_loss, val_out = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
             record["val_loss"] = val_loss
             for k, v in metrics_mod.compute(self.metric_entries, self.sets.validation.y, val_out).items():
                 record[f"val_{k}"] = v
@@ -399,7 +314,9 @@ class Trainer:
 def train(spec: Spec, run_dir: RunDir, epochs: int | None = None, callbacks: Callbacks | None = None,
           resume_from: Checkpoint | None = None) -> TrainResult:
     """Train the validated ``spec`` into ``run_dir`` (already created and locked)."""
-    return Trainer(spec, run_dir, epochs, callbacks).run(resume_from)
+    callbacks = callbacks or Callbacks()
+    callbacks.started(spec, run_dir.path)
+    return Trainer.prepare(spec, run_dir, epochs, callbacks).run(resume_from)
 
 
 def prepare_resume(run_dir: RunDir, spec: Spec | None, force: bool = False) -> tuple[Spec, Checkpoint | None]:
@@ -408,7 +325,6 @@ def prepare_resume(run_dir: RunDir, spec: Spec | None, force: bool = False) -> t
     Without ``spec``, the run's own resolved spec.yaml is used. With one, it must equal the
     run's (``train.epochs`` may differ, to train longer) unless ``force``.
     """
-    from .check import load_spec
     from .runs import SPEC_FILE, changed_keys, load_checkpoint, resolved_spec_data
 
     stored = load_spec(str(run_dir.path / SPEC_FILE))

@@ -10,11 +10,11 @@ import pytest
 from conftest import CONFIGS, TEST_MODE
 from pytensor.scan.op import Scan
 
-from netbuild.check import load_spec
+from netbuild.spec import load_spec
 from netbuild.compile import clip, compile_predict, compile_train, penalty
 from netbuild.network import Network
 from netbuild.spec import load_text, validate
-from netbuild.train import load_datasets
+from netbuild.data import load_datasets
 
 SPEC = """\
 name: t

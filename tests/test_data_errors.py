@@ -16,7 +16,7 @@ import pytest
 from conftest import CONFIGS
 
 from netbuild import data, runs
-from netbuild.check import load_spec
+from netbuild.spec import load_spec
 from netbuild.errors import NetbuildError
 from netbuild.network import Network
 

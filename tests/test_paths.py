@@ -16,7 +16,7 @@ import yaml
 from conftest import CONFIGS
 
 from netbuild import data
-from netbuild.check import load_spec
+from netbuild.spec import load_spec
 from netbuild.runs import RunDir, resolved_spec_data
 
 MLP = CONFIGS / "digits-mlp.yaml"

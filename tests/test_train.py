@@ -161,11 +161,11 @@ def test_run_directory_holds_checkpoint_and_curves(tmp_path, run_cli):
 def test_curves_are_drawn_at_the_end_and_every_few_seconds(every_s, tmp_path, run_cli, monkeypatch):
     """Drawing curves.png takes longer than an epoch of a small network: it is drawn after the
     last epoch, and before that only once CURVES_EVERY_S have passed since the last drawing."""
-    from netbuild import runs, train
+    from netbuild import runs, training
 
     drawn = []
     save = runs.RunDir.save_curves
-    monkeypatch.setattr(train, "CURVES_EVERY_S", every_s)
+    monkeypatch.setattr(training, "CURVES_EVERY_S", every_s)
     monkeypatch.setattr(runs.RunDir, "save_curves",
                         lambda self, records: drawn.append(len(records)) or save(self, records))
     run = tmp_path / "run"
@@ -369,7 +369,7 @@ def test_training_freezes_garbage_only_while_it_trains(tmp_path, run_cli, monkey
     each training's cycles."""
     import gc
 
-    from netbuild import train as train_mod
+    from netbuild import training as train_mod
 
     counts = []
     real_run_epoch = train_mod.Trainer.run_epoch

@@ -1,0 +1,106 @@
+"""The Python API: what the command line does, as plain functions (the CLI is built on them).
+
+::
+
+    import netbuild
+
+    spec = netbuild.load_spec("configs/digits-mlp.yaml", overrides=["train.epochs=3"])
+    summary = netbuild.check(spec)             # shapes, training section and data, or an error
+    run = netbuild.train(spec, run_dir="runs/digits-mlp", overwrite=True)
+    model = netbuild.load_model(run.path)      # or run.model
+    probabilities = model.predict(x)           # numpy in, numpy out
+    scores = model.evaluate(x, y)              # {"loss": ..., "accuracy": ...}
+    model.export_onnx("digits.onnx")
+
+Every mistake a user can make (in a spec, a data file or array, a run directory, an argument)
+raises :class:`netbuild.NetbuildError` (its subclasses ``SpecError``, ``DataError``,
+``RunError``), whose ``str()`` is the located line, or lines, that the CLI prints. Nothing here
+prints or exits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checks
+from .errors import UsageError
+from .model import Model, load_model
+from .runs import RunDir
+from .spec import Spec, load_spec
+from .training import Callbacks, prepare_resume
+from .training import train as run_training
+
+SpecLike = Spec | str | os.PathLike
+
+
+@dataclass
+class Summary:
+    """What :func:`check` found: one row per layer (name, type, inputs, output shape,
+    parameters, spec line) and the totals."""
+
+    name: str
+    layers: list[dict]
+    total_params: int
+    output_shape: tuple
+
+
+@dataclass
+class Run:
+    """A finished training run: its directory, the epochs' records and the trained model."""
+
+    path: Path
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    best_epoch: int | None = None
+    compile_seconds: float = 0.0
+    model: Model | None = None
+
+
+def _spec(spec: SpecLike) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    return load_spec(spec)
+
+
+def check(spec: SpecLike, *, data: bool = True) -> Summary:
+    """Everything ``netbuild check`` checks: the spec (a :class:`Spec` or a file), its shapes,
+    its training section and, with ``data``, its data files. Raises located errors."""
+    spec = _spec(spec)
+    network = checks.check(spec, with_data=data)
+    return Summary(str(spec.data["name"]), network.summary(), network.n_params(),
+                   tuple(network.output_shape))
+
+
+def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None, *,
+          epochs: int | None = None, overwrite: bool = False, resume: bool = False,
+          force: bool = False, callbacks: Callbacks | None = None) -> Run:
+    """Train ``spec`` into ``run_dir`` (default ``runs/<name>``), as ``netbuild train`` does.
+
+    ``overwrite`` replaces the files of an existing run; ``resume`` continues the run in
+    ``run_dir`` from its last checkpoint (with its own spec when ``spec`` is None; with another
+    one only if ``force``); ``epochs`` overrides ``train.epochs`` (with ``resume``: train up to
+    that many). ``callbacks`` hears the run's progress.
+    """
+    if resume and (run_dir is None or overwrite):
+        raise UsageError("resume=True continues the run in run_dir: give run_dir, and no "
+                         "overwrite")
+    if spec is None and not resume:
+        raise UsageError("give a spec, or resume=True with the run_dir to continue")
+    resolved = _spec(spec) if spec is not None else None
+    target = RunDir(run_dir if run_dir is not None else Path("runs") / resolved.data["name"])
+    with target:
+        if resume:
+            target.open_existing()
+            resolved, checkpoint = prepare_resume(target, resolved, force)
+        else:
+            target.create(overwrite=overwrite)
+            checkpoint = None
+        result = run_training(resolved, target, epochs=epochs, callbacks=callbacks,
+                              resume_from=checkpoint)
+    return Run(target.path, result.history, result.stopped_early, result.best_epoch,
+               result.compile_seconds, Model(resolved, result.network, str(target.path)))
+
+
+__all__ = ["Callbacks", "Model", "Run", "Summary", "check", "load_model", "load_spec", "train"]

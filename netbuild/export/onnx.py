@@ -1,0 +1,437 @@
+"""ONNX export: a Network with its parameters -> an ONNX model computing what ``netbuild predict``
+writes.
+
+The graph is built from the Network, layer by layer, not from the PyTensor graph: each layer type
+has one exporter in :data:`EXPORTERS` (keyed by its YAML ``type``, as the layer registry is) that
+turns the built layer into ONNX nodes, and each activation one in :data:`ACTIVATIONS`. What ONNX
+cannot express is a located error naming the layer and its spec line; nothing is written then.
+
+The model has one input ``x`` of shape ``(batch, *model.input_shape)`` (float32, or int64 ids when
+the input feeds an ``embedding``), the batch axis dynamic, and one output ``y`` of shape
+``(batch, *output shape)``, float32: the network in inference mode (dropout the identity, batch
+norm with its running statistics). Initializers carry the parameters' names,
+``<layer name>/<param>``; a recurrent layer's weights, laid out as ONNX's RNN, LSTM and GRU
+operators take them (gates in ONNX's order, both directions stacked), are ``<layer name>/W``,
+``/R`` and ``/B``. The metadata holds the netbuild version and the resolved spec.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__, activations
+from ..errors import MissingExtra, SpecError
+from ..layers import LayerError
+from ..network import INPUT, Network, Node
+from ..registry import lookup
+from ..spec import Spec
+
+#: The opset written by default: the oldest with LayerNormalization (17), so that the file loads
+#: in every onnxruntime since 1.14 and in most other runtimes. Every operator netbuild writes has
+#: the same meaning up to :data:`MAX_OPSET`.
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+#: The newest opset written: the onnxruntime of the ``onnx`` extra (1.32) runs every operator
+#: netbuild writes at every opset up to this one (a test exports every layer at each end).
+MAX_OPSET = 28
+
+#: A graph larger than this cannot be one protobuf file (its limit is 2 GiB).
+MAX_BYTES = 2**31 - 2**20
+
+
+def require_onnx():
+    """The ``onnx`` module, or :class:`MissingExtra` saying how to install it."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtra("onnx", "onnx and onnxruntime", "ONNX export") from None
+    return onnx
+
+
+class Unsupported(LayerError):
+    """A layer (``key``: the spec key at fault) that ONNX cannot express as netbuild computes it."""
+
+
+class Graph:
+    """The nodes and initializers of the graph being built, every tensor name unique."""
+
+    def __init__(self, onnx, integer_input: bool = False):
+        self.onnx = onnx
+        self.nodes: list = []
+        self.initializers: list = []
+        self._names: set[str] = {"x", "y"}
+        #: Tensors holding integer ids (the input, when it feeds an embedding).
+        self._integer: set[str] = {"x"} if integer_input else set()
+
+    def is_integer(self, name: str) -> bool:
+        return name in self._integer
+
+    def name(self, hint: str) -> str:
+        """``hint``, or ``hint_2``, ``hint_3``... when it is taken."""
+        name, k = hint, 1
+        while name in self._names:
+            k += 1
+            name = f"{hint}_{k}"
+        self._names.add(name)
+        return name
+
+    def tensor(self, hint: str, value: np.ndarray, doc: str = "") -> str:
+        """An initializer holding ``value`` (float arrays as float32)."""
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(np.float32)
+        proto = self.onnx.numpy_helper.from_array(np.ascontiguousarray(value), self.name(hint))
+        if doc:
+            proto.doc_string = doc
+        self.initializers.append(proto)
+        return proto.name
+
+    def param(self, node: Node, name: str) -> str:
+        """The layer's parameter ``name`` as the initializer ``<layer name>/<name>``."""
+        return self.tensor(f"{node.name}/{name}", value(node, name))
+
+    def ints(self, hint: str, values) -> str:
+        return self.tensor(hint, np.asarray(values, dtype=np.int64))
+
+    def op(self, op_type: str, inputs: list[str], hint: str, n_outputs: int = 1, **attrs) -> Any:
+        """Add one node; returns its output name (a list of names when ``n_outputs`` > 1)."""
+        outputs = [self.name(hint if n_outputs == 1 else f"{hint}/{i}") for i in range(n_outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outputs,
+                                                     name=self.name(f"{hint}/{op_type}"), **attrs))
+        return outputs[0] if n_outputs == 1 else outputs
+
+
+def value(node: Node, name: str) -> np.ndarray:
+    """The current value of a layer's parameter."""
+    return np.asarray(node.layer.params[name].get_value(), dtype=np.float32)
+
+
+# -- activations --------------------------------------------------------------------------------
+def _unary(op_type: str, **fixed) -> Callable:
+    def export(g: Graph, x: str, hint: str, **_) -> str:
+        return g.op(op_type, [x], hint, **fixed)
+    return export
+
+
+def _leaky_relu(g, x, hint, alpha: float = 0.2, **_):
+    return g.op("LeakyRelu", [x], hint, alpha=float(alpha))
+
+
+def _elu(g, x, hint, alpha: float = 1.0, **_):
+    return g.op("Elu", [x], hint, alpha=float(alpha))
+
+
+def _gelu(g, x, hint, **_):
+    """The exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``, as netbuild writes it (ONNX's own
+    Gelu needs opset 20)."""
+    erf = g.op("Erf", [g.op("Div", [x, g.tensor("sqrt2", np.float32(np.sqrt(2.0)))], f"{hint}/scaled")],
+               f"{hint}/erf")
+    half_x = g.op("Mul", [g.tensor("half", np.float32(0.5)), x], f"{hint}/half")
+    return g.op("Mul", [half_x, g.op("Add", [g.tensor("one", np.float32(1.0)), erf], f"{hint}/1+erf")],
+                hint)
+
+
+def _swish(g, x, hint, **_):
+    return g.op("Mul", [x, g.op("Sigmoid", [x], f"{hint}/sigmoid")], hint)
+
+
+def _linear(g, x, hint, **_):
+    return x
+
+
+#: One exporter per activation name: ``(graph, x, hint, **options) -> output``.
+ACTIVATIONS: dict[str, Callable] = {
+    "linear": _linear,
+    "sigmoid": _unary("Sigmoid"),
+    "hard_sigmoid": _unary("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
+    "tanh": _unary("Tanh"),
+    "relu": _unary("Relu"),
+    "leaky_relu": _leaky_relu,
+    "elu": _elu,
+    "selu": _unary("Selu", alpha=activations.SELU_ALPHA, gamma=activations.SELU_SCALE),
+    "gelu": _gelu,
+    "softplus": _unary("Softplus"),
+    "softsign": _unary("Softsign"),
+    "swish": _swish,
+    "softmax": _unary("Softmax", axis=-1),
+    "log_softmax": _unary("LogSoftmax", axis=-1),
+}
+
+
+def activate(g: Graph, config: Any, x: str, hint: str) -> str:
+    fn, options = lookup(ACTIVATIONS, config, "activation")
+    return fn(g, x, hint, **options)
+
+
+def _activated(g: Graph, node: Node, z: str) -> str:
+    return activate(g, node.layer.config.get("activation", "linear"), z, node.name)
+
+
+# -- layers ---------------------------------------------------------------------------------------
+def dense(g: Graph, node: Node, xs: list[str]) -> str:
+    """``x @ W + b`` on the last axis of any rank (MatMul broadcasts the leading axes)."""
+    z = g.op("MatMul", [xs[0], g.param(node, "W")], f"{node.name}/matmul")
+    if "b" in node.layer.params:
+        z = g.op("Add", [z, g.param(node, "b")], f"{node.name}/linear")
+    return _activated(g, node, z)
+
+
+def _pads(win) -> list[int]:
+    """ONNX's ``pads``: every axis's zeros before, then every axis's zeros after."""
+    return [b for b, _ in win.pads] + [a for _, a in win.pads]
+
+
+def conv(g: Graph, node: Node, xs: list[str]) -> str:
+    """Conv, with netbuild's (PyTorch's) kernel layout ``(filters, channels, *kernel)``."""
+    win = node.layer.geometry(node.input_shapes[0])
+    inputs = [xs[0], g.param(node, "W")] + ([g.param(node, "b")] if "b" in node.layer.params else [])
+    z = g.op("Conv", inputs, f"{node.name}/conv", kernel_shape=list(win.kernel),
+             strides=list(win.strides), dilations=list(win.dilation), pads=_pads(win))
+    return _activated(g, node, z)
+
+
+def pool(g: Graph, node: Node, xs: list[str]) -> str:
+    """MaxPool or AveragePool with explicit pads; padding never takes part (``count_include_pad``
+    0: an average divides by the input elements of its window)."""
+    win = node.layer.geometry(node.input_shapes[0])
+    attrs = dict(kernel_shape=list(win.kernel), strides=list(win.strides), pads=_pads(win))
+    if node.layer.mode == "max":
+        return g.op("MaxPool", xs, node.name, **attrs)
+    return g.op("AveragePool", xs, node.name, count_include_pad=0, **attrs)
+
+
+def global_pool(g: Graph, node: Node, xs: list[str]) -> str:
+    """Over every axis after the channels: ``(N, C, ...)`` -> ``(N, C, 1, ...)`` -> ``(N, C)``."""
+    op_type = "GlobalMaxPool" if node.layer.mode == "max" else "GlobalAveragePool"
+    return g.op("Flatten", [g.op(op_type, xs, f"{node.name}/pool")], node.name, axis=1)
+
+
+def batch_norm(g: Graph, node: Node, xs: list[str]) -> str:
+    """BatchNormalization with the running statistics (inference mode)."""
+    channels = node.input_shapes[0][0]
+    params = node.layer.params
+    scale = g.param(node, "gamma") if "gamma" in params else g.tensor(f"{node.name}/ones", np.ones(channels))
+    bias = g.param(node, "beta") if "beta" in params else g.tensor(f"{node.name}/zeros", np.zeros(channels))
+    return g.op("BatchNormalization", [xs[0], scale, bias, g.param(node, "mean"), g.param(node, "var")],
+                node.name, epsilon=float(node.layer.config.get("epsilon", 1e-5)))
+
+
+def layer_norm(g: Graph, node: Node, xs: list[str]) -> str:
+    features = node.input_shapes[0][-1]
+    params = node.layer.params
+    scale = g.param(node, "gamma") if "gamma" in params else g.tensor(f"{node.name}/ones", np.ones(features))
+    inputs = [xs[0], scale] + ([g.param(node, "beta")] if "beta" in params else [])
+    return g.op("LayerNormalization", inputs, node.name, axis=-1,
+                epsilon=float(node.layer.config.get("epsilon", 1e-5)))
+
+
+def embedding(g: Graph, node: Node, xs: list[str]) -> str:
+    """Gather rows of ``W``; float ids are truncated to integers first, as netbuild does."""
+    ids = xs[0] if g.is_integer(xs[0]) else g.op("Cast", xs, f"{node.name}/ids",
+                                                  to=g.onnx.TensorProto.INT64)
+    return g.op("Gather", [g.param(node, "W"), ids], node.name, axis=0)
+
+
+def dropout(g: Graph, node: Node, xs: list[str]) -> str:
+    return xs[0]  # the identity outside training
+
+
+def flatten(g: Graph, node: Node, xs: list[str]) -> str:
+    return g.op("Flatten", xs, node.name, axis=1)
+
+
+def reshape(g: Graph, node: Node, xs: list[str]) -> str:
+    shape = g.ints(f"{node.name}/shape", [0] + list(node.layer.config["shape"]))  # 0: the batch
+    return g.op("Reshape", [xs[0], shape], node.name)
+
+
+def activation(g: Graph, node: Node, xs: list[str]) -> str:
+    return _activated(g, node, xs[0])
+
+
+def _chain(op_type: str) -> Callable:
+    def export(g: Graph, node: Node, xs: list[str]) -> str:
+        out = xs[0]
+        for i, x in enumerate(xs[1:], start=2):  # left to right, as netbuild sums
+            out = g.op(op_type, [out, x], node.name if i == len(xs) else f"{node.name}/{i}")
+        return out
+    return export
+
+
+def concatenate(g: Graph, node: Node, xs: list[str]) -> str:
+    axis = 1 + node.layer.example_axis(len(node.input_shapes[0]))
+    return g.op("Concat", xs, node.name, axis=axis)
+
+
+#: netbuild's gate blocks in the order of ONNX's operator: LSTM i, f, g, o -> i, o, f, c;
+#: GRU r, z, n -> z, r, h.
+GATE_ORDER = {"simple_rnn": [0], "lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}
+RECURRENT_OPS = {"simple_rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
+
+#: netbuild activations as ONNX's recurrent operators name them: ``options -> (name, alpha, beta)``
+#: (alpha and beta given only where the function takes them).
+RECURRENT_ACTIVATIONS: dict[str, Callable[..., tuple]] = {
+    "linear": lambda **_: ("Affine", 1.0, 0.0),
+    "sigmoid": lambda **_: ("Sigmoid", None, None),
+    "hard_sigmoid": lambda **_: ("HardSigmoid", 1.0 / 6.0, 0.5),
+    "tanh": lambda **_: ("Tanh", None, None),
+    "relu": lambda **_: ("Relu", None, None),
+    "leaky_relu": lambda alpha=0.2, **_: ("LeakyRelu", float(alpha), None),
+    "elu": lambda alpha=1.0, **_: ("Elu", float(alpha), None),
+    "softsign": lambda **_: ("Softsign", None, None),
+    "softplus": lambda **_: ("Softplus", None, None),
+}
+
+
+def _recurrent_activation(layer, key: str, default: str) -> tuple:
+    config = layer.config.get(key, default)
+    try:
+        fn, options = lookup(RECURRENT_ACTIVATIONS, config, "activation")
+    except KeyError:
+        name = config["type"] if isinstance(config, dict) else config
+        raise Unsupported(f"its {key} '{name}' has no form in ONNX's {RECURRENT_OPS[layer.type]} "
+                          f"operator; expected one of: {', '.join(RECURRENT_ACTIVATIONS)}",
+                          key=key) from None
+    return fn(**options)
+
+
+def recurrent(g: Graph, node: Node, xs: list[str]) -> str:
+    """ONNX's RNN, LSTM or GRU operator on the time-major sequence (torch-style GRU:
+    ``linear_before_reset``); ``go_backwards`` reverses the sequence first. The outputs are laid
+    out as netbuild's: the sequence ``(N, T, directions * units)`` or the final states
+    ``(N, directions * units)``, directions side by side on the feature axis."""
+    layer, cfg = node.layer, node.layer.config
+    units, order = cfg["units"], GATE_ORDER[layer.type]
+
+    def gates(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[..., k * units:(k + 1) * units] for k in order], axis=-1)
+
+    W = np.stack([gates(value(node, "W_ih" + s)).T for s in layer.directions])
+    R = np.stack([gates(value(node, "W_hh" + s)).T for s in layer.directions])
+    B = np.stack([np.concatenate([gates(value(node, "b_ih" + s)), gates(value(node, "b_hh" + s))])
+                  for s in layer.directions])
+    act = _recurrent_activation(layer, "activation", "tanh")
+    funcs = {"simple_rnn": [act],
+             "lstm": [_recurrent_activation(layer, "recurrent_activation", "sigmoid"), act, act],
+             "gru": [_recurrent_activation(layer, "recurrent_activation", "sigmoid"), act]}[layer.type]
+    funcs = funcs * len(layer.directions)
+    names = [f[0] for f in funcs]
+    alphas = [f[1] for f in funcs if f[1] is not None]
+    betas = [f[2] for f in funcs if f[2] is not None]
+
+    x = g.op("Transpose", xs, f"{node.name}/time_major", perm=[1, 0, 2])
+    if cfg.get("go_backwards", False):
+        x = g.op("Slice", [x, g.ints(f"{node.name}/last", [-1]), g.ints(f"{node.name}/before_first",
+                                                                        [np.iinfo(np.int64).min]),
+                           g.ints(f"{node.name}/time_axis", [0]), g.ints(f"{node.name}/back", [-1])],
+                 f"{node.name}/reversed")
+    sequences = cfg.get("return_sequences", False)
+    doc = "netbuild's {} transposed, gate blocks in ONNX's order ({}), directions stacked"
+    gate_names = {"simple_rnn": "one gate", "lstm": "i, o, f, c", "gru": "z, r, h"}[layer.type]
+    inputs = [x, g.tensor(f"{node.name}/W", W, doc.format("W_ih", gate_names)),
+              g.tensor(f"{node.name}/R", R, doc.format("W_hh", gate_names)),
+              g.tensor(f"{node.name}/B", B, f"netbuild's b_ih then b_hh, gate blocks in ONNX's "
+                                            f"order ({gate_names}), directions stacked")]
+    outputs = g.op(RECURRENT_OPS[layer.type], inputs, f"{node.name}/{RECURRENT_OPS[layer.type]}",
+                   n_outputs=2, hidden_size=units,
+                   direction="bidirectional" if len(layer.directions) == 2 else "forward",
+                   activations=names, activation_alpha=alphas or None, activation_beta=betas or None,
+                   linear_before_reset=1 if layer.type == "gru" else None)
+    if sequences:  # Y (T, D, N, U) -> (N, T, D, U) -> (N, T, D*U)
+        y = g.op("Transpose", [outputs[0]], f"{node.name}/batch_major", perm=[2, 0, 1, 3])
+        return g.op("Reshape", [y, g.ints(f"{node.name}/shape", [0, 0, -1])], node.name)
+    # Y_h (D, N, U) -> (N, D, U) -> (N, D*U)
+    y = g.op("Transpose", [outputs[1]], f"{node.name}/batch_major", perm=[1, 0, 2])
+    return g.op("Reshape", [y, g.ints(f"{node.name}/shape", [0, -1])], node.name)
+
+
+#: One exporter per layer type: ``(graph, node, input names) -> output name``.
+EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
+    "dense": dense,
+    "activation": activation,
+    "dropout": dropout,
+    "flatten": flatten,
+    "reshape": reshape,
+    "batch_norm": batch_norm,
+    "layer_norm": layer_norm,
+    "embedding": embedding,
+    "conv1d": conv,
+    "conv2d": conv,
+    "max_pool1d": pool,
+    "max_pool2d": pool,
+    "avg_pool1d": pool,
+    "avg_pool2d": pool,
+    "global_max_pool": global_pool,
+    "global_avg_pool": global_pool,
+    "simple_rnn": recurrent,
+    "lstm": recurrent,
+    "gru": recurrent,
+    "add": _chain("Add"),
+    "multiply": _chain("Mul"),
+    "concatenate": concatenate,
+}
+
+
+# -- the model ------------------------------------------------------------------------------------
+def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_OPSET):
+    """The ONNX model of ``network`` (with its parameters set), checked by ``onnx.checker`` with
+    ``full_check``. ``spec_data`` is the resolved spec stored in the metadata. Raises a located
+    :class:`SpecError` for every layer ONNX cannot express."""
+    onnx = require_onnx()
+    integer = network.integer_input is not None
+    g = Graph(onnx, integer)
+    floats = onnx.TensorProto.FLOAT
+    float_x: list[str] = []
+
+    def read(name: str, node: Node) -> str:
+        if name == INPUT:
+            if integer and not getattr(node.layer, "integer_input", False):
+                if not float_x:  # other layers read the ids as numbers, as netbuild does
+                    float_x.append(g.op("Cast", ["x"], "x_float", to=floats))
+                return float_x[0]
+            return "x"
+        return outputs[name]
+
+    outputs: dict[str, str] = {}
+    issues = []
+    broken: set[str] = set()
+    for node in network.order:
+        if any(i in broken for i in node.inputs):
+            broken.add(node.name)
+            continue
+        try:
+            outputs[node.name] = EXPORTERS[node.layer.type](g, node, [read(i, node) for i in node.inputs])
+        except Unsupported as exc:
+            cfg = spec.data["model"]["layers"][node.index]
+            where = node.path + (exc.key,) if exc.key in cfg else node.path
+            issues.append(spec.issue(where, f"layer '{node.name}' cannot be exported to ONNX: {exc}"))
+            broken.add(node.name)
+    if issues:
+        raise SpecError(issues)
+    g.op("Identity", [outputs[network.output]], "y_identity")
+    g.nodes[-1].output[0] = "y"
+
+    size = sum(t.ByteSize() for t in g.initializers)
+    if size > MAX_BYTES:
+        raise SpecError(spec.issue(("model",), f"the parameters take {size / 2**30:.1f} GiB; an "
+                                               "ONNX file holds at most 2 GiB"))
+    helper = onnx.helper
+    x_type = onnx.TensorProto.INT64 if integer else floats
+    graph = helper.make_graph(
+        g.nodes, str(spec.data.get("name", "netbuild")),
+        [helper.make_tensor_value_info("x", x_type, ["batch", *network.input_shape])],
+        [helper.make_tensor_value_info("y", floats, ["batch", *network.output_shape])],
+        initializer=g.initializers)
+    opsets = [helper.make_opsetid("", int(opset))]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="netbuild",
+                              producer_version=__version__,
+                              doc_string=f"{spec.data.get('name')}: exported by netbuild {__version__}")
+    model.ir_version = helper.find_min_ir_version_for(opsets)
+    helper.set_model_props(model, {"netbuild_version": __version__,
+                                   "netbuild_spec": json.dumps(spec_data)})
+    onnx.checker.check_model(model, full_check=True)
+    return model

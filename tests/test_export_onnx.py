@@ -1,0 +1,334 @@
+"""ONNX export: every layer, activation and shipped config, run by onnxruntime, equals netbuild.
+
+Each case exports a network (its parameters moved off their initial values, batch norm's running
+statistics too), checks the file with ``onnx.checker`` (``full_check``), and compares
+onnxruntime's outputs with netbuild's predictions (the compiled C graph ``netbuild predict``
+runs) on held-out inputs, at batch sizes 1 and 7: within 1e-5, absolute on probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from conftest import CONFIGS
+from test_layer_table import TABLE
+
+from netbuild import activations, layers
+from netbuild.export import onnx as export
+from netbuild.model import Model
+from netbuild.network import Network
+from netbuild.spec import load_text, validate
+
+
+def build(input_shape, items, seed: int = 0) -> Model:
+    """A model of ``items`` (YAML flow mappings) with parameters drawn away from their
+    initializers, so that biases, running statistics and gates all take part."""
+    text = (f"name: t\ndata: {{train: none.npz}}\nmodel:\n  input_shape: {list(input_shape)}\n"
+            "  layers:\n" + "".join(f"    - {item}\n" for item in items)
+            + "train: {loss: mse, optimizer: {type: sgd}}\n")
+    spec = validate(load_text(text, "case.yaml"))
+    network = Network.from_spec(spec)
+    rng = np.random.default_rng(seed)
+    for name, var in network.params.items():
+        value = var.get_value()
+        if name.endswith("/var"):
+            value = rng.uniform(0.5, 2.0, value.shape)
+        else:
+            value = value + rng.normal(0.0, 0.3, value.shape)
+        var.set_value(value.astype(var.dtype))
+    return Model(spec, network, "case.yaml")
+
+
+def inputs(model: Model, n: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (n, *model.input_shape)
+    ids = model.network.integer_input
+    return rng.integers(0, ids, size=shape) if ids else rng.standard_normal(shape).astype(np.float32)
+
+
+def session(proto) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def assert_same(theirs: np.ndarray, ours: np.ndarray) -> None:
+    """Within 1e-5 absolute; outputs beyond [0, 1] (regression) also within 1e-6 relative."""
+    assert theirs.shape == ours.shape and theirs.dtype == np.float32
+    probabilities = ours.min() >= 0.0 and ours.max() <= 1.0
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0.0 if probabilities else 1e-6)
+
+
+def assert_exports(model: Model, opset: int = export.DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export (checked by onnx.checker inside, with full_check), run at batch 1 and 7."""
+    proto = export.to_onnx(model.spec, model.network, model.spec.data, opset)
+    onnx.checker.check_model(proto, full_check=True)
+    run = session(proto)
+    for n in (1, 7):
+        x = inputs(model, n)
+        assert_same(run.run(["y"], {"x": x})[0], model.predict(x))
+    return proto
+
+
+def test_every_layer_type_and_activation_has_an_exporter():
+    assert set(export.EXPORTERS) == set(layers.REGISTRY)
+    assert set(export.ACTIVATIONS) == set(activations.REGISTRY)
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
+def test_layer_table_row(case):
+    _, input_shape, items, _ = case
+    assert_exports(build(input_shape, items))
+
+
+ACTIVATION_CONFIGS = [name for name in activations.REGISTRY] + [
+    "{type: leaky_relu, alpha: 0.05}", "{type: elu, alpha: 0.5}"]
+
+
+@pytest.mark.parametrize("act", ACTIVATION_CONFIGS)
+def test_every_activation(act):
+    # inputs spread over [-6, 6] reach both sides of every kink and the saturated tails
+    assert_exports(build([2, 5], ["{type: dense, units: 6}", "{type: dense, units: 4, activation: "
+                                  f"{act}}}"]))
+
+
+RECURRENT = {
+    "bidirectional-lstm-sequences": ["{type: lstm, units: 5, bidirectional: true, return_sequences: true}"],
+    "bidirectional-gru-sequences": ["{type: gru, units: 5, bidirectional: true, return_sequences: true}"],
+    "go-backwards-lstm": ["{type: lstm, units: 5, go_backwards: true}"],
+    "go-backwards-lstm-sequences": ["{type: lstm, units: 5, go_backwards: true, return_sequences: true}"],
+    "go-backwards-bidirectional-gru": ["{type: gru, units: 4, go_backwards: true, bidirectional: true}"],
+    "rnn-relu-bidirectional": ["{type: simple_rnn, units: 4, activation: relu, bidirectional: true, "
+                               "return_sequences: true}"],
+    "lstm-hard-sigmoid-elu": ["{type: lstm, units: 4, recurrent_activation: hard_sigmoid, "
+                              "activation: {type: elu, alpha: 0.5}}"],
+    "gru-linear-softsign": ["{type: gru, units: 4, activation: linear, recurrent_activation: softsign}"],
+    "rnn-leaky-softplus": ["{type: simple_rnn, units: 4, activation: {type: leaky_relu, alpha: 0.1}}",
+                           "{type: activation, activation: softplus}"],
+    "stacked-lstm-dense": ["{type: lstm, units: 6, return_sequences: true}",
+                           "{type: gru, units: 3, return_sequences: true}",
+                           "{type: dense, units: 2, activation: softmax}"],
+}
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent(name):
+    assert_exports(build([6, 3], RECURRENT[name]))
+
+
+def test_embedding_first_layer_reads_int64_ids():
+    model = build([6], ["{type: embedding, input_dim: 11, output_dim: 4}",
+                        "{type: lstm, units: 3}", "{type: dense, units: 2, activation: softmax}"])
+    proto = assert_exports(model)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
+def test_residual_cnn_with_batch_norm_and_same_pooling():
+    model = build([2, 9, 9], [
+        "{type: conv2d, filters: 4, kernel_size: 3, padding: same, name: stem}",
+        "{type: batch_norm, name: bn1}",
+        "{type: activation, activation: relu}",
+        "{type: conv2d, filters: 4, kernel_size: 3, padding: same, dilation_rate: 2}",
+        "{type: batch_norm, name: bn2}",
+        "{type: add, inputs: [bn2, stem], name: res}",
+        "{type: max_pool2d, pool_size: 3, strides: 2, padding: same}",
+        "{type: avg_pool2d, pool_size: 2, padding: same}",
+        "{type: conv2d, filters: 3, kernel_size: [2, 1], strides: [1, 2], padding: 1, activation: elu}",
+        "{type: concatenate, inputs: [conv2d_8, conv2d_8], axis: 1}",
+        "{type: global_avg_pool}",
+        "{type: dense, units: 3, activation: softmax}"])
+    assert_exports(model)
+
+
+def test_conv1d_pooling_and_reshapes():
+    assert_exports(build([3, 11], [
+        "{type: conv1d, filters: 4, kernel_size: 3, strides: 2, padding: same, activation: tanh}",
+        "{type: avg_pool1d, pool_size: 3, strides: 1, padding: same}",
+        "{type: max_pool1d, pool_size: 2, padding: same}",
+        "{type: layer_norm, center: false}",
+        "{type: reshape, shape: [-1, 2]}",
+        "{type: dense, units: 3}",
+        "{type: multiply, inputs: [dense_5, dense_5, dense_5]}",
+        "{type: flatten}",
+        "{type: batch_norm, scale: false, center: false}",
+        "{type: dropout, rate: 0.5}",
+        "{type: dense, units: 1, activation: sigmoid}"]))
+
+
+@pytest.mark.parametrize("opset", [export.MIN_OPSET, export.MAX_OPSET])
+def test_every_operator_runs_at_the_opsets_netbuild_writes(opset):
+    model = build([2, 12], [
+        "{type: conv1d, filters: 4, kernel_size: 3, padding: same, activation: gelu}",
+        "{type: batch_norm}", "{type: avg_pool1d, padding: same, pool_size: 3}",
+        "{type: layer_norm}", "{type: max_pool1d}",
+        "{type: lstm, units: 4, return_sequences: true, bidirectional: true}",
+        "{type: simple_rnn, units: 3, return_sequences: true}",
+        "{type: gru, units: 3, go_backwards: true}", "{type: dense, units: 5, activation: selu}",
+        "{type: dropout, rate: 0.2}", "{type: reshape, shape: [5, 1]}", "{type: global_max_pool}",
+        "{type: activation, activation: swish}", "{type: activation, activation: log_softmax}"])
+    proto = assert_exports(model, opset)
+    assert proto.opset_import[0].version == opset
+
+
+def test_an_activation_onnx_recurrent_operators_lack_is_a_located_error(tmp_path, run_cli):
+    """Named with its layer and its line in the run's spec.yaml; nothing is written."""
+    from netbuild.runs import RunDir
+
+    model = build([4, 2], ["{type: dense, units: 3}",
+                           "{type: lstm, units: 2, activation: gelu, return_sequences: true}",
+                           "{type: simple_rnn, units: 2, activation: swish, inputs: [input]}"])
+    with pytest.raises(export.SpecError) as caught:
+        export.to_onnx(model.spec, model.network, model.spec.data)
+    assert [line.split(":")[:2] for line in caught.value.lines()] == [["case.yaml", "7"], ["case.yaml", "8"]]
+    run = RunDir(tmp_path / "run")
+    with run:
+        run.create()
+        run.write_spec(model.spec)
+        run.save_model(model.spec, model.network.param_values())
+    result = run_cli("export", run.path, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{run.path / 'spec.yaml'}:") for line in lines)
+    assert "model.layers[1].activation: layer 'lstm_1' cannot be exported to ONNX: its activation " \
+           "'gelu' has no form in ONNX's LSTM operator; expected one of: linear, sigmoid" in lines[0]
+    assert "model.layers[2].activation: layer 'simple_rnn_2'" in lines[1]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _shipped_configs():
+    return sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", _shipped_configs())
+def test_shipped_config_exports_what_predict_writes(config, tmp_path, run_cli):
+    """Train one epoch through the CLI, `netbuild predict` the held-out data, `netbuild export`,
+    and run the file in onnxruntime on the same data at batch sizes 1 and 7."""
+    run = tmp_path / "run"
+    assert run_cli("train", CONFIGS / config, "--run-dir", run, "--epochs", "1", "-q").exit_code == 0
+    spec = json.loads(str(np.load(run / "model.npz")["__spec__"]))
+    test_file = spec["data"]["test"]
+    result = run_cli("predict", run, "--data", test_file, "--out", tmp_path / "p.npz")
+    assert result.exit_code == 0, result.output
+    result = run_cli("export", run, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime matches netbuild" in result.output
+
+    ours = np.load(tmp_path / "p.npz")["y"]
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["netbuild_spec"]) == spec
+    x = np.load(test_file)[spec["data"].get("x_key", "x")]
+    x = x.astype(np.float32).reshape((len(x), *spec["model"]["input_shape"]))
+    run_onnx = session(proto)
+    for n in (1, 7):
+        theirs = np.concatenate([run_onnx.run(["y"], {"x": x[i:i + n]})[0] for i in range(0, len(x), n)])
+        assert_same(theirs, ours)
+
+
+def test_the_file_says_what_it_is(tmp_path):
+    model = build([5], ["{type: dense, units: 3, activation: softmax}"])
+    done = model.export_onnx(tmp_path / "m.onnx")
+    proto = onnx.load(str(done.path))
+    graph = proto.graph
+    assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["y"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [5]
+    assert sorted(t.name for t in graph.initializer) == ["dense_0/W", "dense_0/b"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["netbuild_version"] == proto.producer_version
+    assert json.loads(meta["netbuild_spec"])["model"]["layers"][0]["units"] == 3
+    assert proto.opset_import[0].version == export.DEFAULT_OPSET == done.opset
+    assert done.examples_checked == 7 and done.max_difference < 1e-6
+
+
+# -- users' mistakes through the CLI ----------------------------------------------------------------
+@pytest.fixture
+def trained(tmp_path_factory):
+    model = build([4], ["{type: dense, units: 3, activation: softmax}"])
+    path = tmp_path_factory.mktemp("model") / "model.npz"
+    from netbuild.runs import save_model
+
+    save_model(path, model.spec, model.network.param_values())
+    return path
+
+
+def test_existing_file_is_kept_without_overwrite(trained, tmp_path, run_cli):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"mine")
+    result = run_cli("export", trained, "--out", out)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"{out}: already exists; pass --overwrite to replace it "
+                                          "or choose another --out"]
+    assert out.read_bytes() == b"mine"
+    assert run_cli("export", trained, "--out", out, "--overwrite").exit_code == 0
+    assert onnx.load(str(out)).graph.output[0].name == "y"
+
+
+@pytest.mark.parametrize("what", ["missing", "folder", "not-npz", "checkpoint", "foreign-npz"])
+def test_a_model_that_is_not_a_model(what, tmp_path, run_cli):
+    target = tmp_path / "target"
+    if what == "folder":
+        target.mkdir()
+    elif what == "not-npz":
+        target.write_text("name: x\n")
+    elif what == "checkpoint":
+        np.savez(target.with_suffix(".npz"), __state__=np.array("{}"))
+        target = target.with_suffix(".npz")
+    elif what == "foreign-npz":
+        np.savez(target.with_suffix(".npz"), weights=np.zeros(3))
+        target = target.with_suffix(".npz")
+    result = run_cli("export", target, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(str(target)) and "Traceback" not in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unwritable_out(trained, tmp_path, run_cli, monkeypatch):
+    """A folder without write permission (simulated: the tests may run as root, whom permissions
+    do not stop), a write that fails (a read-only file system), a folder that does not exist."""
+    import errno
+    import os
+
+    from netbuild import model as model_mod
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked)
+                        else access(p, mode, **kw))
+    result = run_cli("export", trained, "--out", locked / "m.onnx")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"{locked / 'm.onnx'}: cannot write in {locked}"]
+    monkeypatch.setattr(os, "access", access)
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(model_mod, "atomic_write", read_only)
+    result = run_cli("export", trained, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"{tmp_path / 'm.onnx'}: cannot write: Read-only file system"]
+    result = run_cli("export", trained, "--out", tmp_path / "no" / "m.onnx")
+    assert result.output.splitlines() == [f"{tmp_path / 'no' / 'm.onnx'}: the folder "
+                                          f"{tmp_path / 'no'} does not exist"]
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+def test_an_unknown_opset_is_a_usage_error(trained, tmp_path, run_cli):
+    result = run_cli("export", trained, "--out", tmp_path / "m.onnx", "--opset", "9")
+    assert result.exit_code == 2 and "'--opset': 9 is not in the range 17<=x<=28" in result.output
+
+
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime"])
+def test_without_the_extra_export_says_what_to_install(module, trained, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    result = run_cli("export", trained, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == ["ONNX export needs onnx and onnxruntime, which are not "
+                                          "installed; install them with: pip install 'netbuild[onnx]'"]
+    assert not (tmp_path / "m.onnx").exists()
