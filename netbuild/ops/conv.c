@@ -147,14 +147,15 @@ static size_t scratch_layout(char* base, npy_intp N, int nt, const Geom& g, Scra
 }
 
 // y (N, F, OH, OW) = act(conv(x (N, C, H, W), w (F, C, KH, KW)) + b (F,)); b may be NULL; act 1:
-// relu, applied to each image's output while it is in cache. Images in parallel: each is computed
-// alone, so the result does not depend on the threads.
+// relu, applied to each image's output while it is in cache. Images in parallel (no more threads
+// than images), each computed alone by a one-thread product whatever the threads (OpenBLAS's
+// own threads would change the bits): the result does not depend on the threads.
 template <typename T>
 static void forward(npy_intp N, const T* x, const T* w, const T* b, int act, T* y,
                     const Scratch<T>& sc, const Geom& g) {
     netbuild_serial_blas serial(sc.nt);
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F;
-    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    #pragma omp parallel for num_threads(netbuild_parts(N, sc.nt, 1)) schedule(static)
     for (npy_intp n = 0; n < N; ++n) {
         T* cols = sc.cols + netbuild_thread() * sc.per_thread;
         const T* xn = x + n * g.C * g.H * g.W;
@@ -198,7 +199,7 @@ static void grad_input(npy_intp N, const T* w, const T* dy, const T* y, T* dx, c
     netbuild_serial_blas serial(sc.nt);
     const npy_intp CK = g.C * g.KH * g.KW, P = g.OH * g.OW, F = g.F, HW = g.H * g.W;
     const bool dir = direct(g);
-    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    #pragma omp parallel for num_threads(netbuild_parts(N, sc.nt, 1)) schedule(static)
     for (npy_intp n = 0; n < N; ++n) {
         T* cols = sc.cols + netbuild_thread() * sc.per_thread;
         T* dz = cols + CK * P;
@@ -232,7 +233,7 @@ static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw,
         if (db) memset(db, 0, sizeof(T) * F);
         return;
     }
-    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    #pragma omp parallel for num_threads(netbuild_parts(S, sc.nt, 1)) schedule(static)
     for (npy_intp s = 0; s < S; ++s) {
         T* cols = sc.cols + netbuild_thread() * sc.per_thread;
         T* dz = cols + CK * P;
@@ -257,7 +258,7 @@ static void grad_weights(npy_intp N, const T* x, const T* dy, const T* y, T* dw,
         }
     }
     const npy_intp FCK = F * CK;
-    #pragma omp parallel for num_threads(sc.nt) schedule(static)
+    #pragma omp parallel for num_threads(netbuild_parts(FCK, sc.nt, 16384)) schedule(static)
     for (npy_intp i = 0; i < FCK; ++i) {
         T v = sc.part[i];
         for (npy_intp s = 1; s < S; ++s) v += sc.part[s * FCK + i];

@@ -178,8 +178,7 @@ class _ConvCOp(BlasCOp):
         data = [c.output(v, shape) if shape.count(",") == 0 else c.output(v, _lift(shape), "nd_")
                 for v, shape in outs]
         c.line("nbconv::Scratch<T_> sc_;")
-        # a thread per image at most: a batch smaller than the threads leaves BLAS its threads
-        c.line("const int nt_ = netbuild_parts(N_, netbuild_threads(), 1);")
+        c.line("const int nt_ = netbuild_threads();")
         s_ = c.scratch("nbconv::scratch_layout<T_>(NULL, N_, nt_, g_, &sc_)")
         c.when_ok(f"nbconv::scratch_layout<T_>({s_}, N_, nt_, g_, &sc_);")
         c.run(call.format(i=ins, o=data))
