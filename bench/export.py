@@ -14,7 +14,6 @@ figures are medians, the ratio the median of each round's paired ratio.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

@@ -14,7 +14,7 @@
 
 Every mistake a user can make (in a spec, a data file or array, a run directory, an argument)
 raises :class:`netbuild.NetbuildError` (its subclasses ``SpecError``, ``DataError``,
-``RunError``), whose ``str()`` is the located line, or lines, that the CLI prints. Nothing here
+``RunError``, ``UsageError``, ``MissingExtra``), whose ``str()`` is the located line, or lines, that the CLI prints. Nothing here
 prints or exits.
 """
 
@@ -28,7 +28,7 @@ from . import checks
 from .errors import UsageError
 from .model import Model, load_model
 from .runs import RunDir
-from .spec import Spec, load_spec
+from .spec import Spec, load_spec, validate
 from .training import Callbacks, prepare_resume
 from .training import train as run_training
 
@@ -51,16 +51,17 @@ class Run:
     """A finished training run: its directory, the epochs' records and the trained model."""
 
     path: Path
+    model: Model
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     best_epoch: int | None = None
     compile_seconds: float = 0.0
-    model: Model | None = None
 
 
 def _spec(spec: SpecLike) -> Spec:
+    """A validated copy of ``spec`` (training writes into its spec: never into the caller's)."""
     if isinstance(spec, Spec):
-        return spec
+        return validate(spec)
     return load_spec(spec)
 
 
@@ -88,6 +89,8 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
                          "overwrite")
     if spec is None and not resume:
         raise UsageError("give a spec, or resume=True with the run_dir to continue")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise UsageError(f"epochs {epochs!r}; expected a whole number of at least 1")
     resolved = _spec(spec) if spec is not None else None
     target = RunDir(run_dir if run_dir is not None else Path("runs") / resolved.data["name"])
     with target:
@@ -99,8 +102,8 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
             checkpoint = None
         result = run_training(resolved, target, epochs=epochs, callbacks=callbacks,
                               resume_from=checkpoint)
-    return Run(target.path, result.history, result.stopped_early, result.best_epoch,
-               result.compile_seconds, Model(resolved, result.network, str(target.path)))
+    return Run(target.path, Model(resolved, result.network, str(target.path)), result.history,
+               result.stopped_early, result.best_epoch, result.compile_seconds)
 
 
 __all__ = ["Callbacks", "Model", "Run", "Summary", "check", "load_model", "load_spec", "train"]

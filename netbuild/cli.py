@@ -24,14 +24,28 @@ def _fail(lines: list[str], code: int) -> None:
     sys.exit(code)
 
 
+def _annotate(exc: NetbuildError) -> None:
+    """A user's mistake as GitHub workflow commands on stdout (``--format github``)."""
+    from .errors import ThresholdError
+    from .report import github
+
+    title = "netbuild gate" if isinstance(exc, ThresholdError) else github.TITLE
+    for line in github.errors(exc, title):
+        click.echo(line)
+
+
 def handles_errors(fn):
-    """Turn a user's mistake into its located lines on stderr and the error's exit code."""
+    """Turn a user's mistake into its located lines on stderr (GitHub annotations on stdout with
+    ``--format github``) and the error's exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except NetbuildError as exc:
+            if kwargs.get("fmt") == "github":
+                _annotate(exc)
+                sys.exit(exc.exit_code)
             _fail(exc.lines(), exc.exit_code)
         except KeyboardInterrupt:
             _fail(["interrupted"], 130)
@@ -54,9 +68,6 @@ def _use_threads(requested: int | None) -> int:
 
     return threads.apply(threads.resolve(requested))
 
-
-format_option = click.option("--format", "fmt", type=click.Choice(["text", "json"]),
-                             default="text", show_default=True, help="Output format.")
 
 
 class _Group(click.Group):
@@ -84,35 +95,86 @@ def cli() -> None:
     """netbuild: declare a network in YAML; check, train, evaluate and predict."""
 
 
+def _format_option(*choices: str, default: str | None = "text"):
+    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=default,
+                        show_default=default is not None,
+                        help="Output format (github: every located problem and failed gate a "
+                             "GitHub Actions ::error annotation)." if "github" in choices
+                        else "Output format.")
+
+
+junit_option = click.option("--junit", "junit_file", type=click.Path(dir_okay=False), default=None,
+                            metavar="FILE.xml",
+                            help="Also write a JUnit XML report (replacing an earlier report).")
+
+
 @cli.command()
-@click.argument("spec", metavar="SPEC")
+@click.argument("specs", metavar="SPEC...", nargs=-1, required=True)
 @set_option
-@format_option
+@_format_option("text", "json", "github", default=None)
 @click.option("--no-data", is_flag=True, help="Check the spec and shapes only, not the data files.")
+@junit_option
 @handles_errors
-def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
-    """Validate SPEC and its data; print each layer's output shape and parameter count."""
+def check(specs: tuple[str, ...], overrides, fmt: str | None, no_data: bool,
+          junit_file: str | None) -> None:
+    """Validate each SPEC and its data; print each layer's output shape and parameter count.
+    Exit 1 when any SPEC has a mistake (each is checked)."""
+    import os
+
     from . import api
     from .errors import SpecError, format_path
+    from .report import github, junit
 
-    try:
-        summary = api.check(api.load_spec(spec, overrides), data=not no_data)
-    except SpecError as exc:
-        if fmt != "json":
-            raise
-        click.echo(json.dumps({"ok": False, "errors": [
-            {"file": i.location.source if i.location else None,
-             "line": i.location.line if i.location else None,
-             "column": i.location.column if i.location else None,
-             "path": format_path(i.path), "message": i.message} for i in exc.issues]}, indent=2))
-        sys.exit(exc.exit_code)
+    if fmt is None:
+        fmt = "text"
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            click.echo("GITHUB_ACTIONS is set: printing text; pass --format github for annotations "
+                       "on the specs' lines")
+    results, cases = [], []
+    for spec in specs:
+        start = time.perf_counter()
+        try:
+            results.append((spec, api.check(api.load_spec(spec, overrides), data=not no_data), None))
+        except NetbuildError as exc:
+            results.append((spec, None, exc))
+        summary, exc = results[-1][1:]
+        cases.append(junit.Case(spec, "netbuild.check", None if exc is None else exc.lines()[0],
+                                "" if exc is None else "\n".join(exc.lines()),
+                                time.perf_counter() - start))
     if fmt == "json":
-        click.echo(json.dumps({"ok": True, "name": summary.name, "layers": summary.layers,
-                               "total_params": summary.total_params,
-                               "output_shape": list(summary.output_shape)}, indent=2))
-        return
-    click.echo(f"{spec}: ok")
-    click.echo(report.layer_table(summary.layers, summary.total_params))
+        docs = []
+        for spec, summary, exc in results:
+            if exc is None:
+                docs.append({"spec": spec, "ok": True, "name": summary.name, "layers": summary.layers,
+                             "total_params": summary.total_params,
+                             "output_shape": list(summary.output_shape)})
+            elif isinstance(exc, SpecError):
+                docs.append({"spec": spec, "ok": False, "errors": [
+                    {"file": i.location.source if i.location else None,
+                     "line": i.location.line if i.location else None,
+                     "column": i.location.column if i.location else None,
+                     "path": format_path(i.path), "message": i.message} for i in exc.issues]})
+            else:
+                docs.append({"spec": spec, "ok": False, "errors": [
+                    {"file": None, "line": None, "column": None, "path": None, "message": line}
+                    for line in exc.lines()]})
+        click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    else:
+        for spec, summary, exc in results:
+            if exc is None:
+                click.echo(f"{spec}: ok")
+                click.echo(report.layer_table(summary.layers, summary.total_params))
+            elif fmt == "github":
+                for line in github.errors(exc):
+                    click.echo(line)
+            else:
+                for line in exc.lines():
+                    click.echo(printable(line), err=True)
+    if junit_file:
+        junit.write(junit_file, "netbuild check", cases, sum(c.seconds for c in cases))
+    codes = [exc.exit_code for _, _, exc in results if exc is not None]
+    if codes:
+        sys.exit(max(codes))
 
 
 @cli.command()
@@ -127,11 +189,13 @@ def check(spec: str, overrides, fmt: str, no_data: bool) -> None:
 @click.option("--force", is_flag=True, help="With --resume: continue even if SPEC differs from the run's.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing run directory.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@_format_option("text", "github")
 @threads_option
 @click.pass_context
 @handles_errors
 def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, epochs: int | None,
-          resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, threads: int | None) -> None:
+          resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, fmt: str,
+          threads: int | None) -> None:
     """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
     curves.png into the run directory."""
     from . import api
@@ -154,7 +218,7 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
 def _progress(epochs: int | None, quiet: bool, n_threads: int):
     """The callbacks that print a training run's progress: a line at the start, a progress line
     per batch on a terminal (at most ten a second), a line per epoch. ``epochs``: --epochs."""
-    from .training import Callbacks
+    from .api import Callbacks
 
     say = (lambda *_: None) if quiet else click.echo
     tty = not quiet and sys.stdout.isatty()
@@ -201,6 +265,15 @@ def _threshold(ctx, param, values) -> list[tuple[str, float]]:
     return out
 
 
+def _deltas(ctx, param, values) -> list[tuple[str, float]]:
+    """``METRIC=DELTA`` options, each DELTA a change of at least 0."""
+    out = _threshold(ctx, param, values)
+    for (name, delta), text in zip(out, values):
+        if not delta >= 0:
+            raise click.BadParameter(f"'{text}': the allowed change must be 0 or more", ctx, param)
+    return out
+
+
 @cli.command(name="eval")
 @click.argument("model", metavar="MODEL")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
@@ -209,34 +282,87 @@ def _threshold(ctx, param, values) -> list[tuple[str, float]]:
               help="Exit 3 when METRIC is below VALUE (repeatable), e.g. accuracy=0.95.")
 @click.option("--fail-over", multiple=True, callback=_threshold, metavar="METRIC=VALUE",
               help="Exit 3 when METRIC is above VALUE (repeatable), e.g. loss=0.3.")
+@click.option("--baseline", default=None, metavar="OTHER",
+              help="Evaluate this model (a run directory or model.npz) on the same data too, and "
+                   "exit 3 when a metric is worse than its value by more than --max-drop allows.")
+@click.option("--max-drop", multiple=True, callback=_deltas, metavar="METRIC=DELTA",
+              help="With --baseline: how much worse METRIC may be than the baseline's (default 0), "
+                   "e.g. accuracy=0.01 (repeatable).")
 @click.option("--confusion", is_flag=True, help="Also print the confusion matrix (classification).")
-@format_option
+@_format_option("text", "json", "github")
+@junit_option
 @threads_option
 @click.pass_context
 @handles_errors
 def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_under, fail_over,
-                 confusion: bool, fmt: str, threads: int | None) -> None:
-    """Evaluate MODEL (a run directory or model.npz): loss and metrics; gate on thresholds."""
+                 baseline: str | None, max_drop, confusion: bool, fmt: str, junit_file: str | None,
+                 threads: int | None) -> None:
+    """Evaluate MODEL (a run directory or model.npz): loss and metrics; gate on thresholds and on
+    a baseline model."""
     from .errors import ThresholdError
-    from .evaluate import evaluate, failed_thresholds
+    from .evaluate import baseline_failures, evaluate, failed_thresholds
+    from .report import github, junit
 
+    if max_drop and not baseline:
+        raise click.UsageError("--max-drop sets what --baseline allows; give --baseline too", ctx)
     _use_threads(threads)
-    result = evaluate(model, data_file, confusion=confusion)
+    start = time.perf_counter()
+    result = evaluate(model, data_file, confusion=confusion, baseline=baseline,
+                      max_drop=dict(max_drop))
     metrics = result["metrics"]
-    for name, _ in list(fail_under) + list(fail_over):
-        if name not in metrics:
-            raise click.BadParameter(f"'{name}' is not a metric of this model; expected one of: "
-                                     f"{', '.join(metrics)}", ctx, param_hint="--fail-under/--fail-over")
+    for option, pairs in (("--fail-under/--fail-over", list(fail_under) + list(fail_over)),
+                          ("--max-drop", list(max_drop))):
+        for name, _ in pairs:
+            if name not in metrics:
+                raise click.BadParameter(f"'{name}' is not a metric of this model; expected one of: "
+                                         f"{', '.join(metrics)}", ctx, param_hint=option)
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"{result['data']}: {result['examples']} examples")
-        click.echo(report.metrics_table(metrics))
+        if baseline:
+            click.echo(report.baseline_table(result["baseline"]["comparison"]))
+        else:
+            click.echo(report.metrics_table(metrics))
         if confusion:
             click.echo(report.confusion_table(result["confusion_matrix"]))
+    gates = _gate_cases(metrics, fail_under, fail_over, result.get("baseline"))
+    if junit_file:
+        if not gates:  # no gate: the evaluation itself, its values in the output
+            gates = [junit.Case(f"evaluate {model}", "netbuild.eval",
+                                output=report.metrics_table(metrics))]
+        junit.write(junit_file, "netbuild eval", gates, time.perf_counter() - start)
     failures = failed_thresholds(metrics, fail_under, fail_over)
+    if baseline:
+        failures += baseline_failures(result["baseline"]["comparison"])
     if failures:
         raise ThresholdError("\n".join(failures))
+
+
+def _gate_cases(metrics: dict, under, over, baseline: dict | None) -> list:
+    """One JUnit test case per threshold and per baseline comparison."""
+    from .evaluate import baseline_failures, failed_thresholds
+    from .report import junit
+
+    cases = []
+    for name, limit in under:
+        failed = failed_thresholds(metrics, [(name, limit)], [])
+        cases.append(junit.Case(f"{name} >= {limit:g} (--fail-under)", "netbuild.eval.threshold",
+                                failed[0] if failed else None,
+                                output=f"{name} {metrics[name]:.6g}, threshold {limit:g}"))
+    for name, limit in over:
+        failed = failed_thresholds(metrics, [], [(name, limit)])
+        cases.append(junit.Case(f"{name} <= {limit:g} (--fail-over)", "netbuild.eval.threshold",
+                                failed[0] if failed else None,
+                                output=f"{name} {metrics[name]:.6g}, threshold {limit:g}"))
+    for row in (baseline or {}).get("comparison", []):
+        failed = baseline_failures([row])
+        cases.append(junit.Case(f"{row['metric']} against the baseline {baseline['model']}",
+                                "netbuild.eval.baseline", failed[0] if failed else None,
+                                output=(f"{row['metric']} {row['value']:.6g}, baseline "
+                                        f"{row['baseline']:.6g}, change {row['change']:+.6g}, "
+                                        f"allowed {row['allowed']:g} ({row['better']} is better)")))
+    return cases
 
 
 @cli.command()
@@ -257,8 +383,47 @@ def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads:
     click.echo(f"wrote {result['out']}: y of shape {report.shape(result['output_shape'])}")
 
 
+@cli.command()
+@click.argument("runs", metavar="RUN...", nargs=-1, required=True)
+@_format_option("text", "markdown", "json")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also draw every metric's curves, one line per run, into this PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@handles_errors
+def compare(runs: tuple[str, ...], fmt: str, out_file: str | None, overwrite: bool) -> None:
+    """Compare run directories: each metric's last and best value (and the epoch of the best),
+    and the spec keys whose values differ between the runs."""
+    from . import compare as comparing
+    from .model import writable
+    from .runs import atomic_write
+
+    if out_file:
+        writable(Path(out_file), overwrite)
+    result = comparing.compare(list(runs))
+    if fmt == "json":
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    elif fmt == "markdown":
+        click.echo(comparing.markdown(result))
+    else:
+        headers, rows, key_headers, key_rows = comparing.tables(result)
+        click.echo(report.table(headers, rows, "l" + "r" * (len(headers) - 1)))
+        click.echo("")
+        if key_rows:
+            click.echo("spec keys that differ:")
+            click.echo(report.table(key_headers, key_rows))
+        else:
+            click.echo("the runs' specs are the same")
+    if out_file:
+        try:
+            atomic_write(Path(out_file), comparing.curves_png(result))
+        except OSError as exc:
+            raise NetbuildError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
+        if fmt != "json":
+            click.echo(f"wrote {out_file}")
+
+
 def _opset_range():
-    from .export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from .export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # constants only: no layers imported
 
     return DEFAULT_OPSET, click.IntRange(MIN_OPSET, MAX_OPSET)
 
@@ -286,7 +451,7 @@ def export(model: str, out_file: str, opset: int, overwrite: bool, threads: int 
 
 
 @cli.command()
-@format_option
+@_format_option("text", "json")
 def doctor(fmt: str) -> None:
     """Print what netbuild computes with: backend, BLAS and its measured speed, threads, cache."""
     from .backend import describe
@@ -338,11 +503,13 @@ def schema() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
               help="Threads each point computes with on the local cluster (default: the cores "
                    "divided among the workers).")
+@_format_option("text", "github")
 @click.pass_context
 @handles_errors
 def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points: int | None,
                   seed: int | None, workers: int | None, scheduler: str | None, monitor: str | None,
-                  sweep_dir: str | None, overwrite: bool, quiet: bool, threads: int | None) -> None:
+                  sweep_dir: str | None, overwrite: bool, quiet: bool, threads: int | None,
+                  fmt: str) -> None:
     """Train SPEC at every combination of the --grid values (and the spec's sweep section), each
     point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
     monitored metric. Exit 1 when a point failed; run again to skip completed points."""

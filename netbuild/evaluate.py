@@ -9,15 +9,17 @@ from pathlib import Path
 from . import data as data_mod
 from . import losses
 from . import metrics as metrics_mod
-from .errors import RunError
+from .errors import NetbuildError, RunError
 from .model import Exported, Model, writable
 from .runs import atomic_write, npz_bytes
 
 
 def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = None,
-             confusion: bool = False) -> dict:
-    """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file), and
-    the confusion matrix when asked."""
+             confusion: bool = False, baseline: str | os.PathLike | None = None,
+             max_drop: dict[str, float] | None = None) -> dict:
+    """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file), the
+    confusion matrix when asked, and with ``baseline`` another model's on the same data, compared
+    metric by metric (:func:`compare`)."""
     loaded = Model.load(model)
     spec = loaded.spec
     if data_file is None and not spec.data["data"].get("test"):
@@ -25,12 +27,48 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
     if confusion and not losses.is_classification(spec.data["train"]["loss"]):
         raise RunError(f"{spec.source}: a confusion matrix needs a classification loss; this "
                        f"model was trained with {losses.name_of(spec.data['train']['loss'])}")
+    other = Model.load(baseline) if baseline is not None else None
     dataset = data_mod.load(spec, "test", loaded.network, file=data_file)
     metrics, outputs = loaded.evaluate_dataset(dataset)
     out = {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": metrics}
     if confusion:
         out["confusion_matrix"] = metrics_mod.confusion_matrix(dataset.y, outputs).tolist()
+    if other is not None:
+        loss = spec.data["train"]["loss"]
+        try:
+            theirs = other.refit(dataset, loss)
+        except NetbuildError as exc:
+            raise RunError(f"{baseline}: the baseline does not fit the data the model is evaluated "
+                           f"on: {exc}") from None
+        base, _ = other.evaluate_dataset(theirs, loss=loss,
+                                         metrics=spec.data["train"].get("metrics", []))
+        out["baseline"] = {"model": str(baseline), "metrics": base,
+                           "comparison": compare(metrics, base, max_drop or {})}
     return out
+
+
+def compare(metrics: dict[str, float], baseline: dict[str, float],
+            max_drop: dict[str, float]) -> list[dict]:
+    """Each metric against the baseline's: the change, and whether it is worse by more than its
+    allowed ``max_drop`` (0 when not given) in the metric's direction (lower loss and error are
+    better, higher accuracy is better)."""
+    rows = []
+    for name, value in metrics.items():
+        base = baseline[name]
+        direction = metrics_mod.mode_of(name)
+        worse_by = (value - base) if direction == "min" else (base - value)
+        allowed = float(max_drop.get(name, 0.0))
+        rows.append({"metric": name, "value": value, "baseline": base, "change": value - base,
+                     "better": "lower" if direction == "min" else "higher", "allowed": allowed,
+                     "worse_by": max(worse_by, 0.0), "passed": bool(worse_by <= allowed)})
+    return rows
+
+
+def baseline_failures(rows: list[dict]) -> list[str]:
+    """One line per metric worse than the baseline by more than it may be."""
+    return [f"{r['metric']} {r['value']:.6g} is worse than the baseline's {r['baseline']:.6g} by "
+            f"{r['worse_by']:.6g} ({r['better']} is better); expected at most {r['allowed']:g} "
+            "(--max-drop)" for r in rows if not r["passed"]]
 
 
 def failed_thresholds(metrics: dict, under, over) -> list[str]:

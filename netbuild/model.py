@@ -9,7 +9,10 @@ a spec are (shape, dtype, id and class ranges, finite values), and a mistake is 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +23,7 @@ from . import data as data_mod
 from . import losses
 from . import metrics as metrics_mod
 from .compile import compile_eval, compile_predict
-from .errors import MissingExtra, NetbuildError, RunError, SpecError, UsageError, format_path
+from .errors import DataError, MissingExtra, NetbuildError, RunError, SpecError, UsageError, format_path, printable
 from .network import Network
 from .runs import SPEC_FILE, atomic_write, resolved_spec_data
 from .runs import load_model as load_model_file
@@ -44,7 +47,12 @@ class Exported:
 
 
 class Model:
-    """A trained network and its resolved spec (``spec``, a :class:`netbuild.spec.Spec`)."""
+    """A trained network and its resolved spec (``spec``, a :class:`netbuild.spec.Spec`).
+
+    :meth:`predict`, :meth:`evaluate` and :meth:`export_onnx` are the API; :meth:`inputs`,
+    :meth:`targets`, :meth:`predict_function`, :meth:`evaluate_dataset` and :meth:`refit` are the
+    lower-level steps they (and ``netbuild eval``) are made of.
+    """
 
     def __init__(self, spec: Spec, network: Network, source: str):
         self.spec = spec
@@ -111,7 +119,8 @@ class Model:
         ``netbuild predict`` writes, class probabilities for a softmax output."""
         x = self.inputs(x)
         fn = self.predict_function()
-        return np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), _batch(batch_size))])
+        with _ids_in_range(self.network):
+            return np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), _batch(batch_size))])
 
     def predict_function(self) -> Callable:
         """The compiled ``f(batch) -> outputs`` that :meth:`predict` calls per batch (compiled
@@ -126,16 +135,30 @@ class Model:
         dataset = data_mod.Dataset(x, self.targets(y, len(x)), "arrays")
         return self.evaluate_dataset(dataset, batch_size)[0]
 
-    def evaluate_dataset(self, dataset: data_mod.Dataset,
-                         batch_size: int = BATCH_SIZE) -> tuple[dict[str, float], np.ndarray]:
-        """``(loss and metrics, outputs)`` on a checked dataset."""
-        key = (str(dataset.y.dtype), dataset.y.ndim)
+    def evaluate_dataset(self, dataset: data_mod.Dataset, batch_size: int = BATCH_SIZE,
+                         loss=None, metrics=None) -> tuple[dict[str, float], np.ndarray]:
+        """``(loss and metrics, outputs)`` on a checked dataset: the spec's loss and metrics, or
+        ``loss`` and ``metrics`` (spec entries) given (another model's, to compare with it)."""
+        loss = self.spec.data["train"]["loss"] if loss is None else loss
+        metrics = self.spec.data["train"].get("metrics", []) if metrics is None else metrics
+        key = (json.dumps(loss, sort_keys=True), str(dataset.y.dtype), dataset.y.ndim)
         if key not in self._evaluate:
-            self._evaluate[key] = compile_eval(self.network, self.spec.data["train"]["loss"], dataset.y)
-        loss, outputs = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
-        result = {"loss": loss}
-        result.update(metrics_mod.compute(self.spec.data["train"].get("metrics", []), dataset.y, outputs))
+            self._evaluate[key] = compile_eval(self.network, loss, dataset.y)
+        with _ids_in_range(self.network):
+            value, outputs = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
+        result = {"loss": value}
+        result.update(metrics_mod.compute(metrics, dataset.y, outputs))
         return result, outputs
+
+    def refit(self, dataset: data_mod.Dataset, loss) -> data_mod.Dataset:
+        """Another model's checked dataset, checked again for this network (its input shape and
+        ids, its outputs against the targets for ``loss``): :class:`DataError` when it does not
+        fit."""
+        report = data_mod.reporter(dataset.source)
+        x = data_mod.prepare_x(dataset.x, self.network, report, None)
+        y = data_mod.prepare_y(dataset.y, len(x), self.network.output_shape, losses.name_of(loss),
+                               report, None)
+        return data_mod.Dataset(x, y, dataset.source)
 
     # -- export -----------------------------------------------------------------------------
     def export_onnx(self, path: str | os.PathLike, opset: int | None = None,
@@ -145,8 +168,8 @@ class Model:
         onnxruntime's outputs with :meth:`predict` on a batch of random inputs."""
         from .export import onnx as export
 
-        opset = export.DEFAULT_OPSET if opset is None else int(opset)
-        if not export.MIN_OPSET <= opset <= export.MAX_OPSET:
+        opset = export.DEFAULT_OPSET if opset is None else opset
+        if not _whole(opset) or not export.MIN_OPSET <= opset <= export.MAX_OPSET:
             raise UsageError(f"opset {opset} is not one netbuild writes; expected "
                            f"{export.MIN_OPSET} to {export.MAX_OPSET}")
         path = Path(path)
@@ -171,9 +194,17 @@ class Model:
         shape = (n, *self.input_shape)
         ids = self.network.integer_input
         x = rng.integers(0, ids, size=shape) if ids else rng.standard_normal(shape).astype(np.float32)
-        session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-        theirs = session.run(["y"], {"x": x})[0]
-        ours = self.predict(x)
+        try:
+            session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+            theirs = session.run(["y"], {"x": x})[0]
+            ours = self.predict(x)
+        except NetbuildError as exc:
+            raise RunError(f"{self.source}: the export could not be compared with netbuild on random "
+                           f"inputs ({exc}); nothing was written") from None
+        except Exception as exc:  # onnxruntime's own errors have no common base class
+            raise RunError(f"{self.source}: onnxruntime could not run the exported graph on random "
+                           f"inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                           "nothing was written") from None
         worst = float(np.max(np.abs(theirs - ours))) if theirs.shape == ours.shape else float("inf")
         if not worst <= 1e-4 * max(1.0, float(np.max(np.abs(ours)))):
             raise RunError(f"{self.source}: the exported graph's outputs differ from netbuild's by "
@@ -202,13 +233,18 @@ def writable(path: Path, overwrite: bool) -> None:
     """Raise :class:`RunError` unless ``path`` can be written: a file (an existing one only with
     ``overwrite``) in a folder that exists and may be written."""
     try:
-        path.stat()
+        st = path.stat()
     except FileNotFoundError:
-        pass
+        st = None
+    except ValueError:  # a NUL byte
+        raise RunError(f"{printable(str(path))}: cannot write: the name holds a NUL byte") from None
     except OSError as exc:  # a name too long, a loop of links
         raise RunError(f"{path}: cannot write: {exc.strerror or exc}") from None
     if path.is_dir():
         raise RunError(f"{path}: is a folder; expected a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise RunError(f"{path}: is not a regular file (a device, pipe or socket); expected a file "
+                       "name")
     if path.exists() and not overwrite:
         raise RunError(f"{path}: already exists; pass --overwrite to replace it or choose "
                        "another --out")
@@ -225,7 +261,25 @@ def _array(value, report) -> np.ndarray:
         raise report.error(f"is not an array ({exc}); expected a numpy array") from None
 
 
+@contextlib.contextmanager
+def _ids_in_range(network: Network):
+    """An embedding that reads another layer's output (floats truncated to ids) can meet an id
+    outside its table only while computing: a :class:`DataError`, not PyTensor's IndexError."""
+    try:
+        yield
+    except IndexError as exc:
+        tables = ", ".join(f"'{n.name}' ({n.layer.config['input_dim']} ids)" for n in network.order
+                           if getattr(n.layer, "integer_input", False))
+        raise DataError(f"an embedding received an id outside its table ({str(exc).splitlines()[0]});"
+                        f" expected ids 0..input_dim-1 for {tables}") from None
+
+
+def _whole(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _batch(batch_size: int) -> int:
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _whole(batch_size) or batch_size < 1:
         raise UsageError(f"batch_size {batch_size!r}; expected a whole number of at least 1")
     return int(batch_size)

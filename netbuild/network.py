@@ -246,8 +246,13 @@ class Network:
         step = pytensor.shared(np.asarray(0, dtype="int64"), name="random/step") if training else None
         ctx = Context(training=training, seed=seed, step=step)
         values = {INPUT: x}
+        # layers other than an embedding read integer ids as numbers of the float type (PyTensor
+        # would otherwise compute them in float64)
+        as_float = pt.cast(x, pytensor.config.floatX) if x.dtype.startswith("int") else x
         for node in self.order:
-            values[node.name] = node.layer.forward([values[i] for i in node.inputs], ctx)
+            reads_ids = getattr(node.layer, "integer_input", False)
+            inputs = [as_float if i == INPUT and not reads_ids else values[i] for i in node.inputs]
+            values[node.name] = node.layer.forward(inputs, ctx)
         return values[self.output], ctx
 
     # -- parameters -------------------------------------------------------------------------

@@ -132,9 +132,31 @@ def test_wrong_calls_are_usage_errors(tmp_path):
         netbuild.train()
     with pytest.raises(netbuild.RunError, match="not found; expected a run directory or a model.npz"):
         netbuild.load_model(tmp_path / "nothing")
+    with pytest.raises(netbuild.UsageError, match="epochs 0; expected a whole number of at least 1"):
+        netbuild.train(MLP, run_dir=tmp_path / "zero", epochs=0)
     model = netbuild.load_model(_tiny_run(tmp_path))
-    with pytest.raises(netbuild.UsageError, match="opset 9 is not one netbuild writes; expected 17 to 28"):
-        model.export_onnx(tmp_path / "m.onnx", opset=9)
+    for opset in (9, "17", 17.5, True):
+        with pytest.raises(netbuild.UsageError, match="is not one netbuild writes; expected 17 to 28"):
+            model.export_onnx(tmp_path / "m.onnx", opset=opset)
+    with pytest.raises(netbuild.UsageError, match="batch_size True; expected a whole number"):
+        model.predict(np.zeros((1, 64), np.float32), batch_size=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_callers_spec_is_left_as_it_was(tmp_path):
+    spec = netbuild.load_spec(MLP, overrides="train.epochs=1")  # one override as a string
+    before = json.dumps(spec.data, sort_keys=True)
+    run = netbuild.train(spec, run_dir=tmp_path / "run", epochs=2)
+    assert len(run.history) == 2 and json.dumps(spec.data, sort_keys=True) == before
+    assert spec.data["train"]["epochs"] == 1
+
+
+def test_an_unvalidated_spec_is_validated(tmp_path):
+    from netbuild.spec import load_text
+
+    raw = load_text((MLP.read_text()).replace("units: 128", "units: -3"), str(MLP), MLP.parent)
+    with pytest.raises(netbuild.SpecError, match=r"model.layers\[0\].units: -3 is less than the minimum"):
+        netbuild.check(raw)
 
 
 def _tiny_run(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from conftest import CONFIGS
 from test_layer_table import TABLE
 
-from netbuild import activations, layers
+from netbuild import NetbuildError, activations, layers
 from netbuild.export import onnx as export
 from netbuild.model import Model
 from netbuild.network import Network
@@ -44,11 +44,13 @@ def build(input_shape, items, seed: int = 0) -> Model:
     return Model(spec, network, "case.yaml")
 
 
-def inputs(model: Model, n: int, seed: int = 1) -> np.ndarray:
+def inputs(model: Model, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (n, *model.input_shape)
     ids = model.network.integer_input
-    return rng.integers(0, ids, size=shape) if ids else rng.standard_normal(shape).astype(np.float32)
+    if ids:
+        return rng.integers(0, ids, size=shape)
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
 
 
 def session(proto) -> onnxruntime.InferenceSession:
@@ -62,15 +64,20 @@ def assert_same(theirs: np.ndarray, ours: np.ndarray) -> None:
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0.0 if probabilities else 1e-6)
 
 
-def assert_exports(model: Model, opset: int = export.DEFAULT_OPSET) -> onnx.ModelProto:
+def assert_exports(model: Model, opset: int = export.DEFAULT_OPSET, scale: float = 1.0) -> onnx.ModelProto:
     """Export (checked by onnx.checker inside, with full_check), run at batch 1 and 7."""
     proto = export.to_onnx(model.spec, model.network, model.spec.data, opset)
     onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version == opset
     run = session(proto)
     for n in (1, 7):
-        x = inputs(model, n)
+        x = inputs(model, n, scale=scale)
         assert_same(run.run(["y"], {"x": x})[0], model.predict(x))
     return proto
+
+
+#: Every case is exported at the oldest and the newest opset netbuild writes.
+OPSETS = [export.MIN_OPSET, export.MAX_OPSET]
 
 
 def test_every_layer_type_and_activation_has_an_exporter():
@@ -78,10 +85,11 @@ def test_every_layer_type_and_activation_has_an_exporter():
     assert set(export.ACTIVATIONS) == set(activations.REGISTRY)
 
 
+@pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
-def test_layer_table_row(case):
+def test_layer_table_row(case, opset):
     _, input_shape, items, _ = case
-    assert_exports(build(input_shape, items))
+    assert_exports(build(input_shape, items), opset)
 
 
 ACTIVATION_CONFIGS = [name for name in activations.REGISTRY] + [
@@ -90,9 +98,27 @@ ACTIVATION_CONFIGS = [name for name in activations.REGISTRY] + [
 
 @pytest.mark.parametrize("act", ACTIVATION_CONFIGS)
 def test_every_activation(act):
-    # inputs spread over [-6, 6] reach both sides of every kink and the saturated tails
-    assert_exports(build([2, 5], ["{type: dense, units: 6}", "{type: dense, units: 4, activation: "
-                                  f"{act}}}"]))
+    model = build([2, 5], ["{type: dense, units: 6}", "{type: dense, units: 4, name: out}",
+                           f"{{type: activation, activation: {act}}}"])
+    # the activation's inputs reach past -6 and 6: both sides of every kink, the saturated tails
+    # (hard_sigmoid clips at -3 and 3) and softplus's large-x branch
+    pre = build_preactivations(model, inputs(model, 7, scale=4.0))
+    assert pre.min() < -6 and pre.max() > 6
+    assert_exports(model, scale=4.0)
+
+
+def build_preactivations(model: Model, x: np.ndarray) -> np.ndarray:
+    """The output of the layer named ``out`` (the activation's input) for ``x``."""
+    import pytensor
+
+    from netbuild.network import INPUT
+
+    values = {INPUT: model.network.input_variable()}
+    from netbuild.layers import Context
+
+    for node in model.network.order:
+        values[node.name] = node.layer.forward([values[i] for i in node.inputs], Context(training=False))
+    return pytensor.function([values[INPUT]], values["out"])(x)
 
 
 RECURRENT = {
@@ -114,9 +140,10 @@ RECURRENT = {
 }
 
 
+@pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent(name):
-    assert_exports(build([6, 3], RECURRENT[name]))
+def test_recurrent(name, opset):
+    assert_exports(build([6, 3], RECURRENT[name]), opset)
 
 
 def test_embedding_first_layer_reads_int64_ids():
@@ -124,6 +151,28 @@ def test_embedding_first_layer_reads_int64_ids():
                         "{type: lstm, units: 3}", "{type: dense, units: 2, activation: softmax}"])
     proto = assert_exports(model)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
+def test_ids_read_by_other_layers_too():
+    """The int64 input feeds an embedding and a dense layer (which reads the ids as float32)."""
+    model = build([4], ["{type: embedding, input_dim: 9, output_dim: 3, name: e}", "{type: flatten}",
+                        "{type: dense, units: 2, inputs: [input], name: d}",
+                        "{type: concatenate, inputs: [flatten_1, d]}"])
+    assert model.predict(inputs(model, 3)).dtype == np.float32
+    assert_exports(model)
+
+
+def test_an_id_beyond_the_table_from_another_layer_is_one_line(tmp_path):
+    """An embedding reading a dense layer's output (floats truncated to ids) meets ids outside
+    its table: predict says so in one line, and export writes nothing."""
+    model = build([3], ["{type: dense, units: 2}", "{type: embedding, input_dim: 4, output_dim: 2}"])
+    model.network.params["dense_0/b"].set_value(np.full(2, 50.0, dtype=np.float32))
+    with pytest.raises(NetbuildError) as caught:
+        model.predict(inputs(model, 2))
+    assert "an embedding received an id outside its table" in str(caught.value)
+    with pytest.raises(NetbuildError) as caught:
+        model.export_onnx(tmp_path / "m.onnx")
+    assert "nothing was written" in str(caught.value) and not (tmp_path / "m.onnx").exists()
 
 
 def test_residual_cnn_with_batch_norm_and_same_pooling():
@@ -158,7 +207,7 @@ def test_conv1d_pooling_and_reshapes():
         "{type: dense, units: 1, activation: sigmoid}"]))
 
 
-@pytest.mark.parametrize("opset", [export.MIN_OPSET, export.MAX_OPSET])
+@pytest.mark.parametrize("opset", OPSETS)
 def test_every_operator_runs_at_the_opsets_netbuild_writes(opset):
     model = build([2, 12], [
         "{type: conv1d, filters: 4, kernel_size: 3, padding: same, activation: gelu}",
@@ -169,8 +218,7 @@ def test_every_operator_runs_at_the_opsets_netbuild_writes(opset):
         "{type: gru, units: 3, go_backwards: true}", "{type: dense, units: 5, activation: selu}",
         "{type: dropout, rate: 0.2}", "{type: reshape, shape: [5, 1]}", "{type: global_max_pool}",
         "{type: activation, activation: swish}", "{type: activation, activation: log_softmax}"])
-    proto = assert_exports(model, opset)
-    assert proto.opset_import[0].version == opset
+    assert_exports(model, opset)
 
 
 def test_an_activation_onnx_recurrent_operators_lack_is_a_located_error(tmp_path, run_cli):
@@ -222,7 +270,8 @@ def test_shipped_config_exports_what_predict_writes(config, tmp_path, run_cli):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["netbuild_spec"]) == spec
     x = np.load(test_file)[spec["data"].get("x_key", "x")]
-    x = x.astype(np.float32).reshape((len(x), *spec["model"]["input_shape"]))
+    x = x.reshape((len(x), *spec["model"]["input_shape"]))
+    x = x.astype(np.float32) if x.dtype.kind == "f" else x.astype(np.int64)
     run_onnx = session(proto)
     for n in (1, 7):
         theirs = np.concatenate([run_onnx.run(["y"], {"x": x[i:i + n]})[0] for i in range(0, len(x), n)])

@@ -28,15 +28,7 @@ from ..layers import LayerError
 from ..network import INPUT, Network, Node
 from ..registry import lookup
 from ..spec import Spec
-
-#: The opset written by default: the oldest with LayerNormalization (17), so that the file loads
-#: in every onnxruntime since 1.14 and in most other runtimes. Every operator netbuild writes has
-#: the same meaning up to :data:`MAX_OPSET`.
-DEFAULT_OPSET = 17
-MIN_OPSET = 17
-#: The newest opset written: the onnxruntime of the ``onnx`` extra (1.32) runs every operator
-#: netbuild writes at every opset up to this one (a test exports every layer at each end).
-MAX_OPSET = 28
+from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # noqa: F401  (part of this module's API)
 
 #: A graph larger than this cannot be one protobuf file (its limit is 2 GiB).
 MAX_BYTES = 2**31 - 2**20
@@ -65,6 +57,7 @@ class Graph:
         self._names: set[str] = {"x", "y"}
         #: Tensors holding integer ids (the input, when it feeds an embedding).
         self._integer: set[str] = {"x"} if integer_input else set()
+        self._scalars: dict[tuple, str] = {}
 
     def is_integer(self, name: str) -> bool:
         return name in self._integer
@@ -96,9 +89,19 @@ class Graph:
     def ints(self, hint: str, values) -> str:
         return self.tensor(hint, np.asarray(values, dtype=np.int64))
 
-    def op(self, op_type: str, inputs: list[str], hint: str, n_outputs: int = 1, **attrs) -> Any:
-        """Add one node; returns its output name (a list of names when ``n_outputs`` > 1)."""
-        outputs = [self.name(hint if n_outputs == 1 else f"{hint}/{i}") for i in range(n_outputs)]
+    def scalar(self, hint: str, value: float) -> str:
+        """A float32 scalar initializer, one per value however many nodes read it."""
+        key = (hint, float(value))
+        if key not in self._scalars:
+            self._scalars[key] = self.tensor(hint, np.float32(value))
+        return self._scalars[key]
+
+    def op(self, op_type: str, inputs: list[str], hint: str, n_outputs: int = 1,
+           output: str | None = None, **attrs) -> Any:
+        """Add one node; returns its output name (a list of names when ``n_outputs`` > 1);
+        ``output`` names the single output exactly (the graph's ``y``)."""
+        outputs = [output] if output else \
+            [self.name(hint if n_outputs == 1 else f"{hint}/{i}") for i in range(n_outputs)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outputs,
                                                      name=self.name(f"{hint}/{op_type}"), **attrs))
@@ -128,11 +131,9 @@ def _elu(g, x, hint, alpha: float = 1.0, **_):
 def _gelu(g, x, hint, **_):
     """The exact GELU, ``0.5 * x * (1 + erf(x / sqrt(2)))``, as netbuild writes it (ONNX's own
     Gelu needs opset 20)."""
-    erf = g.op("Erf", [g.op("Div", [x, g.tensor("sqrt2", np.float32(np.sqrt(2.0)))], f"{hint}/scaled")],
-               f"{hint}/erf")
-    half_x = g.op("Mul", [g.tensor("half", np.float32(0.5)), x], f"{hint}/half")
-    return g.op("Mul", [half_x, g.op("Add", [g.tensor("one", np.float32(1.0)), erf], f"{hint}/1+erf")],
-                hint)
+    erf = g.op("Erf", [g.op("Div", [x, g.scalar("sqrt2", np.sqrt(2.0))], f"{hint}/scaled")], f"{hint}/erf")
+    half_x = g.op("Mul", [g.scalar("half", 0.5), x], f"{hint}/half")
+    return g.op("Mul", [half_x, g.op("Add", [g.scalar("one", 1.0), erf], f"{hint}/1+erf")], hint)
 
 
 def _swish(g, x, hint, **_):
@@ -382,6 +383,10 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
     ``full_check``. ``spec_data`` is the resolved spec stored in the metadata. Raises a located
     :class:`SpecError` for every layer ONNX cannot express."""
     onnx = require_onnx()
+    size = network.n_params() * 4
+    if size > MAX_BYTES:  # before a copy of every parameter is made
+        raise SpecError(spec.issue(("model",), f"the parameters take {size / 2**30:.1f} GiB as "
+                                               "float32; an ONNX file holds at most 2 GiB"))
     integer = network.integer_input is not None
     g = Graph(onnx, integer)
     floats = onnx.TensorProto.FLOAT
@@ -412,13 +417,7 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
             broken.add(node.name)
     if issues:
         raise SpecError(issues)
-    g.op("Identity", [outputs[network.output]], "y_identity")
-    g.nodes[-1].output[0] = "y"
-
-    size = sum(t.ByteSize() for t in g.initializers)
-    if size > MAX_BYTES:
-        raise SpecError(spec.issue(("model",), f"the parameters take {size / 2**30:.1f} GiB; an "
-                                               "ONNX file holds at most 2 GiB"))
+    g.op("Identity", [outputs[network.output]], "y", output="y")
     helper = onnx.helper
     x_type = onnx.TensorProto.INT64 if integer else floats
     graph = helper.make_graph(

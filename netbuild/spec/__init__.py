@@ -11,7 +11,9 @@ from .validate import schema, validate
 
 def load_spec(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Spec:
     """Load a spec file, apply ``--set`` overrides (``PATH=VALUE``) and validate it (defaults
-    filled). Raises located errors."""
+    filled). Raises located errors. A single override may be given as a string."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
     return validate(apply_overrides(load_file(path), overrides))
 
 

@@ -1,4 +1,7 @@
-"""Text for people: the layer table, per-epoch lines, metric tables. Returns strings only."""
+"""Text for people: the layer table, per-epoch lines, metric tables. Returns strings only.
+
+The CI formats sit beside: :mod:`.github` (workflow annotations), :mod:`.junit` (JUnit XML).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +57,14 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 def metrics_table(metrics: dict) -> str:
     return table(["metric", "value"], [[k, number(v)] for k, v in metrics.items()], "lr")
+
+
+def baseline_table(rows: list[dict]) -> str:
+    """Each metric beside the baseline's: the change, what is allowed, and whether it passed."""
+    body = [[r["metric"], number(r["value"]), number(r["baseline"]), f"{r['change']:+.4f}",
+             r["better"], f"{r['allowed']:g}", "ok" if r["passed"] else "FAILED"] for r in rows]
+    return table(["metric", "model", "baseline", "change", "better", "max drop", "gate"], body,
+                 "lrrrlrl")
 
 
 def confusion_table(matrix: list[list[int]]) -> str:
