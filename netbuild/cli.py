@@ -418,7 +418,7 @@ def compare(runs: tuple[str, ...], fmt: str, out_file: str | None, overwrite: bo
             atomic_write(Path(out_file), comparing.curves_png(result))
         except OSError as exc:
             raise NetbuildError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
-        if fmt != "json":
+        if fmt == "text":  # markdown and json are for a file or a comment: nothing else in them
             click.echo(f"wrote {out_file}")
 
 

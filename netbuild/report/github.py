@@ -7,7 +7,7 @@ See https://docs.github.com/actions/reference/workflow-commands-for-github-actio
 
 from __future__ import annotations
 
-from ..errors import Issue, NetbuildError, SpecError, format_path
+from ..errors import Issue, NetbuildError, SpecError
 
 TITLE = "netbuild"
 
@@ -34,10 +34,13 @@ def error(message: str, file: str | None = None, line: int | None = None,
 
 
 def issue(item: Issue, title: str = TITLE) -> str:
-    """A located problem on its file, line and column; the message starts with its spec path."""
-    text = f"{format_path(item.path)}: {item.message}" if item.path else item.message
+    """A located problem on its file, line and column; the message is the CLI's line after the
+    position (it starts with the spec path)."""
+    line = str(item)
     if item.location is None:
-        return error(text, title=title)
+        return error(line, title=title)
+    where = f"{item.location}: "
+    text = line[len(where):] if line.startswith(where) else line
     return error(text, item.location.source, item.location.line, item.location.column, title)
 
 
