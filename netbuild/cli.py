@@ -301,7 +301,7 @@ def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_und
     a baseline model."""
     from .errors import ThresholdError
     from .evaluate import baseline_failures, evaluate, failed_thresholds
-    from .report import github, junit
+    from .report import junit
 
     if max_drop and not baseline:
         raise click.UsageError("--max-drop sets what --baseline allows; give --baseline too", ctx)

@@ -46,7 +46,7 @@ def penalty(network: Network):
     """The l1/l2 penalties of every layer that sets them, on its weights (never its biases)."""
     total = 0.0
     for node in network.order:
-        l1, l2 = node.layer.config.get("l1", 0.0), node.layer.config.get("l2", 0.0)
+        l1, l2 = getattr(node.layer, "l1", None) or 0.0, getattr(node.layer, "l2", None) or 0.0
         if not (l1 or l2):
             continue
         for p in node.param_specs:

@@ -225,7 +225,7 @@ class Network:
     @property
     def integer_input(self) -> int | None:
         """When the input feeds an embedding: the number of valid ids (the smallest table)."""
-        sizes = [node.layer.config["input_dim"] for node in self.order
+        sizes = [node.layer.input_dim for node in self.order
                  if INPUT in node.inputs and getattr(node.layer, "integer_input", False)]
         return min(sizes) if sizes else None
 

@@ -120,3 +120,36 @@ def test_shipped_configs_compile_to_c_only(name):
     sets = load_datasets(spec, net)
     step = compile_train(net, spec.data["train"], sets.train.y, 0).step
     assert python_nodes(step, "train") + python_nodes(compile_predict(net), "predict") == []
+
+
+#: A network of each layer type that no shipped config has yet, trained and predicted in C.
+NEW_LAYERS = """\
+name: t
+data: {train: none.npz}
+model:
+  input_shape: [2, 6, 5]
+  layers:
+    - {type: zero_padding2d, padding: [[1, 0], [0, 2]]}
+    - {type: cropping2d, cropping: [1, [0, 1]]}
+    - {type: upsampling2d, size: 2}
+    - {type: upsampling2d, size: [1, 2], interpolation: bilinear}
+    - {type: conv2d, filters: 3, kernel_size: 3}
+    - {type: reshape, shape: [3, -1]}
+    - {type: permute, dims: [2, 1]}
+    - {type: zero_padding1d}
+    - {type: cropping1d, cropping: [2, 0]}
+    - {type: upsampling1d, size: 2, interpolation: linear}
+    - {type: upsampling1d}
+    - {type: global_avg_pool, axis: 1}
+    - {type: dense, units: 2}
+train: {loss: mse, optimizer: {type: adam}}
+"""
+
+
+def test_new_layers_compile_to_c_only():
+    net = Network.from_spec(validate(load_text(NEW_LAYERS, "t.yaml")))
+    y = np.zeros((4, 2), dtype=pytensor.config.floatX)
+    fns = compile_train(net, {"loss": "mse", "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
+    x = np.random.default_rng(0).normal(size=(4, 2, 6, 5)).astype(pytensor.config.floatX)
+    assert np.isfinite(float(fns.step(x, y)[0]))
+    assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []

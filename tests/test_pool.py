@@ -204,3 +204,43 @@ def test_c_backend_matches():
         expected = ref_pool(xv, cls.mode, pool, strides, cfg.get("padding", "valid"))
         np.testing.assert_allclose(c_out, expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(c_grad, py_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("item, shape, axes", [
+    ("{type: global_avg_pool, axis: 1}", (5, 3), (1,)),          # a (timesteps, units) sequence over time
+    ("{type: global_max_pool, axis: -1}", (5, 3), (2,)),
+    ("{type: global_avg_pool, axis: [1, 3]}", (2, 3, 4), (1, 3)),
+    ("{type: global_max_pool}", (2, 3, 4), (2, 3)),
+])
+def test_global_pools_over_the_axes_named(item, shape, axes):
+    import pytensor
+    import pytensor.tensor as pt
+    from conftest import TEST_MODE
+    from test_shape import layer_from
+
+    from netbuild.layers.base import Context
+
+    layer = layer_from(item, shape)
+    x = pt.tensor("x", dtype=pytensor.config.floatX, shape=(None, *shape))
+    values = np.random.default_rng(0).normal(size=(2, *shape)).astype(x.dtype)
+    got = pytensor.function([x], layer.forward([x], Context(training=False)), mode=TEST_MODE)(values)
+    want = values.max(axis=axes) if "max" in item else values.mean(axis=axes)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.shape[1:] == layer.output_shape([shape])
+
+
+@pytest.mark.parametrize("item, shape, message", [
+    ("{type: global_avg_pool, axis: 0}", (5, 3), "received axis 0 (the batch axis)"),
+    ("{type: global_avg_pool, axis: 3}", (5, 3), "received axis 3 for inputs with 2 axes"),
+    ("{type: global_avg_pool, axis: [1, 2]}", (5, 3), "pools every axis of the input"),
+    ("{type: global_max_pool, axis: [1, -2]}", (5, 3), "names axis -2 twice"),
+])
+def test_a_global_pool_axis_that_cannot_be_is_located(item, shape, message):
+    from test_shape import layer_from
+
+    from netbuild.errors import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        layer_from(item, shape)
+    (line,) = caught.value.lines()
+    assert line.startswith("t.yaml:6:") and "model.layers[0].axis" in line and message in line, line

@@ -295,9 +295,12 @@ def test_layer_uses_the_op_when_it_has_c_code(overrides, fused):
 def test_fused_graph_has_one_projection_and_one_op_per_direction():
     from pytensor.tensor.math import Dot
 
+    from netbuild.spec.validate import fill_defaults, schema
+
     x = pt.tensor3("x")
     for kind, bidirectional in itertools.product(LAYERS, (False, True)):
-        cfg = {"type": kind, "units": 3, "bidirectional": bidirectional}
+        cfg = fill_defaults({"type": kind, "units": 3, "bidirectional": bidirectional},
+                            schema()["$defs"]["layer"])  # the schema's defaults, as a spec has them
         layer = LAYERS[kind]("l", cfg)
         for s in layer.param_specs([(4, 2)]):
             layer.params[s.name] = pt.tensor(shape=s.shape, name=s.name)

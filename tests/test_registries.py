@@ -75,3 +75,57 @@ def test_spec_reference_is_current():
     from netbuild.spec.reference import markdown
 
     assert (ROOT / "docs" / "spec.md").read_text() == markdown(), "run `make docs`"
+
+
+def _layer_schema(type_name: str) -> dict:
+    (entry,) = [e["then"] for e in schema()["$defs"]["layer"]["allOf"]
+                if e["if"]["properties"]["type"]["const"] == type_name]
+    return entry
+
+
+#: How a hyperparameter's annotation reads for each kind of schema entry.
+ANNOTATION_OF = {
+    "positive_int": "int", "integer": "int", "boolean": "bool", "number": "float",
+    "activation": "Activation", "initializer": "Initializer", "penalty": "float",
+    "array": "list[int]", "string": "str",
+}
+
+
+def _kind(prop: dict) -> str:
+    if "$ref" in prop:
+        return prop["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in prop or "oneOf" in prop:
+        return "choice"
+    return prop.get("type") or ("string" if "enum" in prop else "?")
+
+
+@pytest.mark.parametrize("type_name", sorted(layers.REGISTRY))
+def test_a_layers_hyperparameters_are_its_schema_keys(type_name):
+    """One source each: the schema holds every default (and the keys), the class annotates the
+    same keys with their types; an optional key without a default is annotated ``| None``."""
+    cls = layers.REGISTRY[type_name]
+    entry = _layer_schema(type_name)
+    props = {k: v for k, v in entry["properties"].items() if k not in ("type", "name", "inputs")}
+    hyper = cls.hyperparameters()
+    assert set(hyper) == set(props), type_name
+    required = set(entry.get("required", []))
+    for key, annotation in hyper.items():
+        prop, kind = props[key], _kind(props[key])
+        optional = key not in required and "default" not in prop
+        assert annotation.endswith("| None") == optional, (key, annotation)
+        if kind in ANNOTATION_OF:
+            want = ANNOTATION_OF[kind].removesuffix(" | None")
+            assert annotation.removesuffix(" | None") == want, (key, annotation, kind)
+        else:  # an int or a list of ints, a padding: one of the aliases in layers.base
+            assert annotation.removesuffix(" | None") in ("Ints", "Padding", "Sides", "str"), (key, annotation)
+
+
+def test_layers_hold_no_defaults_of_their_own():
+    """Defaults live in the schema: no ``config.get(key, default)`` in a layer family."""
+    import re
+    from pathlib import Path
+
+    for module in Path(layers.__file__).parent.glob("*.py"):
+        text = module.read_text()
+        assert not re.search(r"config\.get\([^)]*,", text), module.name
+        assert "self.config[" not in text, module.name

@@ -50,8 +50,9 @@ class Unsupported(LayerError):
 class Graph:
     """The nodes and initializers of the graph being built, every tensor name unique."""
 
-    def __init__(self, onnx, integer_input: bool = False):
+    def __init__(self, onnx, integer_input: bool = False, opset: int = DEFAULT_OPSET):
         self.onnx = onnx
+        self.opset = opset
         self.nodes: list = []
         self.initializers: list = []
         self._names: set[str] = {"x", "y"}
@@ -169,7 +170,7 @@ def activate(g: Graph, config: Any, x: str, hint: str) -> str:
 
 
 def _activated(g: Graph, node: Node, z: str) -> str:
-    return activate(g, node.layer.config.get("activation", "linear"), z, node.name)
+    return activate(g, node.layer.activation, z, node.name)
 
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -206,9 +207,18 @@ def pool(g: Graph, node: Node, xs: list[str]) -> str:
 
 
 def global_pool(g: Graph, node: Node, xs: list[str]) -> str:
-    """Over every axis after the channels: ``(N, C, ...)`` -> ``(N, C, 1, ...)`` -> ``(N, C)``."""
-    op_type = "GlobalMaxPool" if node.layer.mode == "max" else "GlobalAveragePool"
-    return g.op("Flatten", [g.op(op_type, xs, f"{node.name}/pool")], node.name, axis=1)
+    """Over every axis after the channels: ``(N, C, ...)`` -> ``(N, C, 1, ...)`` -> ``(N, C)``;
+    with ``axis``, a ReduceMax or ReduceMean over those axes."""
+    layer = node.layer
+    if layer.axis is None:
+        op_type = "GlobalMaxPool" if layer.mode == "max" else "GlobalAveragePool"
+        return g.op("Flatten", [g.op(op_type, xs, f"{node.name}/pool")], node.name, axis=1)
+    axes = [1 + i for i in layer.pooled(node.input_shapes[0])]
+    op_type = "ReduceMax" if layer.mode == "max" else "ReduceMean"
+    # the axes are an input from opset 18 on (ReduceMax: 18, ReduceMean: 18), an attribute before
+    if g.opset >= 18:
+        return g.op(op_type, [xs[0], g.ints(f"{node.name}/axes", axes)], node.name, keepdims=0)
+    return g.op(op_type, xs, node.name, axes=axes, keepdims=0)
 
 
 def batch_norm(g: Graph, node: Node, xs: list[str]) -> str:
@@ -218,7 +228,7 @@ def batch_norm(g: Graph, node: Node, xs: list[str]) -> str:
     scale = g.param(node, "gamma") if "gamma" in params else g.tensor(f"{node.name}/ones", np.ones(channels))
     bias = g.param(node, "beta") if "beta" in params else g.tensor(f"{node.name}/zeros", np.zeros(channels))
     return g.op("BatchNormalization", [xs[0], scale, bias, g.param(node, "mean"), g.param(node, "var")],
-                node.name, epsilon=float(node.layer.config.get("epsilon", 1e-5)))
+                node.name, epsilon=float(node.layer.epsilon))
 
 
 def layer_norm(g: Graph, node: Node, xs: list[str]) -> str:
@@ -227,7 +237,7 @@ def layer_norm(g: Graph, node: Node, xs: list[str]) -> str:
     scale = g.param(node, "gamma") if "gamma" in params else g.tensor(f"{node.name}/ones", np.ones(features))
     inputs = [xs[0], scale] + ([g.param(node, "beta")] if "beta" in params else [])
     return g.op("LayerNormalization", inputs, node.name, axis=-1,
-                epsilon=float(node.layer.config.get("epsilon", 1e-5)))
+                epsilon=float(node.layer.epsilon))
 
 
 def embedding(g: Graph, node: Node, xs: list[str]) -> str:
@@ -246,8 +256,53 @@ def flatten(g: Graph, node: Node, xs: list[str]) -> str:
 
 
 def reshape(g: Graph, node: Node, xs: list[str]) -> str:
-    shape = g.ints(f"{node.name}/shape", [0] + list(node.layer.config["shape"]))  # 0: the batch
+    shape = g.ints(f"{node.name}/shape", [0] + list(node.layer.shape))  # 0: the batch
     return g.op("Reshape", [xs[0], shape], node.name)
+
+
+def permute(g: Graph, node: Node, xs: list[str]) -> str:
+    return g.op("Transpose", xs, node.name, perm=[0] + list(node.layer.dims))
+
+
+def sides(g: Graph, node: Node, xs: list[str]) -> str:
+    """Pad with zeros, or Slice the sides off."""
+    amounts = node.layer.sides()
+    if node.layer.sign > 0:
+        pads = [0, 0] + [b for b, _ in amounts] + [0, 0] + [a for _, a in amounts]
+        return g.op("Pad", [xs[0], g.ints(f"{node.name}/pads", pads)], node.name, mode="constant")
+    lengths = node.input_shapes[0][1:]
+    starts = [b for b, _ in amounts]
+    ends = [n - a for n, (_, a) in zip(lengths, amounts)]
+    axes = list(range(2, 2 + len(amounts)))
+    return g.op("Slice", [xs[0], g.ints(f"{node.name}/starts", starts), g.ints(f"{node.name}/ends", ends),
+                          g.ints(f"{node.name}/axes", axes)], node.name)
+
+
+def upsampling(g: Graph, node: Node, xs: list[str]) -> str:
+    """nearest: each value broadcast over a new axis of ``size`` after its own, then the pairs
+    merged; linear and bilinear: one MatMul per axis by the same interpolation matrices netbuild
+    multiplies by."""
+    layer = node.layer
+    shape = node.input_shapes[0]
+    factors = layer.factors()
+    if layer.interpolation == "nearest":
+        split = [0, 0] + [d for n in shape[1:] for d in (n, 1)]
+        grown = [1, 1] + [d for f in factors for d in (1, f)]
+        x = g.op("Reshape", [xs[0], g.ints(f"{node.name}/split", split)], f"{node.name}/split")
+        x = g.op("Expand", [x, g.ints(f"{node.name}/grown", grown)], f"{node.name}/repeated")
+        out = [0, 0] + [n * f for n, f in zip(shape[1:], factors)]
+        return g.op("Reshape", [x, g.ints(f"{node.name}/shape", out)], node.name)
+    y = xs[0]
+    matrices = layer.matrices()
+    for i, A in enumerate(matrices):  # (N, C, H, W): MatMul(y, A_w^T) on the last axis, A_h @ y before it
+        axis = 2 + i
+        last = axis == 1 + len(matrices)
+        hint = node.name if i == len(matrices) - 1 else f"{node.name}/axis{axis}"
+        if last:
+            y = g.op("MatMul", [y, g.tensor(f"{node.name}/interpolation{axis}", A.T)], hint)
+        else:
+            y = g.op("MatMul", [g.tensor(f"{node.name}/interpolation{axis}", A), y], hint)
+    return y
 
 
 def activation(g: Graph, node: Node, xs: list[str]) -> str:
@@ -289,7 +344,7 @@ RECURRENT_ACTIVATIONS: dict[str, Callable[..., tuple]] = {
 
 
 def _recurrent_activation(layer, key: str, default: str) -> tuple:
-    config = layer.config.get(key, default)
+    config = getattr(layer, key, None) or default
     try:
         fn, options = lookup(RECURRENT_ACTIVATIONS, config, "activation")
     except KeyError:
@@ -305,8 +360,8 @@ def recurrent(g: Graph, node: Node, xs: list[str]) -> str:
     ``linear_before_reset``); ``go_backwards`` reverses the sequence first. The outputs are laid
     out as netbuild's: the sequence ``(N, T, directions * units)`` or the final states
     ``(N, directions * units)``, directions side by side on the feature axis."""
-    layer, cfg = node.layer, node.layer.config
-    units, order = cfg["units"], GATE_ORDER[layer.type]
+    layer = node.layer
+    units, order = layer.units, GATE_ORDER[layer.type]
 
     def gates(a: np.ndarray) -> np.ndarray:
         return np.concatenate([a[..., k * units:(k + 1) * units] for k in order], axis=-1)
@@ -325,12 +380,12 @@ def recurrent(g: Graph, node: Node, xs: list[str]) -> str:
     betas = [f[2] for f in funcs if f[2] is not None]
 
     x = g.op("Transpose", xs, f"{node.name}/time_major", perm=[1, 0, 2])
-    if cfg.get("go_backwards", False):
+    if layer.go_backwards:
         x = g.op("Slice", [x, g.ints(f"{node.name}/last", [-1]), g.ints(f"{node.name}/before_first",
                                                                         [np.iinfo(np.int64).min]),
                            g.ints(f"{node.name}/time_axis", [0]), g.ints(f"{node.name}/back", [-1])],
                  f"{node.name}/reversed")
-    sequences = cfg.get("return_sequences", False)
+    sequences = layer.return_sequences
     doc = "netbuild's {} transposed, gate blocks in ONNX's order ({}), directions stacked"
     gate_names = {"simple_rnn": "one gate", "lstm": "i, o, f, c", "gru": "z, r, h"}[layer.type]
     inputs = [x, g.tensor(f"{node.name}/W", W, doc.format("W_ih", gate_names)),
@@ -357,6 +412,13 @@ EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
     "dropout": dropout,
     "flatten": flatten,
     "reshape": reshape,
+    "permute": permute,
+    "zero_padding1d": sides,
+    "zero_padding2d": sides,
+    "cropping1d": sides,
+    "cropping2d": sides,
+    "upsampling1d": upsampling,
+    "upsampling2d": upsampling,
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
     "embedding": embedding,
@@ -388,7 +450,7 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
         raise SpecError(spec.issue(("model",), f"the parameters take {size / 2**30:.1f} GiB as "
                                                "float32; an ONNX file holds at most 2 GiB"))
     integer = network.integer_input is not None
-    g = Graph(onnx, integer)
+    g = Graph(onnx, integer, int(opset))
     floats = onnx.TensorProto.FLOAT
     float_x: list[str] = []
 

@@ -20,12 +20,14 @@ from .pool import (
     MaxPool2D,
 )
 from .recurrent import GRU, LSTM, SimpleRNN
-from .shape import Flatten, Reshape
+from .resample import Upsampling1D, Upsampling2D
+from .shape import Cropping1D, Cropping2D, Flatten, Permute, Reshape, ZeroPadding1D, ZeroPadding2D
 
 REGISTRY: dict[str, type[Layer]] = {
     cls.type: cls
     for cls in (
-        Dense, Activation, Dropout, Flatten, Reshape,
+        Dense, Activation, Dropout, Flatten, Reshape, Permute,
+        ZeroPadding1D, ZeroPadding2D, Cropping1D, Cropping2D, Upsampling1D, Upsampling2D,
         BatchNorm, LayerNorm, Embedding,
         Conv1D, Conv2D,
         MaxPool1D, MaxPool2D, AvgPool1D, AvgPool2D, GlobalMaxPool, GlobalAvgPool,

@@ -1,8 +1,14 @@
 """The Layer contract that every layer family follows.
 
-A layer is its hyperparameters (the spec mapping, defaults filled), the parameters it declares
-once (:class:`ParamSpec`), a pure :meth:`Layer.output_shape` that never builds a graph, and
-:meth:`Layer.forward`, which builds the symbolic output. Shapes exclude the batch axis.
+A layer is its hyperparameters, the parameters it declares once (:class:`ParamSpec`), a pure
+:meth:`Layer.output_shape` that never builds a graph, and :meth:`Layer.forward`, which builds the
+symbolic output. Shapes exclude the batch axis.
+
+Hyperparameters are the class's annotations (each family documents them in an Args section):
+one per spec key the layer type takes, with its type. Their defaults are written once, in the
+schema: a validated spec holds every default, and the constructor sets each key as an attribute
+(``self.units``), None for an optional key that was not given. ``tests/test_registries.py``
+holds each class's annotations and the schema's keys for its type to one another.
 """
 
 from __future__ import annotations
@@ -15,6 +21,13 @@ import pytensor.tensor as pt
 from .. import activations
 
 Shape = tuple
+
+#: Annotation types of hyperparameters (the schema says exactly what each accepts).
+Activation = Any   # an activation name, or {type: name, ...options}
+Initializer = Any  # an initializer name, or {type: name, ...options}
+Ints = Any         # an int, or a list of one int per spatial axis
+Padding = Any      # "valid", "same", an int, or a list of ints
+Sides = Any        # an int, one int per spatial axis, or [before, after] per axis
 
 
 class LayerError(Exception):
@@ -82,9 +95,23 @@ class Layer:
 
     def __init__(self, name: str, config: dict):
         self.name = name
+        #: The layer's mapping in the validated spec (defaults filled in).
         self.config = config
         #: The shared variables of this layer's parameters, keyed by the short name (``W``).
         self.params: dict[str, Any] = {}
+        for key in type(self).hyperparameters():
+            setattr(self, key, config.get(key))  # every default is in the spec already
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, str]:
+        """The spec keys this layer type takes, each with its annotated type (the class's
+        annotations and its bases', ClassVars aside)."""
+        out: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for key, annotation in vars(klass).get("__annotations__", {}).items():
+                if not str(annotation).startswith("ClassVar"):
+                    out[key] = str(annotation)
+        return out
 
     # -- shape maths: pure, no graph -------------------------------------------------------
     def output_shape(self, input_shapes: Sequence[Shape]) -> Shape:
@@ -105,19 +132,37 @@ class Layer:
 
 
 class ActivatedLayer(Layer):
-    """A layer whose output is ``activation(linear(inputs))``; records the pre-activation."""
+    """A layer whose output is ``activation(linear(inputs))``; records the pre-activation.
+
+    Args:
+        activation: applied to the linear output (a name, or a mapping with options).
+    """
+
+    activation: Activation
 
     def linear(self, inputs: list, ctx: Context):
         raise NotImplementedError
 
     @property
     def activation_name(self) -> str:
-        return activations.name_of(self.config.get("activation", "linear"))
+        return activations.name_of(self.activation)
 
     def forward(self, inputs: list, ctx: Context):
         z = self.linear(inputs, ctx)
         ctx.preactivations[self.name] = (z, self.activation_name)
-        return activations.get(self.config.get("activation", "linear"))(z)
+        return activations.get(self.activation)(z)
+
+
+class Regularized:
+    """A mixin for layers with weights: ``l1`` and ``l2`` penalties on them (not on biases).
+
+    Args:
+        l1: the weight of the sum of absolute weights in the loss (none when not given).
+        l2: the weight of the sum of squared weights in the loss (none when not given).
+    """
+
+    l1: float | None
+    l2: float | None
 
 
 def single(input_shapes: Sequence[Shape]) -> Shape:

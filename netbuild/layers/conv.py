@@ -31,9 +31,7 @@ import numpy as np
 import pytensor.tensor as pt
 
 from ..ops import conv as ops_conv
-from .base import ActivatedLayer, Layer, LayerError, ParamSpec, single
-
-Padding = Any  # "valid", "same", an int, or a list of ints (one per spatial axis)
+from .base import ActivatedLayer, Initializer, Ints, Layer, LayerError, Padding, ParamSpec, Regularized, single
 
 AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
@@ -208,35 +206,51 @@ def _graph_conv(x, W, b, win: Window, channels: int, filters: int):
 
 
 # -- layers ---------------------------------------------------------------------------------------
-class Conv(ActivatedLayer):
-    """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`."""
+class Conv(Regularized, ActivatedLayer):
+    """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`.
+
+    Args:
+        filters: output channels.
+        kernel_size: the window, an int or one per spatial axis.
+        strides: the step between windows, an int or one per spatial axis.
+        padding: ``valid``, ``same``, or zeros on both sides (an int or one per axis).
+        dilation_rate: the spacing of the kernel's taps, an int or one per spatial axis.
+        use_bias: add ``b``.
+        kernel_initializer: of ``W``.
+        bias_initializer: of ``b``.
+    """
 
     rank: ClassVar[int] = 0
+    filters: int
+    kernel_size: Ints
+    strides: Ints
+    padding: Padding
+    dilation_rate: Ints
+    use_bias: bool
+    kernel_initializer: Initializer
+    bias_initializer: Initializer
 
     def geometry(self, input_shape: tuple) -> Window:
         check_rank(self, input_shape, self.rank)
-        cfg, r = self.config, self.rank
-        kernel = as_tuple(cfg["kernel_size"], r, "kernel_size")
-        strides = as_tuple(cfg.get("strides", 1), r, "strides")
-        dilation = as_tuple(cfg.get("dilation_rate", 1), r, "dilation_rate")
-        padding = padding_per_axis(cfg.get("padding", "valid"), r)
-        return window(input_shape[1:], kernel, strides, padding, dilation)
+        r = self.rank
+        kernel = as_tuple(self.kernel_size, r, "kernel_size")
+        strides = as_tuple(self.strides, r, "strides")
+        dilation = as_tuple(self.dilation_rate, r, "dilation_rate")
+        return window(input_shape[1:], kernel, strides, padding_per_axis(self.padding, r), dilation)
 
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
         self._input_shape = shape
-        return (int(self.config["filters"]),) + self.geometry(shape).out
+        return (int(self.filters),) + self.geometry(shape).out
 
     def param_specs(self, input_shapes):
         shape = single(input_shapes)
         kernel = self.geometry(shape).kernel
-        channels, filters, k = shape[0], int(self.config["filters"]), math.prod(kernel)
+        channels, filters, k = shape[0], int(self.filters), math.prod(kernel)
         fans = dict(fan_in=channels * k, fan_out=filters * k)
-        specs = [ParamSpec("W", (filters, channels) + kernel,
-                           self.config.get("kernel_initializer", "glorot_uniform"), **fans)]
-        if self.config.get("use_bias", True):
-            specs.append(ParamSpec("b", (filters,), self.config.get("bias_initializer", "zeros"),
-                                   regularize=False, **fans))
+        specs = [ParamSpec("W", (filters, channels) + kernel, self.kernel_initializer, **fans)]
+        if self.use_bias:
+            specs.append(ParamSpec("b", (filters,), self.bias_initializer, regularize=False, **fans))
         return specs
 
     def linear(self, inputs, ctx):

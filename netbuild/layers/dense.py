@@ -8,24 +8,34 @@ from __future__ import annotations
 
 import pytensor.tensor as pt
 
-from .base import ActivatedLayer, ParamSpec, single
+from .base import ActivatedLayer, Initializer, ParamSpec, Regularized, single
 
 
-class Dense(ActivatedLayer):
+class Dense(Regularized, ActivatedLayer):
+    """Args:
+        units: output features.
+        use_bias: add ``b``.
+        kernel_initializer: of ``W``.
+        bias_initializer: of ``b``.
+    """
+
     type = "dense"
+    units: int
+    use_bias: bool
+    kernel_initializer: Initializer
+    bias_initializer: Initializer
 
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
-        return shape[:-1] + (self.config["units"],)
+        return shape[:-1] + (self.units,)
 
     def param_specs(self, input_shapes):
         n_in = single(input_shapes)[-1]
-        units = self.config["units"]
-        specs = [ParamSpec("W", (n_in, units), self.config.get("kernel_initializer", "glorot_uniform"),
-                           fan_in=n_in, fan_out=units)]
-        if self.config.get("use_bias", True):
-            specs.append(ParamSpec("b", (units,), self.config.get("bias_initializer", "zeros"),
-                                   fan_in=n_in, fan_out=units, regularize=False))
+        units = self.units
+        specs = [ParamSpec("W", (n_in, units), self.kernel_initializer, fan_in=n_in, fan_out=units)]
+        if self.use_bias:
+            specs.append(ParamSpec("b", (units,), self.bias_initializer, fan_in=n_in, fan_out=units,
+                                   regularize=False))
         return specs
 
     def linear(self, inputs, ctx):

@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import pytensor.tensor as pt
 
-from .base import Layer, ParamSpec, single
+from typing import ClassVar
+
+from .base import Initializer, Layer, ParamSpec, Regularized, single
 
 
-class Embedding(Layer):
+class Embedding(Regularized, Layer):
+    """Args:
+        input_dim: the number of ids (rows of ``W``).
+        output_dim: the length of each id's vector.
+        embeddings_initializer: of ``W``.
+    """
+
     type = "embedding"
     #: The network feeds this layer integer ids rather than floats.
-    integer_input = True
+    integer_input: ClassVar[bool] = True
+    input_dim: int
+    output_dim: int
+    embeddings_initializer: Initializer
 
     def output_shape(self, input_shapes):
-        return single(input_shapes) + (self.config["output_dim"],)
+        return single(input_shapes) + (self.output_dim,)
 
     def param_specs(self, input_shapes):
-        n, d = self.config["input_dim"], self.config["output_dim"]
-        return [ParamSpec("W", (n, d), self.config.get("embeddings_initializer", "uniform"),
-                          fan_in=n, fan_out=d)]
+        n, d = self.input_dim, self.output_dim
+        return [ParamSpec("W", (n, d), self.embeddings_initializer, fan_in=n, fan_out=d)]
 
     def forward(self, inputs, ctx):
         (ids,) = inputs

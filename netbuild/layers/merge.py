@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import pytensor.tensor as pt
 
@@ -29,7 +29,7 @@ class _Elementwise(Layer):
     min_inputs = 2
     max_inputs = None
     #: The elementwise operation, ``(a, b) -> a op b``; a ``staticmethod`` in each subclass.
-    combine: Callable[[Any, Any], Any]
+    combine: ClassVar[Callable[[Any, Any], Any]]
 
     def output_shape(self, input_shapes):
         first = tuple(input_shapes[0])
@@ -53,13 +53,18 @@ class Multiply(_Elementwise):
 
 
 class Concatenate(Layer):
+    """Args:
+        axis: the axis to join along, counting the batch axis as 0 (``-1``: the last).
+    """
+
     type = "concatenate"
     min_inputs = 2
     max_inputs = None
+    axis: int
 
     def example_axis(self, ndim: int) -> int:
         """The configured ``axis`` as an index into an example's ``ndim`` axes."""
-        axis = self.config.get("axis", -1)
+        axis = self.axis
         index = axis - 1 if axis > 0 else ndim + axis
         if axis == 0 or not 0 <= index < ndim:
             batch = " (the batch axis)" if axis == 0 or index == -1 else ""
@@ -75,7 +80,7 @@ class Concatenate(Layer):
         i = self.example_axis(len(shapes[0]))
         if len({s[:i] + s[i + 1:] for s in shapes}) > 1:
             raise LayerError(f"received input shapes {_fmt(shapes)}; expected them equal except "
-                             f"along axis {self.config.get('axis', -1)}", key="inputs")
+                             f"along axis {self.axis}", key="inputs")
         return shapes[0][:i] + (sum(s[i] for s in shapes),) + shapes[0][i + 1:]
 
     def forward(self, inputs, ctx):

@@ -10,14 +10,19 @@ from .base import Layer, single
 
 
 class Dropout(Layer):
+    """Args:
+        rate: the fraction of inputs set to zero during training.
+    """
+
     type = "dropout"
+    rate: float
 
     def output_shape(self, input_shapes):
         return single(input_shapes)
 
     def forward(self, inputs, ctx):
         (x,) = inputs
-        rate = float(self.config["rate"])
+        rate = float(self.rate)
         if not ctx.training or rate == 0.0:
             return x
         keep = 1.0 - rate

@@ -26,18 +26,28 @@ import pytensor.tensor as pt
 from .base import Layer, LayerError, ParamSpec, single
 
 
-def _affine_specs(config: dict, features: int) -> list[ParamSpec]:
-    """``gamma`` (ones) and ``beta`` (zeros) of shape ``(features,)`` as ``scale``/``center`` ask."""
-    specs = []
-    if config.get("scale", True):
-        specs.append(ParamSpec("gamma", (features,), "ones", regularize=False))
-    if config.get("center", True):
-        specs.append(ParamSpec("beta", (features,), "zeros", regularize=False))
-    return specs
-
-
 class _Normalization(Layer):
-    """Shared by both: shape unchanged, ``y = x_hat * gamma + beta``."""
+    """Shared by both: shape unchanged, ``y = x_hat * gamma + beta``.
+
+    Args:
+        epsilon: added to the variance before its square root.
+        center: learn ``beta``.
+        scale: learn ``gamma``.
+    """
+
+    epsilon: float
+    center: bool
+    scale: bool
+
+    def _affine_specs(self, features: int) -> list[ParamSpec]:
+        """``gamma`` (ones) and ``beta`` (zeros) of shape ``(features,)`` as ``scale`` and
+        ``center`` ask."""
+        specs = []
+        if self.scale:
+            specs.append(ParamSpec("gamma", (features,), "ones", regularize=False))
+        if self.center:
+            specs.append(ParamSpec("beta", (features,), "zeros", regularize=False))
+        return specs
 
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
@@ -56,11 +66,16 @@ class _Normalization(Layer):
 
 
 class BatchNorm(_Normalization):
+    """Args:
+        momentum: ``running = momentum * running + (1 - momentum) * batch statistic``.
+    """
+
     type = "batch_norm"
+    momentum: float
 
     def param_specs(self, input_shapes):
         channels = single(input_shapes)[0]
-        return _affine_specs(self.config, channels) + [
+        return self._affine_specs(channels) + [
             ParamSpec("mean", (channels,), "zeros", trainable=False, regularize=False),
             ParamSpec("var", (channels,), "ones", trainable=False, regularize=False),
         ]
@@ -72,13 +87,13 @@ class BatchNorm(_Normalization):
         def per_channel(v):
             return v.dimshuffle(["x", 0] + ["x"] * (x.ndim - 2))
 
-        epsilon = self.config.get("epsilon", 1e-5)
+        epsilon = self.epsilon
         running_mean, running_var = self.params["mean"], self.params["var"]
         if ctx.training:
             mean = x.mean(axis=axes)
             centered = x - per_channel(mean)
             var = pt.square(centered).mean(axis=axes)
-            momentum = self.config.get("momentum", 0.9)
+            momentum = self.momentum
             n = (x.size // x.shape[1]).astype(x.dtype)
             unbiased = var * n / pt.maximum(n - 1, 1)  # a single value per channel: variance 0
             ctx.updates[running_mean] = (momentum * running_mean
@@ -95,10 +110,10 @@ class LayerNorm(_Normalization):
     type = "layer_norm"
 
     def param_specs(self, input_shapes):
-        return _affine_specs(self.config, single(input_shapes)[-1])
+        return self._affine_specs(single(input_shapes)[-1])
 
     def forward(self, inputs, ctx):
         (x,) = inputs
         centered = x - x.mean(axis=-1, keepdims=True)
         var = pt.square(centered).mean(axis=-1, keepdims=True)
-        return self._affine(centered / pt.sqrt(var + self.config.get("epsilon", 1e-5)))
+        return self._affine(centered / pt.sqrt(var + self.epsilon))

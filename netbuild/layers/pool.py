@@ -31,7 +31,7 @@ import numpy as np
 import pytensor.tensor as pt
 
 from ..ops import pool as ops_pool
-from .base import Layer, LayerError, single
+from .base import Ints, Layer, LayerError, single
 from .conv import (
     Window,
     as_tuple,
@@ -82,17 +82,26 @@ def _graph_pool(x, mode: str, win: Window, channels: int):
 
 class Pool(Layer):
     """Max or average pooling over ``rank`` spatial axes; subclasses set :attr:`type`,
-    :attr:`rank` and :attr:`mode` (``max`` or ``avg``)."""
+    :attr:`rank` and :attr:`mode` (``max`` or ``avg``).
+
+    Args:
+        pool_size: the window, an int or one per spatial axis.
+        strides: the step between windows (default: ``pool_size``).
+        padding: ``valid`` or ``same``.
+    """
 
     rank: ClassVar[int] = 0
     mode: ClassVar[str] = "max"
+    pool_size: Ints
+    strides: Ints | None
+    padding: str
 
     def geometry(self, input_shape: tuple) -> Window:
         check_rank(self, input_shape, self.rank)
-        cfg, r = self.config, self.rank
-        pool = as_tuple(cfg.get("pool_size", 2), r, "pool_size")
-        strides = as_tuple(cfg["strides"], r, "strides") if cfg.get("strides") is not None else pool
-        padding = cfg.get("padding", "valid")
+        r = self.rank
+        pool = as_tuple(self.pool_size, r, "pool_size")
+        strides = as_tuple(self.strides, r, "strides") if self.strides is not None else pool
+        padding = self.padding
         if padding not in ("valid", "same"):
             raise LayerError(f"padding {padding!r} is not a pooling padding; expected 'valid' or "
                              "'same'", key="padding")
@@ -134,24 +143,51 @@ class AvgPool2D(Pool):
 
 
 class GlobalPool(Layer):
-    """Max or mean over every axis after the channels: ``(C, ...)`` -> ``(C,)``."""
+    """Max or mean over every axis after the channels: ``(C, ...)`` -> ``(C,)``; or over
+    ``axis``.
+
+    Args:
+        axis: the axes to pool over, counting the batch axis as 0 (an int or a list; negative
+            from the last). Not given: every axis after the first. ``axis: 1`` pools a
+            ``(timesteps, units)`` sequence over time.
+    """
 
     mode: ClassVar[str] = "max"
+    axis: Ints | None
+
+    def pooled(self, shape: tuple) -> tuple[int, ...]:
+        """The pooled axes as indices into the axes of an example of ``shape``."""
+        rank = len(shape)
+        if self.axis is None:
+            if rank < 2:
+                raise LayerError(f"a '{self.type}' layer takes inputs of shape (channels, ...) with at "
+                                 f"least one axis after the channels; received shape {tuple(shape)}",
+                                 key="inputs")
+            return tuple(range(1, rank))
+        given = [self.axis] if isinstance(self.axis, int) else list(self.axis)
+        out = []
+        for a in given:
+            index = a - 1 if a > 0 else rank + a
+            if a == 0 or not 0 <= index < rank:
+                batch = " (the batch axis)" if a == 0 else ""
+                raise LayerError(f"received axis {a}{batch} for inputs with {rank} axes besides the "
+                                 f"batch axis; expected 1 to {rank} or -{rank} to -1", key="axis")
+            if index in out:
+                raise LayerError(f"axis {given} names axis {a} twice; expected each axis once", key="axis")
+            out.append(index)
+        if len(out) == rank:
+            raise LayerError(f"axis {given} pools every axis of the input; expected at least one to "
+                             "remain", key="axis")
+        return tuple(sorted(out))
 
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
-        if len(shape) < 2:
-            raise LayerError(f"a '{self.type}' layer takes inputs of shape (channels, ...) with at "
-                             f"least one axis after the channels; received shape {tuple(shape)}",
-                             key="inputs")
-        return (shape[0],)
+        pooled = self.pooled(shape)
+        return tuple(d for i, d in enumerate(shape) if i not in pooled)
 
     def forward(self, inputs, ctx):
         (x,) = inputs
-        if x.ndim < 3:
-            raise LayerError(f"a '{self.type}' layer needs an axis after the channels; received an "
-                             f"input with {x.ndim - 1} axes besides the batch", key="inputs")
-        axes = tuple(range(2, x.ndim))
+        axes = tuple(1 + i for i in self.pooled(tuple(x.type.shape[1:])))
         return pt.max(x, axis=axes) if self.mode == "max" else pt.mean(x, axis=axes)
 
 

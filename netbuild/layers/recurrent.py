@@ -52,7 +52,7 @@ import pytensor.tensor as pt
 
 from .. import activations, initializers
 from ..ops import recurrent as recurrent_ops
-from .base import Context, Layer, LayerError, ParamSpec, Shape, single
+from .base import Activation, Context, Initializer, Layer, LayerError, ParamSpec, Regularized, Shape, single
 
 
 class ForgetBias:
@@ -74,18 +74,39 @@ class ForgetBias:
         return f"ForgetBias({self.base!r}, units={self.units})"
 
 
-class Recurrent(Layer):
+class Recurrent(Regularized, Layer):
     """The loop shared by every cell: input projection, directions, the fused C op or scan,
     output selection.
 
-    A subclass sets :attr:`gates` and :attr:`n_states` and implements :meth:`step` (the scan
-    path; the C op has the same equations for the cell named by :attr:`type`).
+    A subclass sets :attr:`gates`, :attr:`n_states` and :attr:`cell`, and implements
+    :meth:`step` (the scan path; the C op has the same equations for its :attr:`cell`) and
+    :meth:`fused_extra`.
+
+    Args:
+        units: the state's size (each direction's).
+        return_sequences: output every step's state ``(timesteps, units)``, not the last.
+        go_backwards: read the sequence from its end (Keras).
+        bidirectional: a second direction reading the sequence backwards, outputs side by side.
+        activation: ``act`` in the equations.
+        kernel_initializer: of ``W_ih``.
+        recurrent_initializer: of ``W_hh``.
+        bias_initializer: of ``b_ih`` and ``b_hh``.
     """
 
     #: Gate blocks stacked on the columns of ``W_ih`` and ``W_hh``.
     gates: ClassVar[int] = 1
     #: Tensors carried from step to step (``h`` first; the LSTM also carries ``c``).
     n_states: ClassVar[int] = 1
+    #: The cell :mod:`netbuild.ops.recurrent` runs.
+    cell: ClassVar[str] = ""
+    units: int
+    return_sequences: bool
+    go_backwards: bool
+    bidirectional: bool
+    activation: Activation
+    kernel_initializer: Initializer
+    recurrent_initializer: Initializer
+    bias_initializer: Initializer
 
     # -- shape maths ----------------------------------------------------------------------
     def _check_input(self, input_shapes: Sequence[Shape]) -> tuple[int, int]:
@@ -98,20 +119,18 @@ class Recurrent(Layer):
     @property
     def directions(self) -> list[str]:
         """The parameter-name suffix of each direction."""
-        return ["", "_reverse"] if self.config.get("bidirectional", False) else [""]
+        return ["", "_reverse"] if self.bidirectional else [""]
 
     def output_shape(self, input_shapes):
         timesteps, _ = self._check_input(input_shapes)
-        units = self.config["units"] * len(self.directions)
-        return (timesteps, units) if self.config.get("return_sequences", False) else (units,)
+        units = self.units * len(self.directions)
+        return (timesteps, units) if self.return_sequences else (units,)
 
     def param_specs(self, input_shapes):
         _, features = self._check_input(input_shapes)
-        units = self.config["units"]
+        units = self.units
         width = self.gates * units
-        kernel = self.config.get("kernel_initializer", "glorot_uniform")
-        recurrent = self.config.get("recurrent_initializer", "orthogonal")
-        bias = self.config.get("bias_initializer", "zeros")
+        kernel, recurrent, bias = self.kernel_initializer, self.recurrent_initializer, self.bias_initializer
         specs = []
         for suffix in self.directions:
             specs += [
@@ -140,22 +159,25 @@ class Recurrent(Layer):
         raise NotImplementedError
 
     def _activations(self) -> tuple[Callable, Callable]:
-        return (activations.get(self.config.get("activation", "tanh")),
-                activations.get(self.config.get("recurrent_activation", "sigmoid")))
+        """``(act, ract)``; a cell without a recurrent activation gets sigmoid, unused."""
+        return (activations.get(self.activation),
+                activations.get(getattr(self, "recurrent_activation", None) or "sigmoid"))
+
+    def fused_extra(self, zero, inner):
+        """The fused op's fourth input: the LSTM's initial cell state, the GRU's ``b_hn``."""
+        return None
 
     # -- graph ----------------------------------------------------------------------------
     #: ``"auto"``: the fused C op where :meth:`fused_activations` allows it, else ``scan``;
     #: ``"scan"``: always ``scan`` (the reference the tests compare the C op against).
-    implementation: str = "auto"
+    implementation: ClassVar[str] = "auto"
 
     def fused_activations(self) -> tuple[str, str] | None:
         """``(activation, recurrent_activation)`` when :mod:`netbuild.ops.recurrent` has C code
         for both (named without options) and :attr:`implementation` allows it, else None."""
         if self.implementation == "scan":
             return None
-        names = [self.config.get("activation", "tanh"),
-                 self.config.get("recurrent_activation", "sigmoid") if self.gates > 1
-                 else "sigmoid"]  # simple_rnn has no recurrent activation
+        names = [self.activation, getattr(self, "recurrent_activation", None) or "sigmoid"]
         names = [n["type"] if isinstance(n, dict) and set(n) == {"type"} else n for n in names]
         if all(isinstance(n, str) and n in recurrent_ops.ACTIVATIONS for n in names):
             return names[0], names[1]
@@ -165,19 +187,19 @@ class Recurrent(Layer):
         (x,) = inputs
         batch = x.shape[0]
         xs = x.dimshuffle(1, 0, 2)  # time-major (timesteps, batch, features)
-        if self.config.get("go_backwards", False):
+        if self.go_backwards:
             xs = xs[::-1]
         # biases: the part added to the input projection, and the part kept inside the step
         outer, inner = zip(*(self.split_bias(self.params["b_ih" + s], self.params["b_hh" + s])
                              for s in self.directions))
-        zero = pt.zeros((batch, self.config["units"]), dtype=x.dtype)
+        zero = pt.zeros((batch, self.units), dtype=x.dtype)
         fused = self.fused_activations()
         if fused:
             hs = self._fused(xs, outer, inner, zero, *fused)
         else:
             hs = self._scan(xs, outer, inner, zero)
         # hs: h of each direction in its processing order (timesteps, batch, units)
-        if self.config.get("return_sequences", False):
+        if self.return_sequences:
             if len(hs) > 1:
                 hs = [hs[0], hs[1][::-1]]
             out = [h.dimshuffle(1, 0, 2) for h in hs]
@@ -193,11 +215,9 @@ class Recurrent(Layer):
         for d, suffix in enumerate(self.directions):
             seq = xs[::-1] if d else xs
             P = pt.dot(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
-                .reshape((steps, batch, self.gates * self.config["units"]))
-            # the fourth input: the LSTM's initial cell state, the GRU's b_hn
-            extra = {"simple_rnn": None, "lstm": zero, "gru": inner[d]}[self.type]
-            hs.append(recurrent_ops.sequence(self.type, P, outer[d], self.params["W_hh" + suffix],
-                                             zero, extra, act, ract)[0])
+                .reshape((steps, batch, self.gates * self.units))
+            hs.append(recurrent_ops.sequence(self.cell, P, outer[d], self.params["W_hh" + suffix],
+                                             zero, self.fused_extra(zero, inner[d]), act, ract)[0])
         return hs
 
     def _scan(self, xs, outer, inner, zero) -> list:
@@ -205,7 +225,7 @@ class Recurrent(Layer):
         input projection of every timestep and direction."""
         dirs = self.directions
         n_dir, n_states = len(dirs), self.n_states
-        width = self.gates * self.config["units"]
+        width = self.gates * self.units
         steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
         W_ih = pt.concatenate([self.params["W_ih" + s] for s in dirs], axis=1) if n_dir > 1 \
             else self.params["W_ih"]
@@ -243,6 +263,7 @@ class Recurrent(Layer):
 
 class SimpleRNN(Recurrent):
     type = "simple_rnn"
+    cell = "simple_rnn"
     gates = 1
 
     def step(self, p, states, W_hh, b_inner):
@@ -252,18 +273,29 @@ class SimpleRNN(Recurrent):
 
 
 class LSTM(Recurrent):
+    """Args:
+        recurrent_activation: ``ract``, of the gates i, f and o.
+        unit_forget_bias: start the forget gate's input bias at 1.
+    """
+
     type = "lstm"
+    cell = "lstm"
     gates = 4
     n_states = 2
+    recurrent_activation: Activation
+    unit_forget_bias: bool
 
     def input_bias_init(self, bias):
-        if self.config.get("unit_forget_bias", True):
-            return ForgetBias(bias, self.config["units"])
+        if self.unit_forget_bias:
+            return ForgetBias(bias, self.units)
         return bias
+
+    def fused_extra(self, zero, inner):
+        return zero
 
     def step(self, p, states, W_hh, b_inner):
         h, c = states
-        u = self.config["units"]
+        u = self.units
         act, ract = self._activations()
         a = p + pt.dot(h, W_hh)
         i, f, g, o = ract(a[:, :u]), ract(a[:, u:2 * u]), act(a[:, 2 * u:3 * u]), ract(a[:, 3 * u:])
@@ -272,17 +304,26 @@ class LSTM(Recurrent):
 
 
 class GRU(Recurrent):
+    """Args:
+        recurrent_activation: ``ract``, of the gates r and z.
+    """
+
     type = "gru"
+    cell = "gru"
     gates = 3
+    recurrent_activation: Activation
 
     def split_bias(self, b_ih, b_hh):
         # b_hn is scaled by the reset gate, so it stays in the step; b_hr and b_hz are hoisted
-        u = self.config["units"]
+        u = self.units
         return b_ih + pt.set_subtensor(b_hh[2 * u:], 0.0), b_hh[2 * u:]
+
+    def fused_extra(self, zero, inner):
+        return inner
 
     def step(self, p, states, W_hh, b_inner):
         (h,) = states
-        u = self.config["units"]
+        u = self.units
         act, ract = self._activations()
         q = pt.dot(h, W_hh)
         r = ract(p[:, :u] + q[:, :u])
