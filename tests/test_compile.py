@@ -133,6 +133,9 @@ model:
     - {type: cropping2d, cropping: [1, [0, 1]]}
     - {type: upsampling2d, size: 2}
     - {type: upsampling2d, size: [1, 2], interpolation: bilinear}
+    - {type: conv2d_transpose, filters: 3, kernel_size: 3, strides: 2, output_padding: 1}
+    - {type: depthwise_conv2d, kernel_size: 3, depth_multiplier: 2, activation: relu}
+    - {type: separable_conv2d, filters: 3, kernel_size: 3, strides: 2}
     - {type: conv2d, filters: 3, kernel_size: 3}
     - {type: reshape, shape: [3, -1]}
     - {type: permute, dims: [2, 1]}

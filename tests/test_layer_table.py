@@ -49,6 +49,16 @@ TABLE = [
                   "{type: add, inputs: [a, b]}"], 2 * (4 * 4 + 4)),
     ("multiply", [4], ["{type: dense, units: 4, name: a, activation: sigmoid}",
                        "{type: multiply, inputs: [a, input]}"], 4 * 4 + 4),
+    ("conv1d_transpose", [2, 4], ["{type: conv1d_transpose, filters: 3, kernel_size: 3, strides: 2, "
+                                  "output_padding: 1, activation: tanh}"], 2 * 3 * 3 + 3),
+    ("conv2d_transpose", [2, 3, 2], ["{type: conv2d_transpose, filters: 2, kernel_size: [2, 3], "
+                                     "strides: [2, 1], padding: 1, dilation_rate: [1, 2]}"], 2 * 2 * 6 + 2),
+    ("conv2d_transpose-same", [1, 3, 3], ["{type: conv2d_transpose, filters: 2, kernel_size: 3, strides: 2, "
+                                          "padding: same, activation: relu}"], 1 * 2 * 9 + 2),
+    ("depthwise_conv2d", [2, 4, 4], ["{type: depthwise_conv2d, kernel_size: 3, depth_multiplier: 2, "
+                                     "padding: same, strides: [1, 2]}"], 4 * 9 + 4),
+    ("separable_conv2d", [2, 4, 5], ["{type: separable_conv2d, filters: 3, kernel_size: [3, 2], "
+                                     "dilation_rate: [1, 2], activation: relu}"], 2 * 6 + 3 * 2 + 3),
     ("permute", [2, 3], ["{type: permute, dims: [2, 1]}", "{type: dense, units: 2}"], 2 * 2 + 2),
     ("zero_padding1d", [2, 3], ["{type: zero_padding1d, padding: [1, 2]}", "{type: flatten}"], 0),
     ("zero_padding2d", [1, 2, 3], ["{type: zero_padding2d, padding: [[1, 0], [0, 2]]}"], 0),

@@ -196,6 +196,41 @@ def conv(g: Graph, node: Node, xs: list[str]) -> str:
     return _activated(g, node, z)
 
 
+def conv_transpose(g: Graph, node: Node, xs: list[str]) -> str:
+    """ConvTranspose with the layout netbuild's (torch's) ``W (channels, filters, *kernel)``;
+    ``output_padding`` makes up whatever the pads leave short of netbuild's output length."""
+    layer = node.layer
+    geo = layer.geometry(node.input_shapes[0])
+    extra = [out - (s * (n - 1) + d * (k - 1) + 1 - b - a)
+             for out, n, k, s, d, (b, a) in zip(geo.out, node.input_shapes[0][1:], geo.kernel,
+                                                geo.strides, geo.dilation, geo.pads)]
+    inputs = [xs[0], g.param(node, "W")] + ([g.param(node, "b")] if "b" in layer.params else [])
+    z = g.op("ConvTranspose", inputs, f"{node.name}/conv_transpose", kernel_shape=list(geo.kernel),
+             strides=list(geo.strides), dilations=list(geo.dilation),
+             pads=[b for b, _ in geo.pads] + [a for _, a in geo.pads], output_padding=extra)
+    return _activated(g, node, z)
+
+
+def _grouped(g: Graph, node: Node, x: str, weight: str, bias: str | None, hint: str) -> str:
+    """A convolution with one group per input channel (depthwise), as netbuild slides it."""
+    win = node.layer.geometry(node.input_shapes[0])
+    inputs = [x, g.param(node, weight)] + ([g.param(node, bias)] if bias else [])
+    return g.op("Conv", inputs, hint, group=int(node.input_shapes[0][0]), kernel_shape=list(win.kernel),
+                strides=list(win.strides), dilations=list(win.dilation), pads=_pads(win))
+
+
+def depthwise_conv(g: Graph, node: Node, xs: list[str]) -> str:
+    bias = "b" if "b" in node.layer.params else None
+    return _activated(g, node, _grouped(g, node, xs[0], "W", bias, f"{node.name}/depthwise"))
+
+
+def separable_conv(g: Graph, node: Node, xs: list[str]) -> str:
+    mid = _grouped(g, node, xs[0], "W_depthwise", None, f"{node.name}/depthwise")
+    inputs = [mid, g.param(node, "W_pointwise")] + ([g.param(node, "b")] if "b" in node.layer.params else [])
+    z = g.op("Conv", inputs, f"{node.name}/pointwise", kernel_shape=[1, 1])
+    return _activated(g, node, z)
+
+
 def pool(g: Graph, node: Node, xs: list[str]) -> str:
     """MaxPool or AveragePool with explicit pads; padding never takes part (``count_include_pad``
     0: an average divides by the input elements of its window)."""
@@ -424,6 +459,10 @@ EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
     "embedding": embedding,
     "conv1d": conv,
     "conv2d": conv,
+    "conv1d_transpose": conv_transpose,
+    "conv2d_transpose": conv_transpose,
+    "depthwise_conv2d": depthwise_conv,
+    "separable_conv2d": separable_conv,
     "max_pool1d": pool,
     "max_pool2d": pool,
     "avg_pool1d": pool,

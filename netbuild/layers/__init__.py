@@ -5,7 +5,14 @@ from __future__ import annotations
 from ..errors import expected_one_of
 from .activation import Activation
 from .base import ActivatedLayer, Context, Layer, LayerError, ParamSpec
-from .conv import Conv1D, Conv2D
+from .conv import (
+    Conv1D,
+    Conv1DTranspose,
+    Conv2D,
+    Conv2DTranspose,
+    DepthwiseConv2D,
+    SeparableConv2D,
+)
 from .dense import Dense
 from .embedding import Embedding
 from .merge import Add, Concatenate, Multiply
@@ -29,7 +36,7 @@ REGISTRY: dict[str, type[Layer]] = {
         Dense, Activation, Dropout, Flatten, Reshape, Permute,
         ZeroPadding1D, ZeroPadding2D, Cropping1D, Cropping2D, Upsampling1D, Upsampling2D,
         BatchNorm, LayerNorm, Embedding,
-        Conv1D, Conv2D,
+        Conv1D, Conv2D, Conv1DTranspose, Conv2DTranspose, DepthwiseConv2D, SeparableConv2D,
         MaxPool1D, MaxPool2D, AvgPool1D, AvgPool2D, GlobalMaxPool, GlobalAvgPool,
         SimpleRNN, LSTM, GRU,
         Add, Multiply, Concatenate,

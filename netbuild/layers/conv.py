@@ -206,11 +206,10 @@ def _graph_conv(x, W, b, win: Window, channels: int, filters: int):
 
 
 # -- layers ---------------------------------------------------------------------------------------
-class Conv(Regularized, ActivatedLayer):
-    """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`.
+class Windowed(Regularized, ActivatedLayer):
+    """A layer that slides a kernel over ``rank`` spatial axes (the convolutions).
 
     Args:
-        filters: output channels.
         kernel_size: the window, an int or one per spatial axis.
         strides: the step between windows, an int or one per spatial axis.
         padding: ``valid``, ``same``, or zeros on both sides (an int or one per axis).
@@ -221,7 +220,6 @@ class Conv(Regularized, ActivatedLayer):
     """
 
     rank: ClassVar[int] = 0
-    filters: int
     kernel_size: Ints
     strides: Ints
     padding: Padding
@@ -237,6 +235,20 @@ class Conv(Regularized, ActivatedLayer):
         strides = as_tuple(self.strides, r, "strides")
         dilation = as_tuple(self.dilation_rate, r, "dilation_rate")
         return window(input_shape[1:], kernel, strides, padding_per_axis(self.padding, r), dilation)
+
+    def _bias_spec(self, channels: int, **fans) -> list[ParamSpec]:
+        return [ParamSpec("b", (channels,), self.bias_initializer, regularize=False, **fans)] \
+            if self.use_bias else []
+
+
+class Conv(Windowed):
+    """A convolution over ``rank`` spatial axes; subclasses set :attr:`type` and :attr:`rank`.
+
+    Args:
+        filters: output channels.
+    """
+
+    filters: int
 
     def output_shape(self, input_shapes):
         shape = single(input_shapes)
@@ -278,3 +290,206 @@ class Conv1D(Conv):
 class Conv2D(Conv):
     type = "conv2d"
     rank = 2
+
+
+@dataclass(frozen=True)
+class TransposedGeometry:
+    """A transposed convolution as the convolution it transposes: that convolution's window
+    (its input is this layer's output, ``out``) and pads."""
+
+    out: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+
+
+class ConvTranspose(Regularized, ActivatedLayer):
+    """A transposed convolution (the gradient of a convolution with respect to its input: each
+    input value scatters ``W`` times itself into the output) over ``rank`` spatial axes.
+
+    ``W (channels, filters, *kernel)``, as ``torch.nn.ConvTranspose1d/2d.weight``, and
+    ``b (filters,)``. Each spatial axis of length ``L`` gives ``(L - 1) * s - p_before - p_after
+    + d * (k - 1) + output_padding + 1`` outputs; ``same`` padding gives ``L * s`` (the pads of
+    the ``same`` convolution of that many values, Keras's ``Conv2DTranspose``).
+
+    Args:
+        filters: output channels.
+        kernel_size: the window, an int or one per spatial axis.
+        strides: the step between the windows an input scatters into.
+        padding: ``valid`` (0), ``same``, or an int (or one per axis) removed from both sides
+            (torch's ``padding``).
+        output_padding: values added at the end of each axis (less than its stride or dilation),
+            to tell apart the output lengths one input length can come from.
+        dilation_rate: the spacing of the kernel's taps.
+        use_bias: add ``b``.
+        kernel_initializer: of ``W``.
+        bias_initializer: of ``b``.
+    """
+
+    rank: ClassVar[int] = 0
+    filters: int
+    kernel_size: Ints
+    strides: Ints
+    padding: Padding
+    output_padding: Ints
+    dilation_rate: Ints
+    use_bias: bool
+    kernel_initializer: Initializer
+    bias_initializer: Initializer
+
+    def geometry(self, input_shape: tuple) -> TransposedGeometry:
+        check_rank(self, input_shape, self.rank)
+        r = self.rank
+        kernel = as_tuple(self.kernel_size, r, "kernel_size")
+        strides = as_tuple(self.strides, r, "strides")
+        dilation = as_tuple(self.dilation_rate, r, "dilation_rate")
+        extra = as_tuple(self.output_padding, r, "output_padding")
+        padding = padding_per_axis(self.padding, r)
+        out, pads = [], []
+        for n, k, s, d, e, p in zip(input_shape[1:], kernel, strides, dilation, extra, padding):
+            if e >= s and e >= d:
+                raise LayerError(f"output_padding {e} is not smaller than the stride {s} or the "
+                                 f"dilation {d}; expected less than one of them", key="output_padding")
+            if p == "same":
+                if e:
+                    raise LayerError("output_padding with padding 'same', whose output length is "
+                                     "the input's times the stride; expected 0", key="output_padding")
+                length = n * s
+                pads.append(same_padding(length, k, s, d))
+            else:
+                b = a = 0 if p == "valid" else int(p)
+                length = (n - 1) * s - b - a + effective_kernel(k, d) + e
+                pads.append((b, a))
+            if length < 1:
+                raise LayerError(f"the output length would be {length}: padding {p} removes more "
+                                 f"than the {(n - 1) * s + effective_kernel(k, d) + e} values the "
+                                 f"windows cover (input shape {tuple(input_shape)}); expected less "
+                                 "padding", key="padding")
+            out.append(length)
+        return TransposedGeometry(tuple(out), kernel, strides, dilation, tuple(pads))
+
+    def output_shape(self, input_shapes):
+        shape = single(input_shapes)
+        self._input_shape = shape
+        return (int(self.filters),) + self.geometry(shape).out
+
+    def param_specs(self, input_shapes):
+        shape = single(input_shapes)
+        kernel = self.geometry(shape).kernel
+        channels, filters, k = shape[0], int(self.filters), math.prod(kernel)
+        fans = dict(fan_in=channels * k, fan_out=filters * k)
+        specs = [ParamSpec("W", (channels, filters) + kernel, self.kernel_initializer, **fans)]
+        if self.use_bias:
+            specs.append(ParamSpec("b", (filters,), self.bias_initializer, regularize=False, **fans))
+        return specs
+
+    def linear(self, inputs, ctx):
+        (x,) = inputs
+        geo = self.geometry(static_shape(self, x))
+        y = ops_conv.conv_transpose(x, self.params["W"], geo.out, geo.strides, geo.dilation, geo.pads)
+        if "b" in self.params:
+            y = y + self.params["b"].dimshuffle("x", 0, *(["x"] * self.rank))
+        return y
+
+
+class Conv1DTranspose(ConvTranspose):
+    type = "conv1d_transpose"
+    rank = 1
+
+
+class Conv2DTranspose(ConvTranspose):
+    type = "conv2d_transpose"
+    rank = 2
+
+
+
+def depthwise(x, W, win: Window, channels: int, multiplier: int):
+    """Each of ``x``'s ``channels`` convolved with its own ``multiplier`` kernels of
+    ``W (channels * multiplier, 1, *kernel)`` (torch's grouped layout): output channel
+    ``c * multiplier + m`` reads input channel ``c``. Written from PyTensor's ops: one strided
+    slice of the padded input per kernel offset, each times its column of weights, summed."""
+    padded = pad_spatial(x, win, 0.0, first=2)
+    w = W.reshape((channels, multiplier, win.size))
+    r = len(win.spatial)
+    total = None
+    for k, part in enumerate(window_slices(padded, win, first=2)):  # (N, C, *out) each
+        term = part.dimshuffle(0, 1, "x", *range(2, 2 + r)) * \
+            w[:, :, k].dimshuffle("x", 0, 1, *(["x"] * r))
+        total = term if total is None else total + term
+    return total.reshape((x.shape[0], channels * multiplier, *win.out))
+
+
+class DepthwiseConv2D(Windowed):
+    """Each channel convolved on its own with ``depth_multiplier`` kernels, as
+    ``torch.nn.Conv2d(C, C * depth_multiplier, kernel_size, groups=C)``: ``W (C * M, 1, kh, kw)``,
+    ``b (C * M,)``; output channel ``c * M + m`` reads input channel ``c``.
+
+    Args:
+        depth_multiplier: kernels per input channel.
+    """
+
+    type = "depthwise_conv2d"
+    rank = 2
+    depth_multiplier: int
+
+    def output_shape(self, input_shapes):
+        shape = single(input_shapes)
+        self._input_shape = shape
+        return (shape[0] * self.depth_multiplier,) + self.geometry(shape).out
+
+    def param_specs(self, input_shapes):
+        shape = single(input_shapes)
+        kernel = self.geometry(shape).kernel
+        out, k = shape[0] * self.depth_multiplier, math.prod(kernel)
+        fans = dict(fan_in=k, fan_out=self.depth_multiplier * k)
+        return [ParamSpec("W", (out, 1) + kernel, self.kernel_initializer, **fans)] + \
+            self._bias_spec(out, **fans)
+
+    def linear(self, inputs, ctx):
+        (x,) = inputs
+        shape = static_shape(self, x)
+        y = depthwise(x, self.params["W"], self.geometry(shape), shape[0], self.depth_multiplier)
+        if "b" in self.params:
+            y = y + self.params["b"].dimshuffle("x", 0, "x", "x")
+        return y
+
+
+class SeparableConv2D(Windowed):
+    """A depthwise convolution (:class:`DepthwiseConv2D`, no bias), then a 1x1 convolution to
+    ``filters`` channels (Keras's ``SeparableConv2D``): ``W_depthwise (C * M, 1, kh, kw)``,
+    ``W_pointwise (filters, C * M, 1, 1)`` (torch's layouts), ``b (filters,)``.
+
+    Args:
+        filters: output channels.
+        depth_multiplier: depthwise kernels per input channel.
+        pointwise_initializer: of ``W_pointwise`` (``kernel_initializer`` is the depthwise's).
+    """
+
+    type = "separable_conv2d"
+    rank = 2
+    filters: int
+    depth_multiplier: int
+    pointwise_initializer: Initializer
+
+    def output_shape(self, input_shapes):
+        shape = single(input_shapes)
+        self._input_shape = shape
+        return (int(self.filters),) + self.geometry(shape).out
+
+    def param_specs(self, input_shapes):
+        shape = single(input_shapes)
+        kernel = self.geometry(shape).kernel
+        mid, k = shape[0] * self.depth_multiplier, math.prod(kernel)
+        return [ParamSpec("W_depthwise", (mid, 1) + kernel, self.kernel_initializer,
+                          fan_in=k, fan_out=self.depth_multiplier * k),
+                ParamSpec("W_pointwise", (int(self.filters), mid, 1, 1), self.pointwise_initializer,
+                          fan_in=mid, fan_out=int(self.filters))] + \
+            self._bias_spec(int(self.filters), fan_in=mid, fan_out=int(self.filters))
+
+    def linear(self, inputs, ctx):
+        (x,) = inputs
+        shape = static_shape(self, x)
+        mid = depthwise(x, self.params["W_depthwise"], self.geometry(shape), shape[0],
+                        self.depth_multiplier)
+        return ops_conv.conv(mid, self.params["W_pointwise"], self.params.get("b"), (1, 1))

@@ -397,6 +397,17 @@ def conv(x, w, b=None, strides: Sequence[int] = (1, 1), dilation: Sequence[int] 
     return op(x, w) if b is None else op(x, w, b)
 
 
+def conv_transpose(x, w, out_spatial: Sequence[int], strides: Sequence[int],
+                   dilation: Sequence[int], pads: Sequence):
+    """The transposed convolution of ``x (N, C_in, *spatial)`` with ``W (C_in, C_out, *kernel)``
+    (PyTorch's ``ConvTranspose`` layout) to ``(N, C_out, *out_spatial)``: the gradient of the
+    convolution of such an output with ``W`` (``strides``, ``dilation``, ``pads``) with respect to
+    its input, so :class:`ConvGradInput` computes it and :class:`Conv` and
+    :class:`ConvGradWeights` its gradients."""
+    shape = pt.zeros((x.shape[0], w.shape[1], *[int(n) for n in out_spatial]), dtype=w.dtype)
+    return ConvGradInput(strides, dilation, pads)(shape, w, x)
+
+
 # -- numpy: the same algorithm over the whole batch, for PyTensor's Python modes -------------------
 def _np_im2col(x: np.ndarray, kernel, op: _ConvCOp) -> np.ndarray:
     """``(N, C*prod(kernel), prod(out))``: rows in ``W``'s order ``(c, *offset)``."""
