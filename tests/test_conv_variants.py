@@ -8,12 +8,10 @@ import itertools
 
 import numpy as np
 import pytensor
-import pytensor.tensor as pt
 import pytest
 from conftest import TEST_MODE, verify_grad
 from test_shape import layer_from
 
-from netbuild.layers.base import Context
 from netbuild.network import Network
 from netbuild.spec import load_text, validate
 
