@@ -156,3 +156,31 @@ def test_new_layers_compile_to_c_only():
     x = np.random.default_rng(0).normal(size=(4, 2, 6, 5)).astype(pytensor.config.floatX)
     assert np.isfinite(float(fns.step(x, y)[0]))
     assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
+
+
+#: A transformer block: positional embedding, attention (with dropout), residual, layer norm.
+TRANSFORMER = """\
+name: t
+data: {train: none.npz}
+model:
+  input_shape: [6, 8]
+  layers:
+    - {type: positional_embedding, name: pos}
+    - {type: multi_head_attention, num_heads: 2, causal: true, dropout: 0.1, name: att}
+    - {type: add, inputs: [pos, att]}
+    - {type: layer_norm}
+    - {type: dense, units: 8, activation: relu}
+    - {type: global_avg_pool, axis: 1}
+    - {type: dense, units: 3, activation: softmax}
+train: {loss: categorical_crossentropy, optimizer: {type: adam}}
+"""
+
+
+def test_attention_compiles_to_c_only():
+    net = Network.from_spec(validate(load_text(TRANSFORMER, "t.yaml")))
+    y = np.array([0, 1, 2, 1])
+    fns = compile_train(net, {"loss": "categorical_crossentropy",
+                              "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
+    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(pytensor.config.floatX)
+    assert np.isfinite(float(fns.step(x, y)[0]))
+    assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []

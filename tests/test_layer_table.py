@@ -59,6 +59,15 @@ TABLE = [
                                      "padding: same, strides: [1, 2]}"], 4 * 9 + 4),
     ("separable_conv2d", [2, 4, 5], ["{type: separable_conv2d, filters: 3, kernel_size: [3, 2], "
                                      "dilation_rate: [1, 2], activation: relu}"], 2 * 6 + 3 * 2 + 3),
+    ("multi_head_attention", [4, 6], ["{type: multi_head_attention, num_heads: 2, causal: true}"],
+     4 * (6 * 6 + 6)),
+    ("multi_head_attention-cross", [3, 4], ["{type: dense, units: 5, name: kv}",
+                                            "{type: multi_head_attention, num_heads: 3, key_dim: 2, value_dim: 3, "
+                                            "inputs: [input, kv]}"],
+     (4 * 5 + 5) + (6 * 4 + 6) + (6 * 5 + 6) + (9 * 5 + 9) + (4 * 9 + 4)),
+    ("positional_embedding", [3, 4], ["{type: positional_embedding, max_length: 5}"], 5 * 4),
+    ("positional_embedding-sinusoidal", [3, 4], ["{type: positional_embedding, encoding: sinusoidal}",
+                                                 "{type: dense, units: 2}"], 4 * 2 + 2),
     ("permute", [2, 3], ["{type: permute, dims: [2, 1]}", "{type: dense, units: 2}"], 2 * 2 + 2),
     ("zero_padding1d", [2, 3], ["{type: zero_padding1d, padding: [1, 2]}", "{type: flatten}"], 0),
     ("zero_padding2d", [1, 2, 3], ["{type: zero_padding2d, padding: [[1, 0], [0, 2]]}"], 0),

@@ -25,6 +25,7 @@ import numpy as np
 from .. import __version__, activations
 from ..errors import MissingExtra, SpecError
 from ..layers import LayerError
+from ..layers.attention import sinusoids
 from ..network import INPUT, Network, Node
 from ..registry import lookup
 from ..spec import Spec
@@ -340,6 +341,48 @@ def upsampling(g: Graph, node: Node, xs: list[str]) -> str:
     return y
 
 
+def attention(g: Graph, node: Node, xs: list[str]) -> str:
+    """Multi-head attention from MatMul, Softmax and reshapes, in netbuild's order of operations."""
+    layer = node.layer
+    tq, _, tk, _, dk, dv = layer.dims(node.input_shapes)
+    h = int(layer.num_heads)
+
+    def project(x: str, which: str, dim: int) -> str:  # (N, T, E) -> (N, h, T, dim)
+        w = value(node, f"W_{which}")
+        y = g.op("MatMul", [x, g.tensor(f"{node.name}/W_{which}", w.T, f"W_{which} transposed")],
+                 f"{node.name}/{which}")
+        if f"b_{which}" in layer.params:
+            y = g.op("Add", [y, g.param(node, f"b_{which}")], f"{node.name}/{which}_biased")
+        y = g.op("Reshape", [y, g.ints(f"{node.name}/{which}_heads", [0, 0, h, dim])], f"{node.name}/{which}_split")
+        return g.op("Transpose", [y], f"{node.name}/{which}_by_head", perm=[0, 2, 1, 3])
+
+    q, k, v = project(xs[0], "q", dk), project(xs[-1], "k", dk), project(xs[-1], "v", dv)
+    kt = g.op("Transpose", [k], f"{node.name}/k_t", perm=[0, 1, 3, 2])
+    scores = g.op("Mul", [g.op("MatMul", [q, kt], f"{node.name}/qk"),
+                          g.scalar(f"{node.name}/scale", 1.0 / np.sqrt(dk))], f"{node.name}/scores")
+    if layer.causal:
+        allowed = g.tensor(f"{node.name}/causal", np.tril(np.ones((1, 1, tq, tk), dtype=bool)))
+        scores = g.op("Where", [allowed, scores, g.scalar("minus_infinity", -np.inf)],
+                      f"{node.name}/masked")
+    weights = g.op("Softmax", [scores], f"{node.name}/weights", axis=-1)
+    out = g.op("Transpose", [g.op("MatMul", [weights, v], f"{node.name}/av")], f"{node.name}/by_step",
+               perm=[0, 2, 1, 3])
+    out = g.op("Reshape", [out, g.ints(f"{node.name}/merged", [0, 0, h * dv])], f"{node.name}/merged")
+    y = g.op("MatMul", [out, g.tensor(f"{node.name}/W_o", value(node, "W_o").T, "W_o transposed")],
+             node.name if "b_o" not in layer.params else f"{node.name}/out")
+    return g.op("Add", [y, g.param(node, "b_o")], node.name) if "b_o" in layer.params else y
+
+
+def positional(g: Graph, node: Node, xs: list[str]) -> str:
+    layer = node.layer
+    t, e = node.input_shapes[0]
+    if layer.encoding == "learned":
+        table = value(node, "W")[:t]
+    else:
+        table = sinusoids(t, e)
+    return g.op("Add", [xs[0], g.tensor(f"{node.name}/W", table[None], "the positions' vectors")], node.name)
+
+
 def activation(g: Graph, node: Node, xs: list[str]) -> str:
     return _activated(g, node, xs[0])
 
@@ -475,6 +518,8 @@ EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
     "add": _chain("Add"),
     "multiply": _chain("Mul"),
     "concatenate": concatenate,
+    "multi_head_attention": attention,
+    "positional_embedding": positional,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import expected_one_of
 from .activation import Activation
+from .attention import MultiHeadAttention, PositionalEmbedding
 from .base import ActivatedLayer, Context, Layer, LayerError, ParamSpec
 from .conv import (
     Conv1D,
@@ -40,6 +41,7 @@ REGISTRY: dict[str, type[Layer]] = {
         MaxPool1D, MaxPool2D, AvgPool1D, AvgPool2D, GlobalMaxPool, GlobalAvgPool,
         SimpleRNN, LSTM, GRU,
         Add, Multiply, Concatenate,
+        MultiHeadAttention, PositionalEmbedding,
     )
 }
 
