@@ -35,9 +35,10 @@ data: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[data]'
 	$(BIN)/python configs/data/make_data.py
 
-# netbuild against PyTorch (CPU) on an MLP, a CNN, an LSTM and a GRU, with SGD-momentum and Adam,
-# each tool at its default threads and on one: samples/s, the speed-up from the second core, the
-# MLP's matrix-product bound, compile times and peak memory -> bench/RESULTS.md (about 8 minutes).
+# netbuild against PyTorch (CPU) on an MLP, a CNN, an LSTM, a GRU and a transformer block, with
+# SGD-momentum and Adam, each tool at its default threads and on one: samples/s, the speed-up from
+# the second core, the MLP's matrix-product bound, compile times and peak memory -> bench/RESULTS.md
+# (about 10 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py

@@ -116,6 +116,32 @@ def _torch_recurrent(kind: str, gates: int):
     return build
 
 
+def torch_transformer(params: dict):
+    """``nn.MultiheadAttention`` (netbuild's W_q, W_k, W_v stacked as its in_projection), a
+    residual add, ``nn.LayerNorm``, the mean over time, a linear layer."""
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            width = params["att/W_q"].shape[1]
+            self.att = nn.MultiheadAttention(width, 4, batch_first=True)
+            self.att.in_proj_weight = _t(np.concatenate([params[f"att/W_{k}"] for k in "qkv"]))
+            self.att.in_proj_bias = _t(np.concatenate([params[f"att/b_{k}"] for k in "qkv"]))
+            self.att.out_proj.weight = _t(params["att/W_o"])
+            self.att.out_proj.bias = _t(params["att/b_o"])
+            self.norm = nn.LayerNorm(width)
+            self.norm.weight, self.norm.bias = _t(params["ln/gamma"]), _t(params["ln/beta"])
+            self.out = _linear(params, "out")
+
+        def forward(self, x):
+            a, _ = self.att(x, x, x, need_weights=False)
+            return self.out(torch.mean(self.norm(x + a), dim=1))
+
+    return Net()
+
+
 #: By name: (the spec's ``train.optimizer``, the same optimizer in PyTorch).
 OPTIMIZERS = {
     "sgd-momentum": ("{type: sgd, learning_rate: 0.01, momentum: 0.9}",
@@ -145,6 +171,11 @@ MODELS = {m.name: m for m in [
           "[{type: gru, units: 128, name: rnn}, "
           "{type: dense, units: 10, activation: softmax, name: out}]",
           _torch_recurrent("GRU", 3)),
+    Model("transformer", "Transformer block: attention 4 heads, width 128, 64 steps", (64, 128), 32, 32 * 20,
+          "[{type: multi_head_attention, num_heads: 4, name: att}, "
+          "{type: add, inputs: [input, att]}, {type: layer_norm, name: ln}, "
+          "{type: global_avg_pool, axis: 1}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]", torch_transformer),
 ]}
 
 

@@ -16,10 +16,16 @@ static inline void row_lse(const T* __restrict__ x, npy_intp k, T* mx, double* l
     *lse = (double)m + std::log(s);
 }
 
+// Rows per thread at least: waking a thread costs more than a few thousand exponentials.
+static const npy_intp SOFTMAX_PER_PART = 16384;
+static inline npy_intp rows_per_part(npy_intp k) {
+    return k > 0 ? (SOFTMAX_PER_PART + k - 1) / k : 1;
+}
+
 template <typename T>
-__attribute__((noinline)) static void softmax(const T* __restrict__ X, T* __restrict__ P,
-                                              npy_intp rows, npy_intp k) {
-    for (npy_intp r = 0; r < rows; ++r) {
+__attribute__((noinline)) static void softmax_rows(const T* __restrict__ X, T* __restrict__ P,
+                                                   npy_intp lo, npy_intp hi, npy_intp k) {
+    for (npy_intp r = lo; r < hi; ++r) {
         const T* x = X + r * k;
         T* p = P + r * k;
         T m = -INFINITY;
@@ -35,11 +41,20 @@ __attribute__((noinline)) static void softmax(const T* __restrict__ X, T* __rest
     }
 }
 
+// Rows in parallel, each alone: the bits do not depend on the threads.
+template <typename T>
+static void softmax(const T* __restrict__ X, T* __restrict__ P, npy_intp rows, npy_intp k) {
+    netbuild_for_parts(rows, rows_per_part(k),
+                       [&](npy_intp lo, npy_intp hi) { softmax_rows(X, P, lo, hi, k); });
+}
+
 // dx = p * (dp - sum(dp * p)), row by row.
 template <typename T>
-__attribute__((noinline)) static void softmax_grad(const T* __restrict__ DP, const T* __restrict__ P,
-                                                   T* __restrict__ DX, npy_intp rows, npy_intp k) {
-    for (npy_intp r = 0; r < rows; ++r) {
+__attribute__((noinline)) static void softmax_grad_rows(const T* __restrict__ DP,
+                                                        const T* __restrict__ P,
+                                                        T* __restrict__ DX, npy_intp lo,
+                                                        npy_intp hi, npy_intp k) {
+    for (npy_intp r = lo; r < hi; ++r) {
         const T* dp = DP + r * k;
         const T* p = P + r * k;
         T* dx = DX + r * k;
@@ -48,6 +63,13 @@ __attribute__((noinline)) static void softmax_grad(const T* __restrict__ DP, con
         const T st = (T)s;
         for (npy_intp j = 0; j < k; ++j) dx[j] = p[j] * (dp[j] - st);
     }
+}
+
+template <typename T>
+static void softmax_grad(const T* __restrict__ DP, const T* __restrict__ P, T* __restrict__ DX,
+                         npy_intp rows, npy_intp k) {
+    netbuild_for_parts(rows, rows_per_part(k),
+                       [&](npy_intp lo, npy_intp hi) { softmax_grad_rows(DP, P, DX, lo, hi, k); });
 }
 
 // Class ids: loss = lse - (1 - s) x[y] - s/k sum(x). Returns 0, or 1 + the first row whose id
