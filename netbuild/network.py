@@ -35,6 +35,8 @@ class Node:
     input_shapes: list[tuple] = field(default_factory=list)
     output_shape: tuple = ()
     param_specs: list[ParamSpec] = field(default_factory=list)
+    #: Whether the output carries the mask of a padded sequence.
+    masked: bool = False
 
     @property
     def name(self) -> str:
@@ -172,6 +174,31 @@ def _infer_shapes(spec: Spec, order: list[Node], input_shape: tuple) -> None:
         raise SpecError(issues)
 
 
+def _infer_masks(spec: Spec, order: list[Node], output: str) -> None:
+    """Which outputs carry a padded sequence's mask; a mask reaching a layer that cannot take
+    it, or the network's output (the loss does not weigh steps yet), is a located error."""
+    issues: list[Issue] = []
+    masked = {INPUT: False}
+    for node in order:
+        try:
+            node.masked = node.layer.passes_mask([masked[i] for i in node.inputs], node.input_shapes)
+        except LayerError as exc:
+            cfg = spec.data["model"]["layers"][node.index]
+            where = node.path + (exc.key,) if exc.key and exc.key in cfg else node.path
+            issues.append(spec.issue(where, f"layer '{node.name}': {exc}"))
+            node.masked = False
+        masked[node.name] = node.masked
+        if node.name == output and node.masked:
+            issues.append(spec.issue(node.path, f"layer '{node.name}': the network's output is a "
+                                                "masked sequence, and the loss of per-timestep "
+                                                "outputs does not leave out padded steps yet; "
+                                                "expected the mask to end before the output (a "
+                                                "recurrent layer without return_sequences, or a "
+                                                "global pool over time)"))
+    if issues:
+        raise SpecError(issues)
+
+
 class Network:
     """Layers in topological order with static shapes and their parameters.
 
@@ -199,6 +226,7 @@ class Network:
         order = _ordered(spec, nodes)
         input_shape = tuple(spec.data["model"]["input_shape"])
         _infer_shapes(spec, order, input_shape)
+        _infer_masks(spec, order, names[-1])
         net = cls(spec, input_shape, order, output=names[-1])
         if init:
             net.init_params(int(spec.data.get("seed", 0)))
@@ -253,6 +281,8 @@ class Network:
             reads_ids = getattr(node.layer, "integer_input", False)
             inputs = [as_float if i == INPUT and not reads_ids else values[i] for i in node.inputs]
             values[node.name] = node.layer.forward(inputs, ctx)
+            if node.masked:
+                ctx.masks[values[node.name]] = node.layer.output_mask(inputs, ctx)
         return values[self.output], ctx
 
     # -- parameters -------------------------------------------------------------------------

@@ -184,3 +184,19 @@ def test_attention_compiles_to_c_only():
     x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(pytensor.config.floatX)
     assert np.isfinite(float(fns.step(x, y)[0]))
     assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
+
+
+def test_masked_sequences_compile_to_c_only():
+    """A masked recurrent layer runs PyTensor's scan (the fused op has no mask input yet): C in
+    its inner function too."""
+    text = TRANSFORMER.replace("    - {type: positional_embedding, name: pos}\n",
+                               "    - {type: masking}\n    - {type: lstm, units: 8, return_sequences: true}\n"
+                               "    - {type: positional_embedding, name: pos}\n")
+    net = Network.from_spec(validate(load_text(text, "t.yaml")))
+    y = np.array([0, 1, 2, 1])
+    fns = compile_train(net, {"loss": "categorical_crossentropy",
+                              "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
+    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(pytensor.config.floatX)
+    x[1, 3:] = 0.0  # padding
+    assert np.isfinite(float(fns.step(x, y)[0]))
+    assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []

@@ -89,7 +89,12 @@ def test_every_layer_type_and_activation_has_an_exporter():
 @pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
 def test_layer_table_row(case, opset):
     _, input_shape, items, _ = case
-    assert_exports(build(input_shape, items), opset)
+    model = build(input_shape, items)
+    if any(node.masked for node in model.network.order):  # masks: a located error, for now
+        with pytest.raises(NetbuildError, match="masks of padded sequences are not exported"):
+            export.to_onnx(model.spec, model.network, model.spec.data, opset)
+        return
+    assert_exports(model, opset)
 
 
 ACTIVATION_CONFIGS = [name for name in activations.REGISTRY] + [

@@ -68,6 +68,8 @@ TABLE = [
     ("positional_embedding", [3, 4], ["{type: positional_embedding, max_length: 5}"], 5 * 4),
     ("positional_embedding-sinusoidal", [3, 4], ["{type: positional_embedding, encoding: sinusoidal}",
                                                  "{type: dense, units: 2}"], 4 * 2 + 2),
+    ("masking", [4, 3], ["{type: masking, mask_value: 0.5}", "{type: lstm, units: 2}"],
+     4 * (3 * 2 + 2 * 2 + 2 * 2)),
     ("permute", [2, 3], ["{type: permute, dims: [2, 1]}", "{type: dense, units: 2}"], 2 * 2 + 2),
     ("zero_padding1d", [2, 3], ["{type: zero_padding1d, padding: [1, 2]}", "{type: flatten}"], 0),
     ("zero_padding2d", [1, 2, 3], ["{type: zero_padding2d, padding: [[1, 0], [0, 2]]}"], 0),

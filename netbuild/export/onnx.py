@@ -276,8 +276,16 @@ def layer_norm(g: Graph, node: Node, xs: list[str]) -> str:
                 epsilon=float(node.layer.epsilon))
 
 
+def masking(g: Graph, node: Node, xs: list[str]) -> str:
+    raise Unsupported("the masks of padded sequences are not exported to ONNX yet; expected a "
+                      "network without masking layers (or embeddings with mask_zero)")
+
+
 def embedding(g: Graph, node: Node, xs: list[str]) -> str:
     """Gather rows of ``W``; float ids are truncated to integers first, as netbuild does."""
+    if node.layer.mask_zero:
+        raise Unsupported("the masks of padded sequences are not exported to ONNX yet; expected "
+                          "mask_zero: false", key="mask_zero")
     ids = xs[0] if g.is_integer(xs[0]) else g.op("Cast", xs, f"{node.name}/ids",
                                                   to=g.onnx.TensorProto.INT64)
     return g.op("Gather", [g.param(node, "W"), ids], node.name, axis=0)
@@ -500,6 +508,7 @@ EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
     "embedding": embedding,
+    "masking": masking,
     "conv1d": conv,
     "conv2d": conv,
     "conv1d_transpose": conv_transpose,

@@ -16,6 +16,7 @@ from .conv import (
 )
 from .dense import Dense
 from .embedding import Embedding
+from .masking import Masking
 from .merge import Add, Concatenate, Multiply
 from .noise import Dropout
 from .normalization import BatchNorm, LayerNorm
@@ -41,7 +42,7 @@ REGISTRY: dict[str, type[Layer]] = {
         MaxPool1D, MaxPool2D, AvgPool1D, AvgPool2D, GlobalMaxPool, GlobalAvgPool,
         SimpleRNN, LSTM, GRU,
         Add, Multiply, Concatenate,
-        MultiHeadAttention, PositionalEmbedding,
+        MultiHeadAttention, PositionalEmbedding, Masking,
     )
 }
 

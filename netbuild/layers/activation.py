@@ -7,6 +7,7 @@ from .base import ActivatedLayer, single
 
 class Activation(ActivatedLayer):
     type = "activation"
+    mask_policy = "keep"
 
     def output_shape(self, input_shapes):
         return single(input_shapes)

@@ -60,6 +60,13 @@ class MultiHeadAttention(Regularized, Layer):
     kernel_initializer: Initializer
     bias_initializer: Initializer
 
+    # -- masks: padded keys get no weight; the queries' mask passes on -----------------------------
+    def passes_mask(self, masked, input_shapes):
+        return bool(masked[0])
+
+    def output_mask(self, inputs, ctx):
+        return ctx.mask(inputs[0])
+
     def dims(self, input_shapes) -> tuple[int, int, int, int, int, int]:
         """``(Tq, Eq, Tk, Ekv, dk, dv)``."""
         tq, eq = _sequence(self, input_shapes[0], "queries")
@@ -109,6 +116,10 @@ class MultiHeadAttention(Regularized, Layer):
         if self.causal:
             allowed = np.tril(np.ones((tq, tk), dtype=bool))
             scores = pt.switch(pt.constant(allowed)[None, None], scores, np.asarray(-np.inf, dtype=q.dtype))
+        keys = ctx.mask(kv)
+        if keys is not None:  # a finite floor: a query whose every key is padding stays finite
+            scores = pt.switch(keys.dimshuffle(0, "x", "x", 1) > 0, scores,
+                               np.asarray(-1e9, dtype=q.dtype))
         A = activations.softmax(scores)
         rate = float(self.dropout)
         if ctx.training and rate > 0:
@@ -144,6 +155,7 @@ class PositionalEmbedding(Layer):
     """
 
     type = "positional_embedding"
+    mask_policy = "keep"
     encoding: str
     max_length: int | None
     embeddings_initializer: Initializer

@@ -63,7 +63,9 @@ class Context:
     ``seed``, the draw's stream (its order in the forward pass) and ``step``, a shared integer
     that the training function advances once per batch (:attr:`updates` carries that, and any
     running statistics, into the compiled function). ``preactivations`` keeps each activated
-    layer's input to its activation, so the loss can work from logits.
+    layer's input to its activation, so the loss can work from logits. ``masks`` maps a
+    sequence tensor ``(batch, timesteps, ...)`` to its mask ``(batch, timesteps)`` (1 for a real
+    step, 0 for padding), where a layer made one (:meth:`Layer.output_mask`).
     """
 
     training: bool
@@ -71,7 +73,12 @@ class Context:
     step: Any = None
     updates: dict = field(default_factory=dict)
     preactivations: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
     _streams: int = 0
+
+    def mask(self, x) -> Any:
+        """The mask of the tensor ``x``, or None."""
+        return self.masks.get(x)
 
     def uniform(self, shape, dtype: str) -> Any:
         """Uniform [0, 1) samples of a symbolic ``shape``, new at every training step."""
@@ -92,6 +99,11 @@ class Layer:
     #: How many inputs the layer takes (``max_inputs=None``: any number).
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = 1
+    #: What the layer does with the mask of a padded sequence (:meth:`passes_mask`): ``keep``
+    #: (it works step by step: the mask passes on), ``merge`` (several inputs: a step is real
+    #: where it is in every masked input), or ``refuse`` (it would mix padded steps with real
+    #: ones: a mask reaching it is an error). Layers that honour a mask override the methods.
+    mask_policy: ClassVar[str] = "refuse"
 
     def __init__(self, name: str, config: dict):
         self.name = name
@@ -126,6 +138,29 @@ class Layer:
     def forward(self, inputs: list, ctx: Context):
         """The symbolic output for symbolic ``inputs`` (each with a leading batch axis)."""
         raise NotImplementedError
+
+    # -- masks ----------------------------------------------------------------------------
+    def passes_mask(self, masked: Sequence[bool], input_shapes: Sequence[Shape]) -> bool:
+        """Whether the output has a mask, given which inputs have one; raises
+        :class:`LayerError` when a mask reaches a layer that cannot take it (static: ``check``)."""
+        if not any(masked):
+            return False
+        if self.mask_policy == "refuse":
+            raise LayerError(f"'{self.type}' cannot take the mask of a padded sequence (its input "
+                             "comes from a masking layer or an embedding with mask_zero); expected "
+                             "the mask to end first, in a recurrent layer without "
+                             "return_sequences or a global pool over time", key="inputs")
+        return True
+
+    def output_mask(self, inputs: list, ctx: Context) -> Any:
+        """The mask of this layer's output, from its inputs' masks (see :attr:`mask_policy`)."""
+        masks = [m for m in (ctx.mask(x) for x in inputs) if m is not None]
+        if not masks:
+            return None
+        out = masks[0]
+        for m in masks[1:]:
+            out = out * m
+        return out
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -20,6 +20,7 @@ class Dense(Regularized, ActivatedLayer):
     """
 
     type = "dense"
+    mask_policy = "keep"  # step by step on a sequence
     units: int
     use_bias: bool
     kernel_initializer: Initializer

@@ -8,11 +8,12 @@ torch ``nn.Embedding.weight``: input ``(T,)`` or ``()`` -> output ``(T, output_d
 
 from __future__ import annotations
 
-import pytensor.tensor as pt
-
 from typing import ClassVar
 
-from .base import Initializer, Layer, ParamSpec, Regularized, single
+import pytensor
+import pytensor.tensor as pt
+
+from .base import Initializer, Layer, LayerError, ParamSpec, Regularized, single
 
 
 class Embedding(Regularized, Layer):
@@ -20,6 +21,8 @@ class Embedding(Regularized, Layer):
         input_dim: the number of ids (rows of ``W``).
         output_dim: the length of each id's vector.
         embeddings_initializer: of ``W``.
+        mask_zero: id 0 is padding: the output carries the mask of a padded sequence (see
+            :mod:`netbuild.layers.masking`).
     """
 
     type = "embedding"
@@ -28,6 +31,17 @@ class Embedding(Regularized, Layer):
     input_dim: int
     output_dim: int
     embeddings_initializer: Initializer
+    mask_zero: bool
+
+    def passes_mask(self, masked, input_shapes):
+        if self.mask_zero and len(input_shapes[0]) != 1:
+            raise LayerError(f"mask_zero masks the steps of a sequence of ids; received ids of shape "
+                             f"{tuple(input_shapes[0])}, expected (timesteps,)", key="mask_zero")
+        return bool(self.mask_zero)
+
+    def output_mask(self, inputs, ctx):
+        (ids,) = inputs
+        return pt.cast(pt.neq(ids, 0), pytensor.config.floatX)
 
     def output_shape(self, input_shapes):
         return single(input_shapes) + (self.output_dim,)

@@ -28,6 +28,7 @@ class _Elementwise(Layer):
 
     min_inputs = 2
     max_inputs = None
+    mask_policy = "merge"
     #: The elementwise operation, ``(a, b) -> a op b``; a ``staticmethod`` in each subclass.
     combine: ClassVar[Callable[[Any, Any], Any]]
 
@@ -82,6 +83,13 @@ class Concatenate(Layer):
             raise LayerError(f"received input shapes {_fmt(shapes)}; expected them equal except "
                              f"along axis {self.axis}", key="inputs")
         return shapes[0][:i] + (sum(s[i] for s in shapes),) + shapes[0][i + 1:]
+
+    def passes_mask(self, masked, input_shapes):
+        """Joined on the features (not the first, the time axis) the mask passes on."""
+        if any(masked) and self.example_axis(len(input_shapes[0])) == 0:
+            raise LayerError("joins masked sequences along their time axis; expected a mask only "
+                             "when joining along the features (an axis after the first)", key="axis")
+        return any(masked)
 
     def forward(self, inputs, ctx):
         return pt.concatenate(inputs, axis=1 + self.example_axis(inputs[0].ndim - 1))

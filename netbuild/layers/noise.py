@@ -15,6 +15,7 @@ class Dropout(Layer):
     """
 
     type = "dropout"
+    mask_policy = "keep"
     rate: float
 
     def output_shape(self, input_shapes):

@@ -108,6 +108,7 @@ class BatchNorm(_Normalization):
 
 class LayerNorm(_Normalization):
     type = "layer_norm"
+    mask_policy = "keep"  # each step's statistics are its own
 
     def param_specs(self, input_shapes):
         return self._affine_specs(single(input_shapes)[-1])

@@ -185,10 +185,29 @@ class GlobalPool(Layer):
         pooled = self.pooled(shape)
         return tuple(d for i, d in enumerate(shape) if i not in pooled)
 
+    # -- masks: pooled over time, padded steps count for nothing ------------------------------
+    def passes_mask(self, masked, input_shapes):
+        """The mask ends when the time axis (the first) is pooled, else passes on."""
+        return any(masked) and 0 not in self.pooled(tuple(input_shapes[0]))
+
+    def output_mask(self, inputs, ctx):
+        return ctx.mask(inputs[0])
+
     def forward(self, inputs, ctx):
         (x,) = inputs
-        axes = tuple(1 + i for i in self.pooled(tuple(x.type.shape[1:])))
-        return pt.max(x, axis=axes) if self.mode == "max" else pt.mean(x, axis=axes)
+        pooled = self.pooled(tuple(x.type.shape[1:]))
+        axes = tuple(1 + i for i in pooled)
+        mask = ctx.mask(x)
+        if mask is None or 0 not in pooled:
+            return pt.max(x, axis=axes) if self.mode == "max" else pt.mean(x, axis=axes)
+        m = mask.dimshuffle(0, 1, *(["x"] * (x.ndim - 2)))
+        if self.mode == "max":  # a sequence without a real step pools to 0
+            low = pt.switch(m > 0, x, np.asarray(-np.inf, dtype=x.dtype))
+            best = pt.max(low, axis=axes)
+            return pt.switch(pt.isinf(best), np.asarray(0.0, dtype=x.dtype), best)
+        total = pt.sum(x * m, axis=axes)
+        count = pt.sum(pt.ones_like(x) * m, axis=axes)
+        return total / pt.maximum(count, 1.0)
 
 
 class GlobalMaxPool(GlobalPool):

@@ -183,21 +183,31 @@ class Recurrent(Regularized, Layer):
             return names[0], names[1]
         return None
 
+    # -- masks: a padded step leaves the states as they were ---------------------------------
+    def passes_mask(self, masked, input_shapes):
+        return any(masked) and self.return_sequences
+
+    def output_mask(self, inputs, ctx):
+        return ctx.mask(inputs[0]) if self.return_sequences else None
+
     def forward(self, inputs, ctx: Context):
         (x,) = inputs
         batch = x.shape[0]
         xs = x.dimshuffle(1, 0, 2)  # time-major (timesteps, batch, features)
+        mask = ctx.mask(x)
+        ms = None if mask is None else mask.dimshuffle(1, 0)  # (timesteps, batch)
         if self.go_backwards:
             xs = xs[::-1]
+            ms = None if ms is None else ms[::-1]
         # biases: the part added to the input projection, and the part kept inside the step
         outer, inner = zip(*(self.split_bias(self.params["b_ih" + s], self.params["b_hh" + s])
                              for s in self.directions))
         zero = pt.zeros((batch, self.units), dtype=x.dtype)
         fused = self.fused_activations()
-        if fused:
+        if fused and ms is None:
             hs = self._fused(xs, outer, inner, zero, *fused)
-        else:
-            hs = self._scan(xs, outer, inner, zero)
+        else:  # the fused C op has no mask input yet: a masked sequence runs the scan
+            hs = self._scan(xs, outer, inner, zero, ms)
         # hs: h of each direction in its processing order (timesteps, batch, units)
         if self.return_sequences:
             if len(hs) > 1:
@@ -220,9 +230,10 @@ class Recurrent(Regularized, Layer):
                                              zero, self.fused_extra(zero, inner[d]), act, ract)[0])
         return hs
 
-    def _scan(self, xs, outer, inner, zero) -> list:
+    def _scan(self, xs, outer, inner, zero, ms=None) -> list:
         """All directions in one ``scan`` over :meth:`step`, after one matrix product for the
-        input projection of every timestep and direction."""
+        input projection of every timestep and direction. With a mask ``ms (timesteps, batch)``
+        a padded step keeps each state: ``state = m * new + (1 - m) * old``."""
         dirs = self.directions
         n_dir, n_states = len(dirs), self.n_states
         width = self.gates * self.units
@@ -235,6 +246,11 @@ class Recurrent(Regularized, Layer):
         sequences = [proj[:, :, :width]]
         if n_dir > 1:
             sequences.append(proj[::-1, :, width:])  # the backward direction reads time reversed
+        if ms is not None:
+            sequences.append(ms.astype(xs.dtype))
+            if n_dir > 1:
+                sequences.append(ms[::-1].astype(xs.dtype))
+        n_seq = len(sequences)
 
         non_sequences = []
         for s, b_in in zip(dirs, inner):
@@ -244,13 +260,18 @@ class Recurrent(Regularized, Layer):
         def loop(*args):
             # scan's order: this step of each sequence, the previous states, the non-sequences
             ps = args[:n_dir]
-            states = args[n_dir:n_dir * (1 + n_states)]
-            rest = args[n_dir * (1 + n_states):]
+            steps_mask = args[n_dir:n_seq]
+            states = args[n_seq:n_seq + n_dir * n_states]
+            rest = args[n_seq + n_dir * n_states:]
             new = []
             for d in range(n_dir):
                 W_hh, *b_in = rest[d * per_dir:(d + 1) * per_dir]
-                new += self.step(ps[d], states[d * n_states:(d + 1) * n_states], W_hh,
-                                 b_in[0] if b_in else None)
+                old = states[d * n_states:(d + 1) * n_states]
+                out = self.step(ps[d], old, W_hh, b_in[0] if b_in else None)
+                if steps_mask:
+                    m = steps_mask[d].dimshuffle(0, "x")
+                    out = [m * o + (1.0 - m) * s for o, s in zip(out, old)]
+                new += out
             return new
 
         outputs = pytensor.scan(loop, sequences=sequences,
