@@ -109,7 +109,8 @@ def python_nodes(fn, where: str) -> list[str]:
     return out
 
 
-SLOW_CONFIGS = {"digits-cnn.yaml", "digits-lstm.yaml", "digits-resnet.yaml", "digits-transformer.yaml"}
+SLOW_CONFIGS = {"digits-cnn.yaml", "digits-lstm.yaml", "digits-resnet.yaml", "digits-transformer.yaml",
+                "digits-varlen.yaml"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(p.name, marks=pytest.mark.slow) if p.name in SLOW_CONFIGS

@@ -6,6 +6,9 @@
   the training split's mean and deviation (float32), y = 1 benign, 0 malignant (float32).
 - diabetes-{train,test}.npz: 442 patients x 10 baseline features standardized (float32), y the
   disease progression after one year, standardized with the training split's statistics.
+- digits-varlen-{train,test}.npz: the digits as sequences of rows of different lengths: from each
+  image, 4 to 8 consecutive rows (a seeded length and offset), padded at the end to 8 rows of -1
+  (float32, shape (N, 8, 8)); the class ids.
 
 Each set is split 80/20 with seed 0 (stratified for the classification sets). Run `make data`.
 """
@@ -30,6 +33,23 @@ def save(name: str, x_train, x_test, y_train, y_test) -> None:
     print(f"{name}: train {x_train.shape}, test {x_test.shape}")
 
 
+def varlen(x: np.ndarray, seed: int) -> np.ndarray:
+    """Each (N, 64) image as 4 to 8 of its consecutive rows, padded at the end with rows of -1."""
+    rng = np.random.default_rng(seed)
+    images = x.reshape(-1, 8, 8)
+    out = np.full_like(images, -1.0)
+    lengths = rng.integers(4, 9, len(images))
+    starts = rng.integers(0, 9 - lengths)
+    for i, (n, s) in enumerate(zip(lengths, starts)):
+        out[i, :n] = images[i, s:s + n]
+    return out
+
+
+def save_varlen() -> None:
+    train, test = np.load(HERE / "digits-train.npz"), np.load(HERE / "digits-test.npz")
+    save("digits-varlen", varlen(train["x"], 1), varlen(test["x"], 2), train["y"], test["y"])
+
+
 def main() -> None:
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
@@ -49,6 +69,8 @@ def main() -> None:
     x_train, x_test = standardize(x_train, x_test)
     y_train, y_test = standardize(y_train[:, None], y_test[:, None])
     save("diabetes", x_train, x_test, y_train, y_test)
+
+    save_varlen()
 
 
 if __name__ == "__main__":
