@@ -157,7 +157,9 @@ def test_against_torch():
 @pytest.mark.parametrize("item, shape, message", [
     ("{type: conv2d_transpose, filters: 2, kernel_size: 3, strides: 2, output_padding: 2}", (1, 3, 3),
      "model.layers[0].output_padding: layer 'conv2d_transpose_0': output_padding 2 is not smaller than the "
-     "stride 2 or the dilation 1"),
+     "stride 2"),
+    ("{type: conv1d_transpose, filters: 2, kernel_size: 2, dilation_rate: 2, output_padding: 1}", (1, 4),
+     "output_padding 1 is not smaller than the stride 1"),
     ("{type: conv2d_transpose, filters: 2, kernel_size: 3, strides: 2, padding: same, output_padding: 1}",
      (1, 3, 3), "output_padding with padding 'same'"),
     ("{type: conv1d_transpose, filters: 2, kernel_size: 2, padding: 3}", (1, 2),

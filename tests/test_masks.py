@@ -1,6 +1,6 @@
-"""Masks of padded sequences: a padded batch gives each example the answer (and the gradients)
-of its unpadded sequence alone, whatever the padded steps hold; against torch's packed
-sequences and key padding masks where torch is installed."""
+"""Masks of padded sequences: a padded batch gives each example the answer of its unpadded
+sequence alone (and the same gradients, summed), whatever the padded steps hold; against
+torch's packed sequences and key padding masks where torch is installed."""
 
 from __future__ import annotations
 
@@ -45,12 +45,19 @@ STACKS = {
     "lstm": ["{type: lstm, units: 3}"],
     "bidirectional-gru": ["{type: gru, units: 3, bidirectional: true}"],
     "go-backwards-rnn": ["{type: simple_rnn, units: 3, go_backwards: true}"],
+    # the outputs of a go_backwards layer come in reversed order: so does their mask
+    "go-backwards-sequences": ["{type: simple_rnn, units: 3, go_backwards: true, return_sequences: true}",
+                               "{type: lstm, units: 2}"],
+    "go-backwards-pooled": ["{type: gru, units: 3, go_backwards: true, return_sequences: true}",
+                            "{type: global_avg_pool, axis: 1}"],
     "stacked-lstm-gru": ["{type: dense, units: 4, activation: tanh}", "{type: lstm, units: 3, return_sequences: true, bidirectional: true}",
                          "{type: gru, units: 2}"],
     "pooled-over-time": ["{type: dense, units: 4}", "{type: layer_norm}", "{type: global_avg_pool, axis: 1}"],
     "max-over-time": ["{type: dense, units: 4}", "{type: global_max_pool, axis: 1}"],
     "attention": ["{type: dense, units: 4, name: d}", "{type: multi_head_attention, num_heads: 2, name: a}",
                   "{type: add, inputs: [d, a]}", "{type: global_avg_pool, axis: 1}"],
+    "causal-attention": ["{type: dense, units: 4}", "{type: multi_head_attention, num_heads: 2, causal: true}",
+                         "{type: global_max_pool, axis: 1}"],
 }
 
 
@@ -67,6 +74,31 @@ def test_a_padded_batch_answers_as_each_sequence_alone(name, left):
         alone = network((length, features), items)  # no padding: every step real
         alone.set_param_values(net.param_values())
         np.testing.assert_allclose(got[n:n + 1], predict(alone, real), rtol=0, atol=1e-10, err_msg=f"example {n}")
+
+
+@pytest.mark.parametrize("name", ["bidirectional-gru", "causal-attention", "go-backwards-pooled"])
+def test_a_padded_batch_has_the_gradients_of_its_sequences_alone(name):
+    """The gradient of the batch's summed outputs is the sum of each sequence's alone."""
+    import pytensor.tensor as pt
+
+    items = ["{type: masking, mask_value: -7.0}"] + STACKS[name]
+    lengths, steps, features = [4, 2, 3], 4, 3
+    x = padded(lengths, steps, features, -7.0)
+
+    def gradients(net, batch):
+        v = net.input_variable()
+        out, _ = net.forward(v, training=False)
+        params = list(net.params.values())
+        return pytensor.function([v], pytensor.grad(pt.sum(out), params), mode="FAST_COMPILE")(batch)
+
+    net = network((steps, features), items)
+    total = [np.zeros_like(g) for g in gradients(net, x)]
+    for n, length in enumerate(lengths):
+        alone = network((length, features), items)
+        alone.set_param_values(net.param_values())
+        total = [t + g for t, g in zip(total, gradients(alone, x[n:n + 1, :length]))]
+    for got, want in zip(gradients(net, x), total):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
 def test_what_padded_steps_hold_changes_no_output_and_no_gradient():
@@ -147,6 +179,10 @@ def test_against_torch_key_padding_mask():
      "the network's output is a masked sequence"),
     (["{type: masking, name: m}", "{type: concatenate, inputs: [m, m], axis: 1}", "{type: lstm, units: 2}"],
      "model.layers[1].axis", "joins masked sequences along their time axis"),
+    (["{type: masking}", "{type: global_avg_pool}", "{type: dense, units: 2}"], "model.layers[2]",
+     "'dense' would read a masked sequence's time axis as its features: received shape (4,)"),
+    (["{type: masking}", "{type: embedding, input_dim: 3, output_dim: 2}", "{type: flatten}"],
+     "model.layers[1]", "'embedding' reads ids, not a masked sequence"),
 ])
 def test_a_mask_where_it_cannot_go_is_located(items, where, message):
     from netbuild.errors import SpecError

@@ -113,13 +113,15 @@ class MultiHeadAttention(Regularized, Layer):
         h = int(self.num_heads)
         Q, K, V = self._project(q, "q", h, dk), self._project(kv, "k", h, dk), self._project(kv, "v", h, dv)
         scores = pt.matmul(Q, K.dimshuffle(0, 1, 3, 2)) * np.asarray(1.0 / np.sqrt(dk), dtype=q.dtype)
+        allowed = None
         if self.causal:
-            allowed = np.tril(np.ones((tq, tk), dtype=bool))
-            scores = pt.switch(pt.constant(allowed)[None, None], scores, np.asarray(-np.inf, dtype=q.dtype))
+            allowed = pt.constant(np.tril(np.ones((tq, tk), dtype=bool)))[None, None]
         keys = ctx.mask(kv)
-        if keys is not None:  # a finite floor: a query whose every key is padding stays finite
-            scores = pt.switch(keys.dimshuffle(0, "x", "x", 1) > 0, scores,
-                               np.asarray(-1e9, dtype=q.dtype))
+        if keys is not None:
+            real = keys.dimshuffle(0, "x", "x", 1) > 0
+            allowed = real if allowed is None else pt.and_(allowed, real)
+        if allowed is not None:  # a finite floor: a query with no key allowed stays finite
+            scores = pt.switch(allowed, scores, np.asarray(-1e9, dtype=q.dtype))
         A = activations.softmax(scores)
         rate = float(self.dropout)
         if ctx.training and rate > 0:

@@ -150,6 +150,12 @@ class Layer:
                              "comes from a masking layer or an embedding with mask_zero); expected "
                              "the mask to end first, in a recurrent layer without "
                              "return_sequences or a global pool over time", key="inputs")
+        for shape, m in zip(input_shapes, masked):
+            if m and len(shape) < 2:
+                raise LayerError(f"'{self.type}' would read a masked sequence's time axis as its "
+                                 f"features: received shape {tuple(shape)}, without features "
+                                 "after the time axis (a global pool without axis pools the "
+                                 "features; axis: 1 pools over time)", key="inputs")
         return True
 
     def output_mask(self, inputs: list, ctx: Context) -> Any:

@@ -319,8 +319,8 @@ class ConvTranspose(Regularized, ActivatedLayer):
         strides: the step between the windows an input scatters into.
         padding: ``valid`` (0), ``same``, or an int (or one per axis) removed from both sides
             (torch's ``padding``).
-        output_padding: values added at the end of each axis (less than its stride or dilation),
-            to tell apart the output lengths one input length can come from.
+        output_padding: values added at the end of each axis (less than its stride), to tell
+            apart the output lengths one input length can come from.
         dilation_rate: the spacing of the kernel's taps.
         use_bias: add ``b``.
         kernel_initializer: of ``W``.
@@ -348,9 +348,10 @@ class ConvTranspose(Regularized, ActivatedLayer):
         padding = padding_per_axis(self.padding, r)
         out, pads = [], []
         for n, k, s, d, e, p in zip(input_shape[1:], kernel, strides, dilation, extra, padding):
-            if e >= s and e >= d:
-                raise LayerError(f"output_padding {e} is not smaller than the stride {s} or the "
-                                 f"dilation {d}; expected less than one of them", key="output_padding")
+            if e >= s:
+                raise LayerError(f"output_padding {e} is not smaller than the stride {s}; expected "
+                                 f"0 to {s - 1} (Keras's rule: a larger one adds values no window "
+                                 "reaches)", key="output_padding")
             if p == "same":
                 if e:
                     raise LayerError("output_padding with padding 'same', whose output length is "
@@ -378,7 +379,8 @@ class ConvTranspose(Regularized, ActivatedLayer):
         shape = single(input_shapes)
         kernel = self.geometry(shape).kernel
         channels, filters, k = shape[0], int(self.filters), math.prod(kernel)
-        fans = dict(fan_in=channels * k, fan_out=filters * k)
+        # torch's fans for its (in, out, *kernel) layout: fan_in from the second axis
+        fans = dict(fan_in=filters * k, fan_out=channels * k)
         specs = [ParamSpec("W", (channels, filters) + kernel, self.kernel_initializer, **fans)]
         if self.use_bias:
             specs.append(ParamSpec("b", (filters,), self.bias_initializer, regularize=False, **fans))
@@ -442,7 +444,7 @@ class DepthwiseConv2D(Windowed):
         shape = single(input_shapes)
         kernel = self.geometry(shape).kernel
         out, k = shape[0] * self.depth_multiplier, math.prod(kernel)
-        fans = dict(fan_in=k, fan_out=self.depth_multiplier * k)
+        fans = dict(fan_in=k, fan_out=out * k)  # torch's, for the (C * M, 1, *kernel) layout
         return [ParamSpec("W", (out, 1) + kernel, self.kernel_initializer, **fans)] + \
             self._bias_spec(out, **fans)
 
@@ -482,7 +484,7 @@ class SeparableConv2D(Windowed):
         kernel = self.geometry(shape).kernel
         mid, k = shape[0] * self.depth_multiplier, math.prod(kernel)
         return [ParamSpec("W_depthwise", (mid, 1) + kernel, self.kernel_initializer,
-                          fan_in=k, fan_out=self.depth_multiplier * k),
+                          fan_in=k, fan_out=mid * k),
                 ParamSpec("W_pointwise", (int(self.filters), mid, 1, 1), self.pointwise_initializer,
                           fan_in=mid, fan_out=int(self.filters))] + \
             self._bias_spec(int(self.filters), fan_in=mid, fan_out=int(self.filters))

@@ -34,6 +34,9 @@ class Embedding(Regularized, Layer):
     mask_zero: bool
 
     def passes_mask(self, masked, input_shapes):
+        if any(masked):
+            raise LayerError("'embedding' reads ids, not a masked sequence of numbers; expected its "
+                             "input unmasked (mask_zero makes the mask from id 0)", key="inputs")
         if self.mask_zero and len(input_shapes[0]) != 1:
             raise LayerError(f"mask_zero masks the steps of a sequence of ids; received ids of shape "
                              f"{tuple(input_shapes[0])}, expected (timesteps,)", key="mask_zero")

@@ -188,7 +188,11 @@ class Recurrent(Regularized, Layer):
         return any(masked) and self.return_sequences
 
     def output_mask(self, inputs, ctx):
-        return ctx.mask(inputs[0]) if self.return_sequences else None
+        """The input's mask, in the order the outputs come (reversed by ``go_backwards``)."""
+        if not self.return_sequences:
+            return None
+        mask = ctx.mask(inputs[0])
+        return mask[:, ::-1] if self.go_backwards else mask
 
     def forward(self, inputs, ctx: Context):
         (x,) = inputs
