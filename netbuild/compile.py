@@ -19,8 +19,9 @@ from .network import Network
 
 @dataclass
 class TrainFunctions:
-    """``step(x, y) -> (mean loss, outputs)`` updates the parameters; ``optimizer`` owns state;
-    ``random_step`` is dropout's step counter (None without dropout)."""
+    """``step(x, y) -> (mean loss, outputs[, mask])`` updates the parameters (the mask when the
+    output is a masked sequence); ``optimizer`` owns state; ``random_step`` is dropout's step
+    counter (None without dropout)."""
 
     step: Callable
     optimizer: optimizers.Optimizer
@@ -38,8 +39,14 @@ def _loss_graph(network: Network, loss_config: Any, target, training: bool, seed
     out, ctx = network.forward(x, training=training, seed=seed)
     logits, activation = ctx.preactivations.get(network.output, (None, "linear"))
     loss = losses.get(loss_config, network.output_shape[-1])
-    per_example = loss(target, losses.Output(out, logits, activation))
+    per_example = loss(target, losses.Output(out, logits, activation, ctx.mask(out)))
     return x, out, per_example, ctx
+
+
+def _with_mask(outputs: list, out, ctx) -> list:
+    """A masked sequence output's mask as one more output (for the metrics)."""
+    mask = ctx.mask(out)
+    return outputs if mask is None else outputs + [mask]
 
 
 def penalty(network: Network):
@@ -81,7 +88,7 @@ def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed
     optimizer = optimizers.get(train_config["optimizer"])
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))
-    step = pytensor.function([x, target], [loss, out], updates=updates,
+    step = pytensor.function([x, target], _with_mask([loss, out], out, ctx), updates=updates,
                              mode=backend.mode(keep_outputs=True),
                              name="train_step")
     # Batches come from netbuild.data, already of the inputs' dtypes and ranks: skip PyTensor's
@@ -92,10 +99,11 @@ def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed
 
 
 def compile_eval(network: Network, loss_config: Any, y_like: np.ndarray) -> Callable:
-    """``evaluate(x, y) -> (per-example loss, outputs)`` in inference mode."""
+    """``evaluate(x, y) -> (per-example loss, outputs[, mask])`` in inference mode."""
     target = target_variable(y_like)
-    x, out, per_example, _ = _loss_graph(network, loss_config, target, False)
-    return pytensor.function([x, target], [per_example, out], mode=backend.mode(), name="evaluate")
+    x, out, per_example, ctx = _loss_graph(network, loss_config, target, False)
+    return pytensor.function([x, target], _with_mask([per_example, out], out, ctx),
+                             mode=backend.mode(), name="evaluate")
 
 
 def compile_predict(network: Network) -> Callable:

@@ -402,14 +402,16 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
         yield idx[start:start + batch_size]
 
 
-def run_batches(fn, dataset: Dataset, batch_size: int) -> tuple[float, np.ndarray]:
-    """Mean loss and all outputs of ``fn(x, y) -> (per-example loss, outputs)`` over a dataset."""
-    total, outputs = 0.0, []
+def run_batches(fn, dataset: Dataset, batch_size: int) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """Mean loss, all outputs, and the masks of a masked sequence output (else None) of
+    ``fn(x, y) -> (per-example loss, outputs[, mask])`` over a dataset."""
+    total, outputs, masks = 0.0, [], []
     for idx in batches(len(dataset), batch_size):
-        per_example, out = fn(dataset.x[idx], dataset.y[idx])
+        per_example, out, *mask = fn(dataset.x[idx], dataset.y[idx])
         total += float(np.sum(per_example))
         outputs.append(out)
-    return total / len(dataset), np.concatenate(outputs)
+        masks += mask
+    return total / len(dataset), np.concatenate(outputs), np.concatenate(masks) if masks else None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

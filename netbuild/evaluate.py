@@ -29,10 +29,11 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
                        f"model was trained with {losses.name_of(spec.data['train']['loss'])}")
     other = Model.load(baseline) if baseline is not None else None
     dataset = data_mod.load(spec, "test", loaded.network, file=data_file)
-    metrics, outputs = loaded.evaluate_dataset(dataset)
+    metrics, outputs, mask = loaded.evaluate_dataset(dataset)
     out = {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": metrics}
     if confusion:
-        out["confusion_matrix"] = metrics_mod.confusion_matrix(dataset.y, outputs).tolist()
+        out["confusion_matrix"] = metrics_mod.confusion_matrix(
+            *metrics_mod.real_steps(dataset.y, outputs, mask)).tolist()
     if other is not None:
         loss = spec.data["train"]["loss"]
         try:
@@ -40,7 +41,7 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
         except NetbuildError as exc:
             raise RunError(f"{baseline}: the baseline does not fit the data the model is evaluated "
                            f"on: {exc}") from None
-        base, _ = other.evaluate_dataset(theirs, loss=loss,
+        base, _, _ = other.evaluate_dataset(theirs, loss=loss,
                                          metrics=spec.data["train"].get("metrics", []))
         out["baseline"] = {"model": str(baseline), "metrics": base,
                            "comparison": compare(metrics, base, max_drop or {})}

@@ -21,16 +21,25 @@ _EPS = 1e-7
 
 @dataclass
 class Output:
-    """The network's output, its pre-activation (or None) and the activation's name."""
+    """The network's output, its pre-activation (or None), the activation's name, and the mask
+    ``(batch, timesteps)`` of a masked sequence output (or None)."""
 
     value: Any
     logits: Any = None
     activation: str = "linear"
+    mask: Any = None
 
 
-def _per_example(values):
-    """Mean over every axis but the batch axis."""
-    return values.mean(axis=tuple(range(1, values.ndim))) if values.ndim > 1 else values
+def _per_example(values, mask=None):
+    """Mean over every axis but the batch axis; with a ``mask`` (batch, timesteps), over the real
+    steps only (a padded step counts for nothing; an example without one for 0)."""
+    if values.ndim <= 1:
+        return values
+    axes = tuple(range(1, values.ndim))
+    if mask is None:
+        return values.mean(axis=axes)
+    m = mask.dimshuffle(0, 1, *(["x"] * (values.ndim - 2))) * pt.ones_like(values)
+    return (values * m).sum(axis=axes) / pt.maximum(m.sum(axis=axes), 1.0)
 
 
 def one_hot(ids, n_classes: int, dtype: str):
@@ -46,7 +55,7 @@ def categorical_crossentropy(target, out: Output, label_smoothing: float = 0.0, 
     if out.activation == "softmax":
         if ids and not target.dtype.startswith(("int", "uint")):
             target = pt.cast(target, "int64")
-        return _per_example(softmax_cross_entropy(out.logits, target, label_smoothing))
+        return _per_example(softmax_cross_entropy(out.logits, target, label_smoothing), out.mask)
     k = value.shape[-1]
     t = one_hot(target, k, value.dtype) if ids else target
     if label_smoothing:
@@ -55,7 +64,7 @@ def categorical_crossentropy(target, out: Output, label_smoothing: float = 0.0, 
         log_p = value
     else:
         log_p = pt.log(pt.clip(value, _EPS, 1.0))
-    return _per_example(-(t * log_p).sum(axis=-1))
+    return _per_example(-(t * log_p).sum(axis=-1), out.mask)
 
 
 def binary_crossentropy(target, out: Output, label_smoothing: float = 0.0, **_):
@@ -69,21 +78,21 @@ def binary_crossentropy(target, out: Output, label_smoothing: float = 0.0, **_):
     else:
         p = pt.clip(out.value, _EPS, 1.0 - _EPS)
         values = -(t * pt.log(p) + (1.0 - t) * pt.log1p(-p))
-    return _per_example(values)
+    return _per_example(values, out.mask)
 
 
 def mse(target, out: Output, **_):
-    return _per_example(pt.sqr(out.value - target))
+    return _per_example(pt.sqr(out.value - target), out.mask)
 
 
 def mae(target, out: Output, **_):
-    return _per_example(pt.abs(out.value - target))
+    return _per_example(pt.abs(out.value - target), out.mask)
 
 
 def huber(target, out: Output, delta: float = 1.0, **_):
     err = pt.abs(out.value - target)
     quad = pt.minimum(err, delta)
-    return _per_example(0.5 * pt.sqr(quad) + delta * (err - quad))
+    return _per_example(0.5 * pt.sqr(quad) + delta * (err - quad), out.mask)
 
 
 REGISTRY: dict[str, Callable] = {
@@ -112,7 +121,7 @@ def class_weight_of(target, out: Output, weights: list[float], units: int):
         per = (w[0] * (1.0 - target) + w[1] * target).sum(axis=-1)
     else:
         per = (target * w).sum(axis=-1)
-    return per.mean(axis=tuple(range(1, per.ndim))) if per.ndim > 1 else per
+    return _per_example(per, out.mask)
 
 
 def n_classes(output_shape: tuple) -> int:

@@ -153,8 +153,19 @@ def get(entry: Any) -> Callable:
     return (lambda y_true, y_pred: fn(y_true, y_pred, **options)) if options else fn
 
 
-def compute(entries, y_true, y_pred) -> dict[str, float]:
-    """``{name: value}`` for each metric entry (a name or a mapping with options)."""
+def real_steps(y_true, y_pred, mask):
+    """Targets and outputs of the real steps of a masked sequence output (``mask`` (batch,
+    timesteps), 1 for a real step), each step one row; unchanged without a mask."""
+    if mask is None:
+        return y_true, y_pred
+    real = np.asarray(mask) > 0.5
+    return np.asarray(y_true)[real], np.asarray(y_pred)[real]
+
+
+def compute(entries, y_true, y_pred, mask=None) -> dict[str, float]:
+    """``{name: value}`` for each metric entry (a name or a mapping with options); with a
+    ``mask``, over the real steps of a sequence output only."""
+    y_true, y_pred = real_steps(y_true, y_pred, mask)
     out: dict[str, float] = {}
     for entry in entries:
         name = metric_name(entry)

@@ -136,19 +136,20 @@ class Model:
         return self.evaluate_dataset(dataset, batch_size)[0]
 
     def evaluate_dataset(self, dataset: data_mod.Dataset, batch_size: int = BATCH_SIZE,
-                         loss=None, metrics=None) -> tuple[dict[str, float], np.ndarray]:
-        """``(loss and metrics, outputs)`` on a checked dataset: the spec's loss and metrics, or
-        ``loss`` and ``metrics`` (spec entries) given (another model's, to compare with it)."""
+                         loss=None, metrics=None) -> tuple[dict[str, float], np.ndarray, np.ndarray | None]:
+        """``(loss and metrics, outputs, mask)`` on a checked dataset (the mask of a masked
+        sequence output, else None): the spec's loss and metrics, or ``loss`` and ``metrics``
+        (spec entries) given (another model's, to compare with it)."""
         loss = self.spec.data["train"]["loss"] if loss is None else loss
         metrics = self.spec.data["train"].get("metrics", []) if metrics is None else metrics
         key = (json.dumps(loss, sort_keys=True), str(dataset.y.dtype), dataset.y.ndim)
         if key not in self._evaluate:
             self._evaluate[key] = compile_eval(self.network, loss, dataset.y)
         with _ids_in_range(self.network):
-            value, outputs = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
+            value, outputs, mask = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
         result = {"loss": value}
-        result.update(metrics_mod.compute(metrics, dataset.y, outputs))
-        return result, outputs
+        result.update(metrics_mod.compute(metrics, dataset.y, outputs, mask))
+        return result, outputs, mask
 
     def refit(self, dataset: data_mod.Dataset, loss) -> data_mod.Dataset:
         """Another model's checked dataset, checked again for this network (its input shape and

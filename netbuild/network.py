@@ -174,9 +174,9 @@ def _infer_shapes(spec: Spec, order: list[Node], input_shape: tuple) -> None:
         raise SpecError(issues)
 
 
-def _infer_masks(spec: Spec, order: list[Node], output: str) -> None:
-    """Which outputs carry a padded sequence's mask; a mask reaching a layer that cannot take
-    it, or the network's output (the loss does not weigh steps yet), is a located error."""
+def _infer_masks(spec: Spec, order: list[Node]) -> None:
+    """Which outputs carry a padded sequence's mask (a masked output: the loss and metrics leave
+    its padded steps out); a mask reaching a layer that cannot take it is a located error."""
     issues: list[Issue] = []
     masked = {INPUT: False}
     for node in order:
@@ -188,13 +188,6 @@ def _infer_masks(spec: Spec, order: list[Node], output: str) -> None:
             issues.append(spec.issue(where, f"layer '{node.name}': {exc}"))
             node.masked = False
         masked[node.name] = node.masked
-        if node.name == output and node.masked:
-            issues.append(spec.issue(node.path, f"layer '{node.name}': the network's output is a "
-                                                "masked sequence, and the loss of per-timestep "
-                                                "outputs does not leave out padded steps yet; "
-                                                "expected the mask to end before the output (a "
-                                                "recurrent layer without return_sequences, or a "
-                                                "global pool over time)"))
     if issues:
         raise SpecError(issues)
 
@@ -226,7 +219,7 @@ class Network:
         order = _ordered(spec, nodes)
         input_shape = tuple(spec.data["model"]["input_shape"])
         _infer_shapes(spec, order, input_shape)
-        _infer_masks(spec, order, names[-1])
+        _infer_masks(spec, order)
         net = cls(spec, input_shape, order, output=names[-1])
         if init:
             net.init_params(int(spec.data.get("seed", 0)))

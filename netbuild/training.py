@@ -216,9 +216,9 @@ class Trainer:
         order = data_mod.epoch_order(n, self.seed, epoch) if self.cfg.get("shuffle", True) else None
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        total, outputs, targets = 0.0, [], []
+        total, outputs, targets, masks = 0.0, [], [], []
         for b, idx in enumerate(data_mod.batches(n, batch_size, order), start=1):
-            loss, out = self.fns.step(train.x[idx], train.y[idx])
+            loss, out, *mask = self.fns.step(train.x[idx], train.y[idx])
             loss = float(loss)
             if not math.isfinite(loss):
                 kept = f"; the last good epoch ({epoch - 1}) is kept in {self.run_dir.path}" if epoch > 1 else ""
@@ -229,15 +229,18 @@ class Trainer:
             total += loss * len(idx)
             outputs.append(out)
             targets.append(train.y[idx])
+            masks += mask
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         record: dict = {"epoch": epoch, "loss": total / n}
-        record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets), np.concatenate(outputs)))
+        record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets),
+                                          np.concatenate(outputs), np.concatenate(masks) if masks else None))
         if self.evaluate is not None:
-            val_loss, val_out = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
+            val_loss, val_out, val_mask = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
             record["val_loss"] = val_loss
-            for k, v in metrics_mod.compute(self.metric_entries, self.sets.validation.y, val_out).items():
+            for k, v in metrics_mod.compute(self.metric_entries, self.sets.validation.y, val_out,
+                                            val_mask).items():
                 record[f"val_{k}"] = v
         record["learning_rate"] = lr
         record["seconds"] = round(seconds, 4)

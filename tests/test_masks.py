@@ -175,8 +175,6 @@ def test_against_torch_key_padding_mask():
      "layer 'flatten_1': 'flatten' cannot take the mask of a padded sequence"),
     (["{type: masking}", "{type: conv1d, filters: 2, kernel_size: 2}", "{type: flatten}"], "model.layers[1]",
      "layer 'conv1d_1': 'conv1d' cannot take the mask"),
-    (["{type: masking}", "{type: lstm, units: 2, return_sequences: true}"], "model.layers[1]",
-     "the network's output is a masked sequence"),
     (["{type: masking, name: m}", "{type: concatenate, inputs: [m, m], axis: 1}", "{type: lstm, units: 2}"],
      "model.layers[1].axis", "joins masked sequences along their time axis"),
     (["{type: masking}", "{type: global_avg_pool}", "{type: dense, units: 2}"], "model.layers[2]",
@@ -191,3 +189,85 @@ def test_a_mask_where_it_cannot_go_is_located(items, where, message):
         network((4, 3), items)
     line = caught.value.lines()[0]
     assert f": {where}: " in line and message in line, line
+
+
+PER_STEP = ["{type: masking, mask_value: -7.0}", "{type: lstm, units: 4, return_sequences: true}",
+            "{type: dense, units: 3, activation: softmax}"]
+
+
+def per_step_loss(net, x, y):
+    """Per-example categorical cross-entropy of a per-timestep output, and its gradients."""
+    import pytensor.tensor as pt
+
+    from netbuild.compile import _loss_graph, target_variable
+
+    target = target_variable(y)
+    v, out, per_example, _ = _loss_graph(net, "categorical_crossentropy", target, False)
+    params = list(net.params.values())
+    grads = pytensor.grad(pt.sum(per_example), params)
+    return pytensor.function([v, target], [per_example, *grads], mode="FAST_COMPILE")(x, y)
+
+
+def test_a_per_timestep_loss_leaves_padded_steps_out():
+    """Each example's loss is the mean over its real steps, as for its sequence alone; what the
+    targets of padded steps hold changes neither the loss nor a gradient."""
+    lengths, steps, features = [4, 2, 3], 4, 3
+    x = padded(lengths, steps, features, -7.0)
+    y = RNG.integers(0, 3, size=(3, steps))
+    net = network((steps, features), PER_STEP)
+    loss, *grads = per_step_loss(net, x, y)
+    total = [np.zeros_like(g) for g in grads]
+    for n, length in enumerate(lengths):
+        alone = network((length, features), PER_STEP)
+        alone.set_param_values(net.param_values())
+        own, *own_grads = per_step_loss(alone, x[n:n + 1, :length], y[n:n + 1, :length])
+        np.testing.assert_allclose(loss[n], own[0], rtol=0, atol=1e-12)
+        total = [t + g for t, g in zip(total, own_grads)]
+    for got, want in zip(grads, total):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    other = y.copy()
+    for n, length in enumerate(lengths):
+        other[n, length:] = (other[n, length:] + 1) % 3
+    for a, b in zip([loss, *grads], per_step_loss(net, x, other)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_metrics_of_a_per_timestep_output_count_real_steps_only():
+    from netbuild.data import Dataset
+    from netbuild.model import Model
+
+    lengths, steps, features = [4, 2, 3], 4, 3
+    x = padded(lengths, steps, features, -7.0)
+    y = RNG.integers(0, 3, size=(3, steps))
+    net = network((steps, features), PER_STEP)
+    net.spec.data["train"].update(loss="categorical_crossentropy", metrics=["accuracy"])
+    model = Model(net.spec, net, "t")
+    metrics, outputs, mask = model.evaluate_dataset(Dataset(x, y, "arrays"))
+    real = np.array([[j < n for j in range(steps)] for n in lengths])
+    np.testing.assert_array_equal(mask > 0.5, real)
+    want = (outputs.argmax(-1) == y)[real].mean()
+    assert metrics["accuracy"] == pytest.approx(want)
+    assert metrics["accuracy"] != pytest.approx((outputs.argmax(-1) == y).mean())  # padded steps left out
+
+
+def test_a_per_timestep_model_trains_and_evaluates_through_the_cli(tmp_path, run_cli):
+    import json
+
+    lengths = RNG.integers(1, 7, 40)
+    x = padded(list(lengths), 6, 3, -7.0).astype(np.float32)
+    y = RNG.integers(0, 3, size=(40, 6))
+    np.savez(tmp_path / "seq.npz", x=x, y=y)
+    spec = tmp_path / "seq.yaml"
+    spec.write_text("name: seq\ndata: {train: seq.npz, test: seq.npz}\nmodel:\n  input_shape: [6, 3]\n"
+                    "  layers:\n" + "".join(f"    - {i}\n" for i in PER_STEP)
+                    + "train: {loss: categorical_crossentropy, optimizer: {type: adam}, epochs: 2, "
+                      "batch_size: 8, metrics: [accuracy]}\n")
+    assert run_cli("check", spec).exit_code == 0
+    result = run_cli("train", spec, "--run-dir", tmp_path / "run", "-q")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and 0.0 <= records[-1]["accuracy"] <= 1.0
+    result = run_cli("eval", tmp_path / "run", "--format", "json", "--confusion")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sum(map(sum, report["confusion_matrix"])) == int(lengths.sum())  # the real steps only
