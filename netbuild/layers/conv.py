@@ -236,9 +236,24 @@ class Windowed(Regularized, ActivatedLayer):
         dilation = as_tuple(self.dilation_rate, r, "dilation_rate")
         return window(input_shape[1:], kernel, strides, padding_per_axis(self.padding, r), dilation)
 
+    def channels_out(self, input_shape: tuple) -> int:
+        """The output's channels (``filters`` unless a subclass says otherwise)."""
+        return int(self.filters)
+
+    def output_shape(self, input_shapes):
+        shape = single(input_shapes)
+        self._input_shape = shape
+        return (self.channels_out(shape),) + self.geometry(shape).out
+
     def _bias_spec(self, channels: int, **fans) -> list[ParamSpec]:
         return [ParamSpec("b", (channels,), self.bias_initializer, regularize=False, **fans)] \
             if self.use_bias else []
+
+    def _add_bias(self, y):
+        """``y (N, C, *spatial) + b`` per channel, when the layer has ``b``."""
+        if "b" not in self.params:
+            return y
+        return y + self.params["b"].dimshuffle("x", 0, *(["x"] * self.rank))
 
 
 class Conv(Windowed):
@@ -250,20 +265,13 @@ class Conv(Windowed):
 
     filters: int
 
-    def output_shape(self, input_shapes):
-        shape = single(input_shapes)
-        self._input_shape = shape
-        return (int(self.filters),) + self.geometry(shape).out
-
     def param_specs(self, input_shapes):
         shape = single(input_shapes)
         kernel = self.geometry(shape).kernel
         channels, filters, k = shape[0], int(self.filters), math.prod(kernel)
         fans = dict(fan_in=channels * k, fan_out=filters * k)
-        specs = [ParamSpec("W", (filters, channels) + kernel, self.kernel_initializer, **fans)]
-        if self.use_bias:
-            specs.append(ParamSpec("b", (filters,), self.bias_initializer, regularize=False, **fans))
-        return specs
+        return [ParamSpec("W", (filters, channels) + kernel, self.kernel_initializer, **fans)] + \
+            self._bias_spec(filters, **fans)
 
     def linear(self, inputs, ctx):
         return self._conv(inputs[0], "linear")
@@ -304,7 +312,7 @@ class TransposedGeometry:
     pads: tuple[tuple[int, int], ...]
 
 
-class ConvTranspose(Regularized, ActivatedLayer):
+class ConvTranspose(Windowed):
     """A transposed convolution (the gradient of a convolution with respect to its input: each
     input value scatters ``W`` times itself into the output) over ``rank`` spatial axes.
 
@@ -313,30 +321,17 @@ class ConvTranspose(Regularized, ActivatedLayer):
     + d * (k - 1) + output_padding + 1`` outputs; ``same`` padding gives ``L * s`` (the pads of
     the ``same`` convolution of that many values, Keras's ``Conv2DTranspose``).
 
+    ``strides`` step between the windows an input scatters into; ``padding`` is ``valid`` (0),
+    ``same``, or an int (or one per axis) removed from both sides (torch's ``padding``).
+
     Args:
         filters: output channels.
-        kernel_size: the window, an int or one per spatial axis.
-        strides: the step between the windows an input scatters into.
-        padding: ``valid`` (0), ``same``, or an int (or one per axis) removed from both sides
-            (torch's ``padding``).
         output_padding: values added at the end of each axis (less than its stride), to tell
             apart the output lengths one input length can come from.
-        dilation_rate: the spacing of the kernel's taps.
-        use_bias: add ``b``.
-        kernel_initializer: of ``W``.
-        bias_initializer: of ``b``.
     """
 
-    rank: ClassVar[int] = 0
     filters: int
-    kernel_size: Ints
-    strides: Ints
-    padding: Padding
     output_padding: Ints
-    dilation_rate: Ints
-    use_bias: bool
-    kernel_initializer: Initializer
-    bias_initializer: Initializer
 
     def geometry(self, input_shape: tuple) -> TransposedGeometry:
         check_rank(self, input_shape, self.rank)
@@ -370,29 +365,20 @@ class ConvTranspose(Regularized, ActivatedLayer):
             out.append(length)
         return TransposedGeometry(tuple(out), kernel, strides, dilation, tuple(pads))
 
-    def output_shape(self, input_shapes):
-        shape = single(input_shapes)
-        self._input_shape = shape
-        return (int(self.filters),) + self.geometry(shape).out
-
     def param_specs(self, input_shapes):
         shape = single(input_shapes)
         kernel = self.geometry(shape).kernel
         channels, filters, k = shape[0], int(self.filters), math.prod(kernel)
         # torch's fans for its (in, out, *kernel) layout: fan_in from the second axis
         fans = dict(fan_in=filters * k, fan_out=channels * k)
-        specs = [ParamSpec("W", (channels, filters) + kernel, self.kernel_initializer, **fans)]
-        if self.use_bias:
-            specs.append(ParamSpec("b", (filters,), self.bias_initializer, regularize=False, **fans))
-        return specs
+        return [ParamSpec("W", (channels, filters) + kernel, self.kernel_initializer, **fans)] + \
+            self._bias_spec(filters, **fans)
 
     def linear(self, inputs, ctx):
         (x,) = inputs
         geo = self.geometry(static_shape(self, x))
-        y = ops_conv.conv_transpose(x, self.params["W"], geo.out, geo.strides, geo.dilation, geo.pads)
-        if "b" in self.params:
-            y = y + self.params["b"].dimshuffle("x", 0, *(["x"] * self.rank))
-        return y
+        return self._add_bias(ops_conv.conv_transpose(x, self.params["W"], geo.out, geo.strides,
+                                                      geo.dilation, geo.pads))
 
 
 class Conv1DTranspose(ConvTranspose):
@@ -403,7 +389,6 @@ class Conv1DTranspose(ConvTranspose):
 class Conv2DTranspose(ConvTranspose):
     type = "conv2d_transpose"
     rank = 2
-
 
 
 def depthwise(x, W, win: Window, channels: int, multiplier: int):
@@ -435,10 +420,8 @@ class DepthwiseConv2D(Windowed):
     rank = 2
     depth_multiplier: int
 
-    def output_shape(self, input_shapes):
-        shape = single(input_shapes)
-        self._input_shape = shape
-        return (shape[0] * self.depth_multiplier,) + self.geometry(shape).out
+    def channels_out(self, input_shape):
+        return input_shape[0] * self.depth_multiplier
 
     def param_specs(self, input_shapes):
         shape = single(input_shapes)
@@ -451,10 +434,8 @@ class DepthwiseConv2D(Windowed):
     def linear(self, inputs, ctx):
         (x,) = inputs
         shape = static_shape(self, x)
-        y = depthwise(x, self.params["W"], self.geometry(shape), shape[0], self.depth_multiplier)
-        if "b" in self.params:
-            y = y + self.params["b"].dimshuffle("x", 0, "x", "x")
-        return y
+        return self._add_bias(depthwise(x, self.params["W"], self.geometry(shape), shape[0],
+                                        self.depth_multiplier))
 
 
 class SeparableConv2D(Windowed):
@@ -473,11 +454,6 @@ class SeparableConv2D(Windowed):
     filters: int
     depth_multiplier: int
     pointwise_initializer: Initializer
-
-    def output_shape(self, input_shapes):
-        shape = single(input_shapes)
-        self._input_shape = shape
-        return (int(self.filters),) + self.geometry(shape).out
 
     def param_specs(self, input_shapes):
         shape = single(input_shapes)
