@@ -89,7 +89,7 @@ def predict(model: str | os.PathLike, data_file: str | os.PathLike, out_file: st
     writable(out_file, overwrite)
     loaded = Model.load(model)
     x = data_mod.load_inputs(data_file, loaded.spec, loaded.network)
-    outputs = loaded.predict(x)
+    outputs = loaded.predict_checked(x)  # load_inputs checked x already
     try:
         atomic_write(out_file, npz_bytes({"y": outputs}))
     except OSError as exc:

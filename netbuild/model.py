@@ -50,8 +50,8 @@ class Model:
     """A trained network and its resolved spec (``spec``, a :class:`netbuild.spec.Spec`).
 
     :meth:`predict`, :meth:`evaluate` and :meth:`export_onnx` are the API; :meth:`inputs`,
-    :meth:`targets`, :meth:`predict_function`, :meth:`evaluate_dataset` and :meth:`refit` are the
-    lower-level steps they (and ``netbuild eval``) are made of.
+    :meth:`targets`, :meth:`predict_checked`, :meth:`predict_function`, :meth:`evaluate_dataset`
+    and :meth:`refit` are the lower-level steps they (and ``netbuild eval``) are made of.
     """
 
     def __init__(self, spec: Spec, network: Network, source: str):
@@ -117,7 +117,10 @@ class Model:
     def predict(self, x, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """The network's outputs for the inputs ``x`` (``(n, *input_shape)``): what
         ``netbuild predict`` writes, class probabilities for a softmax output."""
-        x = self.inputs(x)
+        return self.predict_checked(self.inputs(x), batch_size)
+
+    def predict_checked(self, x: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """:meth:`predict` for inputs already checked (by :meth:`inputs`, or as a data file's)."""
         fn = self.predict_function()
         with _ids_in_range(self.network):
             return np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), _batch(batch_size))])
