@@ -7,7 +7,7 @@ import numpy as np
 import pytensor
 import pytest
 from test_conv_variants import built, predict
-from test_shape import layer_from
+from test_shape import located_error
 
 RNG = np.random.default_rng(0)
 
@@ -129,9 +129,4 @@ def test_positional_embeddings():
      "model.layers[0].max_length: layer 'positional_embedding_0': the input has 5 timesteps, more than max_length 4"),
 ])
 def test_attention_mistakes_are_located(item, shape, message):
-    from netbuild.errors import SpecError
-
-    with pytest.raises(SpecError) as caught:
-        layer_from(item, shape)
-    (line,) = caught.value.lines()
-    assert line.startswith("t.yaml:6:") and message in line, line
+    assert message in located_error(item, shape)

@@ -150,13 +150,20 @@ train: {loss: mse, optimizer: {type: adam}}
 """
 
 
-def test_new_layers_compile_to_c_only():
-    net = Network.from_spec(validate(load_text(NEW_LAYERS, "t.yaml")))
-    y = np.zeros((4, 2), dtype=pytensor.config.floatX)
-    fns = compile_train(net, {"loss": "mse", "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
-    x = np.random.default_rng(0).normal(size=(4, 2, 6, 5)).astype(pytensor.config.floatX)
-    assert np.isfinite(float(fns.step(x, y)[0]))
+def assert_trains_in_c(text: str, x: np.ndarray, y: np.ndarray) -> None:
+    """The spec ``text`` takes a finite training step on ``(x, y)`` (with its own loss, Adam), and
+    every node of its training and predict functions has C code."""
+    spec = validate(load_text(text, "t.yaml"))
+    net = Network.from_spec(spec)
+    train = {"loss": spec.data["train"]["loss"], "optimizer": {"type": "adam", "learning_rate": 0.01}}
+    fns = compile_train(net, train, y, 0)
+    assert np.isfinite(float(fns.step(x.astype(pytensor.config.floatX), y)[0]))
     assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
+
+
+def test_new_layers_compile_to_c_only():
+    x = np.random.default_rng(0).normal(size=(4, 2, 6, 5))
+    assert_trains_in_c(NEW_LAYERS, x, np.zeros((4, 2), dtype=pytensor.config.floatX))
 
 
 #: A transformer block: positional embedding, attention (with dropout), residual, layer norm.
@@ -178,13 +185,8 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam}}
 
 
 def test_attention_compiles_to_c_only():
-    net = Network.from_spec(validate(load_text(TRANSFORMER, "t.yaml")))
-    y = np.array([0, 1, 2, 1])
-    fns = compile_train(net, {"loss": "categorical_crossentropy",
-                              "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
-    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(pytensor.config.floatX)
-    assert np.isfinite(float(fns.step(x, y)[0]))
-    assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
+    x = np.random.default_rng(0).normal(size=(4, 6, 8))
+    assert_trains_in_c(TRANSFORMER, x, np.array([0, 1, 2, 1]))
 
 
 def test_masked_sequences_compile_to_c_only():
@@ -193,11 +195,6 @@ def test_masked_sequences_compile_to_c_only():
     text = TRANSFORMER.replace("    - {type: positional_embedding, name: pos}\n",
                                "    - {type: masking}\n    - {type: lstm, units: 8, return_sequences: true}\n"
                                "    - {type: positional_embedding, name: pos}\n")
-    net = Network.from_spec(validate(load_text(text, "t.yaml")))
-    y = np.array([0, 1, 2, 1])
-    fns = compile_train(net, {"loss": "categorical_crossentropy",
-                              "optimizer": {"type": "adam", "learning_rate": 0.01}}, y, 0)
-    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(pytensor.config.floatX)
+    x = np.random.default_rng(0).normal(size=(4, 6, 8))
     x[1, 3:] = 0.0  # padding
-    assert np.isfinite(float(fns.step(x, y)[0]))
-    assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
+    assert_trains_in_c(text, x, np.array([0, 1, 2, 1]))
