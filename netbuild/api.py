@@ -24,9 +24,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checks
+from . import checks, threads
 from .errors import UsageError
-from .model import Model, load_model
+from .model import Model
+from .model import load_model as _load_model
 from .runs import RunDir
 from .spec import Spec, load_spec, validate
 from .training import Callbacks, prepare_resume
@@ -91,6 +92,7 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
         raise UsageError("give a spec, or resume=True with the run_dir to continue")
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
         raise UsageError(f"epochs {epochs!r}; expected a whole number of at least 1")
+    threads.ensure()
     resolved = _spec(spec) if spec is not None else None
     target = RunDir(run_dir if run_dir is not None else Path("runs") / resolved.data["name"])
     with target:
@@ -104,6 +106,12 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
                               resume_from=checkpoint)
     return Run(target.path, Model(resolved, result.network, str(target.path)), result.history,
                result.stopped_early, result.best_epoch, result.compile_seconds)
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """The trained model of a run directory or a ``model.npz`` (:class:`netbuild.model.Model`)."""
+    threads.ensure()
+    return _load_model(path)
 
 
 __all__ = ["Callbacks", "Model", "Run", "Summary", "check", "load_model", "load_spec", "train"]

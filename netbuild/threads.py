@@ -191,6 +191,13 @@ def apply(n: int) -> int:
     return n
 
 
+def ensure() -> int:
+    """The default thread count (``NETBUILD_THREADS``, else every core this process may use)
+    applied, unless a count was applied already (``--threads``, or a caller's :func:`apply`):
+    the Python API computes as the CLI does."""
+    return _current if _current is not None else apply(resolve(None))
+
+
 def current() -> int:
     """The thread count last applied (the default before any)."""
     return _current if _current is not None else default_threads()

@@ -163,3 +163,26 @@ def _tiny_run(tmp_path):
     run = tmp_path / "tiny"
     netbuild.train(netbuild.load_spec(MLP, overrides=["train.epochs=1"]), run_dir=run)
     return run
+
+
+def test_the_api_computes_on_the_threads_the_cli_would(tmp_path, monkeypatch):
+    """NETBUILD_THREADS (else every core) applies to the API as to the CLI, unless a count was
+    applied already."""
+    from netbuild import threads
+
+    before = threads.current()
+    run = _tiny_run(tmp_path)
+    try:
+        monkeypatch.setattr(threads, "_current", None)
+        monkeypatch.setenv("NETBUILD_THREADS", "1")
+        netbuild.load_model(run)
+        assert threads._current == 1
+        threads.apply(2)
+        netbuild.load_model(run)
+        assert threads._current == 2  # an applied count wins
+        monkeypatch.setattr(threads, "_current", None)
+        monkeypatch.setenv("NETBUILD_THREADS", "zero")
+        with pytest.raises(netbuild.NetbuildError, match="NETBUILD_THREADS=.zero."):
+            netbuild.load_model(run)
+    finally:
+        threads.apply(before)
