@@ -1,7 +1,7 @@
 """JUnit XML, the test report every CI system renders: each check or gate a test case.
 
-The layout is the one Jenkins' JUnit plugin reads (and GitHub, GitLab, Azure and CircleCI with
-it): ``<testsuites>`` holding one ``<testsuite>`` of ``<testcase>`` elements, a failed case with a
+The layout is the one Jenkins' JUnit plugin reads, the common one of JUnit readers:
+``<testsuites>`` holding one ``<testsuite>`` of ``<testcase>`` elements, a failed case with a
 ``<failure message="...">`` whose text holds the whole report.
 """
 
