@@ -65,3 +65,63 @@ def test_gradient_with_respect_to_W():
 
     rng = np.random.default_rng(2)
     verify_grad(fun, [rng.normal(size=(7, 3))], rng=rng, mode=TEST_MODE)
+
+
+# -- the C ops (netbuild/ops/embedding.py) ---------------------------------------------------------
+def c_function(inputs, outputs):
+    """Compiled in netbuild's own mode: the embedding ops run their C code."""
+    from netbuild.backend import mode
+
+    return pytensor.function(inputs, outputs, mode=mode())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_c_gather_and_its_gradient_against_numpy(dtype):
+    """Repeated ids add up in order (np.add.at's sums), in C and in numpy; a wide table runs on
+    several threads and gives the same bits as one."""
+    from netbuild import threads
+    from netbuild.ops.embedding import Gather, GatherGrad
+
+    rng = np.random.default_rng(4)
+    for N, D, n in [(7, 3, 12), (50, 700, 400), (3, 1, 0)]:
+        W_val = rng.normal(size=(N, D)).astype(dtype)
+        ids_val = rng.integers(0, N, n)
+        dy_val = rng.normal(size=(n, D)).astype(dtype)
+        W, ids, dy = pt.matrix(dtype=dtype), pt.vector(dtype="int64"), pt.matrix(dtype=dtype)
+        outs = [Gather()(W, ids), GatherGrad()(W, ids, dy)]
+        fn = c_function([W, ids, dy], outs)
+        ops = [t for node, t in zip(fn.vm.nodes, fn.vm.thunks)
+               if isinstance(node.op, (Gather, GatherGrad))]
+        assert len(ops) == 2 and all(getattr(t, "cthunk", None) is not None for t in ops)
+        want_dW = np.zeros_like(W_val)
+        np.add.at(want_dW, ids_val, dy_val)
+        runs = []
+        before = threads.current()
+        try:
+            for count in (1, 2):
+                threads.apply(count)
+                runs.append(fn(W_val, ids_val, dy_val))
+        finally:
+            threads.apply(before)
+        for y, dW in runs:
+            np.testing.assert_array_equal(y, W_val[ids_val])
+            np.testing.assert_allclose(dW, want_dW, rtol=1e-6 if dtype == "float32" else 1e-13,
+                                       atol=1e-6 if dtype == "float32" else 1e-13)
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+        py = pytensor.function([W, ids, dy], outs, mode=TEST_MODE)(W_val, ids_val, dy_val)
+        np.testing.assert_array_equal(py[0], runs[0][0])
+        np.testing.assert_allclose(py[1], runs[0][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["c", "numpy"])
+def test_an_id_outside_the_table_is_an_index_error(compiled):
+    """Negative ids do not wrap around: -1 is outside the table, as 7 is."""
+    from netbuild.ops.embedding import gather
+
+    W, ids = pt.matrix(), pt.vector(dtype="int64")
+    fn = (c_function if compiled else lambda i, o: pytensor.function(i, o, mode=TEST_MODE))(
+        [W, ids], pytensor.grad(gather(W, ids).sum(), W))
+    W_val = np.zeros((7, 2), dtype=W.dtype)
+    for bad, where in [(7, 1), (-1, 2)]:
+        with pytest.raises(IndexError, match=rf"id {bad} at position {where} is outside \[0, 7\)"):
+            fn(W_val, np.array([0, 3, 1, 2])[:where].tolist() + [bad])

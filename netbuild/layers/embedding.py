@@ -13,6 +13,7 @@ from typing import ClassVar
 import pytensor
 import pytensor.tensor as pt
 
+from ..ops import embedding as embedding_ops
 from .base import Initializer, Layer, LayerError, ParamSpec, Regularized, single
 
 
@@ -58,6 +59,5 @@ class Embedding(Regularized, Layer):
         if not ids.dtype.startswith(("int", "uint")):
             ids = pt.cast(ids, "int64")
         W = self.params["W"]
-        # Index with a vector: AdvancedSubtensor1 (and its gradient) have C code, matrices do not.
-        rows = W[ids.flatten()]
+        rows = embedding_ops.gather(W, ids.flatten())  # its gradient in C (PyTensor's has none)
         return rows.reshape((*[ids.shape[i] for i in range(ids.ndim)], W.shape[1]))

@@ -1,6 +1,7 @@
 """PyTensor ops that netbuild writes itself, in C, where a composition of PyTensor's own ops is
 too slow: :mod:`netbuild.ops.update` (fused optimizer steps), :mod:`netbuild.ops.random`
-(counter-based uniform draws for dropout), :mod:`netbuild.ops.recurrent` (the recurrent layers'
+(counter-based uniform draws for dropout), :mod:`netbuild.ops.embedding` (the embedding's
+lookup and its gradient), :mod:`netbuild.ops.recurrent` (the recurrent layers'
 loop over timesteps and its gradient), :mod:`netbuild.ops.conv` (convolution as im2col + BLAS
 gemm, and its gradients), :mod:`netbuild.ops.pool` (max and average pooling, and their
 gradient) and :mod:`netbuild.ops.softmax` (softmax and softmax cross-entropy, and their
