@@ -190,8 +190,8 @@ def test_attention_compiles_to_c_only():
 
 
 def test_masked_sequences_compile_to_c_only():
-    """A masked recurrent layer runs PyTensor's scan (the fused op has no mask input yet): C in
-    its inner function too."""
+    """A masked recurrent layer (the fused op with its mask input) and attention with a key
+    padding mask, behind a ``masking`` layer."""
     text = TRANSFORMER.replace("    - {type: positional_embedding, name: pos}\n",
                                "    - {type: masking}\n    - {type: lstm, units: 8, return_sequences: true}\n"
                                "    - {type: positional_embedding, name: pos}\n")

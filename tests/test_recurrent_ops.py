@@ -77,10 +77,21 @@ def symbols(values) -> list:
     return [pt.tensor(dtype=v.dtype, shape=(None,) * v.ndim) for v in values]
 
 
-def forward_and_backward(cell, act, ract, values, cotangents, c: bool, with_dC=False):
-    """The forward op's outputs, then the gradient op's, for these values and cotangents."""
-    fwd = RecurrentSequence(cell, act, ract)
-    grad = RecurrentSequenceGrad(cell, act, ract, with_dC)
+def step_mask(T: int, B: int, rng, dtype="float64") -> np.ndarray:
+    """A mask ``(T, B)``: right padding (lengths 0 to T), and a row with holes."""
+    lengths = rng.integers(0, T + 1, B)
+    mask = (np.arange(T)[:, None] < lengths[None, :]).astype(dtype)
+    if B > 1 and T > 2:
+        mask[:, -1] = rng.integers(0, 2, T)
+    return mask
+
+
+def forward_and_backward(cell, act, ract, values, cotangents, c: bool, with_dC=False,
+                         masked=False):
+    """The forward op's outputs, then the gradient op's, for these values and cotangents (the
+    last value is the mask when ``masked``)."""
+    fwd = RecurrentSequence(cell, act, ract, masked)
+    grad = RecurrentSequenceGrad(cell, act, ract, with_dC, masked)
     ins = symbols(values)
     outs = fwd(*ins, return_list=True)
     by = dict(zip(fwd.input_names(), ins)) | dict(zip(fwd.output_names(), outs))
@@ -93,9 +104,10 @@ def forward_and_backward(cell, act, ract, values, cotangents, c: bool, with_dC=F
 # -- C against numpy ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_c_matches_numpy(cell, dtype):
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+def test_c_matches_numpy(cell, dtype, masked):
     """Every activation pair and odd shapes (one step, one example, no step at all, dC on and
-    off): the C kernels give the numpy perform's numbers."""
+    off), with and without a mask: the C kernels give the numpy perform's numbers."""
     rng = np.random.default_rng(3)
     tol = {"float64": 1e-12, "float32": 2e-5}[dtype]
     cases = list(itertools.product(ACTIVATION_PAIRS[:3], [(4, 3, 5), (1, 2, 3), (3, 1, 2)]))
@@ -103,13 +115,15 @@ def test_c_matches_numpy(cell, dtype):
               (ACTIVATION_PAIRS[0], (0, 2, 3))]
     for (act, ract), (T, B, U) in cases:
         values = op_inputs(cell, T, B, U, rng, dtype)
+        if masked:
+            values.append(step_mask(T, B, rng, dtype))
         n_cot = 2 if cell == "lstm" else 1
         cotangents = [rng.normal(size=(T, B, U)).astype(dtype) for _ in range(n_cot)]
         with_dC = cell == "lstm" and T % 2 == 0
         if cell == "lstm" and not with_dC:
             cotangents = cotangents[:1]
-        got = forward_and_backward(cell, act, ract, values, cotangents, True, with_dC)
-        want = forward_and_backward(cell, act, ract, values, cotangents, False, with_dC)
+        got = forward_and_backward(cell, act, ract, values, cotangents, True, with_dC, masked)
+        want = forward_and_backward(cell, act, ract, values, cotangents, False, with_dC, masked)
         for i, (g, w) in enumerate(zip(got, want)):
             assert g.shape == w.shape and g.dtype == w.dtype, (act, ract, T, B, U, i)
             scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
@@ -141,12 +155,12 @@ def test_c_activations_match_numpy_over_a_wide_range():
 
 
 # -- against scan ---------------------------------------------------------------------------------
-def layer_graph(kind: str, cfg: dict, values: dict, x, implementation: str):
+def layer_graph(kind: str, cfg: dict, values: dict, x, implementation: str, mask=None):
     layer = LAYERS[kind]("l", cfg)
     layer.implementation = implementation
     params = {n: pt.tensor(dtype="float64", shape=v.shape, name=n) for n, v in values.items()}
     layer.params = params
-    out = layer.forward([x], Context(training=False))
+    out = layer.forward([x], Context(training=False, masks={} if mask is None else {x: mask}))
     assert any(isinstance(v.owner.op, Scan) for v in ancestors([out]) if v.owner) \
         == (implementation == "scan")
     cost = (out + out ** 2).sum()  # a cotangent that differs from element to element
@@ -169,9 +183,12 @@ SCAN_CASES = [
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_fused_layer_matches_scan(kind):
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+def test_fused_layer_matches_scan(kind, masked):
     """The layer's output and the gradients of a cost with respect to its input and every
-    parameter: fused op (compiled to C) against scan (PyTensor's own gradient of the step)."""
+    parameter: fused op (compiled to C) against scan (PyTensor's own gradient of the step),
+    with and without a mask (right padding and holes; the scan's select keeps a padded step's
+    states)."""
     rng = np.random.default_rng(11)
     features, units = 3, 4
     for case_kind, T, B, overrides in SCAN_CASES:
@@ -185,11 +202,14 @@ def test_fused_layer_matches_scan(kind):
         values = {s.name: rng.normal(0, 0.6, size=s.shape) for s in specs}
         x_val = rng.normal(size=(B, T, features))
         x = pt.tensor3("x", dtype="float64")
+        m = pt.matrix("m", dtype="float64")
+        m_val = step_mask(T, B, rng).T  # (batch, timesteps), as a layer's mask
         results = {}
         for implementation in ("auto", "scan"):
-            params, outs = layer_graph(kind, cfg, values, x, implementation)
-            fn = function([x, *params], outs, c=implementation == "auto")
-            results[implementation] = fn(x_val, *values.values())
+            params, outs = layer_graph(kind, cfg, values, x, implementation,
+                                       m if masked else None)
+            fn = function([x, m, *params], outs, c=implementation == "auto")
+            results[implementation] = fn(x_val, m_val, *values.values())
         names = ["output", "d x"] + [f"d {n}" for n in values]
         for name, fused, scanned in zip(names, results["auto"], results["scan"]):
             np.testing.assert_allclose(fused, scanned, rtol=1e-10, atol=1e-12,
@@ -240,6 +260,17 @@ def test_verify_grad_on_the_op(cell, act, ract):
     with fused_ops_in_c():
         verify_grad(fun, values, n_tests=1)
 
+    # masked: step 1 of row 0 and step 2 of row 1 are padding (held states)
+    mask = pt.constant(np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+    masked = RecurrentSequence(cell, act, ract, masked=True)
+
+    def fun_masked(*inputs):
+        outs = masked(*inputs, mask, return_list=True)
+        return outs[0] + outs[1] if cell == "lstm" else outs[0]
+
+    with fused_ops_in_c():
+        verify_grad(fun_masked, values, n_tests=1)
+
 
 # -- the compiled training step -------------------------------------------------------------------
 def test_training_step_is_c_only_without_scan():
@@ -266,6 +297,35 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam}}
     assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequenceGrad)} == set(CELLS)
     assert python_nodes(step, "train") == []
     x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(pytensor.config.floatX)
+    loss, _ = step(x, y)
+    assert np.isfinite(loss)
+
+
+def test_masked_training_step_is_c_only_without_scan():
+    """Masks from ``embedding mask_zero`` and a ``masking`` layer run the fused ops with their
+    mask input: no Scan in the compiled training step, no node without C code."""
+    spec = validate(load_text("""\
+name: t
+data: {train: none.npz}
+model:
+  input_shape: [6]
+  layers:
+    - {type: embedding, input_dim: 5, output_dim: 3, mask_zero: true}
+    - {type: lstm, units: 4, bidirectional: true, return_sequences: true}
+    - {type: simple_rnn, units: 3, return_sequences: true, go_backwards: true}
+    - {type: gru, units: 2}
+    - {type: dense, units: 2, activation: softmax}
+train: {loss: categorical_crossentropy, optimizer: {type: adam}}
+""", "t.yaml"))
+    net = Network.from_spec(spec)
+    y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
+    x = np.array([[1, 2, 3, 0, 0, 0], [4, 4, 0, 0, 0, 0], [1, 2, 3, 4, 1, 2]])
+    step = compile_train(net, spec.data["train"], y, 0).step
+    nodes = step.maker.fgraph.apply_nodes
+    assert not [n for n in nodes if isinstance(n.op, Scan)]
+    fused = [n.op for n in nodes if isinstance(n.op, (RecurrentSequence, RecurrentSequenceGrad))]
+    assert {op.cell for op in fused if op.masked} == set(CELLS)
+    assert python_nodes(step, "train") == []
     loss, _ = step(x, y)
     assert np.isfinite(loss)
 

@@ -208,9 +208,9 @@ class Recurrent(Regularized, Layer):
                              for s in self.directions))
         zero = pt.zeros((batch, self.units), dtype=x.dtype)
         fused = self.fused_activations()
-        if fused and ms is None:
-            hs = self._fused(xs, outer, inner, zero, *fused)
-        else:  # the fused C op has no mask input yet: a masked sequence runs the scan
+        if fused:
+            hs = self._fused(xs, outer, inner, zero, *fused, ms)
+        else:
             hs = self._scan(xs, outer, inner, zero, ms)
         # hs: h of each direction in its processing order (timesteps, batch, units)
         if self.return_sequences:
@@ -221,23 +221,27 @@ class Recurrent(Regularized, Layer):
             out = [h[-1] for h in hs]
         return pt.concatenate(out, axis=-1) if len(out) > 1 else out[0]
 
-    def _fused(self, xs, outer, inner, zero, act: str, ract: str) -> list:
-        """One C op per direction; the backward direction reads the time-reversed sequence.
-        Each direction's input projection is one matrix product (the op adds the bias)."""
+    def _fused(self, xs, outer, inner, zero, act: str, ract: str, ms=None) -> list:
+        """One C op per direction; the backward direction reads the time-reversed sequence (and
+        mask). Each direction's input projection is one matrix product (the op adds the bias).
+        With a mask ``ms (timesteps, batch)`` the op holds the states at a padded step."""
         steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
+        ms = None if ms is None else ms.astype(xs.dtype)
         hs = []
         for d, suffix in enumerate(self.directions):
             seq = xs[::-1] if d else xs
             P = pt.dot(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
                 .reshape((steps, batch, self.gates * self.units))
+            mask = None if ms is None else (ms[::-1] if d else ms)
             hs.append(recurrent_ops.sequence(self.cell, P, outer[d], self.params["W_hh" + suffix],
-                                             zero, self.fused_extra(zero, inner[d]), act, ract)[0])
+                                             zero, self.fused_extra(zero, inner[d]), act, ract,
+                                             mask)[0])
         return hs
 
     def _scan(self, xs, outer, inner, zero, ms=None) -> list:
         """All directions in one ``scan`` over :meth:`step`, after one matrix product for the
         input projection of every timestep and direction. With a mask ``ms (timesteps, batch)``
-        a padded step keeps each state: ``state = m * new + (1 - m) * old``."""
+        a padded step keeps each state (``new`` where the mask is 1, else ``old``)."""
         dirs = self.directions
         n_dir, n_states = len(dirs), self.n_states
         width = self.gates * self.units
@@ -272,9 +276,9 @@ class Recurrent(Regularized, Layer):
                 W_hh, *b_in = rest[d * per_dir:(d + 1) * per_dir]
                 old = states[d * n_states:(d + 1) * n_states]
                 out = self.step(ps[d], old, W_hh, b_in[0] if b_in else None)
-                if steps_mask:
-                    m = steps_mask[d].dimshuffle(0, "x")
-                    out = [m * o + (1.0 - m) * s for o, s in zip(out, old)]
+                if steps_mask:  # a select, as the C op's: a padded input never reaches a state
+                    m = pt.neq(steps_mask[d], 0).dimshuffle(0, "x")
+                    out = [pt.switch(m, o, s) for o, s in zip(out, old)]
                 new += out
             return new
 

@@ -173,6 +173,43 @@ static void zero_units(int Bn, int U, npy_intp u0, npy_intp nu, T* to) {
     for (npy_intp r = 0; r < Bn; ++r) memset(to + r * U + u0, 0, sizeof(T) * nu);
 }
 
+/* Masks (M (Tn, Bn), 0 at a padded step of a row): a padded step keeps the states as they were.
+   Forward, after a step's kernel: the part's units of every row padded at this step (mt[r] == 0)
+   take the previous state's (from, to: row 0, unit 0). A select, not m h + (1 - m) h', so what
+   the padded inputs hold (even inf or NaN) never reaches a state. */
+template <typename T>
+static void hold_rows(int Bn, int U, npy_intp u0, npy_intp nu, const T* mt, const T* from, T* to) {
+    for (npy_intp r = 0; r < Bn; ++r)
+        if (mt[r] == (T)0) memcpy(to + r * U + u0, from + r * U + u0, sizeof(T) * nu);
+}
+
+/* Backward, after a step's kernel (the part's units; D, DQ with row stride g*U, dh, dc, dC with
+   row stride U, all at row 0, unit 0): a row padded at this step gets no gate gradient (D and
+   DQ zero) and carries dh, and dc (plus dC of this step), as they were before the kernel (saved
+   in sdh, sdc); a real row of a cell whose carry is not kept (simple_rnn, lstm: clear) starts
+   dh at 0, since with a mask carry_units adds onto dh. */
+template <typename T>
+static void mask_grad_rows(int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* mt, bool clear,
+                           T* D, T* DQ, T* dh, const T* sdh, T* dc, const T* sdc, const T* dC) {
+    const npy_intp G = (npy_intp)g * U;
+    for (npy_intp r = 0; r < Bn; ++r) {
+        const npy_intp o = r * U + u0;
+        if (mt[r] != (T)0) {
+            if (clear) memset(dh + o, 0, sizeof(T) * nu);
+            continue;
+        }
+        for (int q = 0; q < g; ++q) {
+            memset(D + r * G + q * U + u0, 0, sizeof(T) * nu);
+            if (DQ) memset(DQ + r * G + q * U + u0, 0, sizeof(T) * nu);
+        }
+        memcpy(dh + o, sdh + o, sizeof(T) * nu);
+        if (dc) {
+            memcpy(dc + o, sdc + o, sizeof(T) * nu);
+            if (dC) for (npy_intp k = 0; k < nu; ++k) dc[o + k] += dC[o + k];
+        }
+    }
+}
+
 /* The part [u0, u0 + nu) of p of n. */
 #define NBREC_PART(U, p, n)                                           \
     const npy_intp u0 = netbuild_part_start((U), (n), (p));            \
@@ -263,10 +300,10 @@ __attribute__((noinline)) static void rnn_cells_grad(int a, int Bn, int U, npy_i
 
 template <typename T>
 static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias, const T* W,
-                        const T* h0, T* H, T* S, T* work) {
+                        const T* h0, const T* M, T* H, T* S, T* work) {
     const size_t step = (size_t)Bn * U;
     forward_loop(1, Tn, Bn, U, W, h0, H, work,
-                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T*) {
+                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T* hp) {
         const T *Pt = P + t * step + u0, *b = bias + u0;
         T *St = S + t * step + u0, *Ht = H + t * step + u0;
         switch (a) {
@@ -274,22 +311,28 @@ static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias,
         case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
         default: rnn_cells<ANY>(a, Bn, U, nu, X, Pt, b, St, Ht);
         }
+        if (M) hold_rows(Bn, U, u0, nu, M + (size_t)t * Bn, hp, H + t * step);
     });
 }
 
 template <typename T>
 static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
-                         const T* S, const T* dH, T* dP, T* db, T* dW, T* dh0, T* dh, double* acc) {
+                         const T* S, const T* dH, const T* M, T* dP, T* db, T* dW, T* dh0, T* dh,
+                         T* sdh, double* acc) {
     const size_t step = (size_t)Bn * U;
-    backward_loop(1, false, Tn, Bn, U, W, dP, dH, dh, dh0,
+    backward_loop(1, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0,
                   [&](int t, npy_intp u0, npy_intp nu) {
         const T* St = S + t * step + u0;
         T* dPt = dP + t * step + u0;
+        if (M) copy_units(Bn, U, u0, nu, dh, sdh, false);
         switch (a) {
         case TANH: rnn_cells_grad<TANH>(a, Bn, U, nu, St, dh + u0, dPt); break;
         case RELU: rnn_cells_grad<RELU>(a, Bn, U, nu, St, dh + u0, dPt); break;
         default: rnn_cells_grad<ANY>(a, Bn, U, nu, St, dh + u0, dPt);
         }
+        if (M)
+            mask_grad_rows(Bn, U, 1, u0, nu, M + (size_t)t * Bn, true, dP + t * step, (T*)0, dh,
+                           sdh, (T*)0, (const T*)0, (const T*)0);
     }, [&](npy_intp u0, npy_intp nu) { part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, acc); });
 }
 
@@ -357,10 +400,11 @@ __attribute__((noinline)) static void lstm_cells_grad(
 
 template <typename T>
 static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
-                         const T* W, const T* h0, const T* c0, T* H, T* C, T* S, T* AC, T* work) {
+                         const T* W, const T* h0, const T* c0, const T* M, T* H, T* C, T* S,
+                         T* AC, T* work) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
     forward_loop(4, Tn, Bn, U, W, h0, H, work,
-                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T*) {
+                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T* hp) {
         const T *cp = (t ? C + (t - 1) * step : c0) + u0, *Pt = P + t * gstep + u0;
         T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
         T* Ht = H + t * step + u0;
@@ -368,6 +412,11 @@ static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const
             lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
         else
             lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
+        if (M) {
+            const T* mt = M + (size_t)t * Bn;
+            hold_rows(Bn, U, u0, nu, mt, hp, H + t * step);
+            hold_rows(Bn, U, u0, nu, mt, t ? C + (t - 1) * step : c0, C + t * step);
+        }
     });
 }
 
@@ -375,12 +424,16 @@ static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const
 template <typename T>
 static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const T* h0,
                           const T* c0, const T* H, const T* C, const T* S, const T* AC,
-                          const T* dH, const T* dC, T* dP, T* db, T* dW, T* dh0, T* dc0,
-                          T* dh, T* dc, double* acc) {
+                          const T* dH, const T* dC, const T* M, T* dP, T* db, T* dW, T* dh0,
+                          T* dc0, T* dh, T* dc, T* sdh, T* sdc, double* acc) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
     const bool fast = a == TANH && ra == SIGMOID;
-    backward_loop(4, false, Tn, Bn, U, W, dP, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
+    backward_loop(4, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
         if (t == Tn - 1) zero_units(Bn, U, u0, nu, dc);
+        if (M) {
+            copy_units(Bn, U, u0, nu, dh, sdh, false);
+            copy_units(Bn, U, u0, nu, dc, sdc, false);
+        }
         const T* cp = (t ? C + (t - 1) * step : c0) + u0;
         const T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
         const T* dCt = dC ? dC + t * step + u0 : (const T*)0;
@@ -393,6 +446,9 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
             lstm_cells_grad<ANY, ANY, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
         else
             lstm_cells_grad<ANY, ANY, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+        if (M)
+            mask_grad_rows(Bn, U, 4, u0, nu, M + (size_t)t * Bn, true, dP + t * gstep, (T*)0, dh,
+                           sdh, dc, sdc, dC ? dC + t * step : (const T*)0);
     }, [&](npy_intp u0, npy_intp nu) {
         if (Tn > 0) copy_units(Bn, U, u0, nu, dc, dc0, false);
         else zero_units(Bn, U, u0, nu, dc0);
@@ -460,7 +516,8 @@ __attribute__((noinline)) static void gru_cells_grad(
 
 template <typename T>
 static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const T* bias,
-                        const T* W, const T* h0, const T* bhn, T* H, T* S, T* HN, T* work) {
+                        const T* W, const T* h0, const T* bhn, const T* M, T* H, T* S, T* HN,
+                        T* work) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 3 * U;
     forward_loop(3, Tn, Bn, U, W, h0, H, work,
                  [&](int t, npy_intp u0, npy_intp nu, const T* Q, const T* hp) {
@@ -472,23 +529,28 @@ static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const 
         else
             gru_cells<ANY, ANY>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St, HNt,
                                 Ht);
+        if (M) hold_rows(Bn, U, u0, nu, M + (size_t)t * Bn, hp, H + t * step);
     });
 }
 
 template <typename T>
 static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const T* h0,
-                         const T* H, const T* S, const T* HN, const T* dH, T* dP, T* db, T* dW,
-                         T* dh0, T* dbhn, T* dh, T* dQ, double* acc) {
+                         const T* H, const T* S, const T* HN, const T* dH, const T* M, T* dP,
+                         T* db, T* dW, T* dh0, T* dbhn, T* dh, T* dQ, T* sdh, double* acc) {
     const int G = 3 * U;
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
     backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
         const T* hp = (t ? H + (t - 1) * step : h0) + u0;
         const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
         T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep + u0;
+        if (M) copy_units(Bn, U, u0, nu, dh, sdh, false);
         if (a == TANH && ra == SIGMOID)
             gru_cells_grad<TANH, SIGMOID>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
         else
             gru_cells_grad<ANY, ANY>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
+        if (M)
+            mask_grad_rows(Bn, U, 3, u0, nu, M + (size_t)t * Bn, false, dP + t * gstep,
+                           dQ + t * gstep, dh, sdh, (T*)0, (const T*)0, (const T*)0);
     }, [&](npy_intp u0, npy_intp nu) {
         part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, acc);
         // b_hn's gradient: the n block of dQ (its accumulators after db's G)

@@ -7,11 +7,16 @@
     b (G*U,)        its bias: b_ih + b_hh (the GRU's b_hh without its n block)
     W (U, G*U)      W_hh
     h0 (B, U)       initial state; the LSTM also takes c0 (B, U), the GRU b_hn (U,)
+    M (T, B)        with ``masked``: 0 where a row's step is padding, else 1
 
 Its first output is ``H (T, B, U)``, the state after every step (the LSTM's second output is the
 cell state ``C``); the others are what the gradient reads back (the gates of every step and, for
 the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one BLAS gemm (``h W``) and one
 fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and applies the gates.
+With a mask, a padded step leaves a row's states as they were (``H[t] = H[t-1]``, and ``C``):
+selected, so that whatever the padded inputs hold never reaches a state; backwards, that row's
+gates get no gradient and the state's gradient passes to the step before unchanged. The mask has
+no gradient.
 
 :class:`RecurrentSequenceGrad` is backpropagation through time in C: one gemm per step for the
 state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dgates[t]`` as
@@ -44,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 import pytensor.tensor as pt
 from pytensor import config
-from pytensor.gradient import DisconnectedType
+from pytensor.gradient import DisconnectedType, disconnected_type
 from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int32, upcast
@@ -60,6 +65,7 @@ CELLS = {"simple_rnn": (1, None), "lstm": (4, "c0"), "gru": (3, "b_hn")}
 
 # Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
 _SHAPES = {"P": "Tn, Bn, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
+           "M": "Tn, Bn",
            "H": "Tn, Bn, U", "C": "Tn, Bn, U", "S": "Tn, Bn, G", "AC": "Tn, Bn, U",
            "HN": "Tn, Bn, U", "dH": "Tn, Bn, U", "dC": "Tn, Bn, U"}
 for _n in ("P", "b", "W", "h0", "c0", "b_hn"):
@@ -76,10 +82,11 @@ class _RecurrentCOp(BlasCOp):
     # without trapping maths g++ may compute both sides of a select: the loops vectorize
     extra_compile_args = ("-fno-trapping-math",)
 
-    __props__ = ("cell", "activation", "recurrent_activation")
+    __props__ = ("cell", "activation", "recurrent_activation", "masked")
     params_type = ParamsType(act=int32, ract=int32)
 
-    def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid"):
+    def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
+                 masked: bool = False):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; expected one of {sorted(CELLS)}")
         for a in (activation, recurrent_activation):
@@ -90,6 +97,7 @@ class _RecurrentCOp(BlasCOp):
         self.activation = activation
         self.recurrent_activation = recurrent_activation
         self.gates = CELLS[cell][0]
+        self.masked = bool(masked)
 
     def input_names(self) -> list[str]:
         raise NotImplementedError
@@ -109,7 +117,7 @@ class _RecurrentCOp(BlasCOp):
             raise TypeError(f"{self} takes {len(names)} inputs ({', '.join(names)}); "
                             f"received {len(values)}")
         tensors = [pt.as_tensor_variable(v) for v in values]
-        dtype = upcast(*[t.dtype for t in tensors])
+        dtype = upcast(*[t.dtype for t, n in zip(tensors, names) if n != "M"])
         if dtype not in ("float32", "float64"):
             dtype = config.floatX
         tensors = [pt.cast(t, dtype) for t in tensors]
@@ -197,7 +205,7 @@ class RecurrentSequence(_RecurrentCOp):
 
     def input_names(self):
         extra = CELLS[self.cell][1]
-        return ["P", "b", "W", "h0"] + ([extra] if extra else [])
+        return ["P", "b", "W", "h0"] + ([extra] if extra else []) + ["M"] * self.masked
 
     def output_names(self):
         return {"simple_rnn": ["H", "S"], "lstm": ["H", "C", "S", "AC"],
@@ -206,6 +214,10 @@ class RecurrentSequence(_RecurrentCOp):
     def make_node(self, *values):
         tensors = self._tensors(values)
         return Apply(self, tensors, self._output_types(dict(zip(self.input_names(), tensors))))
+
+    def connection_pattern(self, node):
+        n_out = len(node.outputs)
+        return [[name != "M"] * n_out for name in self.input_names()]
 
     def pullback(self, inputs, outputs, cotangents):
         n_states = 2 if self.cell == "lstm" else 1
@@ -219,47 +231,52 @@ class RecurrentSequence(_RecurrentCOp):
         if with_dC:
             by["dC"] = cotangents[1]
         grad = RecurrentSequenceGrad(self.cell, self.activation, self.recurrent_activation,
-                                     with_dC)
-        return grad(*[by[n] for n in grad.input_names()], return_list=True)
+                                     with_dC, self.masked)
+        grads = grad(*[by[n] for n in grad.input_names()], return_list=True)
+        return grads + [disconnected_type()] * self.masked  # none for the mask
 
     def perform(self, node, inputs, output_storage):
         dtype = node.outputs[0].dtype
         values = [np.asarray(i, dtype=dtype) for i in inputs]
         _check_shapes(self, values)
-        outs = _np_forward(self.cell, self.activation, self.recurrent_activation, *values)
+        outs = _np_forward(self.cell, self.activation, self.recurrent_activation,
+                           dict(zip(self.input_names(), values)))
         for storage, value in zip(output_storage, outs):
             storage[0] = np.asarray(value, dtype=dtype)
 
     def _kernel(self):
+        M = "{M}" if self.masked else "{null}"
         if self.cell == "simple_rnn":
-            return ("nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {H}, {S}, {w})",
-                    "U * G + Bn * G", "0")
+            return ("nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, " + M + ", {H}, "
+                    "{S}, {w})", "U * G + Bn * G", "0")
         if self.cell == "lstm":
             return ("nbrec::lstm_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {c0}, "
-                    "{H}, {C}, {S}, {AC}, {w})", "U * G + Bn * G", "0")
-        return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {b_hn}, {H}, "
-                "{S}, {HN}, {w})", "U * G + Bn * G", "0")
+                    + M + ", {H}, {C}, {S}, {AC}, {w})", "U * G + Bn * G", "0")
+        return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {b_hn}, " + M
+                + ", {H}, {S}, {HN}, {w})", "U * G + Bn * G", "0")
 
 
 class RecurrentSequenceGrad(_RecurrentCOp):
     """Backpropagation through a :class:`RecurrentSequence`.
 
     Inputs: ``W, h0`` (and ``c0``), the forward op's outputs, then the gradient ``dH`` of ``H``
-    (and ``dC`` of ``C`` when ``with_dC``). Outputs the gradients of the forward op's inputs:
-    ``dP, db, dW, dh0`` and ``dc0`` (lstm) or ``db_hn`` (gru).
+    (and ``dC`` of ``C`` when ``with_dC``), then the mask ``M`` when ``masked``. Outputs the
+    gradients of the forward op's inputs but the mask: ``dP, db, dW, dh0`` and ``dc0`` (lstm) or
+    ``db_hn`` (gru).
     """
 
     __props__ = (*_RecurrentCOp.__props__, "with_dC")
 
     def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 with_dC: bool = False):
-        super().__init__(cell, activation, recurrent_activation)
+                 with_dC: bool = False, masked: bool = False):
+        super().__init__(cell, activation, recurrent_activation, masked)
         self.with_dC = bool(with_dC) and cell == "lstm"
 
     def input_names(self):
-        return {"simple_rnn": ["W", "h0", "H", "S", "dH"],
-                "lstm": ["W", "h0", "c0", "H", "C", "S", "AC", "dH"] + ["dC"] * self.with_dC,
-                "gru": ["W", "h0", "H", "S", "HN", "dH"]}[self.cell]
+        names = {"simple_rnn": ["W", "h0", "H", "S", "dH"],
+                 "lstm": ["W", "h0", "c0", "H", "C", "S", "AC", "dH"] + ["dC"] * self.with_dC,
+                 "gru": ["W", "h0", "H", "S", "HN", "dH"]}[self.cell]
+        return names + ["M"] * self.masked
 
     def output_names(self):
         extra = CELLS[self.cell][1]
@@ -279,24 +296,33 @@ class RecurrentSequenceGrad(_RecurrentCOp):
             storage[0] = np.asarray(value, dtype=dtype)
 
     def _kernel(self):
+        # scratch: dh (and dc) carried from step to step, the GRU's dQ, and with a mask the
+        # copies of dh (and dc) a padded step carries unchanged (sdh, sdc: at the end)
+        M = "{M}" if self.masked else "{null}"
+        n = {"simple_rnn": "Bn * U", "lstm": "2 * Bn * U", "gru": "Bn * U + Tn * Bn * G"}[self.cell]
+        sdh = "{w} + " + n if self.masked else "{null}"
+        sdc = "{w} + " + n + " + Bn * U" if self.masked else "{null}"
+        work = n + (" + 2 * Bn * U" if self.masked else "")
         if self.cell == "simple_rnn":
-            return ("nbrec::rnn_backward(act_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {dH}, {dP}, {db}, "
-                    "{dW}, {dh0}, {w}, {acc})", "Bn * U", "U")
+            return ("nbrec::rnn_backward(act_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {dH}, " + M +
+                    ", {dP}, {db}, {dW}, {dh0}, {w}, " + sdh + ", {acc})", work, "U")
         if self.cell == "lstm":
             dC = "{dC}" if self.with_dC else "{null}"
             return ("nbrec::lstm_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {c0}, {H}, {C}, "
-                    "{S}, {AC}, {dH}, " + dC + ", {dP}, {db}, {dW}, {dh0}, {dc0}, "
-                    "{w}, {w} + Bn * U, {acc})", "2 * Bn * U", "G")
+                    "{S}, {AC}, {dH}, " + dC + ", " + M + ", {dP}, {db}, {dW}, {dh0}, {dc0}, "
+                    "{w}, {w} + Bn * U, " + sdh + ", " + sdc + ", {acc})", work, "G")
         return ("nbrec::gru_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {HN}, {dH}, "
-                "{dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, {acc})",
-                "Bn * U + Tn * Bn * G", "G + U")
+                + M + ", {dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, " + sdh +
+                ", {acc})", work, "G + U")
 
 
 def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
-             recurrent_activation: str = "sigmoid") -> list:
-    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``."""
-    op = RecurrentSequence(cell, activation, recurrent_activation)
-    return op(P, b, W, h0, *([] if extra is None else [extra]), return_list=True)
+             recurrent_activation: str = "sigmoid", mask=None) -> list:
+    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``. ``mask
+    (T, B)``, when given, is 0 at a padded step (which leaves the states as they were)."""
+    op = RecurrentSequence(cell, activation, recurrent_activation, mask is not None)
+    return op(P, b, W, h0, *([] if extra is None else [extra]),
+              *([] if mask is None else [mask]), return_list=True)
 
 
 # -- numpy: the same algorithm, for PyTensor's Python modes ----------------------------------------
@@ -335,7 +361,13 @@ def _np_act_grad(name: str, s: np.ndarray, g: np.ndarray) -> np.ndarray:
     return g
 
 
-def _np_forward(cell, act, ract, P, b, W, h0, extra=None):
+def _held(M, t, new, old):
+    """A state after step t: the new one, or the old one in the rows padded at t (no mask: new)."""
+    return new if M is None else np.where(M[t][:, None] != 0, new, old)
+
+
+def _np_forward(cell, act, ract, by: dict):
+    P, b, W, h0, M = by["P"], by["b"], by["W"], by["h0"], by.get("M")
     T, B, G = P.shape
     U = W.shape[0]
     H = np.empty((T, B, U), P.dtype)
@@ -344,20 +376,22 @@ def _np_forward(cell, act, ract, P, b, W, h0, extra=None):
     if cell == "simple_rnn":
         for t in range(T):
             a = (P[t] + b) + h @ W
-            H[t] = h = _np_act(act, a)
-            S[t] = _np_keep(act, a, h)
+            new = _np_act(act, a)
+            S[t] = _np_keep(act, a, new)
+            H[t] = h = _held(M, t, new, h)
         return H, S
     if cell == "lstm":
         C, AC = np.empty_like(H), np.empty_like(H)
-        c = extra
+        c = by["c0"]
         for t in range(T):
             a = (P[t] + b) + h @ W
             y = np.concatenate([_np_act(ract, a[:, :2 * U]), _np_act(act, a[:, 2 * U:3 * U]),
                                 _np_act(ract, a[:, 3 * U:])], axis=1)
             i, f, g, o = np.split(y, 4, axis=1)
-            C[t] = c = f * c + i * g
-            AC[t] = _np_act(act, c)
-            H[t] = h = o * AC[t]
+            new_c = f * c + i * g
+            AC[t] = _np_act(act, new_c)
+            H[t] = h = _held(M, t, o * AC[t], h)
+            C[t] = c = _held(M, t, new_c, c)
             S[t] = np.concatenate([_np_keep(ract, a[:, :2 * U], y[:, :2 * U]),
                                    _np_keep(act, a[:, 2 * U:3 * U], g),
                                    _np_keep(ract, a[:, 3 * U:], o)], axis=1)
@@ -369,16 +403,19 @@ def _np_forward(cell, act, ract, P, b, W, h0, extra=None):
         pre_rz = p[:, :2 * U] + q[:, :2 * U]
         rz = _np_act(ract, pre_rz)
         r, z = rz[:, :U], rz[:, U:]
-        HN[t] = q[:, 2 * U:] + extra
+        HN[t] = q[:, 2 * U:] + by["b_hn"]
         pre_n = p[:, 2 * U:] + r * HN[t]
         n = _np_act(act, pre_n)
-        H[t] = h = (1 - z) * n + z * h
+        H[t] = h = _held(M, t, (1 - z) * n + z * h, h)
         S[t] = np.concatenate([_np_keep(ract, pre_rz, rz), _np_keep(act, pre_n, n)], axis=1)
     return H, S, HN
 
 
 def _np_backward(cell, act, ract, by: dict) -> list:
-    W, h0, H, S, dH = by["W"], by["h0"], by["H"], by["S"], by["dH"]
+    """With a mask: a row padded at step t gets no gate gradient and carries dh (and dc, plus
+    dC[t]) to step t - 1 unchanged."""
+    W, h0, H, S, dH, M = by["W"], by["h0"], by["H"], by["S"], by["dH"], by.get("M")
+    pad = (lambda t: M[t] == 0) if M is not None else (lambda t: slice(0, 0))  # padded rows
     U = W.shape[0]
     T = H.shape[0]
     Hprev = np.concatenate([h0[None], H[:-1]]) if T else H
@@ -387,7 +424,9 @@ def _np_backward(cell, act, ract, by: dict) -> list:
     if cell == "simple_rnn":
         for t in reversed(range(T)):
             dP[t] = _np_act_grad(act, S[t], dh)
-            dh = dP[t] @ W.T + (dH[t - 1] if t else 0)
+            dP[t][pad(t)] = 0
+            carried = 0 if M is None else np.where(M[t][:, None] == 0, dh, 0)
+            dh = dP[t] @ W.T + (dH[t - 1] if t else 0) + carried
         return [dP, dP.sum(axis=(0, 1)), np.einsum("tbu,tbg->ug", Hprev, dP), dh]
     if cell == "lstm":
         C, AC, c0 = by["C"], by["AC"], by["c0"]
@@ -401,11 +440,17 @@ def _np_backward(cell, act, ract, by: dict) -> list:
             d_ac = _np_act_grad(act, C[t] if act in _KEEPS_INPUT else AC[t], dh * o) + dC[t]
             dck = dc + d_ac
             d = np.concatenate([dck * g, dck * Cprev[t], dck * i, dh * AC[t]], axis=1)
-            dc = dck * f
             dP[t] = np.concatenate([_np_act_grad(ract, s[:, :2 * U], d[:, :2 * U]),
                                     _np_act_grad(act, s[:, 2 * U:3 * U], d[:, 2 * U:3 * U]),
                                     _np_act_grad(ract, s[:, 3 * U:], d[:, 3 * U:])], axis=1)
-            dh = dP[t] @ W.T + (dH[t - 1] if t else 0)
+            dP[t][pad(t)] = 0
+            carried = 0
+            if M is None:
+                dc = dck * f
+            else:
+                dc = np.where(M[t][:, None] == 0, dc + dC[t], dck * f)
+                carried = np.where(M[t][:, None] == 0, dh, 0)
+            dh = dP[t] @ W.T + (dH[t - 1] if t else 0) + carried
         return [dP, dP.sum(axis=(0, 1)), np.einsum("tbu,tbg->ug", Hprev, dP), dh, dc]
     HN = by["HN"]
     dQ = np.empty_like(S)
@@ -419,6 +464,9 @@ def _np_backward(cell, act, ract, by: dict) -> list:
         dP[t] = np.concatenate([_np_act_grad(ract, s[:, :2 * U], np.concatenate([dr, dz], 1)),
                                 dpre_n], axis=1)
         dQ[t] = np.concatenate([dP[t, :, :2 * U], dpre_n * r], axis=1)
-        dh = dh * z + dQ[t] @ W.T + (dH[t - 1] if t else 0)
+        dP[t][pad(t)] = 0
+        dQ[t][pad(t)] = 0
+        kept = dh * z if M is None else np.where(M[t][:, None] == 0, dh, dh * z)
+        dh = kept + dQ[t] @ W.T + (dH[t - 1] if t else 0)
     return [dP, dP.sum(axis=(0, 1)), np.einsum("tbu,tbg->ug", Hprev, dQ), dh,
             dQ[:, :, 2 * U:].sum(axis=(0, 1))]
