@@ -24,6 +24,9 @@ class Model:
     examples: int          # one epoch
     layers: str            # the spec's model.layers, YAML flow style
     torch_model: Callable  # (params: dict[str, np.ndarray]) -> torch.nn.Module
+    #: Sequences of random lengths in ``[lo, hi]`` (uniform), padded with zeros at the end to
+    #: ``input_shape[0]`` steps: netbuild masks them (a ``masking`` layer), PyTorch packs them.
+    lengths: tuple[int, int] | None = None
 
     def spec_text(self, data_file: str, epochs: int = 1, optimizer: str = "adam") -> str:
         return f"""
@@ -45,6 +48,9 @@ train:
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((self.examples, *self.input_shape), dtype=np.float32)
         y = rng.integers(0, 10, self.examples)
+        if self.lengths:
+            lengths = rng.integers(self.lengths[0], self.lengths[1] + 1, self.examples)
+            x[np.arange(self.input_shape[0])[None, :] >= lengths[:, None]] = 0.0
         return x, y
 
 
@@ -87,8 +93,11 @@ def torch_cnn(params: dict):
                          _linear(params, "h"), nn.ReLU(), _linear(params, "out"))
 
 
-def _torch_recurrent(kind: str, gates: int):
-    """``nn.LSTM`` or ``nn.GRU`` (batch first) then a linear layer on the last hidden state."""
+def _torch_recurrent(kind: str, gates: int, packed: bool = False):
+    """``nn.LSTM`` or ``nn.GRU`` (batch first) then a linear layer on the last hidden state.
+    ``packed``: the batch's zero-padded sequences as a ``PackedSequence`` (lengths from the
+    steps that are not all zeros, as netbuild's ``masking`` layer reads them; unsorted, as a
+    batch comes), so the last hidden state is each sequence's last real step's."""
 
     def build(params: dict):
         import torch.nn as nn
@@ -107,6 +116,12 @@ def _torch_recurrent(kind: str, gates: int):
                 self.out = _linear(params, "out")
 
             def forward(self, x):
+                if packed:
+                    import torch
+
+                    lengths = (x != 0).any(dim=2).sum(dim=1)
+                    x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                                enforce_sorted=False)
                 _, state = self.rnn(x)
                 h = state[0] if kind == "LSTM" else state
                 return self.out(h[0])
@@ -167,6 +182,11 @@ MODELS = {m.name: m for m in [
           "[{type: lstm, units: 128, name: rnn}, "
           "{type: dense, units: 10, activation: softmax, name: out}]",
           _torch_recurrent("LSTM", 4)),
+    Model("masked-lstm", "Masked LSTM 128 units, lengths 10 to 50 of 50 steps x 32 features",
+          (50, 32), 64, 64 * 20,
+          "[{type: masking, name: mask}, {type: lstm, units: 128, name: rnn}, "
+          "{type: dense, units: 10, activation: softmax, name: out}]",
+          _torch_recurrent("LSTM", 4, packed=True), lengths=(10, 50)),
     Model("gru", "GRU 128 units, 50 steps x 32 features", (50, 32), 64, 64 * 20,
           "[{type: gru, units: 128, name: rnn}, "
           "{type: dense, units: 10, activation: softmax, name: out}]",
