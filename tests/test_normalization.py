@@ -149,3 +149,74 @@ def test_layer_norm_gradient():
 def test_scalar_input_refused(cls):
     with pytest.raises(LayerError, match=r"received a scalar input shape \(\)"):
         cls("norm", BN if cls is BatchNorm else LN).output_shape([()])
+
+
+# -- the layer_norm C ops (netbuild/ops/normalization.py) -----------------------------------------
+def c_function(inputs, outputs):
+    from netbuild.backend import mode
+
+    return pytensor.function(inputs, outputs, mode=mode())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_layer_norm_ops_in_c_against_numpy_and_torch_formulas(dtype):
+    """Odd widths (the 8-lane sums' tails), one feature, no rows, and enough rows for several
+    threads: the C code against its numpy perform and against the formulas' numpy (float64);
+    the gradient's column sums have the same bits on 1 and 2 threads."""
+    from netbuild import threads
+    from netbuild.ops.normalization import LayerNorm as LayerNormOp
+    from netbuild.ops.normalization import LayerNormGrad
+
+    rng = np.random.default_rng(7)
+    tol = {"float64": 1e-11, "float32": 2e-5}[dtype]
+    for shape in [(3, 5), (2, 3, 17), (4, 1), (0, 6), (600, 64), (7, 128)]:
+        x_val = (rng.normal(size=shape) * 3 + 1).astype(dtype)
+        k = shape[-1]
+        g_val, b_val = rng.uniform(0.5, 2, k).astype(dtype), rng.normal(size=k).astype(dtype)
+        dy_val = rng.normal(size=shape).astype(dtype)
+        x = pt.tensor(dtype=dtype, shape=(None,) * len(shape))
+        gamma, beta, dy = pt.vector(dtype=dtype), pt.vector(dtype=dtype), x.type()
+        y, mean, rstd = LayerNormOp(1e-5)(x, gamma, beta)
+        grads = LayerNormGrad()(x, gamma, mean, rstd, dy)
+        outs = [y, mean, rstd, *grads]
+        before = threads.current()
+        try:
+            runs = []
+            for count in (1, 2):
+                threads.apply(count)
+                runs.append(c_function([x, gamma, beta, dy], outs)(x_val, g_val, b_val, dy_val))
+        finally:
+            threads.apply(before)
+        for a, b in zip(*runs):
+            np.testing.assert_array_equal(a, b)
+        numpy = pytensor.function([x, gamma, beta, dy], outs, mode=TEST_MODE)(x_val, g_val, b_val,
+                                                                              dy_val)
+        for i, (c, n) in enumerate(zip(runs[0], numpy)):
+            assert c.shape == n.shape and c.dtype == n.dtype
+            scale = max(1.0, float(np.abs(n).max())) if n.size else 1.0
+            np.testing.assert_allclose(c, n, rtol=0, atol=tol * scale, err_msg=f"{shape} output {i}")
+        # the formulas, in float64
+        x64, g64, dy64 = (v.astype(np.float64) for v in (x_val, g_val, dy_val))
+        want = np_layer_norm(x64, g64, b_val.astype(np.float64), 1e-5)
+        np.testing.assert_allclose(runs[0][0], want, rtol=0, atol=tol * 10 * max(1, abs(want).max() if want.size else 1))
+
+
+def test_layer_norm_gradient_in_c():
+    """Finite differences of the C ops with respect to x, gamma and beta."""
+    from netbuild.backend import mode
+    from netbuild.ops.normalization import layer_norm
+
+    rng = np.random.default_rng(8)
+    verify_grad(lambda x, g, b: layer_norm(x, g, b, 1e-5),
+                [rng.normal(size=(3, 2, 11)), rng.uniform(0.5, 2, 11), rng.normal(size=11)],
+                rng=rng, mode=mode())
+
+
+def test_layer_norm_shape_mismatch_is_an_error():
+    from netbuild.ops.normalization import LayerNorm as LayerNormOp
+
+    x, g, b = pt.matrix(), pt.vector(), pt.vector()
+    for fn in (c_function([x, g, b], LayerNormOp(1e-5)(x, g, b)[0]),
+               pytensor.function([x, g, b], LayerNormOp(1e-5)(x, g, b)[0], mode=TEST_MODE)):
+        with pytest.raises(ValueError, match="LayerNorm: the shape of gamma does not match x's"):
+            fn(np.zeros((2, 3), x.dtype), np.ones(4, x.dtype), np.zeros(3, x.dtype))

@@ -4,8 +4,8 @@ too slow: :mod:`netbuild.ops.update` (fused optimizer steps), :mod:`netbuild.ops
 lookup and its gradient), :mod:`netbuild.ops.recurrent` (the recurrent layers'
 loop over timesteps and its gradient), :mod:`netbuild.ops.conv` (convolution as im2col + BLAS
 gemm, and its gradients), :mod:`netbuild.ops.pool` (max and average pooling, and their
-gradient) and :mod:`netbuild.ops.softmax` (softmax and softmax cross-entropy, and their
-gradients).
+gradient), :mod:`netbuild.ops.normalization` (layer_norm and its gradient) and
+:mod:`netbuild.ops.softmax` (softmax and softmax cross-entropy, and their gradients).
 
 Every op here derives from :class:`NetbuildCOp`, PyTensor's ``ExternalCOp``: its C lives in a
 ``.c`` file beside its module, cut into ``#section`` blocks, after the glue every op shares

@@ -22,21 +22,44 @@ static inline npy_intp rows_per_part(npy_intp k) {
     return k > 0 ? (SOFTMAX_PER_PART + k - 1) / k : 1;
 }
 
+/* Reductions over 8 lanes (j % 8), folded in a fixed order: vectorized, and the same bits
+   whichever thread takes the row. */
+static const int LANES = 8;
+
+template <typename T>
+static inline T row_max(const T* __restrict__ x, npy_intp k) {
+    T lane[LANES];
+    for (int l = 0; l < LANES; ++l) lane[l] = -INFINITY;
+    npy_intp j = 0;
+    for (; j + LANES <= k; j += LANES)
+        for (int l = 0; l < LANES; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+    T m = -INFINITY;
+    for (int l = 0; l < LANES; ++l) m = lane[l] > m ? lane[l] : m;
+    for (; j < k; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+template <typename T>
+static inline double row_sum(const T* __restrict__ x, npy_intp k) {
+    double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    npy_intp j = 0;
+    for (; j + LANES <= k; j += LANES)
+        for (int l = 0; l < LANES; ++l) lane[l] += (double)x[j + l];
+    double s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; j < k; ++j) s += (double)x[j];
+    return s;
+}
+
+/* p = exp(x - max) / sum, the exponentials vectorized (netbuild_exp), their sum in double. */
 template <typename T>
 __attribute__((noinline)) static void softmax_rows(const T* __restrict__ X, T* __restrict__ P,
                                                    npy_intp lo, npy_intp hi, npy_intp k) {
     for (npy_intp r = lo; r < hi; ++r) {
-        const T* x = X + r * k;
-        T* p = P + r * k;
-        T m = -INFINITY;
-        for (npy_intp j = 0; j < k; ++j) m = x[j] > m ? x[j] : m;
-        double s = 0.0;
-        for (npy_intp j = 0; j < k; ++j) {
-            const T e = std::exp(x[j] - m);
-            p[j] = e;
-            s += e;
-        }
-        const T inv = (T)(1.0 / s);
+        const T* __restrict__ x = X + r * k;
+        T* __restrict__ p = P + r * k;
+        const T m = row_max(x, k);
+        for (npy_intp j = 0; j < k; ++j) p[j] = netbuild_exp(x[j] - m);
+        const T inv = (T)(1.0 / row_sum(p, k));
         for (npy_intp j = 0; j < k; ++j) p[j] *= inv;
     }
 }
@@ -58,8 +81,12 @@ __attribute__((noinline)) static void softmax_grad_rows(const T* __restrict__ DP
         const T* dp = DP + r * k;
         const T* p = P + r * k;
         T* dx = DX + r * k;
-        double s = 0.0;
-        for (npy_intp j = 0; j < k; ++j) s += (double)dp[j] * p[j];
+        double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+        npy_intp j0 = 0;
+        for (; j0 + LANES <= k; j0 += LANES)
+            for (int l = 0; l < LANES; ++l) lane[l] += (double)dp[j0 + l] * p[j0 + l];
+        double s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        for (; j0 < k; ++j0) s += (double)dp[j0] * p[j0];
         const T st = (T)s;
         for (npy_intp j = 0; j < k; ++j) dx[j] = p[j] * (dp[j] - st);
     }

@@ -78,6 +78,7 @@ class _RowsCOp(NetbuildCOp):
     (:class:`netbuild.ops.CCall`)."""
 
     c_file = "softmax.c"
+    extra_compile_args = ("-fno-trapping-math",)  # lets g++ vectorize netbuild_exp's selects
 
     def _c_body(self, node, name, sub, x: str, inputs: list[tuple[str, str, str, str | None]],
                 out: str, out_rank: str, call: str) -> str:
