@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checks, threads
+from . import checks, losses, threads
 from .errors import UsageError
 from .model import Model
 from .model import load_model as _load_model
@@ -39,12 +39,18 @@ SpecLike = Spec | str | os.PathLike
 @dataclass
 class Summary:
     """What :func:`check` found: one row per layer (name, type, inputs, output shape,
-    parameters, spec line) and the totals."""
+    parameters, spec line), the totals, and one row per model input (name, shape, npz key,
+    line) and output (name, layer, shape, npz key, loss, loss weight, metrics, line).
+    ``output_shape`` is the only output's (None for several)."""
 
     name: str
     layers: list[dict]
     total_params: int
-    output_shape: tuple
+    output_shape: tuple | None
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    #: Whether the spec writes its inputs or outputs out (model.inputs, model.outputs).
+    long_form: bool = False
 
 
 @dataclass
@@ -71,8 +77,17 @@ def check(spec: SpecLike, *, data: bool = True) -> Summary:
     its training section and, with ``data``, its data files. Raises located errors."""
     spec = _spec(spec)
     network = checks.check(spec, with_data=data)
+    sig = network.signature
+    shapes = network.output_shapes()
+    inputs = [{"name": i.name, "shape": list(i.shape), "key": i.key,
+               "line": spec.locate(i.path).line} for i in sig.inputs]
+    outputs = [{"name": o.name, "layer": network.outputs[o.name], "shape": list(shapes[o.name]),
+                "key": o.key, "loss": losses.name_of(o.loss), "loss_weight": o.loss_weight,
+                "metrics": o.metric_names, "line": spec.locate(o.path or o.loss_path).line}
+               for o in sig.outputs]
     return Summary(str(spec.data["name"]), network.summary(), network.n_params(),
-                   tuple(network.output_shape))
+                   tuple(shapes[sig.outputs[0].name]) if len(shapes) == 1 else None,
+                   inputs, outputs, not (sig.shorthand_inputs and sig.shorthand_outputs))
 
 
 def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None, *,

@@ -38,49 +38,52 @@ def default_monitor(has_validation: bool) -> str:
     return "val_loss" if has_validation else "loss"
 
 
-def recorded(names: list[str], has_validation: bool) -> list[str]:
-    """The keys an epoch's record holds that a monitor can watch."""
-    return ["loss"] + names + (["val_loss"] + [f"val_{n}" for n in names] if has_validation else [])
-
-
 def has_validation(spec: Spec) -> bool:
     data = spec.data["data"]
     return bool(data.get("validation") or data.get("validation_split"))
 
 
 def check_training(spec: Spec, network: Network) -> None:
-    """What the schema cannot say about ``train``: every ``monitor`` names a recorded key,
-    metric names are unique, ``class_weights`` has one weight per class. Raises located errors
-    (before anything is compiled)."""
-    entries = spec.data["train"].get("metrics", [])
-    names = [metrics_mod.metric_name(m) for m in entries]
-    issues = [spec.issue(("train", "metrics", i), f"'{n}' is listed twice; expected each metric once")
-              for i, n in enumerate(names) if n in names[:i]]
-    available = recorded(list(dict.fromkeys(names)), has_validation(spec))
+    """What the schema cannot say about the training of each output and the ``train`` section:
+    every ``monitor`` names a recorded key, an output's metric names are unique and fit its loss,
+    ``class_weights`` has one weight per class. Raises located errors (before anything is
+    compiled)."""
+    issues = []
+    for head in network.signature.outputs:
+        issues += _output_issues(spec, network, head)
+    available = network.signature.recorded(has_validation(spec))
     for section in ("early_stopping", "checkpoint", "schedule"):
         name = (spec.data["train"].get(section) or {}).get("monitor")
         if name is not None and name not in available:
             issues.append(spec.issue(("train", section, "monitor"),
                                      f"'{name}' is not recorded by this run; expected one of: "
                                      f"{', '.join(available)}"))
-    loss = spec.data["train"]["loss"]
-    if not losses.is_classification(loss):
-        issues += [spec.issue(("train", "metrics", i), f"'{n}' scores classes; expected a regression "
-                                                      f"metric (mse, mae, r2) for the loss {losses.name_of(loss)}")
-                   for i, n in enumerate(names) if n in metrics_mod.CLASSIFICATION]
-    weights = loss.get("class_weights") if isinstance(loss, dict) else None
-    if weights is not None:
-        k = losses.n_classes(network.output_shape)
-        if not losses.is_classification(loss):
-            issues.append(spec.issue(("train", "loss", "class_weights"),
-                                     f"class weights need a classification loss; received {loss['type']}"))
-        elif len(weights) != k:
-            issues.append(spec.issue(("train", "loss", "class_weights"),
-                                     f"received {len(weights)} weights; expected {k}, one per class "
-                                     f"of the output layer"))
     issues += _memory_issues(spec, network)
     if issues:
         raise SpecError(issues)
+
+
+def _output_issues(spec: Spec, network: Network, head) -> list:
+    names = head.metric_names
+    where = head.metrics_path
+    issues = [spec.issue(where + (i,), f"'{n}' is listed twice; expected each metric once")
+              for i, n in enumerate(names) if n in names[:i]]
+    loss = head.loss
+    if not losses.is_classification(loss):
+        issues += [spec.issue(where + (i,), f"'{n}' scores classes; expected a regression "
+                                            f"metric (mse, mae, r2) for the loss {losses.name_of(loss)}")
+                   for i, n in enumerate(names) if n in metrics_mod.CLASSIFICATION]
+    weights = loss.get("class_weights") if isinstance(loss, dict) else None
+    if weights is not None:
+        k = losses.n_classes(network.nodes[network.outputs[head.name]].output_shape)
+        if not losses.is_classification(loss):
+            issues.append(spec.issue(head.loss_path + ("class_weights",),
+                                     f"class weights need a classification loss; received {loss['type']}"))
+        elif len(weights) != k:
+            issues.append(spec.issue(head.loss_path + ("class_weights",),
+                                     f"received {len(weights)} weights; expected {k}, one per class "
+                                     f"of the output layer"))
+    return issues
 
 
 def physical_memory() -> int | None:

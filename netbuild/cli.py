@@ -147,7 +147,9 @@ def check(specs: tuple[str, ...], overrides, fmt: str | None, no_data: bool,
             if exc is None:
                 docs.append({"spec": spec, "ok": True, "name": summary.name, "layers": summary.layers,
                              "total_params": summary.total_params,
-                             "output_shape": list(summary.output_shape)})
+                             "output_shape": None if summary.output_shape is None
+                             else list(summary.output_shape),
+                             "inputs": summary.inputs, "outputs": summary.outputs})
             elif isinstance(exc, SpecError):
                 docs.append({"spec": spec, "ok": False, "errors": [
                     {"file": i.location.source if i.location else None,
@@ -164,6 +166,8 @@ def check(specs: tuple[str, ...], overrides, fmt: str | None, no_data: bool,
             if exc is None:
                 click.echo(f"{spec}: ok")
                 click.echo(report.layer_table(summary.layers, summary.total_params))
+                if summary.long_form:
+                    click.echo(report.io_table(summary.inputs, summary.outputs))
             elif fmt == "github":
                 for line in github.errors(exc):
                     click.echo(line)
@@ -324,8 +328,12 @@ def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_und
             click.echo(report.baseline_table(result["baseline"]["comparison"]))
         else:
             click.echo(report.metrics_table(metrics))
-        if confusion:
+        if confusion and "confusion_matrix" in result:
             click.echo(report.confusion_table(result["confusion_matrix"]))
+        elif confusion:
+            for name, matrix in result["confusion_matrices"].items():
+                click.echo(f"{name}:")
+                click.echo(report.confusion_table(matrix))
     gates = _gate_cases(metrics, fail_under, fail_over, result.get("baseline"))
     if junit_file:
         if not gates:  # no gate: the evaluation itself, its values in the output
@@ -368,9 +376,9 @@ def _gate_cases(metrics: dict, under, over, baseline: dict | None) -> list:
 @cli.command()
 @click.argument("model", metavar="MODEL")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
-              help="An .npz file with the inputs under the spec's x_key.")
+              help="An .npz file with the inputs under the spec's x_key (each input's key).")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the outputs (.npz, key y).")
+              help="Where to write the outputs (.npz, key y; each output's key).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @threads_option
 @handles_errors
@@ -380,7 +388,8 @@ def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads:
 
     _use_threads(threads)
     result = run_predict(model, data_file, out_file, overwrite)
-    click.echo(f"wrote {result['out']}: y of shape {report.shape(result['output_shape'])}")
+    shapes = ", ".join(f"{k} of shape {report.shape(v)}" for k, v in result["outputs"].items())
+    click.echo(f"wrote {result['out']}: {shapes}")
 
 
 @cli.command()

@@ -14,39 +14,91 @@ import pytensor
 import pytensor.tensor as pt
 
 from . import backend, losses, optimizers
+from .data import Results
 from .network import Network
+from .signature import Output
 
 
 @dataclass
 class TrainFunctions:
-    """``step(x, y) -> (mean loss, outputs[, mask])`` updates the parameters (the mask when the
-    output is a masked sequence); ``optimizer`` owns state; ``random_step`` is dropout's step
-    counter (None without dropout)."""
+    """``step`` (a :class:`Compiled`) updates the parameters on a batch; ``optimizer`` owns
+    state; ``random_step`` is dropout's step counter (None without dropout)."""
 
-    step: Callable
+    step: "Compiled"
     optimizer: optimizers.Optimizer
     random_step: Any
     seconds: float
 
 
-def target_variable(y: np.ndarray):
+class Compiled:
+    """A compiled function of a batch (``*inputs, *targets``, the spec's order) and how its
+    outputs read: the loss, each output's loss (long form only), each output's values, the mask
+    of each masked sequence output. Calling it gives :class:`netbuild.data.Results` with the
+    losses summed over the batch's examples; :attr:`fn` is the PyTensor function."""
+
+    def __init__(self, fn, outputs: list[str], with_losses: bool, masked: list[bool], mean: bool):
+        self.fn = fn
+        self.outputs = outputs
+        self.with_losses = with_losses
+        self.masked = masked
+        self.mean = mean  # the losses are the batch's means (training), else per example
+
+    def __call__(self, *batch) -> Results:
+        values = self.fn(*batch)
+        n = len(batch[0])
+        total = (lambda v: float(v) * n) if self.mean else (lambda v: float(np.sum(v)))
+        k = len(self.outputs)
+        losses = dict(zip(self.outputs, map(total, values[1:1 + k]))) if self.with_losses else {}
+        rest = values[1 + k if self.with_losses else 1:]
+        masks = iter(rest[k:])
+        return Results(total(values[0]), losses, dict(zip(self.outputs, rest[:k])),
+                       {o: next(masks) if m else None for o, m in zip(self.outputs, self.masked)})
+
+
+def target_variable(y: np.ndarray, name: str = "y"):
     """A symbolic batch of targets with the dtype and rank of the data's ``y``."""
-    return pt.tensor(name="y", dtype=str(y.dtype), shape=(None,) * y.ndim)
+    return pt.tensor(name=name, dtype=str(y.dtype), shape=(None,) * y.ndim)
 
 
-def _loss_graph(network: Network, loss_config: Any, target, training: bool, seed: int = 0):
-    x = network.input_variable()
-    out, ctx = network.forward(x, training=training, seed=seed)
-    logits, activation = ctx.preactivations.get(network.output, (None, "linear"))
-    loss = losses.get(loss_config, network.output_shape[-1])
-    per_example = loss(target, losses.Output(out, logits, activation, ctx.mask(out)))
-    return x, out, per_example, ctx
+def target_variables(network: Network, ys: list[np.ndarray]) -> list:
+    """One per output, like the data's arrays (named ``y`` in the shorthand)."""
+    if network.signature.shorthand_outputs:
+        return [target_variable(ys[0])]
+    return [target_variable(y, f"{o.name}_target") for y, o in zip(ys, network.signature.outputs)]
 
 
-def _with_mask(outputs: list, out, ctx) -> list:
-    """A masked sequence output's mask as one more output (for the metrics)."""
-    mask = ctx.mask(out)
-    return outputs if mask is None else outputs + [mask]
+def _loss_graph(network: Network, heads: list[Output], targets: list, training: bool, seed: int = 0):
+    """The inputs, the outputs (by output name), each output's per-example loss for ``heads``
+    (the spec's outputs, or another model's to compare with), and the context."""
+    xs = network.input_variables()
+    outs, ctx = network.forward_all(xs, training=training, seed=seed)
+    per_example = {}
+    for head, target in zip(heads, targets):
+        layer = network.outputs[head.name]
+        logits, activation = ctx.preactivations.get(layer, (None, "linear"))
+        loss = losses.get(head.loss, network.nodes[layer].output_shape[-1])
+        out = outs[head.name]
+        per_example[head.name] = loss(target, losses.Output(out, logits, activation, ctx.mask(out)))
+    return xs, outs, per_example, ctx
+
+
+def _weighted(heads: list[Output], values: dict):
+    """``sum(weight * value)`` over the outputs; the shorthand's one output is its value."""
+    total = None
+    for head in heads:
+        term = values[head.name] if head.loss_weight == 1.0 else head.loss_weight * values[head.name]
+        total = term if total is None else total + term
+    return total
+
+
+def _results(network: Network, heads: list[Output], loss, per_output: dict, outs: dict, ctx):
+    """A compiled function's outputs, in :class:`Compiled`'s order, and its layout."""
+    with_losses = not network.signature.shorthand_outputs
+    names = [h.name for h in heads]
+    masks = [ctx.mask(outs[n]) for n in names]
+    values = [loss] + ([per_output[n] for n in names] if with_losses else []) + \
+        [outs[n] for n in names] + [m for m in masks if m is not None]
+    return values, (names, with_losses, [m is not None for m in masks])
 
 
 def penalty(network: Network):
@@ -75,42 +127,52 @@ def clip(grads: list, clip_norm: float | None, clip_value: float | None) -> list
     return grads
 
 
-def compile_train(network: Network, train_config: dict, y_like: np.ndarray, seed: int) -> TrainFunctions:
-    """The training step: one optimizer update on a batch; returns its mean loss (penalties
-    excluded) and outputs."""
+def compile_train(network: Network, train_config: dict, ys_like: list[np.ndarray], seed: int) -> TrainFunctions:
+    """The training step: one optimizer update on a batch; its loss is the weighted total of the
+    outputs' mean losses (penalties excluded)."""
     start = time.perf_counter()
-    target = target_variable(y_like)
-    x, out, per_example, ctx = _loss_graph(network, train_config["loss"], target, True, seed)
-    loss = per_example.mean()
+    heads = network.signature.outputs
+    targets = target_variables(network, ys_like)
+    xs, outs, per_example, ctx = _loss_graph(network, heads, targets, True, seed)
+    means = {name: value.mean() for name, value in per_example.items()}
+    loss = _weighted(heads, means)
     params = network.trainable()
     grads = pytensor.grad(loss + penalty(network), params)
     grads = clip(grads, train_config.get("clip_norm"), train_config.get("clip_value"))
     optimizer = optimizers.get(train_config["optimizer"])
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))
-    step = pytensor.function([x, target], _with_mask([loss, out], out, ctx), updates=updates,
+    values, layout = _results(network, heads, loss, means, outs, ctx)
+    step = pytensor.function(xs + targets, values, updates=updates,
                              mode=backend.mode(keep_outputs=True),
                              name="train_step")
     # Batches come from netbuild.data, already of the inputs' dtypes and ranks: skip PyTensor's
     # per-call input checks (a tenth of an MLP step). The C code still checks each input's type.
     step.trust_input = True
     random_step = ctx.step if ctx.step in updates else None
-    return TrainFunctions(step, optimizer, random_step, time.perf_counter() - start)
+    return TrainFunctions(Compiled(step, *layout, mean=True), optimizer, random_step,
+                          time.perf_counter() - start)
 
 
-def compile_eval(network: Network, loss_config: Any, y_like: np.ndarray) -> Callable:
-    """``evaluate(x, y) -> (per-example loss, outputs[, mask])`` in inference mode."""
-    target = target_variable(y_like)
-    x, out, per_example, ctx = _loss_graph(network, loss_config, target, False)
-    return pytensor.function([x, target], _with_mask([per_example, out], out, ctx),
-                             mode=backend.mode(), name="evaluate")
+def compile_eval(network: Network, ys_like: list[np.ndarray], heads: list[Output] | None = None) -> Compiled:
+    """``evaluate(*inputs, *targets)`` in inference mode (:class:`Compiled`), with the losses of
+    ``heads`` (default: the spec's outputs)."""
+    heads = network.signature.outputs if heads is None else heads
+    targets = target_variables(network, ys_like)
+    xs, outs, per_example, ctx = _loss_graph(network, heads, targets, False)
+    values, layout = _results(network, heads, _weighted(heads, per_example), per_example, outs, ctx)
+    fn = pytensor.function(xs + targets, values, mode=backend.mode(), name="evaluate")
+    return Compiled(fn, *layout, mean=False)
 
 
 def compile_predict(network: Network) -> Callable:
-    """``predict(x) -> outputs`` in inference mode."""
-    x = network.input_variable()
-    out, _ = network.forward(x, training=False)
-    return pytensor.function([x], out, mode=backend.mode(), name="predict")
+    """``predict(*inputs) -> outputs`` in inference mode: the one output's array, or a list of
+    one array per output (the spec's order)."""
+    xs = network.input_variables()
+    outs, _ = network.forward_all(xs, training=False)
+    values = list(outs.values())
+    return pytensor.function(xs, values[0] if len(values) == 1 else values, mode=backend.mode(),
+                             name="predict")
 
 
 def measure_gemm(n: int = 1024, repeats: int = 5) -> float:

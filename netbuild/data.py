@@ -24,17 +24,40 @@ from .spec import Spec
 
 @dataclass
 class Dataset:
-    """Inputs ``x`` of shape ``(n, *input_shape)`` and targets ``y``; ``source`` names the file."""
+    """Inputs ``xs``, one array ``(n, *shape)`` per model input, and targets ``ys``, one per
+    output (both in the spec's order); ``source`` names the file. ``x`` and ``y`` are the arrays
+    of a model with one input and one output."""
 
-    x: np.ndarray
-    y: np.ndarray
+    xs: list[np.ndarray]
+    ys: list[np.ndarray]
     source: str
 
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, source: str) -> "Dataset":
+        """The dataset of a model with one input and one output."""
+        return cls([x], [y], source)
+
+    @property
+    def x(self) -> np.ndarray:
+        (x,) = self.xs
+        return x
+
+    @property
+    def y(self) -> np.ndarray:
+        (y,) = self.ys
+        return y
+
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.xs[0])
 
     def take(self, index: np.ndarray, source: str | None = None) -> "Dataset":
-        return Dataset(self.x[index], self.y[index], source or self.source)
+        return Dataset([x[index] for x in self.xs], [y[index] for y in self.ys],
+                       source or self.source)
+
+    def batch(self, index: np.ndarray) -> list[np.ndarray]:
+        """The inputs, then the targets, of the examples ``index``: a compiled function's
+        arguments."""
+        return [x[index] for x in self.xs] + [y[index] for y in self.ys]
 
 
 def real_path(path: str | os.PathLike) -> Path:
@@ -168,20 +191,27 @@ def _read_array(archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> n
 
 def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tuple[np.ndarray, np.ndarray | None]:
     """The arrays under ``x_key`` (and ``y_key``) of an .npz file, refusing pickled objects."""
+    arrays = read_arrays(file, [x_key] + ([y_key] if y_key else []), report)
+    return arrays[0], (arrays[1] if y_key else None)
+
+
+def read_arrays(file: Path, wanted: list[str], report: _Reporter) -> list[np.ndarray]:
+    """The arrays under the keys ``wanted`` of an .npz file, refusing pickled objects; every
+    missing key is reported (one issue each)."""
     problem = not_a_regular_file(file)
     if problem:
         raise report.error(problem)
+    x_key = wanted[0]
     try:
         problem = not_npz(file)
         if problem:
             raise report.error(problem)
         with np.load(file, allow_pickle=False) as archive:
             keys = list(archive.files)
-            wanted = [x_key] + ([y_key] if y_key else [])
-            for key in wanted:
-                if key not in keys:
-                    raise report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
-                                       f"{_closest(key, keys)}")
+            missing = [report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
+                                    f"{_closest(key, keys)}") for key in wanted if key not in keys]
+            if missing:
+                raise _joined(missing)
             arrays = [_read_array(archive, k, report) for k in wanted]
     except NetbuildError:
         raise
@@ -193,7 +223,14 @@ def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tu
     except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
         raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
                            f"with the key '{x_key}'") from None
-    return arrays[0], (arrays[1] if y_key else None)
+    return arrays
+
+
+def _joined(errors: list[NetbuildError]) -> NetbuildError:
+    """One error holding the issues of several (located errors), or the first."""
+    if all(isinstance(e, SpecError) for e in errors):
+        return SpecError([i for e in errors for i in e.issues])
+    return errors[0]
 
 
 def _first_bad(mask: np.ndarray) -> int:
@@ -214,14 +251,18 @@ def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
                            "finite numbers", key)
 
 
-def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> np.ndarray:
-    """Check and cast inputs: numeric, finite, shape ``(n, *input_shape)`` or ``(n, prod)``;
-    integer ids in range when the network starts with an embedding.
+def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | None,
+              name: str | None = None) -> np.ndarray:
+    """Check and cast the inputs of the model input ``name`` (default: the only one): numeric,
+    finite, shape ``(n, *shape)`` or ``(n, prod)``; integer ids in range when the input feeds an
+    embedding.
 
     netbuild never rescales inputs: integers other than 0 and 1 (and -1) fed to a float input
     (uint8 pixels 0..255, say) are refused with the conversion to make, since training on
     unscaled values is a classic silent mistake."""
-    input_shape = network.input_shape
+    name = network.only_input() if name is None else name
+    input_shape = network.inputs[name]
+    declared = "model.input_shape" if network.signature.shorthand_inputs else f"model.inputs.{name}.shape"
 
     if x.dtype.kind not in "biuf":
         raise report.error(f"has dtype {x.dtype}; expected numbers", key)
@@ -236,9 +277,9 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> n
             x = x.reshape((len(x),) + tuple(input_shape))
         else:
             raise report.error(f"has examples of shape {per_example}; expected "
-                               f"{tuple(input_shape)} to fit model.input_shape "
+                               f"{tuple(input_shape)} to fit {declared} "
                                f"(or {math.prod(input_shape)} values per example)", key)
-    ids = network.integer_input
+    ids = network.integer_input(name)
     if ids is not None:
         if x.dtype.kind not in "iub":
             raise report.error(f"has dtype {x.dtype}; expected integer ids for the embedding", key)
@@ -256,7 +297,7 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str) -> n
                                f"rescale integer inputs; expected floats (e.g. {scale})", key)
     _check_finite(x, report, key)
     with np.errstate(over="ignore"):
-        cast = x.astype(network.input_dtype, copy=False)
+        cast = x.astype(network.input_dtype(name), copy=False)
     if cast.dtype.kind == "f" and x.dtype.kind == "f" and cast.dtype.itemsize < x.dtype.itemsize:
         too_big = ~np.isfinite(cast)
         if too_big.any():
@@ -328,36 +369,79 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
 
 
 def load(spec: Spec, role: str, network: Network, file: str | Path | None = None) -> Dataset:
-    """Load and check the ``role`` file (train, validation, test) of the spec, or ``file``.
+    """Load and check the ``role`` file (train, validation, test) of the spec, or ``file``: the
+    array of every input and every output, each against the network, all of the same length.
 
     Raises :class:`SpecError` located at the spec line naming the file (or at the file itself
-    when it was given on the command line).
+    when it was given on the command line), one issue per problem.
     """
-    data = spec.data["data"]
+    target, report = _target(spec, role, file)
+    signature = network.signature
+    inputs, outputs = signature.inputs, signature.outputs
+    arrays = read_arrays(target, list(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs])),
+                         report)
+    by_key = dict(zip(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs]), arrays))
+    errors: list[NetbuildError] = []
+    xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name)
+                        for i in inputs])
+    if not errors:
+        _same_lengths(errors, xs, [i.key for i in inputs], report)
+    if not errors:
+        n = len(xs[0])
+        ys = _each(errors, [lambda o=o: prepare_y(by_key[o.key], n,
+                                                  network.nodes[network.outputs[o.name]].output_shape,
+                                                  losses.name_of(o.loss), report, o.key)
+                            for o in outputs])
+    if errors:
+        raise _joined(errors)
+    return Dataset(xs, ys, display_path(target))
+
+
+def _target(spec: Spec, role: str, file: str | Path | None) -> tuple[Path, _Reporter]:
+    """The file of ``role`` (or ``file``) and the reporter of its errors."""
     if file is None:
         path = ("data", role)
-        target = resolve_path(spec, data[role])
-        where = spec.locate(path)
-    else:
-        path = ()
-        target = Path(file)
-        where = None
-    report = _Reporter(where, path if file is None else ("data",), display_path(target))
-    x_key, y_key = data.get("x_key", "x"), data.get("y_key", "y")
-    x, y = read_npz(target, x_key, y_key, report)
-    x = prepare_x(x, network, report, x_key)
-    y = prepare_y(y, len(x), network.output_shape, losses.name_of(spec.data["train"]["loss"]),
-                  report, y_key)
-    return Dataset(x, y, display_path(target))
-
-
-def load_inputs(file: str | Path, spec: Spec, network: Network) -> np.ndarray:
-    """Only the inputs of ``file`` (for ``predict``), checked against the input shape."""
+        target = resolve_path(spec, spec.data["data"][role])
+        return target, _Reporter(spec.locate(path), path, display_path(target))
     target = Path(file)
-    report = _Reporter(None, ("data",), display_path(target))
-    x_key = spec.data["data"].get("x_key", "x")
-    x, _ = read_npz(target, x_key, None, report)
-    return prepare_x(x, network, report, x_key)
+    return target, _Reporter(None, ("data",), display_path(target))
+
+
+def _each(errors: list, checks: list) -> list:
+    """Each check's result; a check's error is added to ``errors`` (its result is None)."""
+    results = []
+    for run in checks:
+        try:
+            results.append(run())
+        except NetbuildError as exc:
+            errors.append(exc)
+            results.append(None)
+    return results
+
+
+def _same_lengths(errors: list, xs: list[np.ndarray], keys: list[str], report: _Reporter) -> None:
+    """Every input holds as many examples as the first."""
+    for x, key in zip(xs[1:], keys[1:]):
+        if len(x) != len(xs[0]):
+            errors.append(report.error(f"holds {len(x)} examples; expected {len(xs[0])}, as many "
+                                       f"as '{keys[0]}'", key))
+
+
+def load_inputs(file: str | Path, spec: Spec, network: Network) -> list[np.ndarray]:
+    """Only the inputs of ``file`` (for ``predict``), each checked against its input, all of
+    the same length."""
+    target, report = _target(spec, "", file)
+    inputs = network.signature.inputs
+    keys = list(dict.fromkeys(i.key for i in inputs))
+    by_key = dict(zip(keys, read_arrays(target, keys, report)))
+    errors: list[NetbuildError] = []
+    xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name)
+                        for i in inputs])
+    if not errors:
+        _same_lengths(errors, xs, [i.key for i in inputs], report)
+    if errors:
+        raise _joined(errors)
+    return xs
 
 
 @dataclass
@@ -402,16 +486,33 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
         yield idx[start:start + batch_size]
 
 
-def run_batches(fn, dataset: Dataset, batch_size: int) -> tuple[float, np.ndarray, np.ndarray | None]:
-    """Mean loss, all outputs, and the masks of a masked sequence output (else None) of
-    ``fn(x, y) -> (per-example loss, outputs[, mask])`` over a dataset."""
-    total, outputs, masks = 0.0, [], []
-    for idx in batches(len(dataset), batch_size):
-        per_example, out, *mask = fn(dataset.x[idx], dataset.y[idx])
-        total += float(np.sum(per_example))
-        outputs.append(out)
-        masks += mask
-    return total / len(dataset), np.concatenate(outputs), np.concatenate(masks) if masks else None
+def run_batches(fn, dataset: Dataset, batch_size: int) -> "Results":
+    """The mean losses, all outputs and masks of ``fn`` (a :class:`netbuild.compile.Evaluate`)
+    over a dataset."""
+    parts = [fn(*dataset.batch(idx)) for idx in batches(len(dataset), batch_size)]
+    return Results.join(parts, len(dataset))
+
+
+@dataclass
+class Results:
+    """What a compiled step or evaluation gives for a batch, or a dataset (:meth:`join`): the
+    loss (the weighted total), each output's loss (long form only, by output name), each
+    output's values and mask (a masked sequence output's, else None), by output name. Losses
+    are sums over the examples until :meth:`join` divides them."""
+
+    loss: float
+    losses: dict[str, float]
+    outputs: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray | None]
+
+    @classmethod
+    def join(cls, parts: list["Results"], n: int) -> "Results":
+        first = parts[0]
+        return cls(sum(p.loss for p in parts) / n,
+                   {k: sum(p.losses[k] for p in parts) / n for k in first.losses},
+                   {k: np.concatenate([p.outputs[k] for p in parts]) for k in first.outputs},
+                   {k: None if first.masks[k] is None else np.concatenate([p.masks[k] for p in parts])
+                    for k in first.masks})
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

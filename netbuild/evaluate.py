@@ -18,31 +18,37 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
              confusion: bool = False, baseline: str | os.PathLike | None = None,
              max_drop: dict[str, float] | None = None) -> dict:
     """Loss and metrics of a saved model on ``data_file`` (default: the spec's test file), the
-    confusion matrix when asked, and with ``baseline`` another model's on the same data, compared
-    metric by metric (:func:`compare`)."""
+    confusion matrix of each classification output when asked, and with ``baseline`` another
+    model's on the same data, compared metric by metric (:func:`compare`)."""
     loaded = Model.load(model)
     spec = loaded.spec
+    heads = loaded.network.signature.outputs
     if data_file is None and not spec.data["data"].get("test"):
         raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz")
-    if confusion and not losses.is_classification(spec.data["train"]["loss"]):
+    classifying = [h for h in heads if losses.is_classification(h.loss)]
+    if confusion and not classifying:
+        names = ", ".join(losses.name_of(h.loss) for h in heads)
         raise RunError(f"{spec.source}: a confusion matrix needs a classification loss; this "
-                       f"model was trained with {losses.name_of(spec.data['train']['loss'])}")
+                       f"model was trained with {names}")
     other = Model.load(baseline) if baseline is not None else None
     dataset = data_mod.load(spec, "test", loaded.network, file=data_file)
-    metrics, outputs, mask = loaded.evaluate_dataset(dataset)
+    metrics, results = loaded.evaluate_dataset(dataset)
     out = {"model": str(model), "data": dataset.source, "examples": len(dataset), "metrics": metrics}
     if confusion:
-        out["confusion_matrix"] = metrics_mod.confusion_matrix(
-            *metrics_mod.real_steps(dataset.y, outputs, mask)).tolist()
+        matrices = {h.name: metrics_mod.confusion_matrix(*metrics_mod.real_steps(
+                        y, results.outputs[h.name], results.masks[h.name])).tolist()
+                    for h, y in zip(heads, dataset.ys) if h in classifying}
+        if loaded.network.signature.shorthand_outputs:
+            out["confusion_matrix"] = matrices[heads[0].name]
+        else:
+            out["confusion_matrices"] = matrices
     if other is not None:
-        loss = spec.data["train"]["loss"]
         try:
-            theirs = other.refit(dataset, loss)
+            theirs = other.refit(dataset, heads)
         except NetbuildError as exc:
             raise RunError(f"{baseline}: the baseline does not fit the data the model is evaluated "
                            f"on: {exc}") from None
-        base, _, _ = other.evaluate_dataset(theirs, loss=loss,
-                                         metrics=spec.data["train"].get("metrics", []))
+        base, _ = other.evaluate_dataset(theirs, heads=heads)
         out["baseline"] = {"model": str(baseline), "metrics": base,
                            "comparison": compare(metrics, base, max_drop or {})}
     return out
@@ -83,19 +89,23 @@ def failed_thresholds(metrics: dict, under, over) -> list[str]:
 
 def predict(model: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
             overwrite: bool = False) -> dict:
-    """Write the network's outputs for the inputs of ``data_file`` to ``out_file`` under ``y``;
-    an existing ``out_file`` is replaced only with ``overwrite``."""
+    """Write the network's outputs for the inputs of ``data_file`` to ``out_file``, each under
+    its output's key (the shorthand's one output under ``y``, whatever ``data.y_key``); an
+    existing ``out_file`` is replaced only with ``overwrite``."""
     out_file = Path(out_file)
     writable(out_file, overwrite)
     loaded = Model.load(model)
-    x = data_mod.load_inputs(data_file, loaded.spec, loaded.network)
-    outputs = loaded.predict_checked(x)  # load_inputs checked x already
+    xs = data_mod.load_inputs(data_file, loaded.spec, loaded.network)
+    outputs = loaded.predict_checked(xs)  # load_inputs checked the inputs already
+    heads = loaded.network.signature.outputs
+    arrays = {"y": outputs} if not isinstance(outputs, dict) else \
+        {h.key: outputs[h.name] for h in heads}
     try:
-        atomic_write(out_file, npz_bytes({"y": outputs}))
+        atomic_write(out_file, npz_bytes(arrays))
     except OSError as exc:
         raise RunError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
     return {"model": str(model), "data": str(data_file), "out": str(out_file),
-            "examples": len(x), "output_shape": list(outputs.shape)}
+            "examples": len(xs[0]), "outputs": {k: list(v.shape) for k, v in arrays.items()}}
 
 
 def export(model: str | os.PathLike, out_file: str | os.PathLike, opset: int | None = None,

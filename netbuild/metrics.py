@@ -139,9 +139,12 @@ HIGHER_IS_BETTER = {"accuracy", "top_k_accuracy", "precision", "recall", "f1", "
 
 
 def mode_of(key: str) -> str:
-    """``max`` for a record key where higher is better (``val_`` prefix aside), else ``min``."""
+    """``max`` for a record key where higher is better, else ``min``: the key's metric is its
+    longest ending that names one (``val_`` and an output's ``<name>_`` prefix aside)."""
     name = key[len("val_"):] if key.startswith("val_") else key
-    return "max" if name in HIGHER_IS_BETTER else "min"
+    base = max((m for m in [*REGISTRY, "loss"] if name == m or name.endswith("_" + m)), key=len,
+               default=name)
+    return "max" if base in HIGHER_IS_BETTER else "min"
 
 
 metric_name = name_of
@@ -172,4 +175,19 @@ def compute(entries, y_true, y_pred, mask=None) -> dict[str, float]:
         if name in out:
             raise ValueError(f"metric '{name}' is listed twice; results are keyed by name")
         out[name] = get(entry)(y_true, y_pred)
+    return out
+
+
+def scores(heads: list, results, ys: list) -> dict[str, float]:
+    """The record of a pass over data (``results``, a :class:`netbuild.data.Results`; ``ys``
+    the targets, one array per output): ``loss`` (the weighted total), then for each output its
+    loss (long form only) and its metrics, keyed as :class:`netbuild.signature.Output` names
+    them (``<output>_<metric>``; the shorthand's without a prefix)."""
+    out = {"loss": results.loss}
+    for head, y in zip(heads, ys):
+        if head.prefix:
+            out[f"{head.prefix}loss"] = results.losses[head.name]
+        for k, v in compute(head.metrics, y, results.outputs[head.name],
+                            results.masks[head.name]).items():
+            out[head.prefix + k] = v
     return out

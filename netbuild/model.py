@@ -21,8 +21,8 @@ import numpy as np
 
 from . import data as data_mod
 from . import losses
-from . import metrics as metrics_mod
 from .compile import compile_eval, compile_predict
+from .metrics import scores
 from .errors import DataError, MissingExtra, NetbuildError, RunError, SpecError, UsageError, format_path, printable
 from .network import Network
 from .runs import SPEC_FILE, atomic_write, resolved_spec_data
@@ -87,82 +87,128 @@ class Model:
 
     @property
     def input_shape(self) -> tuple:
-        """One example's shape (no batch axis)."""
+        """One example's shape (no batch axis) of the only input."""
         return tuple(self.network.input_shape)
 
     @property
     def output_shape(self) -> tuple:
+        """One example's shape of the only output."""
         return tuple(self.network.output_shape)
 
     @property
+    def input_shapes(self) -> dict[str, tuple]:
+        """Each input's example shape, by name (``input`` for a spec's ``input_shape``)."""
+        return dict(self.network.inputs)
+
+    @property
+    def output_shapes(self) -> dict[str, tuple]:
+        """Each output's example shape, by name (``output`` for the shorthand's one output)."""
+        return self.network.output_shapes()
+
+    @property
     def metrics(self) -> list[str]:
-        """What :meth:`evaluate` reports besides the loss."""
-        return [metrics_mod.metric_name(m) for m in self.spec.data["train"].get("metrics", [])]
+        """What :meth:`evaluate` reports besides the loss: the metrics' names (and each output's
+        loss, prefixed by the output's name, for ``model.outputs``)."""
+        return [k for k in self.network.signature.recorded(False) if k != "loss"]
 
     def __repr__(self) -> str:
-        return (f"<netbuild.Model {self.name!r}: {self.input_shape} -> {self.output_shape}, "
-                f"{self.network.n_params():,} parameters>")
+        shapes = (lambda d: next(iter(d.values())) if len(d) == 1 else d)
+        return (f"<netbuild.Model {self.name!r}: {shapes(self.input_shapes)} -> "
+                f"{shapes(self.output_shapes)}, {self.network.n_params():,} parameters>")
 
     # -- predict and evaluate ---------------------------------------------------------------
-    def inputs(self, x, name: str = "x") -> np.ndarray:
-        """``x`` checked and cast as the network reads it; :class:`DataError` naming ``name``."""
-        report = data_mod.reporter(name)
-        return data_mod.prepare_x(_array(x, report), self.network, report, None)
+    def inputs(self, x, name: str = "x") -> list[np.ndarray]:
+        """``x`` checked and cast as the network reads it, one array per input: an array for a
+        model with one input, else a mapping from each input's name to its array;
+        :class:`DataError` naming ``name``."""
+        arrays = _by_name(x, list(self.network.inputs), name, "input")
+        xs = []
+        for (label, value), input_name in zip(arrays, self.network.inputs):
+            report = data_mod.reporter(label)
+            xs.append(data_mod.prepare_x(_array(value, report), self.network, report, None, input_name))
+        for (label, _), x_ in zip(arrays[1:], xs[1:]):
+            if len(x_) != len(xs[0]):
+                raise DataError(f"{label}: holds {len(x_)} examples; expected {len(xs[0])}, as many "
+                                f"as {arrays[0][0]}")
+        return xs
 
-    def targets(self, y, n: int, name: str = "y") -> np.ndarray:
-        report = data_mod.reporter(name)
-        return data_mod.prepare_y(_array(y, report), n, self.network.output_shape,
-                                  losses.name_of(self.spec.data["train"]["loss"]), report, None)
+    def targets(self, y, n: int, name: str = "y") -> list[np.ndarray]:
+        """``y`` checked and cast for the outputs' losses, one array per output (an array, or a
+        mapping from each output's name to its array)."""
+        heads = self.network.signature.outputs
+        arrays = _by_name(y, [h.name for h in heads], name, "output")
+        ys = []
+        for (label, value), head in zip(arrays, heads):
+            report = data_mod.reporter(label)
+            shape = self.network.nodes[self.network.outputs[head.name]].output_shape
+            ys.append(data_mod.prepare_y(_array(value, report), n, shape, losses.name_of(head.loss),
+                                         report, None))
+        return ys
 
-    def predict(self, x, batch_size: int = BATCH_SIZE) -> np.ndarray:
-        """The network's outputs for the inputs ``x`` (``(n, *input_shape)``): what
-        ``netbuild predict`` writes, class probabilities for a softmax output."""
+    def predict(self, x, batch_size: int = BATCH_SIZE):
+        """The network's outputs for the inputs ``x`` (an array ``(n, *input_shape)``, or a
+        mapping from each input's name to its array): what ``netbuild predict`` writes, class
+        probabilities for a softmax output. An array for a model with one output, else a mapping
+        from each output's name to its array."""
         return self.predict_checked(self.inputs(x), batch_size)
 
-    def predict_checked(self, x: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
-        """:meth:`predict` for inputs already checked (by :meth:`inputs`, or as a data file's)."""
+    def predict_checked(self, xs: list[np.ndarray], batch_size: int = BATCH_SIZE):
+        """:meth:`predict` for inputs already checked (by :meth:`inputs`, or as a data file's),
+        one array per input."""
         fn = self.predict_function()
+        names = list(self.network.outputs)
         with _ids_in_range(self.network):
-            return np.concatenate([fn(x[idx]) for idx in data_mod.batches(len(x), _batch(batch_size))])
+            parts = [fn(*[x[idx] for x in xs])
+                     for idx in data_mod.batches(len(xs[0]), _batch(batch_size))]
+        if len(names) == 1:
+            return np.concatenate(parts)
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
     def predict_function(self) -> Callable:
-        """The compiled ``f(batch) -> outputs`` that :meth:`predict` calls per batch (compiled
-        once); it does not check its input as :meth:`predict` does."""
+        """The compiled ``f(*batches) -> outputs`` that :meth:`predict` calls per batch
+        (compiled once; see :func:`netbuild.compile.compile_predict`); it does not check its
+        inputs as :meth:`predict` does."""
         if self._predict is None:
             self._predict = compile_predict(self.network)
         return self._predict
 
     def evaluate(self, x, y, batch_size: int = BATCH_SIZE) -> dict[str, float]:
-        """The loss and the spec's metrics on ``(x, y)``: what ``netbuild eval`` reports."""
-        x = self.inputs(x)
-        dataset = data_mod.Dataset(x, self.targets(y, len(x)), "arrays")
+        """The loss and the spec's metrics on ``(x, y)`` (arrays, or mappings by input and
+        output name): what ``netbuild eval`` reports."""
+        xs = self.inputs(x)
+        dataset = data_mod.Dataset(xs, self.targets(y, len(xs[0])), "arrays")
         return self.evaluate_dataset(dataset, batch_size)[0]
 
     def evaluate_dataset(self, dataset: data_mod.Dataset, batch_size: int = BATCH_SIZE,
-                         loss=None, metrics=None) -> tuple[dict[str, float], np.ndarray, np.ndarray | None]:
-        """``(loss and metrics, outputs, mask)`` on a checked dataset (the mask of a masked
-        sequence output, else None): the spec's loss and metrics, or ``loss`` and ``metrics``
-        (spec entries) given (another model's, to compare with it)."""
-        loss = self.spec.data["train"]["loss"] if loss is None else loss
-        metrics = self.spec.data["train"].get("metrics", []) if metrics is None else metrics
-        key = (json.dumps(loss, sort_keys=True), str(dataset.y.dtype), dataset.y.ndim)
+                         heads: list | None = None) -> tuple[dict[str, float], data_mod.Results]:
+        """``(loss and metrics, results)`` on a checked dataset: the losses and metrics of the
+        spec's outputs, or of ``heads`` (another model's outputs, to compare with it; the same
+        names)."""
+        heads = self.network.signature.outputs if heads is None else heads
+        key = (json.dumps([[h.name, h.loss, h.loss_weight] for h in heads], sort_keys=True),
+               tuple((str(y.dtype), y.ndim) for y in dataset.ys))
         if key not in self._evaluate:
-            self._evaluate[key] = compile_eval(self.network, loss, dataset.y)
+            self._evaluate[key] = compile_eval(self.network, dataset.ys, heads)
         with _ids_in_range(self.network):
-            value, outputs, mask = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
-        result = {"loss": value}
-        result.update(metrics_mod.compute(metrics, dataset.y, outputs, mask))
-        return result, outputs, mask
+            results = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
+        return scores(heads, results, dataset.ys), results
 
-    def refit(self, dataset: data_mod.Dataset, loss) -> data_mod.Dataset:
-        """Another model's checked dataset, checked again for this network (its input shape and
-        ids, its outputs against the targets for ``loss``): :class:`DataError` when it does not
-        fit."""
+    def refit(self, dataset: data_mod.Dataset, heads: list) -> data_mod.Dataset:
+        """Another model's checked dataset, checked again for this network (its inputs' shapes
+        and ids, its outputs against the targets for ``heads``' losses): :class:`DataError` when
+        it does not fit."""
         report = data_mod.reporter(dataset.source)
-        x = data_mod.prepare_x(dataset.x, self.network, report, None)
-        y = data_mod.prepare_y(dataset.y, len(x), self.network.output_shape, losses.name_of(loss),
-                               report, None)
-        return data_mod.Dataset(x, y, dataset.source)
+        names, theirs = list(self.network.outputs), [h.name for h in heads]
+        if names != theirs or len(dataset.xs) != len(self.network.inputs):
+            raise DataError(f"{dataset.source}: has outputs {', '.join(theirs)} and "
+                            f"{len(dataset.xs)} inputs; expected outputs {', '.join(names)} and "
+                            f"{len(self.network.inputs)} inputs")
+        xs = [data_mod.prepare_x(x, self.network, report, None, name)
+              for x, name in zip(dataset.xs, self.network.inputs)]
+        ys = [data_mod.prepare_y(y, len(xs[0]), self.network.nodes[self.network.outputs[h.name]].output_shape,
+                                 losses.name_of(h.loss), report, None)
+              for y, h in zip(dataset.ys, heads)]
+        return data_mod.Dataset(xs, ys, dataset.source)
 
     # -- export -----------------------------------------------------------------------------
     def export_onnx(self, path: str | os.PathLike, opset: int | None = None,
@@ -194,14 +240,20 @@ class Model:
             import onnxruntime
         except ImportError:
             raise MissingExtra("onnx", "onnx and onnxruntime", "ONNX export") from None
+        from .export.onnx import graph_names
+
         rng = np.random.default_rng(0)
-        shape = (n, *self.input_shape)
-        ids = self.network.integer_input
-        x = rng.integers(0, ids, size=shape) if ids else rng.standard_normal(shape).astype(np.float32)
+        xs = []
+        for name, shape in self.network.inputs.items():
+            ids = self.network.integer_input(name)
+            xs.append(rng.integers(0, ids, size=(n, *shape)) if ids else
+                      rng.standard_normal((n, *shape)).astype(np.float32))
+        in_names, out_names = graph_names(self.network)
         try:
             session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-            theirs = session.run(["y"], {"x": x})[0]
-            ours = self.predict(x)
+            theirs = session.run(out_names, dict(zip(in_names, xs)))
+            ours = self.predict_checked(self.inputs(xs if len(xs) > 1 else xs[0]))
+            ours = list(ours.values()) if isinstance(ours, dict) else [ours]
         except NetbuildError as exc:
             raise RunError(f"{self.source}: the export could not be compared with netbuild on random "
                            f"inputs ({exc}); nothing was written") from None
@@ -209,8 +261,11 @@ class Model:
             raise RunError(f"{self.source}: onnxruntime could not run the exported graph on random "
                            f"inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
                            "nothing was written") from None
-        worst = float(np.max(np.abs(theirs - ours))) if theirs.shape == ours.shape else float("inf")
-        if not worst <= 1e-4 * max(1.0, float(np.max(np.abs(ours)))):
+        worst, scale = 0.0, 1.0
+        for t, o in zip(theirs, ours):
+            worst = max(worst, float(np.max(np.abs(t - o))) if t.shape == o.shape else float("inf"))
+            scale = max(scale, float(np.max(np.abs(o))))
+        if not worst <= 1e-4 * scale:
             raise RunError(f"{self.source}: the exported graph's outputs differ from netbuild's by "
                            f"{worst:g} on random inputs; nothing was written. This is a bug in "
                            "netbuild's ONNX export: please report it with the spec")
@@ -256,6 +311,25 @@ def writable(path: Path, overwrite: bool) -> None:
         raise RunError(f"{path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise RunError(f"{path}: cannot write in {path.parent}")
+
+
+def _by_name(value, names: list[str], label: str, kind: str) -> list[tuple[str, object]]:
+    """``[(label, array)]`` in the order of ``names``: ``value`` itself for one name, else a
+    mapping with exactly those names (a list of the arrays in order is taken too)."""
+    if len(names) == 1 and not isinstance(value, dict):
+        return [(label, value)]
+    if isinstance(value, (list, tuple)) and len(value) == len(names) and len(names) > 1:
+        return [(f"{label}[{i}] ({n})", v) for i, (n, v) in enumerate(zip(names, value))]
+    if not isinstance(value, dict):
+        raise DataError(f"{label}: is one array; expected a mapping from each {kind}'s name "
+                        f"({', '.join(names)}) to its array")
+    missing = [n for n in names if n not in value]
+    extra = [str(k) for k in value if k not in names]
+    if missing or extra:
+        problem = (f"has no {kind} {', '.join(missing)}" if missing else "") + \
+            ("; " if missing and extra else "") + (f"has unknown {kind}s {', '.join(extra)}" if extra else "")
+        raise DataError(f"{label}: {problem}; expected the {kind}s {', '.join(names)}")
+    return [(f"{label}['{n}']", value[n]) for n in names]
 
 
 def _array(value, report) -> np.ndarray:

@@ -1,9 +1,12 @@
 """From a validated spec to a Network: wiring, order, static shapes, named parameters.
 
-Layers are wired by their ``inputs`` (default: the previous layer; the model's input is called
-``input``), put in topological order, and given static output shapes without building any graph,
-so every shape or wiring mistake is reported, located, before anything is compiled. Parameters are
-PyTensor shared variables named ``<layer name>/<param>``: the same keys as in ``model.npz``.
+Layers are wired by their ``inputs`` (default: the previous layer; the first layer's default is
+the model's input when it has one, called ``input`` in the shorthand, else each input by its name
+in ``model.inputs``: see :mod:`netbuild.signature`), put in topological order, and given static
+output shapes without building any graph, so every shape or wiring mistake is reported, located,
+before anything is compiled. The outputs are the layers ``model.outputs`` names (default: the
+last layer). Parameters are PyTensor shared variables named ``<layer name>/<param>``: the same
+keys as in ``model.npz``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import pytensor
 import pytensor.tensor as pt
 
 from . import initializers
+from . import signature as signature_mod
 from .errors import Issue, SpecError, did_you_mean
 from .layers import REGISTRY as LAYERS
 from .layers import Context, Layer, LayerError, ParamSpec
+from .signature import INPUT, Signature
 from .spec import Spec
-
-INPUT = "input"
 
 
 @dataclass
@@ -52,12 +55,13 @@ class Node:
 
 
 def _topological(nodes: dict[str, Node]) -> tuple[list[Node], list[Node]]:
-    """Kahn's algorithm, ties broken by spec order. Returns (ordered, nodes left in cycles)."""
-    indeg = {n: sum(1 for i in node.inputs if i != INPUT) for n, node in nodes.items()}
+    """Kahn's algorithm, ties broken by spec order. Returns (ordered, nodes left in cycles).
+    Whatever is not a node (the model's inputs) is a source."""
+    indeg = {n: sum(1 for i in node.inputs if i in nodes) for n, node in nodes.items()}
     users: dict[str, list[str]] = {n: [] for n in nodes}
     for n, node in nodes.items():
         for i in node.inputs:
-            if i != INPUT:
+            if i in nodes:
                 users[i].append(n)
     ready = sorted((n for n, d in indeg.items() if d == 0), key=lambda n: nodes[n].index)
     order: list[Node] = []
@@ -82,41 +86,50 @@ def _topological(nodes: dict[str, Node]) -> tuple[list[Node], list[Node]]:
     return order, sorted((nodes[n] for n in left), key=lambda node: node.index)
 
 
-def _named_nodes(spec: Spec) -> tuple[dict[str, Node], list[str]]:
+def _named_nodes(spec: Spec, signature: Signature) -> tuple[dict[str, Node], list[str]]:
     """One node per layer, named (``name`` or ``<type>_<index>``) and reading its ``inputs``
-    (default: the previous layer). Raises for reserved and duplicate names."""
+    (default: the previous layer; for the first, the model's only input). Raises for names of
+    the model's inputs, duplicate names, and a first layer that does not say which of several
+    inputs it reads."""
     issues: list[Issue] = []
     nodes: dict[str, Node] = {}
     names: list[str] = []
+    inputs = [i.name for i in signature.inputs]
     for i, cfg in enumerate(spec.data["model"]["layers"]):
         name = cfg.get("name") or f"{cfg['type']}_{i}"
         path = ("model", "layers", i)
-        if name == INPUT:
-            issues.append(spec.issue(path + ("name",), f"'{INPUT}' names the model's input; "
+        if not names and "inputs" not in cfg and len(inputs) > 1:
+            issues.append(spec.issue(path, f"layer '{name}' is the first layer and names no inputs; "
+                                           f"the model has {len(inputs)} inputs, expected inputs: "
+                                           f"naming one or more of {', '.join(inputs)}"))
+        if name in inputs:
+            what = "the model's input" if signature.shorthand_inputs else "one of the model's inputs"
+            issues.append(spec.issue(path + ("name",), f"'{name}' names {what}; "
                                                       "expected another layer name"))
         elif name in nodes:
             first = nodes[name].index
             issues.append(spec.issue(path + ("name",) if "name" in cfg else path,
                                      f"duplicate layer name '{name}' (also layer {first}); "
                                      "expected unique names"))
-        inputs = list(cfg["inputs"]) if "inputs" in cfg else [names[-1] if names else INPUT]
-        nodes.setdefault(name, Node(LAYERS[cfg["type"]](name, cfg), i, inputs))
+        reads = list(cfg["inputs"]) if "inputs" in cfg else [names[-1] if names else inputs[0]]
+        nodes.setdefault(name, Node(LAYERS[cfg["type"]](name, cfg), i, reads))
         names.append(name)
     if issues:
         raise SpecError(issues)
     return nodes, names
 
 
-def _check_wiring(spec: Spec, nodes: dict[str, Node], names: list[str]) -> None:
-    """Every input names a layer (or the model's input) other than the reader, and each layer
-    has as many inputs as its type takes."""
+def _check_wiring(spec: Spec, signature: Signature, nodes: dict[str, Node]) -> None:
+    """Every input names a layer (or one of the model's inputs) other than the reader, and each
+    layer has as many inputs as its type takes."""
     issues: list[Issue] = []
-    known = set(nodes) | {INPUT}
+    sources = [i.name for i in signature.inputs]
+    known = set(nodes) | set(sources)
     for node in nodes.values():
         cfg = spec.data["model"]["layers"][node.index]
         for j, ref in enumerate(node.inputs):
             if ref not in known:
-                others = [n for n in names_in_order(nodes) if n != node.name]
+                others = [n for n in names_in_order(nodes, sources) if n != node.name]
                 issues.append(spec.issue(node.path + ("inputs", j),
                                          f"unknown layer '{ref}'{did_you_mean(ref, others)}; "
                                          f"expected one of: {', '.join(others)}"))
@@ -146,11 +159,41 @@ def _ordered(spec: Spec, nodes: dict[str, Node]) -> list[Node]:
     return order
 
 
-def _infer_shapes(spec: Spec, order: list[Node], input_shape: tuple) -> None:
+def _check_outputs(spec: Spec, signature: Signature, nodes: dict[str, Node],
+                   names: list[str]) -> dict[str, str]:
+    """``{output name: layer}`` (the shorthand's output is the last layer's); each output names
+    a layer, a layer no other output names, and each of the model's inputs is read."""
+    issues: list[Issue] = []
+    layers: dict[str, str] = {}
+    inputs = [i.name for i in signature.inputs]
+    for out in signature.outputs:
+        layer = names[-1] if out.layer is None else out.layer
+        where = out.path + ("layer",)
+        if layer in inputs:
+            issues.append(spec.issue(where, f"'{layer}' is one of the model's inputs; expected a "
+                                            f"layer: {', '.join(names)}"))
+        elif layer not in nodes:
+            issues.append(spec.issue(where, f"unknown layer '{layer}'{did_you_mean(layer, names)}; "
+                                            f"expected one of: {', '.join(names)}"))
+        elif layer in layers.values():
+            first = next(o for o, lay in layers.items() if lay == layer)
+            issues.append(spec.issue(where, f"layer '{layer}' is already the output '{first}'; "
+                                            "expected each output to name a layer of its own"))
+        layers[out.name] = layer
+    for inp in signature.inputs:
+        if not any(inp.name in node.inputs for node in nodes.values()):
+            issues.append(spec.issue(inp.path, f"input '{inp.name}' is read by no layer; expected "
+                                               "a layer to name it in its inputs (or no such input)"))
+    if issues:
+        raise SpecError(issues)
+    return layers
+
+
+def _infer_shapes(spec: Spec, order: list[Node], input_shapes: dict[str, tuple]) -> None:
     """Each node's input and output shapes and parameter specs, from the layers' pure shape
     maths; a layer reading a broken one is skipped, so each mistake is reported once."""
     issues: list[Issue] = []
-    shapes = {INPUT: input_shape}
+    shapes = dict(input_shapes)
     broken: set[str] = set()
     for node in order:
         if any(i in broken for i in node.inputs):
@@ -174,11 +217,11 @@ def _infer_shapes(spec: Spec, order: list[Node], input_shape: tuple) -> None:
         raise SpecError(issues)
 
 
-def _infer_masks(spec: Spec, order: list[Node]) -> None:
+def _infer_masks(spec: Spec, order: list[Node], sources: list[str]) -> None:
     """Which outputs carry a padded sequence's mask (a masked output: the loss and metrics leave
     its padded steps out); a mask reaching a layer that cannot take it is a located error."""
     issues: list[Issue] = []
-    masked = {INPUT: False}
+    masked = dict.fromkeys(sources, False)
     for node in order:
         try:
             node.masked = node.layer.passes_mask([masked[i] for i in node.inputs], node.input_shapes)
@@ -193,34 +236,40 @@ def _infer_masks(spec: Spec, order: list[Node]) -> None:
 
 
 class Network:
-    """Layers in topological order with static shapes and their parameters.
+    """Layers in topological order with static shapes and their parameters, and the model's
+    inputs and outputs (:attr:`signature`).
 
-    Build with :meth:`from_spec`; :meth:`forward` makes the symbolic graph for a batch.
+    Build with :meth:`from_spec`; :meth:`forward_all` makes the symbolic graph of every output
+    for a batch of every input (:meth:`forward`: of the one output, from the one input).
     """
 
-    def __init__(self, spec: Spec, input_shape: tuple, order: list[Node], output: str):
+    def __init__(self, spec: Spec, signature: Signature, order: list[Node], outputs: dict[str, str]):
         self.spec = spec
-        self.input_shape = input_shape
+        self.signature = signature
+        self.inputs = {i.name: i.shape for i in signature.inputs}
         self.order = order
         self.nodes = {node.name: node for node in order}
-        self.output = output
+        #: ``{output name: the layer that produces it}``, in the spec's order.
+        self.outputs = outputs
         self.params: dict[str, Any] = {}
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: Spec, init: bool = True) -> "Network":
-        """Name and wire the layers of a validated spec, order them, infer their shapes; create
-        the parameters (with ``init=False`` they are not: ``netbuild check`` needs only the shapes).
+        """Name and wire the layers of a validated spec, order them, check its outputs, infer
+        their shapes; create the parameters (with ``init=False`` they are not: ``netbuild check``
+        needs only the shapes).
 
         Raises :class:`SpecError` naming every layer at fault, a stage at a time.
         """
-        nodes, names = _named_nodes(spec)
-        _check_wiring(spec, nodes, names)
+        signature = signature_mod.of(spec)
+        nodes, names = _named_nodes(spec, signature)
+        _check_wiring(spec, signature, nodes)
         order = _ordered(spec, nodes)
-        input_shape = tuple(spec.data["model"]["input_shape"])
-        _infer_shapes(spec, order, input_shape)
-        _infer_masks(spec, order)
-        net = cls(spec, input_shape, order, output=names[-1])
+        outputs = _check_outputs(spec, signature, nodes, names)
+        _infer_shapes(spec, order, {i.name: i.shape for i in signature.inputs})
+        _infer_masks(spec, order, [i.name for i in signature.inputs])
+        net = cls(spec, signature, order, outputs)
         if init:
             net.init_params(int(spec.data.get("seed", 0)))
         return net
@@ -242,50 +291,102 @@ class Network:
                 node.layer.params[p.name] = var
                 self.params[var.name] = var
 
-    # -- graph ------------------------------------------------------------------------------
+    # -- inputs and outputs -----------------------------------------------------------------
+    @staticmethod
+    def _only(what: dict, kind: str) -> str:
+        if len(what) != 1:
+            raise ValueError(f"this network has {len(what)} {kind}s ({', '.join(what)}); name one")
+        return next(iter(what))
+
+    def only_input(self) -> str:
+        """The name of the only input (ValueError when there are several)."""
+        return self._only(self.inputs, "input")
+
+    def only_output(self) -> str:
+        """The name of the only output (ValueError when there are several)."""
+        return self._only(self.outputs, "output")
+
     @property
-    def integer_input(self) -> int | None:
-        """When the input feeds an embedding: the number of valid ids (the smallest table)."""
+    def input_shape(self) -> tuple:
+        """One example's shape of the only input."""
+        return self.inputs[self.only_input()]
+
+    def integer_input(self, name: str | None = None) -> int | None:
+        """When the input ``name`` (default: the only one) feeds an embedding: the number of
+        valid ids (the smallest table)."""
+        name = self.only_input() if name is None else name
         sizes = [node.layer.input_dim for node in self.order
-                 if INPUT in node.inputs and getattr(node.layer, "integer_input", False)]
+                 if name in node.inputs and getattr(node.layer, "integer_input", False)]
         return min(sizes) if sizes else None
 
-    @property
-    def input_dtype(self) -> str:
-        return "int64" if self.integer_input else pytensor.config.floatX
+    def input_dtype(self, name: str | None = None) -> str:
+        return "int64" if self.integer_input(name) else pytensor.config.floatX
 
-    def input_variable(self, name: str = "x"):
-        """A symbolic batch of inputs: shape ``(batch, *input_shape)``."""
-        return pt.tensor(name=name, dtype=self.input_dtype, shape=(None,) + self.input_shape)
+    def input_variable(self, name: str | None = None, label: str = "x"):
+        """A symbolic batch of the input ``name`` (default: the only one), ``(batch, *shape)``,
+        named ``label``."""
+        name = self.only_input() if name is None else name
+        return pt.tensor(name=label, dtype=self.input_dtype(name), shape=(None,) + self.inputs[name])
+
+    def input_variables(self) -> list:
+        """One symbolic batch per input, in the spec's order (named ``x`` in the shorthand, else
+        by the inputs' names)."""
+        if self.signature.shorthand_inputs:
+            return [self.input_variable()]
+        return [self.input_variable(name, name) for name in self.inputs]
 
     def forward(self, x, training: bool, seed: int = 0) -> tuple[Any, Context]:
-        """The symbolic output for the batch ``x`` and the context (updates, pre-activations).
+        """The symbolic output of the one output for the batch ``x`` of the one input, and the
+        context; see :meth:`forward_all`."""
+        self.only_output()
+        outs, ctx = self.forward_all([x], training, seed)
+        return next(iter(outs.values())), ctx
+
+    def forward_all(self, xs: list, training: bool, seed: int = 0) -> tuple[dict[str, Any], Context]:
+        """``({output name: symbolic output}, context)`` for the batches ``xs`` (one per input,
+        in the spec's order); the context holds the updates, pre-activations and masks.
 
         In training mode dropout draws from ``seed`` and a shared step counter, ``random/step``,
         whose update (one per batch) is in ``context.updates``.
         """
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"this network has {len(self.inputs)} inputs; received {len(xs)}")
         step = pytensor.shared(np.asarray(0, dtype="int64"), name="random/step") if training else None
         ctx = Context(training=training, seed=seed, step=step)
-        values = {INPUT: x}
+        values = dict(zip(self.inputs, xs))
         # layers other than an embedding read integer ids as numbers of the float type (PyTensor
         # would otherwise compute them in float64)
-        as_float = pt.cast(x, pytensor.config.floatX) if x.dtype.startswith("int") else x
+        as_float = {name: pt.cast(x, pytensor.config.floatX) if x.dtype.startswith("int") else x
+                    for name, x in values.items()}
         for node in self.order:
             reads_ids = getattr(node.layer, "integer_input", False)
-            inputs = [as_float if i == INPUT and not reads_ids else values[i] for i in node.inputs]
+            inputs = [as_float[i] if i in as_float and not reads_ids else values[i]
+                      for i in node.inputs]
             values[node.name] = node.layer.forward(inputs, ctx)
             if node.masked:
                 ctx.masks[values[node.name]] = node.layer.output_mask(inputs, ctx)
-        return values[self.output], ctx
+        return {name: values[layer] for name, layer in self.outputs.items()}, ctx
 
-    # -- parameters -------------------------------------------------------------------------
+    @property
+    def output(self) -> str:
+        """The layer of the only output."""
+        return self.outputs[self.only_output()]
+
     @property
     def output_shape(self) -> tuple:
         return self.nodes[self.output].output_shape
 
     @property
     def output_activation(self) -> str:
-        return getattr(self.nodes[self.output].layer, "activation_name", "linear")
+        return self.activation_of(self.output)
+
+    def activation_of(self, layer: str) -> str:
+        return getattr(self.nodes[layer].layer, "activation_name", "linear")
+
+    def output_shapes(self) -> dict[str, tuple]:
+        return {name: self.nodes[layer].output_shape for name, layer in self.outputs.items()}
+
+    # -- parameters -------------------------------------------------------------------------
 
     def trainable(self) -> list:
         return [node.layer.params[p.name] for node in self.order for p in node.param_specs
@@ -334,8 +435,9 @@ class Network:
         return rows
 
 
-def names_in_order(nodes: dict[str, Node]) -> list[str]:
-    return [INPUT] + [n.name for n in sorted(nodes.values(), key=lambda n: n.index)]
+def names_in_order(nodes: dict[str, Node], sources: list[str] = (INPUT,)) -> list[str]:
+    """The model's inputs, then the layers in spec order."""
+    return list(sources) + [n.name for n in sorted(nodes.values(), key=lambda n: n.index)]
 
 
 def _fmt_inputs(shapes: list[tuple]) -> str:

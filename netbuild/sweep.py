@@ -349,7 +349,7 @@ def _check_point(spec: Spec, data_checked: set) -> Spec:
     network = check(resolved, with_data=False)
     # The data checks depend on the data files, the model and the loss alone: once per kind.
     key = _canonical([{k: v for k, v in resolved.data.items() if k != "train"},
-                      resolved.data["train"]["loss"], str(resolved.base_dir)])
+                      resolved.data["train"].get("loss"), str(resolved.base_dir)])
     if key not in data_checked:
         check_data(resolved, network)
         data_checked.add(key)
@@ -441,12 +441,12 @@ def _problem_lines(problems: dict[str, list]) -> list[str]:
 
 
 def _check_monitor(name: str, given: str | None, base: Spec, points: list[Point], specs: dict) -> None:
-    from .checks import has_validation, recorded
+    from .checks import has_validation
+    from .signature import of
 
     for point in points:
         spec = specs[point.id]
-        names = [metrics_mod.metric_name(m) for m in spec.data["train"].get("metrics", [])]
-        available = recorded(list(dict.fromkeys(names)), has_validation(spec))
+        available = of(spec).recorded(has_validation(spec))
         if name in available:
             continue
         message = f"'{name}' is not recorded by this run; expected one of: {', '.join(available)}"

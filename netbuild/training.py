@@ -135,7 +135,7 @@ class Trainer:
         self.seed = int(spec.data.get("seed", 0))
         self.epochs = int(epochs or self.cfg["epochs"])
         self.on = callbacks or Callbacks()
-        self.metric_entries = list(self.cfg.get("metrics", []))
+        self.heads = network.signature.outputs
         has_val = sets.validation is not None
         self.stopper = _monitor(spec, "early_stopping", has_val)
         self.keeper = _monitor(spec, "checkpoint", has_val) \
@@ -159,8 +159,8 @@ class Trainer:
         network.init_params(int(spec.data.get("seed", 0)))
         sets = data_mod.load_datasets(spec, network)
         cfg = spec.data["train"]
-        fns = compile_train(network, cfg, sets.train.y, int(spec.data.get("seed", 0)))
-        evaluate = compile_eval(network, cfg["loss"], sets.validation.y) if sets.validation else None
+        fns = compile_train(network, cfg, sets.train.ys, int(spec.data.get("seed", 0)))
+        evaluate = compile_eval(network, sets.validation.ys) if sets.validation else None
         return cls(spec, run_dir, network, sets, fns, evaluate, epochs, callbacks)
 
     # -- state ------------------------------------------------------------------------------
@@ -216,32 +216,29 @@ class Trainer:
         order = data_mod.epoch_order(n, self.seed, epoch) if self.cfg.get("shuffle", True) else None
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        total, outputs, targets, masks = 0.0, [], [], []
+        total, parts = 0.0, []
         for b, idx in enumerate(data_mod.batches(n, batch_size, order), start=1):
-            loss, out, *mask = self.fns.step(train.x[idx], train.y[idx])
-            loss = float(loss)
+            part = self.fns.step(*train.batch(idx))
+            loss = part.loss / len(idx)
             if not math.isfinite(loss):
                 kept = f"; the last good epoch ({epoch - 1}) is kept in {self.run_dir.path}" if epoch > 1 else ""
                 raise TrainingDiverged(
                     f"training stopped: the loss became {loss} at epoch {epoch}, batch {b} of "
                     f"{n_batches}{kept}; expected a finite loss (try a smaller "
                     "train.optimizer.learning_rate, or train.clip_norm)")
-            total += loss * len(idx)
-            outputs.append(out)
-            targets.append(train.y[idx])
-            masks += mask
+            total += part.loss
+            parts.append(part)
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
         seconds = time.perf_counter() - start
-        record: dict = {"epoch": epoch, "loss": total / n}
-        record.update(metrics_mod.compute(self.metric_entries, np.concatenate(targets),
-                                          np.concatenate(outputs), np.concatenate(masks) if masks else None))
+        results = data_mod.Results.join(parts, n)
+        ys = train.ys if order is None else [y[order] for y in train.ys]
+        record: dict = {"epoch": epoch}
+        record.update(metrics_mod.scores(self.heads, results, ys))
         if self.evaluate is not None:
-            val_loss, val_out, val_mask = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
-            record["val_loss"] = val_loss
-            for k, v in metrics_mod.compute(self.metric_entries, self.sets.validation.y, val_out,
-                                            val_mask).items():
-                record[f"val_{k}"] = v
+            val = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
+            record.update({f"val_{k}": v for k, v in metrics_mod.scores(self.heads, val,
+                                                            self.sets.validation.ys).items()})
         record["learning_rate"] = lr
         record["seconds"] = round(seconds, 4)
         record["samples_per_second"] = round(n / seconds, 1) if seconds > 0 else None

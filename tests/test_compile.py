@@ -92,7 +92,7 @@ def test_the_training_step_clips_by_both_of_the_specs_limits(float64):
     assert max(np.abs(g).max() for g in grads) > 0.05  # the value limit bites
     want = np_clip(grads, 0.1, 0.05)
     assert np.sqrt(sum((g**2).sum() for g in np_clip(grads, np.inf, 0.05))) > 0.1  # so does the norm
-    compile_train(net, spec.data["train"], y, 0).step(x, y)
+    compile_train(net, spec.data["train"], [y], 0).step(x, y)
     for p, b, g in zip(params, before, want):
         np.testing.assert_allclose(b - p.get_value(), g, rtol=1e-9, atol=1e-12, err_msg=p.name)
 
@@ -100,6 +100,9 @@ def test_the_training_step_clips_by_both_of_the_specs_limits(float64):
 def python_nodes(fn, where: str) -> list[str]:
     """Nodes of a compiled function (and of its scans' inner functions) without a C thunk.
     There are no exceptions: dropout draws from netbuild's own C op."""
+    from netbuild.compile import Compiled
+
+    fn = fn.fn if isinstance(fn, Compiled) else fn
     out = []
     for node, thunk in zip(fn.vm.nodes, fn.vm.thunks):
         if isinstance(node.op, Scan):
@@ -119,7 +122,7 @@ def test_shipped_configs_compile_to_c_only(name):
     spec = load_spec(str(CONFIGS / name))
     net = Network.from_spec(spec)
     sets = load_datasets(spec, net)
-    step = compile_train(net, spec.data["train"], sets.train.y, 0).step
+    step = compile_train(net, spec.data["train"], sets.train.ys, 0).step
     assert python_nodes(step, "train") + python_nodes(compile_predict(net), "predict") == []
 
 
@@ -156,8 +159,8 @@ def assert_trains_in_c(text: str, x: np.ndarray, y: np.ndarray) -> None:
     spec = validate(load_text(text, "t.yaml"))
     net = Network.from_spec(spec)
     train = {"loss": spec.data["train"]["loss"], "optimizer": {"type": "adam", "learning_rate": 0.01}}
-    fns = compile_train(net, train, y, 0)
-    assert np.isfinite(float(fns.step(x.astype(pytensor.config.floatX), y)[0]))
+    fns = compile_train(net, train, [y], 0)
+    assert np.isfinite(fns.step(x.astype(pytensor.config.floatX), y).loss)
     assert python_nodes(fns.step, "train") + python_nodes(compile_predict(net), "predict") == []
 
 

@@ -295,8 +295,8 @@ def test_training_step_is_c_only_without_graph_im2col():
         spec = validate(load_text(CNN, "t.yaml"))
         net = Network.from_spec(spec)
         y = np.eye(3, dtype="float32")[[0, 1, 2, 1]]
-        step = compile_train(net, spec.data["train"], y, 0).step
-        ops = [n.op for n in step.maker.fgraph.apply_nodes]
+        step = compile_train(net, spec.data["train"], [y], 0).step
+        ops = [n.op for n in step.fn.maker.fgraph.apply_nodes]
         assert {type(op) for op in ops} >= {Conv, ConvGradInput, ConvGradWeights, Pool, PoolGrad}
         # the relu runs in the first conv's ops; its pre-activation left the graph
         assert sorted(op.activation for op in ops if type(op) is Conv) == ["linear", "linear", "relu"]
@@ -304,7 +304,7 @@ def test_training_step_is_c_only_without_graph_im2col():
         assert not [op for op in ops if isinstance(op, (Join, IncSubtensor))]
         assert python_nodes(step, "train") == []
         x = np.random.default_rng(0).normal(size=(4, 1, 12, 12)).astype("float32")
-        losses = [float(step(x, y)[0]) for _ in range(3)]
+        losses = [step(x, y).loss / len(x) for _ in range(3)]
         assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 

@@ -18,8 +18,10 @@ import pytest
 from conftest import CONFIGS
 from test_layer_table import TABLE
 
+import netbuild
 from netbuild import NetbuildError, activations, layers
 from netbuild.export import onnx as export
+from netbuild.export.onnx import graph_names
 from netbuild.model import Model
 from netbuild.network import Network
 from netbuild.spec import load_text, validate
@@ -47,7 +49,7 @@ def build(input_shape, items, seed: int = 0) -> Model:
 def inputs(model: Model, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (n, *model.input_shape)
-    ids = model.network.integer_input
+    ids = model.network.integer_input()
     if ids:
         return rng.integers(0, ids, size=shape)
     return (scale * rng.standard_normal(shape)).astype(np.float32)
@@ -272,18 +274,28 @@ def test_shipped_config_exports_what_predict_writes(config, tmp_path, run_cli):
     assert result.exit_code == 0, result.output
     assert "onnxruntime matches netbuild" in result.output
 
-    ours = np.load(tmp_path / "p.npz")["y"]
+    network = netbuild.load_model(run).network
+    sig = network.signature
+    in_names, out_names = graph_names(network)
+    predicted = np.load(tmp_path / "p.npz")
+    ours = [predicted["y"]] if sig.shorthand_outputs else [predicted[o.key] for o in sig.outputs]
     proto = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == in_names
+    assert [o.name for o in proto.graph.output] == out_names
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["netbuild_spec"]) == spec
-    x = np.load(test_file)[spec["data"].get("x_key", "x")]
-    x = x.reshape((len(x), *spec["model"]["input_shape"]))
-    x = x.astype(np.float32) if x.dtype.kind == "f" else x.astype(np.int64)
+    data = np.load(test_file)
+    xs = []
+    for i in sig.inputs:
+        x = data[i.key].reshape((-1, *i.shape))
+        xs.append(x.astype(np.float32) if x.dtype.kind == "f" else x.astype(np.int64))
     run_onnx = session(proto)
     for n in (1, 7):
-        theirs = np.concatenate([run_onnx.run(["y"], {"x": x[i:i + n]})[0] for i in range(0, len(x), n)])
-        assert_same(theirs, ours)
+        batches = [run_onnx.run(out_names, {name: x[i:i + n] for name, x in zip(in_names, xs)})
+                   for i in range(0, len(xs[0]), n)]
+        for k, want in enumerate(ours):
+            assert_same(np.concatenate([b[k] for b in batches]), want)
 
 
 def test_the_file_says_what_it_is(tmp_path):

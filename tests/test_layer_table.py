@@ -104,8 +104,8 @@ def test_layer_row(case, float64):
     net = build(input_shape, items)
     assert net.n_params() == n_params
     rng = np.random.default_rng(0)
-    if net.integer_input:
-        x_value = rng.integers(0, net.integer_input, size=(3, *input_shape))
+    if net.integer_input():
+        x_value = rng.integers(0, net.integer_input(), size=(3, *input_shape))
     else:
         x_value = rng.normal(size=(3, *input_shape))
     x = net.input_variable()

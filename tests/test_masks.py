@@ -21,9 +21,9 @@ def float64():
         yield
 
 
-def network(input_shape, items, seed: int = 0) -> Network:
+def network(input_shape, items, seed: int = 0, train: str = "{loss: mse, optimizer: {type: sgd}}") -> Network:
     text = (f"name: t\ndata: {{train: none.npz}}\nmodel:\n  input_shape: {list(input_shape)}\n"
-            "  layers:\n" + "".join(f"    - {i}\n" for i in items) + "train: {loss: mse, optimizer: {type: sgd}}\n")
+            "  layers:\n" + "".join(f"    - {i}\n" for i in items) + f"train: {train}\n")
     net = Network.from_spec(validate(load_text(text, "t.yaml")))
     rng = np.random.default_rng(seed)
     for var in net.params.values():
@@ -197,15 +197,19 @@ PER_STEP = ["{type: masking, mask_value: -7.0}", "{type: lstm, units: 4, return_
 
 def per_step_loss(net, x, y):
     """Per-example categorical cross-entropy of a per-timestep output, and its gradients."""
+    import dataclasses
+
     import pytensor.tensor as pt
 
     from netbuild.compile import _loss_graph, target_variable
 
     target = target_variable(y)
-    v, out, per_example, _ = _loss_graph(net, "categorical_crossentropy", target, False)
+    head = dataclasses.replace(net.signature.outputs[0], loss="categorical_crossentropy")
+    xs, _, per_example, _ = _loss_graph(net, [head], [target], False)
     params = list(net.params.values())
-    grads = pytensor.grad(pt.sum(per_example), params)
-    return pytensor.function([v, target], [per_example, *grads], mode="FAST_COMPILE")(x, y)
+    grads = pytensor.grad(pt.sum(per_example[head.name]), params)
+    return pytensor.function([*xs, target], [per_example[head.name], *grads],
+                             mode="FAST_COMPILE")(x, y)
 
 
 def test_a_per_timestep_loss_leaves_padded_steps_out():
@@ -239,10 +243,11 @@ def test_metrics_of_a_per_timestep_output_count_real_steps_only():
     lengths, steps, features = [4, 2, 3], 4, 3
     x = padded(lengths, steps, features, -7.0)
     y = RNG.integers(0, 3, size=(3, steps))
-    net = network((steps, features), PER_STEP)
-    net.spec.data["train"].update(loss="categorical_crossentropy", metrics=["accuracy"])
+    net = network((steps, features), PER_STEP, train="{loss: categorical_crossentropy, metrics: "
+                  "[accuracy], optimizer: {type: sgd}}")
     model = Model(net.spec, net, "t")
-    metrics, outputs, mask = model.evaluate_dataset(Dataset(x, y, "arrays"))
+    metrics, results = model.evaluate_dataset(Dataset.of(x, y, "arrays"))
+    outputs, mask = results.outputs["output"], results.masks["output"]
     real = np.array([[j < n for j in range(steps)] for n in lengths])
     np.testing.assert_array_equal(mask > 0.5, real)
     want = (outputs.argmax(-1) == y)[real].mean()

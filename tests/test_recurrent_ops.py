@@ -290,15 +290,14 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam}}
 """, "t.yaml"))
     net = Network.from_spec(spec)
     y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
-    step = compile_train(net, spec.data["train"], y, 0).step
-    nodes = step.maker.fgraph.apply_nodes
+    step = compile_train(net, spec.data["train"], [y], 0).step
+    nodes = step.fn.maker.fgraph.apply_nodes
     assert not [n for n in nodes if isinstance(n.op, Scan)]
     assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequence)} == set(CELLS)
     assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequenceGrad)} == set(CELLS)
     assert python_nodes(step, "train") == []
     x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(pytensor.config.floatX)
-    loss, _ = step(x, y)
-    assert np.isfinite(loss)
+    assert np.isfinite(step(x, y).loss)
 
 
 def test_masked_training_step_is_c_only_without_scan():
@@ -320,14 +319,13 @@ train: {loss: categorical_crossentropy, optimizer: {type: adam}}
     net = Network.from_spec(spec)
     y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
     x = np.array([[1, 2, 3, 0, 0, 0], [4, 4, 0, 0, 0, 0], [1, 2, 3, 4, 1, 2]])
-    step = compile_train(net, spec.data["train"], y, 0).step
-    nodes = step.maker.fgraph.apply_nodes
+    step = compile_train(net, spec.data["train"], [y], 0).step
+    nodes = step.fn.maker.fgraph.apply_nodes
     assert not [n for n in nodes if isinstance(n.op, Scan)]
     fused = [n.op for n in nodes if isinstance(n.op, (RecurrentSequence, RecurrentSequenceGrad))]
     assert {op.cell for op in fused if op.masked} == set(CELLS)
     assert python_nodes(step, "train") == []
-    loss, _ = step(x, y)
-    assert np.isfinite(loss)
+    assert np.isfinite(step(x, y).loss)
 
 
 # -- the layer's choice, the op's contract ---------------------------------------------------------

@@ -54,11 +54,12 @@ def test_schema_is_valid_draft_2020_12():
 
 def test_no_object_schema_allows_unknown_keys():
     """Every object schema closes itself with additionalProperties: false (or dispatches to
-    branches that do)."""
+    branches that do), unless it is a map from names (propertyNames) to one schema each."""
     def walk(node, where):
         if isinstance(node, dict):
             if node.get("type") == "object":
-                assert node.get("additionalProperties") is False or "allOf" in node, where
+                keyed = "propertyNames" in node and isinstance(node.get("additionalProperties"), dict)
+                assert node.get("additionalProperties") is False or "allOf" in node or keyed, where
             for k, v in node.items():
                 walk(v, f"{where}/{k}")
         elif isinstance(node, list):

@@ -9,6 +9,9 @@
 - digits-varlen-{train,test}.npz: the digits as sequences of rows of different lengths: from each
   image, 4 to 8 consecutive rows (a seeded length and offset), padded at the end to 8 rows of -1
   (float32, shape (N, 8, 8)); the class ids.
+- digits-multi-{train,test}.npz: the digits for a model of two inputs and two outputs: `image`
+  (the 64 pixels), `profile` (16 derived features: the mean of each row, then of each column),
+  `digit` (the class id) and `ink` (the mean of the 64 pixels, float32 of shape (N, 1)).
 
 Each set is split 80/20 with seed 0 (stratified for the classification sets). Run `make data`.
 """
@@ -50,6 +53,23 @@ def save_varlen() -> None:
     save("digits-varlen", varlen(train["x"], 1), varlen(test["x"], 2), train["y"], test["y"])
 
 
+def multi(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of digits-multi for images x (N, 64) and class ids y."""
+    images = x.reshape(-1, 8, 8)
+    profile = np.concatenate([images.mean(axis=2), images.mean(axis=1)], axis=1)
+    ink = x.mean(axis=1, keepdims=True)
+    return {"image": x, "profile": profile.astype(np.float32), "digit": y,
+            "ink": ink.astype(np.float32)}
+
+
+def save_multi() -> None:
+    for split in ("train", "test"):
+        digits = np.load(HERE / f"digits-{split}.npz")
+        arrays = multi(digits["x"], digits["y"])
+        np.savez_compressed(HERE / f"digits-multi-{split}.npz", **arrays)
+        print(f"digits-multi {split}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+
+
 def main() -> None:
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
@@ -71,6 +91,7 @@ def main() -> None:
     save("diabetes", x_train, x_test, y_train, y_test)
 
     save_varlen()
+    save_multi()
 
 
 if __name__ == "__main__":

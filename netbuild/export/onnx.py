@@ -9,7 +9,8 @@ cannot express is a located error naming the layer and its spec line; nothing is
 The model has one input ``x`` of shape ``(batch, *model.input_shape)`` (float32, or int64 ids when
 the input feeds an ``embedding``), the batch axis dynamic, and one output ``y`` of shape
 ``(batch, *output shape)``, float32: the network in inference mode (dropout the identity, batch
-norm with its running statistics). Initializers carry the parameters' names,
+norm with its running statistics). A model with ``model.inputs`` has one graph input per input,
+named as the input; with ``model.outputs``, one graph output per output, named as the output. Initializers carry the parameters' names,
 ``<layer name>/<param>``; a recurrent layer's weights, laid out as ONNX's RNN, LSTM and GRU
 operators take them (gates in ONNX's order, both directions stacked), are ``<layer name>/W``,
 ``/R`` and ``/B``. The metadata holds the netbuild version and the resolved spec.
@@ -26,7 +27,7 @@ from .. import __version__, activations
 from ..errors import MissingExtra, SpecError
 from ..layers import LayerError
 from ..layers.attention import sinusoids
-from ..network import INPUT, Network, Node
+from ..network import Network, Node
 from ..registry import lookup
 from ..spec import Spec
 from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # noqa: F401  (part of this module's API)
@@ -51,14 +52,14 @@ class Unsupported(LayerError):
 class Graph:
     """The nodes and initializers of the graph being built, every tensor name unique."""
 
-    def __init__(self, onnx, integer_input: bool = False, opset: int = DEFAULT_OPSET):
+    def __init__(self, onnx, reserved: list[str], integer_inputs: list[str], opset: int = DEFAULT_OPSET):
         self.onnx = onnx
         self.opset = opset
         self.nodes: list = []
         self.initializers: list = []
-        self._names: set[str] = {"x", "y"}
-        #: Tensors holding integer ids (the input, when it feeds an embedding).
-        self._integer: set[str] = {"x"} if integer_input else set()
+        self._names: set[str] = set(reserved)  # the graph's inputs and outputs
+        #: Tensors holding integer ids (the inputs that feed an embedding).
+        self._integer: set[str] = set(integer_inputs)
         self._scalars: dict[tuple, str] = {}
 
     def is_integer(self, name: str) -> bool:
@@ -533,6 +534,15 @@ EXPORTERS: dict[str, Callable[[Graph, Node, list[str]], str]] = {
 
 
 # -- the model ------------------------------------------------------------------------------------
+def graph_names(network: Network) -> tuple[list[str], list[str]]:
+    """The ONNX graph's input and output names: ``x`` and ``y`` for the shorthand's one input
+    and one output, else the inputs' and outputs' names."""
+    sig = network.signature
+    ins = ["x"] if sig.shorthand_inputs else list(network.inputs)
+    outs = ["y"] if sig.shorthand_outputs else list(network.outputs)
+    return ins, outs
+
+
 def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_OPSET):
     """The ONNX model of ``network`` (with its parameters set), checked by ``onnx.checker`` with
     ``full_check``. ``spec_data`` is the resolved spec stored in the metadata. Raises a located
@@ -542,18 +552,26 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
     if size > MAX_BYTES:  # before a copy of every parameter is made
         raise SpecError(spec.issue(("model",), f"the parameters take {size / 2**30:.1f} GiB as "
                                                "float32; an ONNX file holds at most 2 GiB"))
-    integer = network.integer_input is not None
-    g = Graph(onnx, integer, int(opset))
+    in_names, out_names = graph_names(network)
+    clash = sorted(set(in_names) & set(out_names))
+    if clash:
+        head = next(o for o in network.signature.outputs if o.name in clash)
+        raise SpecError(spec.issue(head.path, f"the output '{head.name}' would have the name of "
+                                              "the ONNX graph's input; expected another name"))
+    graph_input = dict(zip(network.inputs, in_names))
+    integer = [graph_input[n] for n in network.inputs if network.integer_input(n) is not None]
+    g = Graph(onnx, in_names + out_names, integer, int(opset))
     floats = onnx.TensorProto.FLOAT
-    float_x: list[str] = []
+    float_x: dict[str, str] = {}
 
     def read(name: str, node: Node) -> str:
-        if name == INPUT:
-            if integer and not getattr(node.layer, "integer_input", False):
-                if not float_x:  # other layers read the ids as numbers, as netbuild does
-                    float_x.append(g.op("Cast", ["x"], "x_float", to=floats))
-                return float_x[0]
-            return "x"
+        if name in graph_input:
+            x = graph_input[name]
+            if g.is_integer(x) and not getattr(node.layer, "integer_input", False):
+                if x not in float_x:  # other layers read the ids as numbers, as netbuild does
+                    float_x[x] = g.op("Cast", [x], f"{x}_float", to=floats)
+                return float_x[x]
+            return x
         return outputs[name]
 
     outputs: dict[str, str] = {}
@@ -572,13 +590,17 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
             broken.add(node.name)
     if issues:
         raise SpecError(issues)
-    g.op("Identity", [outputs[network.output]], "y", output="y")
+    for name, graph_name in zip(network.outputs, out_names):
+        g.op("Identity", [outputs[network.outputs[name]]], graph_name, output=graph_name)
     helper = onnx.helper
-    x_type = onnx.TensorProto.INT64 if integer else floats
+    shapes = network.output_shapes()
     graph = helper.make_graph(
         g.nodes, str(spec.data.get("name", "netbuild")),
-        [helper.make_tensor_value_info("x", x_type, ["batch", *network.input_shape])],
-        [helper.make_tensor_value_info("y", floats, ["batch", *network.output_shape])],
+        [helper.make_tensor_value_info(x, onnx.TensorProto.INT64 if g.is_integer(x) else floats,
+                                       ["batch", *network.inputs[name]])
+         for name, x in graph_input.items()],
+        [helper.make_tensor_value_info(y, floats, ["batch", *shapes[name]])
+         for name, y in zip(network.outputs, out_names)],
         initializer=g.initializers)
     opsets = [helper.make_opsetid("", int(opset))]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="netbuild",

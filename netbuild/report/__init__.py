@@ -35,6 +35,16 @@ def layer_table(rows: list[dict], total: int) -> str:
     return f"{text}\ntotal parameters: {total:,}"
 
 
+def io_table(inputs: list[dict], outputs: list[dict]) -> str:
+    """The model's inputs (shape, npz key) and outputs (layer, shape, npz key, loss and its
+    weight, metrics), one row each."""
+    body = [["input", i["name"], "", shape(i["shape"]), i["key"], "", i["line"] or ""] for i in inputs]
+    body += [["output", o["name"], o["layer"], shape(o["shape"]), o["key"],
+              f"{o['loss']} x {o['loss_weight']:g}" + (f"; {', '.join(o['metrics'])}" if o["metrics"] else ""),
+              o["line"] or ""] for o in outputs]
+    return table(["", "name", "layer", "shape", "key", "loss; metrics", "line"], body, "llllllr")
+
+
 def number(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"

@@ -126,9 +126,21 @@ def markdown() -> str:
     lines += _section("`data`", d["data"])
     lines += ["`validation` and `validation_split` exclude each other.", ""]
     lines += _section("`model`", d["model"])
+    lines += ["`input_shape` and `inputs` exclude each other; one of them is required. Without "
+              "`outputs`, the model's output is its last layer's, trained with `train.loss` and "
+              "scored by `train.metrics`; with `outputs`, each output names its own (and "
+              "`train.loss`, `train.metrics`, `data.y_key` are not given; with `inputs`, neither "
+              "is `data.x_key`).", ""]
+    model = d["model"]["properties"]
+    lines += _section("`model.inputs.<name>`", model["inputs"]["additionalProperties"])
+    lines += _section("`model.outputs.<name>`", model["outputs"]["additionalProperties"])
+    lines += ["Each epoch records the weighted total `loss`, then `<output>_loss` and "
+              "`<output>_<metric>` for each output (with validation data, the same keys after "
+              "`val_`).", ""]
     lines += _dispatched("Layers (`model.layers[]`)", "layer", [
         "Every layer takes `type`, an optional unique `name` (default `<type>_<index>`) and "
-        "optional `inputs` (names of earlier layers or `input`; default: the previous layer).", ""])
+        "optional `inputs` (names of earlier layers, or of the model's inputs: `input` with "
+        "`input_shape`; default: the previous layer).", ""])
     lines += ["## Activations", "", "A name, or a mapping `{type: name, alpha: ...}`: "
               + ", ".join(f"`{n}`" for n in d["activation_name"]["enum"]) + ".", "",
               "## Initializers", "", "A name, or a mapping `{type: name, stddev|limit|gain: ...}`: "

@@ -220,12 +220,51 @@ def validate(spec: Spec) -> Spec:
                            for path, value in _non_finite(spec.data, ())]
     for error in _validator().iter_errors(spec.data):
         issues.extend(_messages(error, spec))
+    issues += _form_issues(spec)
     unique = {str(i): i for i in issues}
     if unique:
         raise SpecError(list(unique.values()))
     out = spec.copy()
     out.data = fill_defaults(spec.data, schema())
+    _drop_shorthand_defaults(spec.data, out.data)
     return out
+
+
+def _drop_shorthand_defaults(raw: dict, filled: dict) -> None:
+    """The long form has no use for the shorthand's keys: the defaults of ``data.x_key`` (with
+    ``model.inputs``), ``data.y_key`` and ``train.metrics`` (with ``model.outputs``) are not
+    filled in, so that a resolved spec, validated again, is still valid."""
+    model = raw["model"]
+    drops = ([("data", "x_key")] if "inputs" in model else []) + \
+        ([("data", "y_key"), ("train", "metrics")] if "outputs" in model else [])
+    for section, key in drops:
+        if key not in raw[section]:
+            filled[section].pop(key, None)
+
+
+def _form_issues(spec: Spec) -> list[Issue]:
+    """What the schema leaves to code (see :mod:`netbuild.signature`): the long form of
+    ``model.inputs`` and ``model.outputs`` is not mixed with the shorthand's keys, and a model
+    without ``model.outputs`` has ``train.loss``. Read before the defaults are filled in."""
+    model, data, train = (spec.data.get(k) for k in ("model", "data", "train"))
+    if not all(isinstance(v, dict) for v in (model, data, train)):
+        return []
+    issues = []
+    if "inputs" in model and "x_key" in data:
+        issues.append(spec.issue(("data", "x_key"), "model.inputs gives each input its key; "
+                                                    "expected no data.x_key (model.inputs.<name>.key)",
+                                 key=True))
+    if "outputs" in model:
+        for section, key in (("train", "loss"), ("train", "metrics"), ("data", "y_key")):
+            if key in spec.data[section]:
+                field = {"y_key": "key"}.get(key, key)
+                issues.append(spec.issue((section, key), f"model.outputs gives each output its "
+                                                         f"{field}; expected no {section}.{key} "
+                                                         f"(model.outputs.<name>.{field})",
+                                         key=True))
+    elif "loss" not in train:
+        issues.append(spec.issue(("train",), "missing required key 'loss'"))
+    return issues
 
 
 def _non_finite(node: Any, path: tuple):
