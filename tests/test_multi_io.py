@@ -278,3 +278,45 @@ def test_the_api_names_a_missing_or_unknown_input(tmp_path):
         model.predict(arrays["a"])
     with pytest.raises(netbuild.DataError, match=r"x\['b'\]: has examples of shape \(2,\)"):
         model.predict({"a": arrays["a"], "b": arrays["bee"][:, :2]})
+
+
+def test_a_sweep_and_compare_address_an_outputs_metrics_by_name(run_cli, tmp_path):
+    """A grid over an output's loss_weight ranked by val_digit_accuracy (higher first); a
+    monitor the outputs do not record is a usage error naming those they do; compare lists the
+    per-output keys."""
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", MULTI, "--grid", "model.outputs.ink.loss_weight=1,20",
+                     "--set", "train.epochs=1", "--monitor", "val_digit_accuracy",
+                     "--workers", "1", "--sweep-dir", out)
+    assert result.exit_code == 0, result.stderr
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["monitor"] == "val_digit_accuracy" and state["mode"] == "max"
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert "best_val_digit_accuracy" in rows[0] and len(rows) == 3
+    result = run_cli("sweep", MULTI, "--grid", "model.outputs.ink.loss_weight=1,20",
+                     "--monitor", "val_accuracy", "--sweep-dir", tmp_path / "other")
+    assert result.exit_code == 2
+    assert "'val_accuracy' is not recorded by this run" in result.stderr
+    assert "val_digit_accuracy" in result.stderr
+
+    points = sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists())
+    result = run_cli("compare", *points, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    compared = json.loads(result.output)
+    assert {"digit_accuracy", "ink_r2", "ink_loss"} <= set(compared["metrics"])
+
+
+def test_the_readme_shows_the_shipped_configs_model():
+    """The README's block under "Several inputs and outputs" is digits-multi's model section."""
+    import re
+
+    import yaml
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Several inputs and outputs"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    shown = yaml.safe_load(block)
+    config = yaml.safe_load(MULTI.read_text())
+    assert shown["model"] == config["model"]
+    assert shown["train"]["optimizer"] == config["train"]["optimizer"]
