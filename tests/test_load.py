@@ -54,6 +54,75 @@ def test_recursive_alias_is_refused():
         load_text("a: &x [1, *x]\n", "r.yaml")
 
 
+def laughs(levels: int = 9, width: int = 10) -> str:
+    """A "billion laughs": each anchor a list of ``width`` aliases of the one before."""
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: *a{levels - 1}\n"
+
+
+HOSTILE = {
+    # about 10^9 values once expanded, from 1 KB of text
+    "laughs.yaml": (laughs(), "6:10: $: the YAML holds more than 200,000 values once its aliases "
+                              "are expanded"),
+    "deep-lists.yaml": ("name: x\ndata: " + "[" * 100_000 + "]" * 100_000 + "\n",
+                        "2:70: $: the YAML nests deeper than 64 levels"),
+    "deep-mappings.yaml": ("name: x\n" + "".join(" " * i + f"k{i}:\n" for i in range(200)) + " " * 200 + "v: 1\n",
+                           "66:65: $: the YAML nests deeper than 64 levels"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_yaml_is_one_located_line_in_bounded_memory_and_time(name, tmp_path):
+    """`netbuild check` in a process of its own: exit 1, one located line, in seconds (the
+    expanded laughs would take hours and hundreds of GiB; the deep lists overflowed Python's
+    stack)."""
+    import subprocess
+    import sys
+    import time
+
+    text, message = HOSTILE[name]
+    path = tmp_path / name
+    path.write_text(text)
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "netbuild", "check", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}:") and message in lines[0], lines
+    assert seconds < 20, seconds  # the refusal itself takes milliseconds; the process ~1 s to start
+
+
+def test_hostile_yaml_peak_memory_is_bounded(tmp_path):
+    """The peak resident memory of refusing the billion laughs, measured by the kernel."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs())
+    proc = subprocess.Popen([sys.executable, "-m", "netbuild", "check", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert usage.ru_maxrss * 1024 < 300 * 2**20, usage.ru_maxrss
+
+
+def test_a_spec_file_too_large_is_refused_unread(tmp_path):
+    """A 17 MiB file (sparse: nothing to read) is refused from its size."""
+    from netbuild.spec import load_file
+
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:
+        f.truncate(17 * 2**20)
+    with pytest.raises(SpecError, match=r"holds 17.0 MiB; expected a spec of at most 16 MiB"):
+        load_file(path)
+    with pytest.raises(SpecError, match=r"holds 17.0 MiB of text"):
+        load_text("#" * (17 * 2**20), "t.yaml")
+
+
 def test_several_documents_are_refused():
     with pytest.raises(SpecError, match="one YAML document"):
         load_text("a: 1\n---\nb: 2\n", "two.yaml")

@@ -161,10 +161,58 @@ class _Builder:
         return out
 
 
+#: Bounds on a spec's YAML: a hostile file (megabytes of text, a "billion laughs" of nested
+#: aliases, lists nested thousands deep) ends in one located line, in bounded memory and time.
+MAX_SPEC_BYTES = 16 * 2**20
+MAX_DEPTH = 64
+MAX_VALUES = 200_000
+
+
+def _check_bounds(text: str, source: str) -> None:
+    """Refuse a text longer than :data:`MAX_SPEC_BYTES`, nested deeper than :data:`MAX_DEPTH`,
+    or holding more than :data:`MAX_VALUES` values once its aliases are expanded. One pass over
+    PyYAML's events (its parser is not recursive; its composer, which builds the tree, is):
+    each anchored node's expanded size is counted once, an alias adds it again."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(Issue(Location(source), (), f"holds {len(text) / 2**20:.1f} MiB of text; "
+                                                    f"expected a spec of at most "
+                                                    f"{MAX_SPEC_BYTES // 2**20} MiB"))
+    sizes: dict[str, int] = {}
+    stack: list[list] = [[0, None]]  # [values so far, anchor] of each open collection
+    total = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(stack) > MAX_DEPTH:
+                raise SpecError(Issue(_mark(source, event.start_mark), (),
+                                      f"the YAML nests deeper than {MAX_DEPTH} levels; expected a "
+                                      "spec's mappings and lists"))
+            stack.append([1, event.anchor])
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            count, anchor = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = count
+            stack[-1][0] += count
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            stack[-1][0] += 1
+        elif isinstance(event, yaml.AliasEvent):
+            stack[-1][0] += sizes.get(event.anchor, 1)  # an unknown anchor: the composer says so
+        else:
+            continue
+        total = sum(frame[0] for frame in stack)
+        if total > MAX_VALUES:
+            raise SpecError(Issue(_mark(source, event.start_mark), (),
+                                  f"the YAML holds more than {MAX_VALUES:,} values once its "
+                                  "aliases are expanded; expected a spec (are aliases nested?)"))
+
+
 def load_text(text: str, source: str, base_dir: FsPath | None = None) -> Spec:
     """Parse YAML ``text``; ``source`` names it in messages. Raises :class:`SpecError`."""
     base = FsPath(base_dir) if base_dir is not None else FsPath(".")
     try:
+        _check_bounds(text, source)
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -216,6 +264,10 @@ def load_file(path: str | os.PathLike) -> Spec:
     elif not stat.S_ISREG(st.st_mode):  # reading another pipe or a device would block, or never end
         raise SpecError(Issue(Location(source), (), "is not a regular file (a device, pipe or "
                                                     "socket); expected a YAML file"))
+    elif st.st_size > MAX_SPEC_BYTES:  # before reading it
+        raise SpecError(Issue(Location(source), (), f"holds {st.st_size / 2**20:,.1f} MiB; "
+                                                    f"expected a spec of at most "
+                                                    f"{MAX_SPEC_BYTES // 2**20} MiB"))
     else:
         raw, base_dir = _read_bytes(path, source), path.resolve().parent
     try:
