@@ -93,7 +93,7 @@ def _weighted(heads: list[Output], values: dict):
 
 def _results(network: Network, heads: list[Output], loss, per_output: dict, outs: dict, ctx):
     """A compiled function's outputs, in :class:`Compiled`'s order, and its layout."""
-    with_losses = not network.signature.shorthand_outputs
+    with_losses = any(h.prefix for h in heads)  # each output's own loss: the long form's
     names = [h.name for h in heads]
     masks = [ctx.mask(outs[n]) for n in names]
     values = [loss] + ([per_output[n] for n in names] if with_losses else []) + \

@@ -189,19 +189,15 @@ def _read_array(archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> n
     return value
 
 
-def read_npz(file: Path, x_key: str, y_key: str | None, report: _Reporter) -> tuple[np.ndarray, np.ndarray | None]:
-    """The arrays under ``x_key`` (and ``y_key``) of an .npz file, refusing pickled objects."""
-    arrays = read_arrays(file, [x_key] + ([y_key] if y_key else []), report)
-    return arrays[0], (arrays[1] if y_key else None)
-
-
-def read_arrays(file: Path, wanted: list[str], report: _Reporter) -> list[np.ndarray]:
-    """The arrays under the keys ``wanted`` of an .npz file, refusing pickled objects; every
-    missing key is reported (one issue each)."""
+def read_arrays(file: Path, wanted: list[str], report: _Reporter,
+                errors: list | None = None) -> dict[str, np.ndarray]:
+    """The arrays under the keys ``wanted`` of an .npz file, refusing pickled objects. A missing
+    key is an error of its own: added to ``errors`` when given (the other arrays are still
+    read), else raised (every missing key at once)."""
     problem = not_a_regular_file(file)
     if problem:
         raise report.error(problem)
-    x_key = wanted[0]
+    expected = ", ".join(f"'{k}'" for k in wanted)
     try:
         problem = not_npz(file)
         if problem:
@@ -210,27 +206,30 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter) -> list[np.nda
             keys = list(archive.files)
             missing = [report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
                                     f"{_closest(key, keys)}") for key in wanted if key not in keys]
-            if missing:
+            if missing and errors is None:
                 raise _joined(missing)
-            arrays = [_read_array(archive, k, report) for k in wanted]
+            (errors if errors is not None else []).extend(missing)
+            arrays = {k: _read_array(archive, k, report) for k in wanted if k in keys}
     except NetbuildError:
         raise
     except OSError as exc:
         if exc.strerror:  # the file system's answer (permission denied, an I/O error)
             raise report.error(f"cannot read: {exc.strerror}") from None
         raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
-                           f"with the key '{x_key}'") from None
+                           f"with the keys {expected}") from None
     except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
         raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
-                           f"with the key '{x_key}'") from None
+                           f"with the keys {expected}") from None
     return arrays
 
 
 def _joined(errors: list[NetbuildError]) -> NetbuildError:
     """One error holding the issues of several (located errors), or the first."""
+    if len(errors) == 1:
+        return errors[0]
     if all(isinstance(e, SpecError) for e in errors):
         return SpecError([i for e in errors for i in e.issues])
-    return errors[0]
+    return DataError("\n".join(line for e in errors for line in e.lines()))
 
 
 def _first_bad(mask: np.ndarray) -> int:
@@ -320,6 +319,8 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
     if y.ndim == 0 or len(y) != n:
         got = "a single value" if y.ndim == 0 else f"{len(y)} examples"
         raise report.error(f"holds {got}; expected {n}, as many as the inputs", key)
+    if not n:
+        raise report.error(f"is empty (shape {y.shape}); expected at least one example", key)
     _check_finite(y, report, key)
     if loss_name == "binary_crossentropy" and (y.min() < 0 or y.max() > 1):
         bad = y.min() if y.min() < 0 else y.max()
@@ -373,28 +374,46 @@ def load(spec: Spec, role: str, network: Network, file: str | Path | None = None
     array of every input and every output, each against the network, all of the same length.
 
     Raises :class:`SpecError` located at the spec line naming the file (or at the file itself
-    when it was given on the command line), one issue per problem.
+    when it was given on the command line), one issue per problem: every array present is
+    checked, whatever is wrong with the others.
     """
     target, report = _target(spec, role, file)
-    signature = network.signature
-    inputs, outputs = signature.inputs, signature.outputs
-    arrays = read_arrays(target, list(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs])),
-                         report)
-    by_key = dict(zip(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs]), arrays))
+    xs, ys = _checked(network, target, report, with_targets=True)
+    return Dataset(xs, ys, display_path(target))
+
+
+def load_inputs(file: str | Path, spec: Spec, network: Network) -> list[np.ndarray]:
+    """Only the inputs of ``file`` (for ``predict``), each checked against its input, all of
+    the same length."""
+    target, report = _target(spec, "", file)
+    return _checked(network, target, report, with_targets=False)[0]
+
+
+def _checked(network: Network, target: Path, report: _Reporter,
+             with_targets: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The file's arrays of every input (and output), each checked; every problem reported."""
+    inputs = network.signature.inputs
+    outputs = network.signature.outputs if with_targets else []
     errors: list[NetbuildError] = []
+    by_key = read_arrays(target, list(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs])),
+                         report, errors)
+    before = len(errors)
     xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name)
-                        for i in inputs])
-    if not errors:
-        _same_lengths(errors, xs, [i.key for i in inputs], report)
-    if not errors:
-        n = len(xs[0])
-        ys = _each(errors, [lambda o=o: prepare_y(by_key[o.key], n,
-                                                  network.nodes[network.outputs[o.name]].output_shape,
-                                                  losses.name_of(o.loss), report, o.key)
-                            for o in outputs])
+                        if i.key in by_key else None for i in inputs])
+    present = [(x, i.key) for x, i in zip(xs, inputs) if x is not None]
+    for x, key in present[1:]:
+        if len(x) != len(present[0][0]):
+            errors.append(report.error(f"holds {len(x)} examples; expected {len(present[0][0])}, "
+                                       f"as many as '{present[0][1]}'", key))
+    # the targets are checked against the inputs' length, once the inputs present are valid
+    n = len(present[0][0]) if present and len(errors) == before else None
+    ys = _each(errors, [lambda o=o: prepare_y(by_key[o.key], n,
+                                              network.nodes[network.outputs[o.name]].output_shape,
+                                              losses.name_of(o.loss), report, o.key)
+                        if o.key in by_key and n is not None else None for o in outputs])
     if errors:
         raise _joined(errors)
-    return Dataset(xs, ys, display_path(target))
+    return xs, ys
 
 
 def _target(spec: Spec, role: str, file: str | Path | None) -> tuple[Path, _Reporter]:
@@ -417,31 +436,6 @@ def _each(errors: list, checks: list) -> list:
             errors.append(exc)
             results.append(None)
     return results
-
-
-def _same_lengths(errors: list, xs: list[np.ndarray], keys: list[str], report: _Reporter) -> None:
-    """Every input holds as many examples as the first."""
-    for x, key in zip(xs[1:], keys[1:]):
-        if len(x) != len(xs[0]):
-            errors.append(report.error(f"holds {len(x)} examples; expected {len(xs[0])}, as many "
-                                       f"as '{keys[0]}'", key))
-
-
-def load_inputs(file: str | Path, spec: Spec, network: Network) -> list[np.ndarray]:
-    """Only the inputs of ``file`` (for ``predict``), each checked against its input, all of
-    the same length."""
-    target, report = _target(spec, "", file)
-    inputs = network.signature.inputs
-    keys = list(dict.fromkeys(i.key for i in inputs))
-    by_key = dict(zip(keys, read_arrays(target, keys, report)))
-    errors: list[NetbuildError] = []
-    xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name)
-                        for i in inputs])
-    if not errors:
-        _same_lengths(errors, xs, [i.key for i in inputs], report)
-    if errors:
-        raise _joined(errors)
-    return xs
 
 
 @dataclass
@@ -487,7 +481,7 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
 
 
 def run_batches(fn, dataset: Dataset, batch_size: int) -> "Results":
-    """The mean losses, all outputs and masks of ``fn`` (a :class:`netbuild.compile.Evaluate`)
+    """The mean losses, all outputs and masks of ``fn`` (a :class:`netbuild.compile.Compiled`)
     over a dataset."""
     parts = [fn(*dataset.batch(idx)) for idx in batches(len(dataset), batch_size)]
     return Results.join(parts, len(dataset))

@@ -105,7 +105,11 @@ class SpecError(NetbuildError):
 
 
 class DataError(NetbuildError):
-    """A problem with a data file: names the file and, when it applies, the key."""
+    """A problem with a data file: names the file and, when it applies, the key; one line per
+    problem."""
+
+    def lines(self) -> list[str]:
+        return str(self).splitlines()
 
 
 class RunError(NetbuildError):

@@ -44,11 +44,11 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
             out["confusion_matrices"] = matrices
     if other is not None:
         try:
-            theirs = other.refit(dataset, heads)
+            theirs, their_heads = other.refit(dataset, heads, list(loaded.network.inputs))
         except NetbuildError as exc:
             raise RunError(f"{baseline}: the baseline does not fit the data the model is evaluated "
                            f"on: {exc}") from None
-        base, _ = other.evaluate_dataset(theirs, heads=heads)
+        base, _ = other.evaluate_dataset(theirs, heads=their_heads)
         out["baseline"] = {"model": str(baseline), "metrics": base,
                            "comparison": compare(metrics, base, max_drop or {})}
     return out

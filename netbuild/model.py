@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 import os
 import stat
 from dataclasses import dataclass
@@ -148,8 +149,8 @@ class Model:
     def predict(self, x, batch_size: int = BATCH_SIZE):
         """The network's outputs for the inputs ``x`` (an array ``(n, *input_shape)``, or a
         mapping from each input's name to its array): what ``netbuild predict`` writes, class
-        probabilities for a softmax output. An array for a model with one output, else a mapping
-        from each output's name to its array."""
+        probabilities for a softmax output. An array for the shorthand's one output, else
+        (``model.outputs``) a mapping from each output's name to its array."""
         return self.predict_checked(self.inputs(x), batch_size)
 
     def predict_checked(self, xs: list[np.ndarray], batch_size: int = BATCH_SIZE):
@@ -160,8 +161,9 @@ class Model:
         with _ids_in_range(self.network):
             parts = [fn(*[x[idx] for x in xs])
                      for idx in data_mod.batches(len(xs[0]), _batch(batch_size))]
-        if len(names) == 1:
-            return np.concatenate(parts)
+        parts = [p if isinstance(p, list) else [p] for p in parts]
+        if self.network.signature.shorthand_outputs:
+            return np.concatenate([p[0] for p in parts])
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
     def predict_function(self) -> Callable:
@@ -193,22 +195,34 @@ class Model:
             results = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
         return scores(heads, results, dataset.ys), results
 
-    def refit(self, dataset: data_mod.Dataset, heads: list) -> data_mod.Dataset:
-        """Another model's checked dataset, checked again for this network (its inputs' shapes
-        and ids, its outputs against the targets for ``heads``' losses): :class:`DataError` when
-        it does not fit."""
+    def refit(self, dataset: data_mod.Dataset, heads: list, inputs: list[str]) -> tuple[data_mod.Dataset, list]:
+        """Another model's checked dataset (``inputs``: the names of its arrays ``xs``; ``heads``:
+        that model's outputs, in the order of ``ys``), checked again for this network, and those
+        heads named as this network's outputs: one input and one output each pair up whatever
+        their names, else they pair by name. :class:`DataError` when it does not fit."""
+        import dataclasses
+
         report = data_mod.reporter(dataset.source)
-        names, theirs = list(self.network.outputs), [h.name for h in heads]
-        if names != theirs or len(dataset.xs) != len(self.network.inputs):
-            raise DataError(f"{dataset.source}: has outputs {', '.join(theirs)} and "
-                            f"{len(dataset.xs)} inputs; expected outputs {', '.join(names)} and "
-                            f"{len(self.network.inputs)} inputs")
-        xs = [data_mod.prepare_x(x, self.network, report, None, name)
-              for x, name in zip(dataset.xs, self.network.inputs)]
-        ys = [data_mod.prepare_y(y, len(xs[0]), self.network.nodes[self.network.outputs[h.name]].output_shape,
+        mine_in, mine_out = list(self.network.inputs), list(self.network.outputs)
+        theirs_out = [h.name for h in heads]
+        if len(mine_in) == len(inputs) == 1 and len(mine_out) == len(heads) == 1:
+            order_in, order_out = [0], [0]
+        else:
+            for kind, mine, theirs in (("inputs", mine_in, inputs), ("outputs", mine_out, theirs_out)):
+                if sorted(mine) != sorted(theirs):
+                    raise DataError(f"the {kind} of the two models differ: {', '.join(theirs)} "
+                                    f"against {', '.join(mine)}; expected the same names (or one "
+                                    "input and one output each)")
+            order_in = [inputs.index(n) for n in mine_in]
+            order_out = [theirs_out.index(n) for n in mine_out]
+        xs = [data_mod.prepare_x(dataset.xs[k], self.network, report, None, name)
+              for k, name in zip(order_in, mine_in)]
+        named = [dataclasses.replace(heads[k], name=name) for k, name in zip(order_out, mine_out)]
+        ys = [data_mod.prepare_y(dataset.ys[k], len(xs[0]),
+                                 self.network.nodes[self.network.outputs[h.name]].output_shape,
                                  losses.name_of(h.loss), report, None)
-              for y, h in zip(dataset.ys, heads)]
-        return data_mod.Dataset(xs, ys, dataset.source)
+              for k, h in zip(order_out, named)]
+        return data_mod.Dataset(xs, ys, dataset.source), named
 
     # -- export -----------------------------------------------------------------------------
     def export_onnx(self, path: str | os.PathLike, opset: int | None = None,
@@ -316,11 +330,14 @@ def writable(path: Path, overwrite: bool) -> None:
 def _by_name(value, names: list[str], label: str, kind: str) -> list[tuple[str, object]]:
     """``[(label, array)]`` in the order of ``names``: ``value`` itself for one name, else a
     mapping with exactly those names (a list of the arrays in order is taken too)."""
-    if len(names) == 1 and not isinstance(value, dict):
+    if len(names) == 1 and not isinstance(value, Mapping):
         return [(label, value)]
-    if isinstance(value, (list, tuple)) and len(value) == len(names) and len(names) > 1:
+    if isinstance(value, (list, tuple)) and len(names) > 1:
+        if len(value) != len(names):
+            raise DataError(f"{label}: is a list of {len(value)} arrays; expected {len(names)} "
+                            f"({', '.join(names)}), or a mapping from each {kind}'s name to its array")
         return [(f"{label}[{i}] ({n})", v) for i, (n, v) in enumerate(zip(names, value))]
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         raise DataError(f"{label}: is one array; expected a mapping from each {kind}'s name "
                         f"({', '.join(names)}) to its array")
     missing = [n for n in names if n not in value]

@@ -184,9 +184,44 @@ def _check_outputs(spec: Spec, signature: Signature, nodes: dict[str, Node],
         if not any(inp.name in node.inputs for node in nodes.values()):
             issues.append(spec.issue(inp.path, f"input '{inp.name}' is read by no layer; expected "
                                                "a layer to name it in its inputs (or no such input)"))
+    issues += _name_issues(spec, signature)
     if issues:
         raise SpecError(issues)
     return layers
+
+
+def _name_issues(spec: Spec, signature: Signature) -> list[Issue]:
+    """Outputs whose names or keys would collide: with an input's name, with the validation
+    records (``val``, ``val_...``), with another output's predictions (one npz key) or records
+    (``a`` + ``top_k_accuracy`` and ``a_top_k`` + ``accuracy``)."""
+    issues: list[Issue] = []
+    if signature.shorthand_outputs:
+        return issues
+    inputs = {i.name for i in signature.inputs}
+    keys: dict[str, str] = {}
+    records: dict[str, str] = {}
+    for out in signature.outputs:
+        if out.name in inputs:
+            issues.append(spec.issue(out.path, f"output '{out.name}' has the name of an input; "
+                                               "expected output names apart from the inputs'"))
+        elif out.name == "val" or out.name.startswith("val_"):
+            issues.append(spec.issue(out.path, f"output '{out.name}': its records would read as "
+                                               "validation records (val_...); expected a name that "
+                                               "is not val and does not start with val_"))
+        elif out.key in keys:
+            issues.append(spec.issue(out.path, f"output '{out.name}' writes its predictions under "
+                                               f"the key '{out.key}', as output '{keys[out.key]}' "
+                                               "does; expected a key of its own"))
+        else:
+            for record in out.keys():
+                if record in records:
+                    issues.append(spec.issue(out.path, f"output '{out.name}' records "
+                                                       f"'{record}', as output '{records[record]}' "
+                                                       "does; expected outputs whose records differ"))
+                    break
+                records[record] = out.name
+        keys.setdefault(out.key, out.name)
+    return issues
 
 
 def _infer_shapes(spec: Spec, order: list[Node], input_shapes: dict[str, tuple]) -> None:

@@ -305,7 +305,7 @@ def test_damaged_data_files_give_one_line(tmp_path):
     for copy in damaged_copies(file.read_bytes(), seed=0):
         file.write_bytes(copy)
         try:
-            data.read_npz(file, "x", "y", report)
+            data.read_arrays(file, ["x", "y"], report)
         except NetbuildError as exc:
             refused += 1
             assert len(exc.lines()) == 1 and "\n" not in exc.lines()[0]

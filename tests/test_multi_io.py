@@ -62,6 +62,7 @@ def test_a_shipped_config_in_the_long_form_trains_bitwise_as_the_shorthand(name,
     assert sorted(a) == sorted(b)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+    assert len(short.history) == len(longer.history) == 2
     for r, s in zip(short.history, longer.history):
         assert r["loss"] == s["loss"] == s["out_loss"]
         if "val_loss" in r:
@@ -190,6 +191,18 @@ def check_lines(run_cli, tmp_path, text: str) -> list[str]:
     (lambda t: t.replace("data: {train: two.npz}", "data: {train: two.npz, x_key: a}"),
      "3:24: data.x_key", "model.inputs gives each input its key; expected no data.x_key"),
     # a monitor of a key no output records
+    # names that would collide: with an input, with the validation records, one key for two
+    # outputs' predictions, one record key for two outputs
+    (lambda t: t.replace("    value: {layer: reg,", "    a: {layer: reg,"),
+     "15:8: model.outputs.a", "output 'a' has the name of an input"),
+    (lambda t: t.replace("    value: {layer: reg,", "    val_x: {layer: reg,"),
+     "15:12: model.outputs.val_x", "its records would read as validation records"),
+    (lambda t: t.replace("key: v, loss", "key: label, loss"),
+     "15:12: model.outputs.value", "writes its predictions under the key 'label', as output 'label' does"),
+    (lambda t: t.replace("metrics: [accuracy]}", "metrics: [top_k_accuracy]}").replace(
+        "    value: {layer: reg,", "    label_top_k: {layer: reg,").replace("metrics: [mae]", "metrics: [accuracy]"),
+     "15:18: model.outputs.label_top_k", "output 'label_top_k' records 'label_top_k_accuracy', as "
+                                         "output 'label' does"),
     (lambda t: t.replace("  shuffle: false", "  shuffle: false\n  early_stopping: {monitor: accuracy}"),
      "21:29: train.early_stopping.monitor", "'accuracy' is not recorded by this run; expected "
                                                      "one of: loss, label_loss, label_accuracy, value_loss, value_mae"),
@@ -205,7 +218,9 @@ def test_every_missing_key_and_a_short_array_each_get_a_line(run_cli, tmp_path):
     spec, arrays = two_losses(tmp_path)
     np.savez(tmp_path / "two.npz", a=arrays["a"], bee=arrays["bee"][:5], label=arrays["label"])
     lines = check_lines(run_cli, tmp_path, TWO_LOSSES)
-    assert len(lines) == 1 and "no array 'v' in the file" in lines[0], lines
+    assert len(lines) == 2, lines  # the missing key, and the short array beside it
+    assert any("no array 'v' in the file" in line for line in lines), lines
+    assert any("key 'bee': holds 5 examples" in line for line in lines), lines
     np.savez(tmp_path / "two.npz", a=arrays["a"], bee=arrays["bee"][:5], label=arrays["label"],
              v=arrays["v"])
     lines = check_lines(run_cli, tmp_path, TWO_LOSSES)
@@ -268,6 +283,52 @@ def test_the_shipped_two_output_model_through_the_cli(run_cli, tmp_path):
     assert model.output_shapes == {"digit": (10,), "ink": (1,)}
 
 
+def test_one_output_in_the_long_form_is_named_everywhere(run_cli, tmp_path):
+    """A long-form model of one output: predict writes its key, the API returns a mapping, the
+    ONNX graph's output has its name; eval --baseline pairs it with the shorthand model it was
+    written out from, whatever the names."""
+    spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml", overrides=["train.epochs=1"])
+    longer = long_form(spec)
+    longer.data["model"]["outputs"]["out"]["key"] = "y"
+    short_run = netbuild.train(spec, tmp_path / "short", overwrite=True)
+    long_run = netbuild.train(longer, tmp_path / "long", overwrite=True)
+    test = CONFIGS / "data" / "digits-test.npz"
+    result = run_cli("predict", tmp_path / "long", "--data", test, "--out", tmp_path / "p.npz")
+    assert result.exit_code == 0 and "wrote" in result.output and "y of shape (360, 10)" in result.output
+    with np.load(test) as d:
+        got = long_run.model.predict(d["x"])
+        assert list(got) == ["out"]
+        np.testing.assert_array_equal(got["out"], short_run.model.predict(d["x"]))
+    exported = long_run.model.export_onnx(tmp_path / "m.onnx")
+    import onnx
+
+    graph = onnx.load(str(exported.path)).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["out"]
+    result = run_cli("eval", tmp_path / "long", "--baseline", tmp_path / "short", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.output)["baseline"]["comparison"]
+    assert [r["metric"] for r in rows] == ["loss", "out_loss", "out_accuracy"]
+    assert all(r["change"] == 0 for r in rows)  # the same bits: the same model
+    result = run_cli("eval", tmp_path / "short", "--baseline", tmp_path / "long", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [r["metric"] for r in json.loads(result.output)["baseline"]["comparison"]] == ["loss", "accuracy"]
+
+
+def test_an_onnx_name_clash_is_located(run_cli, tmp_path):
+    """An input named y beside the shorthand's one output (the graph's y)."""
+    spec, arrays = two_losses(tmp_path)
+    data = copy.deepcopy(spec.data)
+    data["model"]["inputs"] = {"y": {"shape": [4], "key": "a"}}
+    data["model"]["layers"] = [{"type": "dense", "units": 3, "activation": "softmax", "inputs": ["y"]}]
+    del data["model"]["outputs"]
+    data["train"]["loss"] = "categorical_crossentropy"
+    spec.data = data
+    model = Model(validate(spec), Network.from_spec(validate(spec)), "m")
+    with pytest.raises(netbuild.SpecError, match=r"model.inputs.y: 'y' would name both an input and "
+                                                 r"an output of the ONNX graph"):
+        model.export_onnx(tmp_path / "m.onnx")
+
+
 def test_the_api_names_a_missing_or_unknown_input(tmp_path):
     spec, arrays = two_losses(tmp_path)
     model = Model(spec, Network.from_spec(spec), "m")
@@ -278,6 +339,14 @@ def test_the_api_names_a_missing_or_unknown_input(tmp_path):
         model.predict(arrays["a"])
     with pytest.raises(netbuild.DataError, match=r"x\['b'\]: has examples of shape \(2,\)"):
         model.predict({"a": arrays["a"], "b": arrays["bee"][:, :2]})
+    with pytest.raises(netbuild.DataError, match=r"x: has unknown inputs c; expected the inputs a, b"):
+        model.predict({"a": arrays["a"], "b": arrays["bee"], "c": arrays["a"]})
+    with pytest.raises(netbuild.DataError, match=r"x: is a list of 3 arrays; expected 2 \(a, b\)"):
+        model.predict([arrays["a"], arrays["bee"], arrays["a"]])
+    import types
+
+    got = model.predict(types.MappingProxyType({"a": arrays["a"], "b": arrays["bee"]}))
+    assert sorted(got) == ["label", "value"]
 
 
 def test_a_sweep_and_compare_address_an_outputs_metrics_by_name(run_cli, tmp_path):

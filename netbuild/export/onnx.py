@@ -554,10 +554,13 @@ def to_onnx(spec: Spec, network: Network, spec_data: dict, opset: int = DEFAULT_
                                                "float32; an ONNX file holds at most 2 GiB"))
     in_names, out_names = graph_names(network)
     clash = sorted(set(in_names) & set(out_names))
-    if clash:
-        head = next(o for o in network.signature.outputs if o.name in clash)
-        raise SpecError(spec.issue(head.path, f"the output '{head.name}' would have the name of "
-                                              "the ONNX graph's input; expected another name"))
+    if clash:  # the shorthand's graph names x and y beside the long form's names
+        sig = network.signature
+        named = next((o for o in sig.outputs if o.name in clash), None) or \
+            next(i for i in sig.inputs if i.name in clash)
+        raise SpecError(spec.issue(named.path, f"'{named.name}' would name both an input and an "
+                                               "output of the ONNX graph (the one input is x, the "
+                                               "one output y); expected another name"))
     graph_input = dict(zip(network.inputs, in_names))
     integer = [graph_input[n] for n in network.inputs if network.integer_input(n) is not None]
     g = Graph(onnx, in_names + out_names, integer, int(opset))

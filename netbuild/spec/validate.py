@@ -263,7 +263,8 @@ def _form_issues(spec: Spec) -> list[Issue]:
                                                          f"(model.outputs.<name>.{field})",
                                          key=True))
     elif "loss" not in train:
-        issues.append(spec.issue(("train",), "missing required key 'loss'"))
+        issues.append(spec.issue(("train",), "missing required key 'loss' (or model.outputs, each "
+                                             "output with its loss)"))
     return issues
 
 
