@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import backend, losses
+from . import backend, losses, npz
 from .errors import DataError, Issue, Location, NetbuildError, SpecError, did_you_mean, printable
 from .network import Network
 from .spec import Spec
@@ -167,26 +167,20 @@ def _closest(key: str, keys: list[str]) -> str:
     return f" (did you mean '{same[0]}'?)" if same else did_you_mean(key, keys)
 
 
-def _read_array(archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> np.ndarray:
-    """One member of an open archive as an array; pickled or damaged members are refused."""
+def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> np.ndarray:
+    """One member of an open archive as an array, in bounded memory (:mod:`netbuild.npz`:
+    memory-mapped when stored, decompressed in chunks when it fits); pickled, oversized or
+    damaged members are refused."""
     try:
-        value = archive[key]
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise report.error("holds Python objects (a pickled array), which netbuild never "
-                               "loads; expected a numeric array", key) from None
-        raise report.error(f"is not a readable array ({exc}); expected a numeric array saved "
-                           "by numpy.savez", key) from None
+        return npz.read(file, archive.zip, npz.member(file, archive.zip, key))
+    except npz.MemberError as exc:
+        raise report.error(str(exc), key) from None
     except MemoryError:
         raise report.error("is larger than this machine's memory; expected an array that fits",
                            key) from None
     except Exception as exc:  # a damaged member fails anywhere in zipfile's or numpy's parsing
         raise report.error(f"cannot be read, the archive is damaged ({type(exc).__name__}: "
                            f"{exc}); expected a complete .npz archive", key) from None
-    if not isinstance(value, np.ndarray):  # a member that is not a .npy file comes back as bytes
-        raise report.error("is not a NumPy array (a raw file inside the archive); expected an array "
-                           "saved by numpy.savez", key)
-    return value
 
 
 def read_arrays(file: Path, wanted: list[str], report: _Reporter,
@@ -209,7 +203,7 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
             if missing and errors is None:
                 raise _joined(missing)
             (errors if errors is not None else []).extend(missing)
-            arrays = {k: _read_array(archive, k, report) for k in wanted if k in keys}
+            arrays = {k: _read_array(file, archive, k, report) for k in wanted if k in keys}
     except NetbuildError:
         raise
     except OSError as exc:
@@ -237,16 +231,36 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 
+#: Values a check looks at at a time (its temporaries are of this many elements).
+CHECK_CHUNK = 2**22
+
+
+def row_chunks(values: np.ndarray):
+    """``(first row, rows)`` of ``values`` (examples along the first axis), about
+    :data:`CHECK_CHUNK` values at a time: the scans of a memory-mapped array stay in bounded
+    memory."""
+    per_row = max(1, values.size // max(len(values), 1))
+    step = max(1, CHECK_CHUNK // per_row)
+    for start in range(0, len(values), step):
+        yield start, values[start:start + step]
+
+
 def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
-    """Refuse NaN and infinite values, naming the first example that holds one."""
+    """Refuse NaN and infinite values, naming the first example that holds one (in chunks)."""
     if values.dtype.kind != "f":
         return
-    bad = ~np.isfinite(values)
-    if bad.any():
-        n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    n_nan = n_inf = 0
+    first = None
+    for start, part in row_chunks(values):
+        bad = ~np.isfinite(part)
+        if bad.any():
+            n_nan += int(np.isnan(part).sum())
+            n_inf += int(np.isinf(part).sum())
+            first = start + _first_bad(bad) if first is None else first
+    if first is not None:
         kinds = " and ".join(f"{n} {name}" for n, name in ((n_nan, "NaN"), (n_inf, "infinite"))
                              if n) + (" values" if n_nan + n_inf > 1 else " value")
-        raise report.error(f"holds {kinds} (the first in example {_first_bad(bad)}); expected "
+        raise report.error(f"holds {kinds} (the first in example {first}); expected "
                            "finite numbers", key)
 
 

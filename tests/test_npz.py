@@ -1,0 +1,135 @@
+"""Reading .npz members in bounded memory (netbuild/npz.py): memory-mapped when stored,
+decompressed in chunks when compressed, refused from the header when a compressed member
+declares more than memory allows (a zip bomb), the same values as numpy's own reader."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from netbuild import npz
+
+ROWS = np.random.default_rng(0).normal(size=(300, 7)).astype(np.float32)
+
+
+def bomb(path, shape=(2**31, 64), dtype="<f4", data=64 << 20) -> None:
+    """A compressed member whose header declares ``shape`` (512 GiB of float32 by default) over
+    ``data`` bytes of zeros: 65 KB on disk."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False,
+                                                  "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            f.write(b"\0" * data)
+        with z.open("y.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_members_read_as_numpy_reads_them(save, tmp_path):
+    """C and Fortran order, big-endian, empty and 0-d members: the same arrays as np.load; a
+    stored member is memory-mapped."""
+    arrays = {"c": ROWS, "f": np.asfortranarray(ROWS), "big": ROWS.astype(">f8"),
+              "empty": np.zeros((0, 3), np.float32), "scalar": np.array(3.5), "ids": np.arange(9)}
+    save(tmp_path / "a.npz", **arrays)
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as archive:
+        for key, want in arrays.items():
+            m = npz.member(tmp_path / "a.npz", archive.zip, key)
+            got = npz.read(tmp_path / "a.npz", archive.zip, m)
+            assert (m.shape, m.dtype, m.compressed) == (want.shape, want.dtype, save is np.savez_compressed)
+            assert got.dtype == want.dtype and np.array_equal(got, want), key
+            if save is np.savez and want.size:
+                assert isinstance(got, np.memmap), key
+
+
+def test_a_compressed_member_declaring_more_than_memory_is_refused_from_its_header(tmp_path):
+    """512 GiB declared, 65 KB on disk: refused in well under a second, nothing decompressed."""
+    bomb(tmp_path / "bomb.npz")
+    with np.load(tmp_path / "bomb.npz", allow_pickle=False) as archive:
+        start = time.perf_counter()
+        m = npz.member(tmp_path / "bomb.npz", archive.zip, "x")
+        with pytest.raises(npz.MemberError, match=r"is stored compressed and declares shape "
+                                                  r"\(2147483648, 64\) of float32 \(512.0 GiB\), more "
+                                                  r"than the .* of memory netbuild may take"):
+            npz.read(tmp_path / "bomb.npz", archive.zip, m)
+        assert time.perf_counter() - start < 1.0
+
+
+#: `netbuild check` on a spec of the bomb, in a process of its own (a child forked from a large
+#: pytest worker counts the worker's pages until it execs): its exit code, peak memory, stderr.
+MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen([sys.executable, "-m", "netbuild", "check", sys.argv[1]],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+print(err, end="")
+"""
+
+
+def test_netbuild_check_refuses_a_zip_bomb_in_bounded_memory(tmp_path):
+    bomb(tmp_path / "bomb.npz")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\ndata: {train: bomb.npz}\nmodel:\n  input_shape: [64]\n  layers: "
+                    "[{type: dense, units: 2}]\ntrain: {loss: mse, optimizer: {type: sgd}}\n")
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(spec)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    code, peak = (int(v) for v in out[0].split())
+    lines = out[1:]
+    assert code == 1 and len(lines) == 1, out
+    assert "s.yaml:2:15: data.train: " in lines[0] and "bomb.npz: key 'x': is stored compressed" in lines[0]
+    assert peak < 400 * 2**20, peak  # the interpreter, numpy and pytensor take about 100 MiB
+
+
+def test_a_stream_shorter_than_its_header_is_damaged(tmp_path):
+    bomb(tmp_path / "short.npz", shape=(1000, 64), data=1000)
+    with np.load(tmp_path / "short.npz", allow_pickle=False) as archive:
+        m = npz.member(tmp_path / "short.npz", archive.zip, "x")
+        with pytest.raises(npz.MemberError, match=r"ends after 1000 bytes of the 250.0 KiB its "
+                                                  "header declares"):
+            npz.read(tmp_path / "short.npz", archive.zip, m)
+
+
+def test_a_stored_member_longer_than_the_archive_is_damaged(tmp_path):
+    np.savez(tmp_path / "a.npz", x=ROWS)
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    at = data.index(b"(300, 7)")
+    data[at:at + 8] = b"(900, 7)"
+    (tmp_path / "a.npz").write_bytes(bytes(data))
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as archive:
+        with pytest.raises(npz.MemberError, match=r"declares shape \(900, 7\) of float32 \(24.6 KiB\) "
+                                                  r"but the archive stores 8.2 KiB of it"):
+            npz.member(tmp_path / "a.npz", archive.zip, "x")
+
+
+def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tmp_path):
+    """digits-mlp on its data stored uncompressed (memory-mapped) and compressed: the same bits;
+    the loaded training inputs are a map of the file."""
+    from conftest import CONFIGS
+
+    import netbuild
+    from netbuild import data
+
+    with np.load(CONFIGS / "data" / "digits-train.npz") as d:
+        np.savez(tmp_path / "stored.npz", x=d["x"], y=d["y"])
+        np.savez_compressed(tmp_path / "packed.npz", x=d["x"], y=d["y"])
+    runs = {}
+    for name in ("stored", "packed"):
+        spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml", overrides=[
+            f"data.train={tmp_path / name}.npz", "train.epochs=2"])
+        if name == "stored":
+            from netbuild.network import Network
+
+            loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
+            assert isinstance(loaded.x, np.memmap)
+        runs[name] = netbuild.train(spec, tmp_path / name).model.network.param_values()
+    for key, value in runs["stored"].items():
+        assert np.array_equal(value, runs["packed"][key]), key
