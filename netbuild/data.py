@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from . import backend, losses, npz
-from .errors import DataError, Issue, Location, NetbuildError, SpecError, did_you_mean, printable
+from .errors import DataError, Issue, Location, NetbuildError, SpecError, did_you_mean, format_path, printable
 from .network import Network
 from .spec import Spec
 
@@ -384,23 +384,167 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
 
 
 def load(spec: Spec, role: str, network: Network, file: str | Path | None = None) -> Dataset:
-    """Load and check the ``role`` file (train, validation, test) of the spec, or ``file``: the
+    """Load and check the ``role`` data (train, validation, test) of the spec, or ``file``: the
     array of every input and every output, each against the network, all of the same length.
+    Several files (a list, a glob) are one data set, its rows in the order of the files
+    (:func:`data_files`): their headers are compared first (the same keys, dtypes and example
+    shapes as the first file's), then each file is checked as one file is.
 
     Raises :class:`SpecError` located at the spec line naming the file (or at the file itself
     when it was given on the command line), one issue per problem: every array present is
     checked, whatever is wrong with the others.
     """
-    target, report = _target(spec, role, file)
-    xs, ys = _checked(network, target, report, with_targets=True)
-    return Dataset(xs, ys, display_path(target))
+    if file is not None:
+        target = Path(file)
+        report = _Reporter(None, ("data",), display_path(target))
+        xs, ys = _checked(network, target, report, with_targets=True)
+        return Dataset(xs, ys, display_path(target))
+    shards = data_files(spec, role)
+    if len(shards) == 1:
+        target, report = shards[0]
+        xs, ys = _checked(network, target, report, with_targets=True)
+        return Dataset(xs, ys, display_path(target))
+    _same_headers(network, shards)
+    parts = [_checked(network, target, report, with_targets=True) for target, report in shards]
+    sources = f"{display_path(shards[0][0])} and {len(shards) - 1} more"
+    return Dataset([Rows([p[0][i] for p in parts]) for i in range(len(parts[0][0]))],
+                   [Rows([p[1][i] for p in parts]) for i in range(len(parts[0][1]))], sources)
+
+
+def data_files(spec: Spec, role: str) -> list[tuple[Path, _Reporter]]:
+    """The files of ``data.<role>`` and the reporter of each: one file, a glob (its files sorted
+    by name) or a list of files and globs, in that order. A glob that matches no file, or a
+    file named twice, is a located error."""
+    import glob
+
+    value = spec.data["data"][role]
+    entries = [(value, ("data", role))] if isinstance(value, str) else \
+        [(v, ("data", role, i)) for i, v in enumerate(value)]
+    out, seen, issues = [], {}, []
+    for entry, path in entries:
+        where = spec.locate(path)
+        if any(c in entry for c in "*?["):
+            pattern = str(Path(entry).expanduser() if Path(entry).expanduser().is_absolute()
+                          else spec.base_dir / Path(entry).expanduser())
+            matched = sorted(glob.glob(pattern))
+            if not matched:
+                issues.append(Issue(where, path, f"{entry}: no file matches this pattern; expected "
+                                                 "at least one .npz file"))
+            files = [real_path(m) for m in matched]
+        else:
+            files = [resolve_path(spec, entry)]
+        for target in files:
+            if target in seen:
+                issues.append(Issue(where, path, f"{display_path(target)}: is already "
+                                                 f"{format_path(seen[target])}'s; expected each "
+                                                 "file once"))
+                continue
+            seen[target] = path
+            out.append((target, _Reporter(where, path, display_path(target))))
+    if issues:
+        raise SpecError(issues)
+    return out
+
+
+def _same_headers(network: Network, shards: list[tuple[Path, _Reporter]]) -> None:
+    """The files of one data set hold the same keys, each with the dtype and example shape of
+    the first file's: read from their headers alone (:mod:`netbuild.npz`), no data."""
+    keys = list(dict.fromkeys([i.key for i in network.signature.inputs] +
+                              [o.key for o in network.signature.outputs]))
+    first: dict | None = None
+    errors: list[NetbuildError] = []
+    for target, report in shards:
+        try:
+            heads = _headers(target, keys, report)
+        except NetbuildError as exc:
+            errors.append(exc)
+            continue
+        if first is None:
+            first, first_file = heads, display_path(target)
+            continue
+        for key in keys:
+            (dtype, shape), (want_dtype, want_shape) = heads[key], first[key]
+            if dtype != want_dtype or shape != want_shape:
+                got = f"{dtype} examples of shape {shape}"
+                errors.append(report.error(f"holds {got}; expected {want_dtype} examples of shape "
+                                           f"{want_shape}, as in {first_file}, the data set's first "
+                                           "file", key))
+    if errors:
+        raise _joined(errors)
+
+
+def _headers(target: Path, keys: list[str], report: _Reporter) -> dict[str, tuple]:
+    """``{key: (dtype, example shape)}`` of a file's members, from their headers."""
+    problem = not_a_regular_file(target) or not_npz(target)
+    if problem:
+        raise report.error(problem)
+    try:
+        with np.load(target, allow_pickle=False) as archive:
+            present = list(archive.files)
+            missing = [k for k in keys if k not in present]
+            if missing:
+                raise _joined([report.error(f"no array '{k}' in the file; its keys are: "
+                                            f"{_listed(present)}{_closest(k, present)}")
+                               for k in missing])
+            out = {}
+            for key in keys:
+                m = npz.member(target, archive.zip, key)
+                out[key] = (m.dtype, m.shape[1:])
+            return out
+    except npz.MemberError as exc:
+        raise report.error(str(exc)) from None
+    except NetbuildError:
+        raise
+    except Exception as exc:
+        raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
+                           f"with the keys {', '.join(repr(k) for k in keys)}") from None
+
+
+class Rows:
+    """The rows of several arrays (the files of one data set) as one array along the first axis,
+    without copying them: indexing with integers, index arrays or slices gathers the rows asked
+    for from each part (memory-mapped parts read only those)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index)
+        if index.ndim == 0:
+            part = int(np.searchsorted(self.starts, index, side="right")) - 1
+            return self.parts[part][int(index) - self.starts[part]]
+        index = np.where(index < 0, index + len(self), index)
+        which = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        for part in np.unique(which):
+            rows = which == part
+            out[rows] = self.parts[part][index[rows] - self.starts[part]]
+        return out
 
 
 def load_inputs(file: str | Path, spec: Spec, network: Network) -> list[np.ndarray]:
     """Only the inputs of ``file`` (for ``predict``), each checked against its input, all of
     the same length."""
-    target, report = _target(spec, "", file)
-    return _checked(network, target, report, with_targets=False)[0]
+    target = Path(file)
+    return _checked(network, target, _Reporter(None, ("data",), display_path(target)),
+                    with_targets=False)[0]
 
 
 def _checked(network: Network, target: Path, report: _Reporter,
@@ -428,16 +572,6 @@ def _checked(network: Network, target: Path, report: _Reporter,
     if errors:
         raise _joined(errors)
     return xs, ys
-
-
-def _target(spec: Spec, role: str, file: str | Path | None) -> tuple[Path, _Reporter]:
-    """The file of ``role`` (or ``file``) and the reporter of its errors."""
-    if file is None:
-        path = ("data", role)
-        target = resolve_path(spec, spec.data["data"][role])
-        return target, _Reporter(spec.locate(path), path, display_path(target))
-    target = Path(file)
-    return target, _Reporter(None, ("data",), display_path(target))
 
 
 def _each(errors: list, checks: list) -> list:

@@ -215,10 +215,10 @@ class Model:
                                     "input and one output each)")
             order_in = [inputs.index(n) for n in mine_in]
             order_out = [theirs_out.index(n) for n in mine_out]
-        xs = [data_mod.prepare_x(dataset.xs[k], self.network, report, None, name)
+        xs = [data_mod.prepare_x(np.asarray(dataset.xs[k]), self.network, report, None, name)
               for k, name in zip(order_in, mine_in)]
         named = [dataclasses.replace(heads[k], name=name) for k, name in zip(order_out, mine_out)]
-        ys = [data_mod.prepare_y(dataset.ys[k], len(xs[0]),
+        ys = [data_mod.prepare_y(np.asarray(dataset.ys[k]), len(xs[0]),
                                  self.network.nodes[self.network.outputs[h.name]].output_shape,
                                  losses.name_of(h.loss), report, None)
               for k, h in zip(order_out, named)]

@@ -94,11 +94,17 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 def resolved_spec_data(spec: Spec) -> dict:
     """The spec's data with every data path made absolute, so the run can be used from anywhere."""
     data = json.loads(json.dumps(spec.data))
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else real_path(spec.base_dir / path))
+
     for role in ("train", "validation", "test"):
         value = data.get("data", {}).get(role)
-        if value:
-            path = Path(value).expanduser()
-            data["data"][role] = str(path if path.is_absolute() else real_path(spec.base_dir / path))
+        if isinstance(value, list):  # files and globs (a glob's folders resolve; its pattern stays)
+            data["data"][role] = [absolute(v) for v in value]
+        elif value:
+            data["data"][role] = absolute(value)
     return data
 
 

@@ -41,18 +41,25 @@ SLOW = ["--set", "train.batch_size=4", "--set", "train.optimizer.type=sgd",
         "--set", "train.optimizer.learning_rate=0.01", "--set", "train.optimizer.momentum=0.9"]
 
 
-@pytest.mark.parametrize("config", [MLP, CONFIGS / "digits-multi.yaml"], ids=["mlp", "two-outputs"])
+@pytest.mark.parametrize("config", [MLP, CONFIGS / "digits-multi.yaml", "shards"],
+                         ids=["mlp", "two-outputs", "shards"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(config, tmp_path, run_cli):
     # Epochs of digits-mlp in batches of 4 take a fraction of a second: enough of them that the
     # kill lands well before the end, whatever the machine's speed. digits-multi: two inputs,
-    # two outputs and their losses.
+    # two outputs and their losses; shards: digits-mlp on its training rows in three files.
     epochs = "12"
+    extra = list(SLOW)
+    if config == "shards":
+        from test_shards import shards
+
+        config = MLP
+        extra += ["--set", "data.train=[" + ", ".join(shards(tmp_path / "shards")) + "]"]
     reference = tmp_path / "reference"
-    result = run_cli("train", config, "--run-dir", reference, "--epochs", epochs, "--quiet", *SLOW)
+    result = run_cli("train", config, "--run-dir", reference, "--epochs", epochs, "--quiet", *extra)
     assert result.exit_code == 0, result.stderr
 
     killed = tmp_path / "killed"
-    proc = netbuild("train", config, "--run-dir", killed, "--epochs", epochs, "--quiet", *SLOW)
+    proc = netbuild("train", config, "--run-dir", killed, "--epochs", epochs, "--quiet", *extra)
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -1,0 +1,85 @@
+"""Data sets in several files (a list or a glob): one data set in the files' order, the same
+training to the bit as one file of the same rows, headers compared before anything is read,
+every mistake one located line naming the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import CONFIGS
+
+import netbuild
+
+MLP = CONFIGS / "digits-mlp.yaml"
+TRAIN = CONFIGS / "data" / "digits-train.npz"
+
+
+def shards(folder, cuts=(500, 1100), save=np.savez, **changes) -> list[str]:
+    """digits-train's rows in files cut at ``cuts``, named so that sorting keeps their order;
+    ``changes`` maps a shard's number to a function of its arrays."""
+    folder.mkdir(exist_ok=True)
+    with np.load(TRAIN) as d:
+        x, y = d["x"], d["y"]
+    bounds = [0, *cuts, len(x)]
+    names = []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        arrays = {"x": x[a:b], "y": y[a:b]}
+        arrays = changes.get(f"s{k}", lambda v: v)(arrays)
+        name = folder / f"train-{k:02d}.npz"
+        save(name, **arrays)
+        names.append(str(name))
+    return names
+
+
+def train(tmp_path, name, data, *extra):
+    spec = netbuild.load_spec(MLP, overrides=[f"data.train={data}", "train.epochs=3", *extra])
+    return netbuild.train(spec, tmp_path / name)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_shards_train_to_the_bits_of_one_file(tmp_path, save):
+    """One file, the same rows in three files (a list), and a glob of them: the same parameters
+    and records (the epoch order is one permutation of all the rows, as for one file)."""
+    names = shards(tmp_path / "shards", save=save)
+    one = train(tmp_path, "one", TRAIN)
+    listed = train(tmp_path, "listed", "[" + ", ".join(names) + "]")
+    globbed = train(tmp_path, "globbed", str(tmp_path / "shards" / "train-*.npz"))
+    for run in (listed, globbed):
+        a, b = one.model.network.param_values(), run.model.network.param_values()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        for r, s in zip(one.history, run.history):
+            assert {k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} == \
+                {k: v for k, v in s.items() if k not in ("seconds", "samples_per_second")}
+
+
+def check(run_cli, tmp_path, data: str) -> list[str]:
+    text = MLP.read_text().replace("train: data/digits-train.npz", f"train: {data}")
+    text = text.replace("data/digits-test.npz", str(CONFIGS / "data" / "digits-test.npz"))
+    (tmp_path / "s.yaml").write_text(text)
+    result = run_cli("check", tmp_path / "s.yaml")
+    assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
+    return result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "x": a["x"].astype(np.float64)},
+     "key 'x': holds float64 examples of shape (64,); expected float32 examples of shape (64,), as in"),
+    (lambda a: {**a, "x": a["x"][:, :63]},
+     "key 'x': holds float32 examples of shape (63,); expected float32 examples of shape (64,)"),
+    (lambda a: {"x": a["x"]}, "no array 'y' in the file; its keys are: x"),
+    (lambda a: {**a, "y": a["y"] + 10}, "key 'y': holds class id 19, outside the output's range"),
+])
+def test_a_shard_unlike_the_first_is_one_located_line_naming_it(run_cli, tmp_path, change, message):
+    names = shards(tmp_path / "shards", s1=change)
+    lines = check(run_cli, tmp_path, "[" + ", ".join(names) + "]")
+    assert len(lines) == 1, lines
+    assert "s.yaml:6:" in lines[0] and ": data.train[1]: " in lines[0], lines
+    assert "train-01.npz: " in lines[0] and message in lines[0], lines
+
+
+def test_a_glob_of_no_file_and_a_file_named_twice_are_located(run_cli, tmp_path):
+    lines = check(run_cli, tmp_path, str(tmp_path / "none-*.npz"))
+    assert len(lines) == 1 and "data.train: " in lines[0] and "no file matches this pattern" in lines[0]
+    names = shards(tmp_path / "shards")
+    lines = check(run_cli, tmp_path, "[" + ", ".join([names[0], names[1], names[0]]) + "]")
+    assert len(lines) == 1 and "data.train[2]: " in lines[0] and "is already data.train[0]'s" in lines[0]
