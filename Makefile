@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench-threads: $(STAMP)
 # 256, each at its default threads and on one (bench/RESULTS-onnx.md, about a minute).
 bench-onnx: $(STAMP)
 	$(BIN)/python bench/export.py
+
+# Training on 8 GiB of memory-mapped shards against the in-memory path on 1 GiB of the same rows:
+# samples/s and peak resident memory (bench/RESULTS-data.md; needs 10 GiB of free disk, a few
+# minutes).
+bench-data: $(STAMP)
+	$(BIN)/python bench/data.py
 
 # Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
 bench-sweep: $(STAMP)

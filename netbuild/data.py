@@ -59,6 +59,11 @@ class Dataset:
         arguments."""
         return [x[index] for x in self.xs] + [y[index] for y in self.ys]
 
+    @property
+    def mapped(self) -> bool:
+        """Whether some of its arrays are read from files (memory-mapped, or several files)."""
+        return any(isinstance(a, Rows) or _mappings(a) for a in self.xs + self.ys)
+
 
 def real_path(path: str | os.PathLike) -> Path:
     """``path`` absolute, with ``..`` and symbolic links resolved as the file system does; never
@@ -238,11 +243,18 @@ CHECK_CHUNK = 2**22
 def row_chunks(values: np.ndarray):
     """``(first row, rows)`` of ``values`` (examples along the first axis), about
     :data:`CHECK_CHUNK` values at a time: the scans of a memory-mapped array stay in bounded
-    memory."""
+    memory (its pages are released as the scan goes)."""
     per_row = max(1, values.size // max(len(values), 1))
     step = max(1, CHECK_CHUNK // per_row)
+    scanned = 0
     for start in range(0, len(values), step):
-        yield start, values[start:start + step]
+        part = values[start:start + step]
+        yield start, part
+        scanned += part.nbytes
+        if scanned >= RELEASE_EVERY:
+            _release(_mappings(values))
+            scanned = 0
+    _release(_mappings(values))
 
 
 def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
@@ -621,6 +633,90 @@ def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset |
             data.take(np.sort(order[:n_val]), f"{data.source} (validation split)"))
 
 
+def _mappings(array) -> list:
+    """The memory maps (``mmap.mmap``) an array's values lie in: its own, its parts' (Rows)."""
+    if isinstance(array, Rows):
+        return [m for part in array.parts for m in _mappings(part)]
+    while array is not None and not isinstance(array, np.memmap):
+        array = getattr(array, "base", None)
+    found = getattr(array, "_mmap", None)
+    return [found] if found is not None else []
+
+
+def release(dataset: "Dataset") -> None:
+    """Drop the pages of the dataset's memory-mapped files from this process (the kernel keeps
+    them cached): a pass over a file larger than memory stays in bounded resident memory."""
+    _release([m for a in dataset.xs + dataset.ys for m in _mappings(a)])
+
+
+def _release(maps: list) -> None:
+    import mmap
+
+    for m in {id(m): m for m in maps}.values():
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
+            pass
+
+
+#: Bytes of batches gathered between two :func:`release` calls.
+RELEASE_EVERY = 256 * 2**20
+
+
+def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np.ndarray, list]]:
+    """``(index, batch arrays)`` for each index array of ``indices``, in order: gathered on a
+    thread of its own, up to ``ahead`` batches before they are asked for, so that reading (a
+    memory-mapped file's pages, the rows of several files) overlaps the training step. The
+    batches are the same arrays as ``dataset.batch(index)``; memory-mapped pages are released
+    every :data:`RELEASE_EVERY` bytes."""
+    import queue
+    import threading
+
+    if not dataset.mapped:
+        for idx in indices:  # arrays in memory: a gather is a copy, no reading to overlap
+            yield idx, dataset.batch(idx)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    END = object()
+
+    def produce():
+        gathered = 0
+        try:
+            for idx in indices:
+                if stop.is_set():
+                    return
+                arrays = dataset.batch(idx)
+                gathered += sum(a.nbytes for a in arrays)
+                if gathered >= RELEASE_EVERY:
+                    release(dataset)
+                    gathered = 0
+                while not stop.is_set():
+                    try:
+                        ready.put((idx, arrays), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            ready.put(END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    worker = threading.Thread(target=produce, name="netbuild-batches", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+        release(dataset)
+
+
 def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Index arrays of at most ``batch_size``, in ``order`` (default: as stored)."""
     idx = np.arange(n) if order is None else order
@@ -631,7 +727,7 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
 def run_batches(fn, dataset: Dataset, batch_size: int) -> "Results":
     """The mean losses, all outputs and masks of ``fn`` (a :class:`netbuild.compile.Compiled`)
     over a dataset."""
-    parts = [fn(*dataset.batch(idx)) for idx in batches(len(dataset), batch_size)]
+    parts = [fn(*arrays) for _, arrays in prefetched(dataset, batches(len(dataset), batch_size))]
     return Results.join(parts, len(dataset))
 
 
@@ -657,6 +753,13 @@ class Results:
                     for k in first.masks})
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of epoch ``epoch``: a function of the seed and epoch alone."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_order(n: int, seed: int, epoch: int, block: int = 1) -> np.ndarray:
+    """The shuffled order of epoch ``epoch``: a function of the seed, the epoch and ``block``
+    alone, whatever files the rows are in. With ``block`` > 1, the blocks of ``block``
+    consecutive rows (the last one shorter) are permuted and each keeps its rows in order."""
+    rng = np.random.default_rng([seed, epoch])
+    if block <= 1:
+        return rng.permutation(n)
+    starts = rng.permutation(-(-n // block)) * block
+    order = (starts[:, None] + np.arange(block)).ravel()
+    return order[order < n]  # the last block's rows beyond the end

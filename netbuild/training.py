@@ -213,12 +213,14 @@ class Trainer:
         train = self.sets.train
         n = len(train)
         batch_size = int(self.cfg["batch_size"])
-        order = data_mod.epoch_order(n, self.seed, epoch) if self.cfg.get("shuffle", True) else None
+        order = data_mod.epoch_order(n, self.seed, epoch, int(self.cfg.get("shuffle_block", 1))) \
+            if self.cfg.get("shuffle", True) else None
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
         total, parts = 0.0, []
-        for b, idx in enumerate(data_mod.batches(n, batch_size, order), start=1):
-            part = self.fns.step(*train.batch(idx))
+        for b, (idx, arrays) in enumerate(data_mod.prefetched(train, data_mod.batches(n, batch_size, order)),
+                                          start=1):
+            part = self.fns.step(*arrays)
             loss = part.loss / len(idx)
             if not math.isfinite(loss):
                 kept = f"; the last good epoch ({epoch - 1}) is kept in {self.run_dir.path}" if epoch > 1 else ""

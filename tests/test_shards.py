@@ -83,3 +83,57 @@ def test_a_glob_of_no_file_and_a_file_named_twice_are_located(run_cli, tmp_path)
     names = shards(tmp_path / "shards")
     lines = check(run_cli, tmp_path, "[" + ", ".join([names[0], names[1], names[0]]) + "]")
     assert len(lines) == 1 and "data.train[2]: " in lines[0] and "is already data.train[0]'s" in lines[0]
+
+
+def test_block_shuffling_permutes_blocks_of_consecutive_rows(tmp_path):
+    """train.shuffle_block: a permutation of all rows made of blocks in order, a function of the
+    seed and epoch; on shards it trains to the bits of one file, as single rows do."""
+    from netbuild.data import epoch_order
+
+    for n, block in [(10, 4), (12, 4), (1437, 64), (5, 8)]:
+        order = epoch_order(n, 3, 2, block)
+        assert sorted(order) == list(range(n))
+        # within a block each row follows the one before; a new block begins at a multiple
+        assert all(b == a + 1 or b % block == 0 for a, b in zip(order, order[1:])), order
+        assert np.array_equal(order, epoch_order(n, 3, 2, block))
+    assert not np.array_equal(epoch_order(1437, 3, 2, 64), epoch_order(1437, 3, 3, 64))
+    assert np.array_equal(epoch_order(50, 1, 1), epoch_order(50, 1, 1, 1))  # the default
+    names = shards(tmp_path / "shards")
+    one = train(tmp_path, "one", TRAIN, "train.shuffle_block=64")
+    listed = train(tmp_path, "listed", "[" + ", ".join(names) + "]", "train.shuffle_block=64")
+    rows = train(tmp_path, "rows", TRAIN)
+    a, b, c = (r.model.network.param_values() for r in (one, listed, rows))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)  # another order, other bits
+
+
+def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_path):
+    """The background reader gives dataset.batch(idx) for each index array, in order; an error
+    while reading is raised in the caller; a caller that stops early stops the reader."""
+    from netbuild import data
+    from netbuild.network import Network
+
+    names = shards(tmp_path / "shards")
+    spec = netbuild.load_spec(MLP, overrides=["data.train=[" + ", ".join(names) + "]"])
+    dataset = data.load(spec, "train", Network.from_spec(spec, init=False))
+    assert dataset.mapped
+    order = data.epoch_order(len(dataset), 0, 1)
+    got = list(data.prefetched(dataset, data.batches(len(dataset), 100, order)))
+    want = list(data.batches(len(dataset), 100, order))
+    assert len(got) == len(want)
+    for (idx, arrays), expected in zip(got, want):
+        assert np.array_equal(idx, expected)
+        for a, b in zip(arrays, dataset.batch(expected)):
+            assert np.array_equal(a, b)
+
+    def broken():
+        yield np.arange(3)
+        raise OSError("the disk went away")
+
+    reader = data.prefetched(dataset, broken())
+    next(reader)
+    with pytest.raises(OSError, match="the disk went away"):
+        next(reader)
+    early = data.prefetched(dataset, data.batches(len(dataset), 10))
+    next(early)
+    early.close()  # joins the reader thread
