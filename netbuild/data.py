@@ -680,6 +680,15 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
     stop = threading.Event()
     END = object()
 
+    def offer(item) -> None:
+        """Hand ``item`` over, unless the consumer has stopped (then nobody takes it)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def produce():
         gathered = 0
         try:
@@ -691,15 +700,10 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
                 if gathered >= RELEASE_EVERY:
                     release(dataset)
                     gathered = 0
-                while not stop.is_set():
-                    try:
-                        ready.put((idx, arrays), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-            ready.put(END)
+                offer((idx, arrays))
+            offer(END)
         except BaseException as exc:  # handed to the consumer, raised there
-            ready.put(exc)
+            offer(exc)
 
     worker = threading.Thread(target=produce, name="netbuild-batches", daemon=True)
     worker.start()

@@ -137,3 +137,10 @@ def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_pat
     early = data.prefetched(dataset, data.batches(len(dataset), 10))
     next(early)
     early.close()  # joins the reader thread
+    # the reader done and its queue full when the caller stops: it still ends
+    full = data.prefetched(dataset, data.batches(30, 10), ahead=1)
+    next(full)
+    import time
+
+    time.sleep(0.3)  # the reader has put the next batch and waits to put the end
+    full.close()
