@@ -276,6 +276,21 @@ def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
                            "finite numbers", key)
 
 
+def _fits_converted(values: np.ndarray, dtype, report: _Reporter, key: str | None) -> None:
+    """Converting ``values`` to ``dtype`` makes a copy in memory (memory-mapped data included):
+    refused, before it is made, when it would take more than :func:`netbuild.npz.budget`."""
+    dtype = np.dtype(dtype)
+    if values.dtype == dtype:
+        return
+    need, limit = values.size * dtype.itemsize, npz.budget()
+    if limit is not None and need > limit:
+        raise report.error(f"is stored as {values.dtype} (shape {tuple(values.shape)}); the network "
+                           f"reads {dtype}, and converting it takes {npz.size_text(need)} of memory, "
+                           f"more than the {npz.size_text(limit)} netbuild may take (half of what is "
+                           f"available); expected it stored as {dtype} (then memory-mapped as it is)",
+                           key)
+
+
 def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | None,
               name: str | None = None) -> np.ndarray:
     """Check and cast the inputs of the model input ``name`` (default: the only one): numeric,
@@ -312,6 +327,7 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | Non
         if lo < 0 or hi >= ids:
             raise report.error(f"holds id {lo if lo < 0 else hi}; expected ids 0..{ids - 1} "
                                f"(the embedding's input_dim is {ids})", key)
+        _fits_converted(x, np.int64, report, key)
         return x.astype(np.int64, copy=False)
     if x.dtype.kind in "iu":
         lo, hi = int(x.min()), int(x.max())
@@ -321,6 +337,7 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | Non
             raise report.error(f"is {x.dtype} with values {lo}..{hi}; netbuild does not convert or "
                                f"rescale integer inputs; expected floats (e.g. {scale})", key)
     _check_finite(x, report, key)
+    _fits_converted(x, np.dtype(network.input_dtype(name)), report, key)
     with np.errstate(over="ignore"):
         cast = x.astype(network.input_dtype(name), copy=False)
     if cast.dtype.kind == "f" and x.dtype.kind == "f" and cast.dtype.itemsize < x.dtype.itemsize:
@@ -531,6 +548,10 @@ class Rows:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
     def __array__(self, dtype=None, copy=None):
         whole = np.concatenate(self.parts)
         return whole if dtype is None else whole.astype(dtype)
@@ -628,6 +649,12 @@ def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset |
     n_val = max(1, int(round(n * fraction)))
     if n_val >= n:
         raise ValueError(f"validation_split {fraction} leaves no training data from {n} examples")
+    need, limit = sum(a.nbytes for a in data.xs + data.ys), npz.budget()
+    if data.mapped and limit is not None and need > limit:
+        raise ValueError(f"holding out a validation split copies the data set into memory "
+                         f"({npz.size_text(need)}), more than the {npz.size_text(limit)} netbuild "
+                         "may take (half of what is available); expected data.validation files "
+                         "instead")
     order = np.random.default_rng(seed).permutation(n)
     return (data.take(np.sort(order[n_val:])),
             data.take(np.sort(order[:n_val]), f"{data.source} (validation split)"))

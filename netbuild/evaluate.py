@@ -11,7 +11,7 @@ from . import losses
 from . import metrics as metrics_mod
 from .errors import NetbuildError, RunError
 from .model import Exported, Model, writable
-from .runs import atomic_write, npz_bytes
+
 
 
 def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = None,
@@ -96,16 +96,12 @@ def predict(model: str | os.PathLike, data_file: str | os.PathLike, out_file: st
     writable(out_file, overwrite)
     loaded = Model.load(model)
     xs = data_mod.load_inputs(data_file, loaded.spec, loaded.network)
-    outputs = loaded.predict_checked(xs)  # load_inputs checked the inputs already
-    heads = loaded.network.signature.outputs
-    arrays = {"y": outputs} if not isinstance(outputs, dict) else \
-        {h.key: outputs[h.name] for h in heads}
-    try:
-        atomic_write(out_file, npz_bytes(arrays))
+    try:  # load_inputs checked the inputs already
+        shapes = loaded.write_predictions(xs, out_file)
     except OSError as exc:
         raise RunError(f"{out_file}: cannot write: {exc.strerror or exc}") from None
     return {"model": str(model), "data": str(data_file), "out": str(out_file),
-            "examples": len(xs[0]), "outputs": {k: list(v.shape) for k, v in arrays.items()}}
+            "examples": len(xs[0]), "outputs": {k: list(v) for k, v in shapes.items()}}
 
 
 def export(model: str | os.PathLike, out_file: str | os.PathLike, opset: int | None = None,

@@ -166,6 +166,48 @@ class Model:
             return np.concatenate([p[0] for p in parts])
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
+    def write_predictions(self, xs: list[np.ndarray], path: Path,
+                          batch_size: int = BATCH_SIZE) -> dict[str, tuple]:
+        """Write the outputs for checked inputs ``xs`` to ``path`` (an uncompressed .npz, each
+        output under its key; the shorthand's under ``y``) as they are computed: each batch's
+        outputs go to a memory-mapped .npy file beside ``path``, streamed into the archive at the
+        end, so the outputs are never all in memory. The write is atomic. Returns each key's
+        shape."""
+        import tempfile
+        import zipfile
+
+        from .runs import atomic_write_with
+
+        sig = self.network.signature
+        keys = ["y"] if sig.shorthand_outputs else [h.key for h in sig.outputs]
+        fn = self.predict_function()
+        n = len(xs[0])
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp, \
+                _ids_in_range(self.network):
+            parts = [Path(tmp) / f"{i}.npy" for i in range(len(keys))]
+            maps = None
+            for idx in data_mod.batches(n, _batch(batch_size)):
+                outs = fn(*[x[idx] for x in xs])
+                outs = outs if isinstance(outs, list) else [outs]
+                if maps is None:
+                    maps = [np.lib.format.open_memmap(p, mode="w+", dtype=o.dtype,
+                                                      shape=(n, *o.shape[1:]))
+                            for p, o in zip(parts, outs)]
+                for m, o in zip(maps, outs):
+                    m[idx[0]:idx[0] + len(idx)] = o
+            shapes = {k: tuple(m.shape) for k, m in zip(keys, maps)}
+            for m in maps:
+                m.flush()
+            del maps
+
+            def write(f):
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                    for key, part in zip(keys, parts):
+                        archive.write(part, arcname=f"{key}.npy")  # copied in chunks
+
+            atomic_write_with(path, write)
+        return shapes
+
     def predict_function(self) -> Callable:
         """The compiled ``f(*batches) -> outputs`` that :meth:`predict` calls per batch
         (compiled once; see :func:`netbuild.compile.compile_predict`); it does not check its

@@ -133,3 +133,56 @@ def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tm
         runs[name] = netbuild.train(spec, tmp_path / name).model.network.param_values()
     for key, value in runs["stored"].items():
         assert np.array_equal(value, runs["packed"][key]), key
+
+
+def test_copies_into_memory_are_budgeted_before_they_are_made(tmp_path, monkeypatch):
+    """With a budget of 100 KB: a memory-mapped float64 input (converted to float32 in memory)
+    and a validation split of memory-mapped data (copied) are each one located line; float32
+    data without a split loads, memory-mapped."""
+    from conftest import CONFIGS
+
+    import netbuild
+    from netbuild import data
+    from netbuild.errors import SpecError
+    from netbuild.network import Network
+
+    monkeypatch.setattr(npz, "budget", lambda: 100_000)
+    with np.load(CONFIGS / "data" / "digits-train.npz") as d:
+        np.savez(tmp_path / "f64.npz", x=d["x"].astype(np.float64), y=d["y"])
+        np.savez(tmp_path / "f32.npz", x=d["x"], y=d["y"])
+
+    def load(name, *overrides):
+        spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml",
+                                  overrides=[f"data.train={tmp_path / name}", *overrides])
+        return data.load_datasets(spec, Network.from_spec(spec, init=False))
+
+    with pytest.raises(SpecError, match=r"f64.npz: key 'x': is stored as float64 \(shape \(1437, 64\)\); "
+                                        r"the network reads float32, and converting it takes 359.2 KiB "
+                                        r"of memory, more than the 97.7 KiB netbuild may take"):
+        load("f64.npz", "data.validation_split=0")
+    with pytest.raises(SpecError, match=r"data.validation_split: holding out a validation split copies "
+                                        r"the data set into memory \(370.5 KiB\)"):
+        load("f32.npz")
+    sets = load("f32.npz", "data.validation_split=0")
+    assert isinstance(sets.train.x, np.memmap) and sets.validation is None
+
+
+def test_predict_writes_its_outputs_batch_by_batch(tmp_path, run_cli):
+    """netbuild predict on memory-mapped inputs: the outputs of Model.predict, in an archive
+    numpy reads, nothing left beside it; the two-output model writes both keys."""
+    from conftest import CONFIGS
+
+    import netbuild
+
+    run = tmp_path / "run"
+    assert run_cli("train", CONFIGS / "digits-mlp.yaml", "--run-dir", run, "--epochs", "1", "-q").exit_code == 0
+    with np.load(CONFIGS / "data" / "digits-test.npz") as d:
+        np.savez(tmp_path / "in.npz", x=np.concatenate([d["x"]] * 3))  # 1,080 rows, 5 batches
+    out = tmp_path / "out" / "p.npz"
+    out.parent.mkdir()
+    result = run_cli("predict", run, "--data", tmp_path / "in.npz", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.npz"]
+    with np.load(out) as p, np.load(tmp_path / "in.npz") as d:
+        assert p.files == ["y"]
+        np.testing.assert_array_equal(p["y"], netbuild.load_model(run).predict(d["x"]))
