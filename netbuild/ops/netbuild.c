@@ -31,6 +31,19 @@ static inline float netbuild_exp(float x) {
 }
 static inline double netbuild_exp(double x) { return exp(x); }
 
+/* sum of term(j) for j < n, in double over 8 lanes (j % 8) folded in a fixed order, then the
+   tail: vectorized, and the same bits wherever a row lies and whichever thread sums it (the row
+   sums of softmax and layer_norm). */
+template <typename F> static inline double netbuild_lane_sum(npy_intp n, F term) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    npy_intp j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += term(j + l);
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < n; ++j) s += term(j);
+    return s;
+}
+
 /* Threads (OpenMP). netbuild_threads(): how many a parallel loop may use (netbuild's thread count,
    netbuild/threads.py); netbuild_thread(): the caller's index among them. */
 #ifdef _OPENMP

@@ -5,40 +5,6 @@
 
 namespace nbnorm {
 
-/* Sums in double over 8 lanes (k % 8 == j % 8), added in a fixed order: vectorized, and the same
-   bits wherever the row lies and whichever thread sums it. */
-static const int LANES = 8;
-template <typename T>
-static inline double fold(const double* acc, const T* tail, npy_intp n) {
-    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (npy_intp j = 0; j < n; ++j) s += (double)tail[j];
-    return s;
-}
-
-/* sum(x) and sum((x - m)^2) of a row of k */
-template <typename T>
-static inline double row_sum(const T* __restrict__ x, npy_intp k) {
-    double acc[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-    npy_intp j = 0;
-    for (; j + LANES <= k; j += LANES)
-        for (int l = 0; l < LANES; ++l) acc[l] += (double)x[j + l];
-    return fold(acc, x + j, k - j);
-}
-
-template <typename T>
-static inline double row_sq_dev(const T* __restrict__ x, npy_intp k, double m) {
-    double acc[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-    npy_intp j = 0;
-    for (; j + LANES <= k; j += LANES)
-        for (int l = 0; l < LANES; ++l) {
-            const double d = (double)x[j + l] - m;
-            acc[l] += d * d;
-        }
-    double s = fold(acc, x, 0);
-    for (; j < k; ++j) s += ((double)x[j] - m) * ((double)x[j] - m);
-    return s;
-}
-
 /* Rows per thread at least: waking a thread costs more than a few thousand values. */
 static const npy_intp VALUES_PER_PART = 16384;
 
@@ -54,8 +20,11 @@ __attribute__((noinline)) static void forward_rows(const T* __restrict__ X,
     for (npy_intp r = lo; r < hi; ++r) {
         const T* x = X + r * k;
         T* y = Y + r * k;
-        const double mean = row_sum(x, k) / (double)k;
-        const double var = row_sq_dev(x, k, mean) / (double)k;
+        const double mean = netbuild_lane_sum(k, [&](npy_intp j) { return (double)x[j]; }) / (double)k;
+        const double var = netbuild_lane_sum(k, [&](npy_intp j) {
+            const double d = (double)x[j] - mean;
+            return d * d;
+        }) / (double)k;
         const T m = (T)mean, rs = (T)(1.0 / std::sqrt(var + eps));
         M[r] = m;
         R[r] = rs;
@@ -94,15 +63,8 @@ __attribute__((noinline)) static void grad_rows(const T* __restrict__ X, const T
             dg[j] += (double)dy[j] * (double)xh[j];
             db[j] += (double)dy[j];
         }
-        double acc_g[LANES] = {0, 0, 0, 0, 0, 0, 0, 0}, acc_gx[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-        npy_intp j = 0;
-        for (; j + LANES <= k; j += LANES)
-            for (int l = 0; l < LANES; ++l) {
-                acc_g[l] += (double)gg[j + l];
-                acc_gx[l] += (double)gg[j + l] * (double)xh[j + l];
-            }
-        double sg = fold(acc_g, gg + j, k - j), sgx = fold(acc_gx, gg, 0);
-        for (npy_intp t = j; t < k; ++t) sgx += (double)gg[t] * (double)xh[t];
+        const double sg = netbuild_lane_sum(k, [&](npy_intp j) { return (double)gg[j]; });
+        const double sgx = netbuild_lane_sum(k, [&](npy_intp j) { return (double)gg[j] * (double)xh[j]; });
         const T a = (T)(sg / (double)k), b = (T)(sgx / (double)k);
         for (npy_intp t = 0; t < k; ++t) dx[t] = rs * ((gg[t] - a) - xh[t] * b);
     }

@@ -22,8 +22,8 @@ static inline npy_intp rows_per_part(npy_intp k) {
     return k > 0 ? (SOFTMAX_PER_PART + k - 1) / k : 1;
 }
 
-/* Reductions over 8 lanes (j % 8), folded in a fixed order: vectorized, and the same bits
-   whichever thread takes the row. */
+/* The row maximum over 8 lanes (j % 8), folded in a fixed order: vectorized (the sums:
+   netbuild_lane_sum). */
 static const int LANES = 8;
 
 template <typename T>
@@ -39,17 +39,6 @@ static inline T row_max(const T* __restrict__ x, npy_intp k) {
     return m;
 }
 
-template <typename T>
-static inline double row_sum(const T* __restrict__ x, npy_intp k) {
-    double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-    npy_intp j = 0;
-    for (; j + LANES <= k; j += LANES)
-        for (int l = 0; l < LANES; ++l) lane[l] += (double)x[j + l];
-    double s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; j < k; ++j) s += (double)x[j];
-    return s;
-}
-
 /* p = exp(x - max) / sum, the exponentials vectorized (netbuild_exp), their sum in double. */
 template <typename T>
 __attribute__((noinline)) static void softmax_rows(const T* __restrict__ X, T* __restrict__ P,
@@ -59,7 +48,7 @@ __attribute__((noinline)) static void softmax_rows(const T* __restrict__ X, T* _
         T* __restrict__ p = P + r * k;
         const T m = row_max(x, k);
         for (npy_intp j = 0; j < k; ++j) p[j] = netbuild_exp(x[j] - m);
-        const T inv = (T)(1.0 / row_sum(p, k));
+        const T inv = (T)(1.0 / netbuild_lane_sum(k, [&](npy_intp j) { return (double)p[j]; }));
         for (npy_intp j = 0; j < k; ++j) p[j] *= inv;
     }
 }
@@ -81,12 +70,7 @@ __attribute__((noinline)) static void softmax_grad_rows(const T* __restrict__ DP
         const T* dp = DP + r * k;
         const T* p = P + r * k;
         T* dx = DX + r * k;
-        double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-        npy_intp j0 = 0;
-        for (; j0 + LANES <= k; j0 += LANES)
-            for (int l = 0; l < LANES; ++l) lane[l] += (double)dp[j0 + l] * p[j0 + l];
-        double s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-        for (; j0 < k; ++j0) s += (double)dp[j0] * p[j0];
+        const double s = netbuild_lane_sum(k, [&](npy_intp j) { return (double)dp[j] * p[j]; });
         const T st = (T)s;
         for (npy_intp j = 0; j < k; ++j) dx[j] = p[j] * (dp[j] - st);
     }
