@@ -30,6 +30,32 @@ CONFIGS = ROOT / "configs"
 TEST_MODE = "FAST_COMPILE"
 
 
+#: Runs `netbuild check FILE` and prints its exit code and peak resident bytes, then its stderr.
+#: A process of its own: a child forked from a pytest worker that has grown large counts the
+#: worker's pages in its peak until it execs.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen([sys.executable, "-m", "netbuild", "check", sys.argv[1]],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+print(err, end="")
+"""
+
+
+def check_in_a_process(spec) -> tuple[int, int, list[str]]:
+    """``(exit code, peak resident bytes, stderr lines)`` of `netbuild check SPEC`, measured by
+    the kernel for that process alone."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(spec)], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.splitlines()
+    code, peak = (int(v) for v in out[0].split())
+    return code, peak, out[1:]
+
+
 def verify_grad(fun, values, **kwargs):
     """``pytensor.gradient.verify_grad`` in :data:`TEST_MODE` throughout (by default it compiles
     the cost of a FAST_COMPILE check in FAST_RUN, which is Numba: a minute per new graph)."""

@@ -5,8 +5,6 @@ declares more than memory allows (a zip bomb), the same values as numpy's own re
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import time
 import zipfile
 
@@ -62,29 +60,15 @@ def test_a_compressed_member_declaring_more_than_memory_is_refused_from_its_head
         assert time.perf_counter() - start < 1.0
 
 
-#: `netbuild check` on a spec of the bomb, in a process of its own (a child forked from a large
-#: pytest worker counts the worker's pages until it execs): its exit code, peak memory, stderr.
-MEASURE = """
-import os, subprocess, sys
-proc = subprocess.Popen([sys.executable, "-m", "netbuild", "check", sys.argv[1]],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-err = proc.stderr.read()
-_, status, usage = os.wait4(proc.pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
-print(err, end="")
-"""
-
-
 def test_netbuild_check_refuses_a_zip_bomb_in_bounded_memory(tmp_path):
     bomb(tmp_path / "bomb.npz")
     spec = tmp_path / "s.yaml"
     spec.write_text("name: t\ndata: {train: bomb.npz}\nmodel:\n  input_shape: [64]\n  layers: "
                     "[{type: dense, units: 2}]\ntrain: {loss: mse, optimizer: {type: sgd}}\n")
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(spec)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.splitlines()
-    code, peak = (int(v) for v in out[0].split())
-    lines = out[1:]
-    assert code == 1 and len(lines) == 1, out
+    from conftest import check_in_a_process
+
+    code, peak, lines = check_in_a_process(spec)
+    assert code == 1 and len(lines) == 1, lines
     assert "s.yaml:2:15: data.train: " in lines[0] and "bomb.npz: key 'x': is stored compressed" in lines[0]
     assert peak < 400 * 2**20, peak  # the interpreter, numpy and pytensor take about 100 MiB
 
