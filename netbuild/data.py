@@ -423,12 +423,8 @@ def load(spec: Spec, role: str, network: Network, file: str | Path | None = None
     when it was given on the command line), one issue per problem: every array present is
     checked, whatever is wrong with the others.
     """
-    if file is not None:
-        target = Path(file)
-        report = _Reporter(None, ("data",), display_path(target))
-        xs, ys = _checked(network, target, report, with_targets=True)
-        return Dataset(xs, ys, display_path(target))
-    shards = data_files(spec, role)
+    shards = data_files(spec, role) if file is None else \
+        [(Path(file), _Reporter(None, ("data",), display_path(Path(file))))]
     if len(shards) == 1:
         target, report = shards[0]
         xs, ys = _checked(network, target, report, with_targets=True)
