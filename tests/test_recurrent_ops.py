@@ -273,59 +273,48 @@ def test_verify_grad_on_the_op(cell, act, ract):
 
 
 # -- the compiled training step -------------------------------------------------------------------
-def test_training_step_is_c_only_without_scan():
-    """Every cell, both directions and go_backwards in one network: the compiled training step
-    (netbuild's own compile mode) has no Scan and no node without C code, and one step runs."""
-    spec = validate(load_text("""\
+def c_only_training_step(layers: str, input_shape: str, x: np.ndarray) -> list:
+    """The ops of the compiled training step (netbuild's own compile mode) of ``layers`` and a
+    2-way softmax: no Scan and no node without C code, and one step on ``x`` is finite."""
+    spec = validate(load_text(f"""\
 name: t
-data: {train: none.npz}
+data: {{train: none.npz}}
 model:
-  input_shape: [5, 3]
+  input_shape: {input_shape}
   layers:
+{layers}    - {{type: dense, units: 2, activation: softmax}}
+train: {{loss: categorical_crossentropy, optimizer: {{type: adam}}}}
+""", "t.yaml"))
+    y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
+    step = compile_train(Network.from_spec(spec), spec.data["train"], [y], 0).step
+    ops = [n.op for n in step.fn.maker.fgraph.apply_nodes]
+    assert not [op for op in ops if isinstance(op, Scan)]
+    assert python_nodes(step, "train") == []
+    assert np.isfinite(step(x, y).loss)
+    return ops
+
+
+def test_training_step_is_c_only_without_scan():
+    """Every cell, both directions and go_backwards in one network."""
+    ops = c_only_training_step("""\
     - {type: simple_rnn, units: 4, bidirectional: true, return_sequences: true}
     - {type: gru, units: 3, go_backwards: true, return_sequences: true}
     - {type: lstm, units: 2}
-    - {type: dense, units: 2, activation: softmax}
-train: {loss: categorical_crossentropy, optimizer: {type: adam}}
-""", "t.yaml"))
-    net = Network.from_spec(spec)
-    y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
-    step = compile_train(net, spec.data["train"], [y], 0).step
-    nodes = step.fn.maker.fgraph.apply_nodes
-    assert not [n for n in nodes if isinstance(n.op, Scan)]
-    assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequence)} == set(CELLS)
-    assert {n.op.cell for n in nodes if isinstance(n.op, RecurrentSequenceGrad)} == set(CELLS)
-    assert python_nodes(step, "train") == []
-    x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(pytensor.config.floatX)
-    assert np.isfinite(step(x, y).loss)
+""", "[5, 3]", np.random.default_rng(0).normal(size=(3, 5, 3)).astype(pytensor.config.floatX))
+    assert {op.cell for op in ops if isinstance(op, RecurrentSequence)} == set(CELLS)
+    assert {op.cell for op in ops if isinstance(op, RecurrentSequenceGrad)} == set(CELLS)
 
 
 def test_masked_training_step_is_c_only_without_scan():
-    """Masks from ``embedding mask_zero`` and a ``masking`` layer run the fused ops with their
-    mask input: no Scan in the compiled training step, no node without C code."""
-    spec = validate(load_text("""\
-name: t
-data: {train: none.npz}
-model:
-  input_shape: [6]
-  layers:
+    """Masks from ``embedding mask_zero`` run the fused ops with their mask input."""
+    ops = c_only_training_step("""\
     - {type: embedding, input_dim: 5, output_dim: 3, mask_zero: true}
     - {type: lstm, units: 4, bidirectional: true, return_sequences: true}
     - {type: simple_rnn, units: 3, return_sequences: true, go_backwards: true}
     - {type: gru, units: 2}
-    - {type: dense, units: 2, activation: softmax}
-train: {loss: categorical_crossentropy, optimizer: {type: adam}}
-""", "t.yaml"))
-    net = Network.from_spec(spec)
-    y = np.eye(2, dtype=pytensor.config.floatX)[[0, 1, 1]]
-    x = np.array([[1, 2, 3, 0, 0, 0], [4, 4, 0, 0, 0, 0], [1, 2, 3, 4, 1, 2]])
-    step = compile_train(net, spec.data["train"], [y], 0).step
-    nodes = step.fn.maker.fgraph.apply_nodes
-    assert not [n for n in nodes if isinstance(n.op, Scan)]
-    fused = [n.op for n in nodes if isinstance(n.op, (RecurrentSequence, RecurrentSequenceGrad))]
+""", "[6]", np.array([[1, 2, 3, 0, 0, 0], [4, 4, 0, 0, 0, 0], [1, 2, 3, 4, 1, 2]]))
+    fused = [op for op in ops if isinstance(op, (RecurrentSequence, RecurrentSequenceGrad))]
     assert {op.cell for op in fused if op.masked} == set(CELLS)
-    assert python_nodes(step, "train") == []
-    assert np.isfinite(step(x, y).loss)
 
 
 # -- the layer's choice, the op's contract ---------------------------------------------------------
