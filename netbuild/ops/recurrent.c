@@ -3,21 +3,24 @@
 
    Threads split the units: each of a team of threads (netbuild_team_run, at least
    UNITS_PER_PART units each) owns the columns of its units in every gate block, for all rows of
-   the batch. A forward step is, on each thread, one BLAS gemm of the whole state h[t-1] with its
-   columns of W (gathered once per call into a block of its own, W'), then the fused elementwise
-   maths of its units; the team waits for one another once per step (h[t] complete). A backward
-   step is the elementwise maths of the thread's units (the gates' gradients dA[t]), a wait
-   (dA[t] complete), then the gemm of dA[t] with its units' rows of W for its columns of dh.
-   So W is read by each thread in parts, not whole: a split over rows made every thread pack all
-   of W at every step (the bench LSTM's per-step products, numpy's OpenBLAS, SkylakeX kernels:
-   47 and 63 us on one thread, 29 and 46 us on each of 2 with rows split, 24 and 32 us with units
-   split). After the loop each thread computes its columns of the weight gradient (gemms over all
-   T*B rows) and of the bias gradients (column sums in double, row by row in order). The fused loops are vectorized: templates on the two
-   activations for the default pair (tanh, sigmoid) and the simple RNN's tanh and relu, a
-   run-time switch for the other pairs.
+   the batch. A forward step is, on each thread, the product of the whole state h[t-1] with its
+   columns of W (packed once per call into a block of its own, packed.c), then the fused
+   elementwise maths of its units; the team waits for one another once per step (h[t] complete).
+   A backward step is the elementwise maths of the thread's units (the gates' gradients dA[t]), a
+   wait (dA[t] complete), then the product of dA[t] with its units' rows of W (packed once,
+   transposed) for its columns of dh. So W is read by each thread in parts, not whole. After the
+   loop each thread computes its columns of the weight gradient (products over all T*B rows, a
+   block of rows at a time) and of the bias gradients (column sums in double, row by row in
+   order).
 
-   Row-major (B, N) arrays are column-major (N, B) matrices to Fortran BLAS, so every product is
-   written transposed: gates[t] (B, G*U) += h (B, U) W (U, G*U) is gemm("N", "N", GU, B, U, W, h). */
+   Every product is netbuild_packed_gemm, not BLAS: it adds each value's terms in one fixed order
+   whatever the columns computed with it, so the outputs have the same bits on any number of
+   threads. OpenBLAS packs both operands again at every call: in PyTensor's per-op profile of
+   the bench LSTM's training step (float32, one thread) the forward op went from 3.9 to 2.9 ms
+   and the backward from 7.3 to 5.7 ms when these products replaced its gemms.
+
+   The fused loops are vectorized: templates on the two activations for the default pair (tanh,
+   sigmoid) and the simple RNN's tanh and relu, a run-time switch for the other pairs. */
 
 namespace nbrec {
 
@@ -98,18 +101,33 @@ static void column_sums(const T* __restrict x, npy_intp rows, npy_intp ld, npy_i
     for (npy_intp k = 0; k < n; ++k) out[k] = (T)acc[k];
 }
 
-/* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t]: per gate block, one gemm over steps
-   1..T-1 (h = H[0..T-2]) and one for step 0 (h0). */
+/* Rows of dA packed at a time for the weight gradient (a panel of them stays in the L1 cache). */
+static const npy_intp GRAD_BLOCK = 256;
+
+/* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t], per gate block: the rows of steps
+   1..T-1 (h = H[0..T-2]) then those of step 0 (h0), GRAD_BLOCK rows of dA packed at a time
+   (into pack) and added in that order: each value is the same sum in the same order whatever
+   the part, so dW has the same bits on any number of threads. */
 template <typename T>
 static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
-                              const T* H, const T* h0, T* dW) {
-    const int G = g * U;
+                              const T* H, const T* h0, T* dW, T* pack) {
+    const npy_intp G = (npy_intp)g * U, rows = (npy_intp)Tn * Bn;
     for (int q = 0; q < g; ++q) {
-        const npy_intp c = q * U + u0;
-        netbuild_gemm('N', 'T', (int)nu, U, (Tn - 1) * Bn, (T)1, dA + (size_t)Bn * G + c, G, H, U,
-                      (T)0, dW + c, G);
-        netbuild_gemm('N', 'T', (int)nu, U, Tn > 0 ? Bn : 0, (T)1, dA + c, G, h0, U,
-                      Tn > 1 ? (T)1 : (T)0, dW + c, G);
+        T* out = dW + q * U + u0;
+        bool add = false;
+        for (int first = 0; first < 2; ++first) {  // steps 1.. (first = 0), then step 0
+            const npy_intp r0 = first ? 0 : Bn, r1 = first ? (rows < Bn ? rows : Bn) : rows;
+            for (npy_intp k0 = r0; k0 < r1; k0 += GRAD_BLOCK) {
+                const npy_intp kb = r1 - k0 < GRAD_BLOCK ? r1 - k0 : GRAD_BLOCK;
+                const T* dAk = dA + k0 * G + q * U + u0;
+                netbuild_pack(kb, nu, G, [&](npy_intp j) { return dAk + j; }, pack);
+                const T* h = first ? h0 + k0 * U : H + (k0 - Bn) * U;  // h[t-1] of row k0
+                netbuild_packed_gemm<T>(U, nu, kb, h, 1, U, pack, out, G, add);
+                add = true;
+            }
+        }
+        if (!add)
+            for (npy_intp k = 0; k < U; ++k) memset(out + k * G, 0, sizeof(T) * nu);
     }
 }
 
@@ -117,8 +135,9 @@ static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_int
    the bias gradient db (column sums of dB) in every gate block. */
 template <typename T>
 static void part_grads(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
-                       const T* dB, const T* H, const T* h0, T* dW, T* db, double* acc) {
-    weight_grad_units(Tn, Bn, U, g, u0, nu, dA, H, h0, dW);
+                       const T* dB, const T* H, const T* h0, T* dW, T* db, T* pack,
+                       double* acc) {
+    weight_grad_units(Tn, Bn, U, g, u0, nu, dA, H, h0, dW, pack);
     for (int q = 0; q < g; ++q)
         column_sums(dB, (npy_intp)Tn * Bn, (npy_intp)g * U, q * U + u0, nu, db + q * U + u0,
                     acc + q * U + u0);
@@ -126,16 +145,6 @@ static void part_grads(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, c
 
 /* How many parts the units are cut into: one per thread, at least UNITS_PER_PART units each. */
 static inline int unit_parts(int U) { return netbuild_parts(U, netbuild_threads(), UNITS_PER_PART); }
-
-/* Wp (U, g*nu) = the columns q*U + u0 ... q*U + u0 + nu - 1 of W (U, g*U) of every gate block q,
-   side by side. */
-template <typename T>
-static void gather_columns(int U, int g, npy_intp u0, npy_intp nu, const T* W, T* Wp) {
-    const npy_intp G = (npy_intp)g * U, w = g * nu;
-    for (npy_intp k = 0; k < U; ++k)
-        for (int q = 0; q < g; ++q)
-            memcpy(Wp + k * w + q * nu, W + k * G + q * U + u0, sizeof(T) * nu);
-}
 
 /* The columns [u0, u0 + nu) of rows of to (Bn, U) = (or +=) those of from */
 template <typename T>
@@ -196,62 +205,92 @@ static void mask_grad_rows(int Bn, int U, int g, npy_intp u0, npy_intp nu, const
     const npy_intp nu = netbuild_part_start((U), (n), (p) + 1) - u0
 
 /* dh's columns of the part, carried to step t - 1: dh = dH[t-1] + dA[t] W^T (+ what dh holds
-   when keep); at t = 0 into dh0 (dh0 = dh + dA[0] W^T when keep). dA[t] is (Bn, G) whole. */
+   when keep); at t = 0 into dh0 (dh0 = dh + dA[0] W^T when keep). dA[t] is (Bn, G) whole; Wt:
+   the part's rows of W, transposed and packed (G, nu). */
 template <typename T>
-static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, const T* W,
+static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, const T* Wt,
                         const T* dAt, const T* dH, bool keep, T* dh, T* dh0) {
     const size_t step = (size_t)Bn * U;
     if (t) copy_units(Bn, U, u0, nu, dH + (t - 1) * step, dh, keep);
     else if (keep) copy_units(Bn, U, u0, nu, dh, dh0, false);
-    netbuild_gemm('T', 'N', (int)nu, Bn, G, (T)1, W + u0 * G, G, dAt, G,
-                  (t || keep) ? (T)1 : (T)0, (t ? dh : dh0) + u0, U);
+    netbuild_packed_gemm<T>(Bn, nu, G, dAt, G, 1, Wt, (t ? dh : dh0) + u0, U, t || keep);
+}
+
+/* The scratch of a loop's weights, packed (netbuild_pack) per part of the units: part p's block
+   starts rows * (per_unit * u0 + p * NR) elements in, holding rows x (per_unit * nu rounded up
+   to NR). */
+template <typename T> static inline size_t packed_offset(npy_intp rows, npy_intp per_unit,
+                                                         npy_intp u0, int p) {
+    return (size_t)rows * (size_t)(per_unit * u0 + p * netbuild_nr<T>());
+}
+template <typename T> static inline size_t packed_weights(npy_intp rows, npy_intp per_unit, int U) {
+    return packed_offset<T>(rows, per_unit, U, unit_parts(U));
+}
+
+/* Scratch elements of a forward loop: the packed weights, then X. */
+template <typename T> static inline size_t forward_work(int g, int Bn, int U) {
+    return packed_weights<T>(U, g, U) + (size_t)Bn * g * U;
+}
+
+/* Rows of a part's block in a backward loop: W^T packed (g * U rows) during the loop, then the
+   weight gradient's blocks of dA (GRAD_BLOCK rows). */
+static inline npy_intp pack_rows(int g, int U) {
+    return (npy_intp)g * U > GRAD_BLOCK ? (npy_intp)g * U : GRAD_BLOCK;
+}
+
+/* Scratch elements of a backward loop's packed blocks (after what the cell's loop needs). */
+template <typename T> static inline size_t backward_work(int g, int U) {
+    return packed_weights<T>(pack_rows(g, U), 1, U);
 }
 
 /* The forward loop every cell shares. On each thread of the team: its columns W' of W (g gate
-   blocks) gathered once into the scratch; then for every step the product X = h[t-1] W'
-   (Bn, g*nu), cells(t, u0, nu, X, hp) for the part's units (hp: h[t-1], every unit) and a wait
-   for the others (h[t] complete). work: U*g*U + Bn*g*U elements. */
+   blocks side by side) packed once into the scratch; then for every step the product
+   X = h[t-1] W' (Bn, g*nu), cells(t, u0, nu, X, hp) for the part's units (hp: h[t-1], every
+   unit) and a wait for the others (h[t] complete). work: forward_work elements. */
 template <typename T, typename F>
 static void forward_loop(int g, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
                          T* work, F cells) {
     const size_t step = (size_t)Bn * U;
+    const npy_intp G = (npy_intp)g * U;
     const int parts = unit_parts(U);
-    netbuild_serial_blas serial(parts);
     netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
         NBREC_PART(U, p, n);
-        const int w = (int)(g * nu);
-        T* Wp = work + (size_t)g * U * u0;
-        T* X = work + (size_t)g * U * U + (size_t)g * Bn * u0;
-        gather_columns(U, g, u0, nu, W, Wp);
+        const npy_intp w = g * nu;
+        T* Wp = work + packed_offset<T>(U, g, u0, p);
+        T* X = work + packed_weights<T>(U, g, U) + (size_t)g * Bn * u0;
+        netbuild_pack(U, w, G, [&](npy_intp c) { return W + (c / nu) * U + u0 + c % nu; }, Wp);
         for (int t = 0; t < Tn; ++t) {
             const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_gemm('N', 'N', w, Bn, U, (T)1, Wp, w, hp, U, (T)0, X, w);
+            netbuild_packed_gemm<T>(Bn, w, U, hp, U, 1, Wp, X, w, false);
             cells(t, u0, nu, (const T*)X, hp);
             team.wait(n);
         }
     });
 }
 
-/* The backward loop every cell shares. On each thread of the team, for the part's units: dh =
-   dH[T-1] (dh0 = 0 with no steps); then for every step, last first, cells(t, u0, nu) (the gates'
-   gradients dA[t], from dh), a wait for the others (dA[t] complete) and dh carried to the step
-   before (carry_units, keep for the GRU). done(u0, nu) after the loop, on the same thread. */
+/* The backward loop every cell shares. On each thread of the team, for the part's units: its
+   rows of W, transposed, packed once into pack (backward_work elements); dh = dH[T-1] (dh0 = 0
+   with no steps); then for every step, last first, cells(t, u0, nu) (the gates' gradients
+   dA[t], from dh), a wait for the others (dA[t] complete) and dh carried to the step before
+   (carry_units, keep for the GRU). done(u0, nu) after the loop, on the same thread. */
 template <typename T, typename F, typename D>
 static void backward_loop(int g, bool keep, int Tn, int Bn, int U, const T* W, const T* dA,
-                          const T* dH, T* dh, T* dh0, F cells, D done) {
+                          const T* dH, T* dh, T* dh0, T* pack, F cells, D done) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * g * U;
+    const npy_intp G = (npy_intp)g * U;
     const int parts = unit_parts(U);
-    netbuild_serial_blas serial(parts);
     netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
         NBREC_PART(U, p, n);
+        T* Wt = pack + packed_offset<T>(pack_rows(g, U), 1, u0, p);
+        netbuild_pack(G, nu, 1, [&](npy_intp j) { return W + (u0 + j) * G; }, Wt);
         if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
         else zero_units(Bn, U, u0, nu, dh0);
         for (int t = Tn - 1; t >= 0; --t) {
             cells(t, u0, nu);
             team.wait(n);
-            carry_units(t, Bn, U, g * U, u0, nu, W, dA + t * gstep, dH, keep, dh, dh0);
+            carry_units(t, Bn, U, (int)G, u0, nu, (const T*)Wt, dA + t * gstep, dH, keep, dh, dh0);
         }
-        done(u0, nu);
+        done(u0, nu, Wt);
     });
 }
 
@@ -298,9 +337,9 @@ static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias,
 template <typename T>
 static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
                          const T* S, const T* dH, const T* M, T* dP, T* db, T* dW, T* dh0, T* dh,
-                         T* sdh, double* acc) {
+                         T* sdh, T* pack, double* acc) {
     const size_t step = (size_t)Bn * U;
-    backward_loop(1, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0,
+    backward_loop(1, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, pack,
                   [&](int t, npy_intp u0, npy_intp nu) {
         const T* St = S + t * step + u0;
         T* dPt = dP + t * step + u0;
@@ -313,7 +352,9 @@ static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, 
         if (M)
             mask_grad_rows(Bn, U, 1, u0, nu, M + (size_t)t * Bn, true, dP + t * step, (T*)0, dh,
                            sdh, (T*)0, (const T*)0, (const T*)0);
-    }, [&](npy_intp u0, npy_intp nu) { part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, acc); });
+    }, [&](npy_intp u0, npy_intp nu, T* blocks) {
+        part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, blocks, acc);
+    });
 }
 
 /* -- lstm: a = p + b + h W; i, f, g, o = ract, ract, act, ract; c = f c + i g; h = o act(c) ---- */
@@ -405,10 +446,10 @@ template <typename T>
 static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const T* h0,
                           const T* c0, const T* H, const T* C, const T* S, const T* AC,
                           const T* dH, const T* dC, const T* M, T* dP, T* db, T* dW, T* dh0,
-                          T* dc0, T* dh, T* dc, T* sdh, T* sdc, double* acc) {
+                          T* dc0, T* dh, T* dc, T* sdh, T* sdc, T* pack, double* acc) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
     const bool fast = a == TANH && ra == SIGMOID;
-    backward_loop(4, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
+    backward_loop(4, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, pack, [&](int t, npy_intp u0, npy_intp nu) {
         if (t == Tn - 1) zero_units(Bn, U, u0, nu, dc);
         if (M) {
             copy_units(Bn, U, u0, nu, dh, sdh, false);
@@ -429,10 +470,10 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
         if (M)
             mask_grad_rows(Bn, U, 4, u0, nu, M + (size_t)t * Bn, true, dP + t * gstep, (T*)0, dh,
                            sdh, dc, sdc, dC ? dC + t * step : (const T*)0);
-    }, [&](npy_intp u0, npy_intp nu) {
+    }, [&](npy_intp u0, npy_intp nu, T* blocks) {
         if (Tn > 0) copy_units(Bn, U, u0, nu, dc, dc0, false);
         else zero_units(Bn, U, u0, nu, dc0);
-        part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, acc);
+        part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, blocks, acc);
     });
 }
 
@@ -516,10 +557,11 @@ static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const 
 template <typename T>
 static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const T* h0,
                          const T* H, const T* S, const T* HN, const T* dH, const T* M, T* dP,
-                         T* db, T* dW, T* dh0, T* dbhn, T* dh, T* dQ, T* sdh, double* acc) {
+                         T* db, T* dW, T* dh0, T* dbhn, T* dh, T* dQ, T* sdh, T* pack,
+                         double* acc) {
     const int G = 3 * U;
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, [&](int t, npy_intp u0, npy_intp nu) {
+    backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, pack, [&](int t, npy_intp u0, npy_intp nu) {
         const T* hp = (t ? H + (t - 1) * step : h0) + u0;
         const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
         T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep + u0;
@@ -531,8 +573,8 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
         if (M)
             mask_grad_rows(Bn, U, 3, u0, nu, M + (size_t)t * Bn, false, dP + t * gstep,
                            dQ + t * gstep, dh, sdh, (T*)0, (const T*)0, (const T*)0);
-    }, [&](npy_intp u0, npy_intp nu) {
-        part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, acc);
+    }, [&](npy_intp u0, npy_intp nu, T* blocks) {
+        part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, blocks, acc);
         // b_hn's gradient: the n block of dQ (its accumulators after db's G)
         column_sums(dQ, (npy_intp)Tn * Bn, G, 2 * U + u0, nu, dbhn + u0, acc + G + u0);
     });

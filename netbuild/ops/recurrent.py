@@ -11,8 +11,8 @@
 
 Its first output is ``H (T, B, U)``, the state after every step (the LSTM's second output is the
 cell state ``C``); the others are what the gradient reads back (the gates of every step and, for
-the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one BLAS gemm (``h W``) and one
-fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and applies the gates.
+the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one matrix product (``h W``,
+with ``W`` packed once per call: ``packed.c``) and one fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and applies the gates.
 With a mask, a padded step leaves a row's states as they were (``H[t] = H[t-1]``, and ``C``):
 selected, so that whatever the padded inputs hold never reaches a state; backwards, that row's
 gates get no gradient and the state's gradient passes to the step before unchanged. The mask has
@@ -20,15 +20,16 @@ no gradient.
 
 :class:`RecurrentSequenceGrad` is backpropagation through time in C: one gemm per step for the
 state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dgates[t]`` as
-gemms over all ``T*B`` rows and the bias gradients as column sums (in double, in row order).
+products over all ``T*B`` rows and the bias gradients as column sums (in double, in row order).
 It has no gradient of its own (no second derivatives).
 
 Threads: both ops split the units (at least 16 per thread). Each thread owns its units' columns
-in every gate block, for every row: per step, one gemm of the whole state with its columns of
-``W``, its units' elementwise maths, then a wait for the others (the next step needs the whole
-state); after the backward loop, its columns of ``dW`` and of the bias gradients. A given number
-of threads always gives the same bits; 1 and 2 threads agree to rounding only, since OpenBLAS's
-product for an element can depend on the size of the product it is part of.
+in every gate block, for every row: per step, one product of the whole state with its columns
+of ``W``, its units' elementwise maths, then a wait for the others (the next step needs the
+whole state); after the backward loop, its columns of ``dW`` and of the bias gradients. Every
+product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's terms in one fixed
+order whatever the columns it is computed with: both ops give the same bits on any number of
+threads.
 
 ``activation`` and ``recurrent_activation`` are one of :data:`ACTIVATIONS` (the YAML names of
 :mod:`netbuild.activations`, with the same derivatives, boundaries included: relu's is 1 at 0,
@@ -54,7 +55,7 @@ from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int32, upcast
 
-from . import BlasCOp, CCall
+from . import CCall, NetbuildCOp
 
 #: The activations the C code computes, by YAML name, and their codes in it.
 ACTIVATIONS = {"linear": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "hard_sigmoid": 4}
@@ -72,13 +73,14 @@ for _n in ("P", "b", "W", "h0", "c0", "b_hn"):
     _SHAPES["d" + _n] = _SHAPES[_n]
 
 
-class _RecurrentCOp(BlasCOp):
-    """What the forward and gradient ops share: properties, BLAS linking, the C kernels.
+class _RecurrentCOp(NetbuildCOp):
+    """What the forward and gradient ops share: properties, the C kernels.
 
     A subclass names its inputs and outputs (:meth:`input_names`, :meth:`output_names`) and
     gives the kernel call (:meth:`_kernel`)."""
 
     c_file = "recurrent.c"
+    shared_files = (*NetbuildCOp.shared_files, "packed.c")  # its products (no BLAS)
     # without trapping maths g++ may compute both sides of a select: the loops vectorize
     extra_compile_args = ("-fno-trapping-math",)
 
@@ -246,14 +248,15 @@ class RecurrentSequence(_RecurrentCOp):
 
     def _kernel(self):
         M = "{M}" if self.masked else "{null}"
+        work = f"nbrec::forward_work<T_>({self.gates}, Bn, U)"
         if self.cell == "simple_rnn":
             return ("nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, " + M + ", {H}, "
-                    "{S}, {w})", "U * G + Bn * G", "0")
+                    "{S}, {w})", work, "0")
         if self.cell == "lstm":
             return ("nbrec::lstm_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {c0}, "
-                    + M + ", {H}, {C}, {S}, {AC}, {w})", "U * G + Bn * G", "0")
+                    + M + ", {H}, {C}, {S}, {AC}, {w})", work, "0")
         return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {b_hn}, " + M
-                + ", {H}, {S}, {HN}, {w})", "U * G + Bn * G", "0")
+                + ", {H}, {S}, {HN}, {w})", work, "0")
 
 
 class RecurrentSequenceGrad(_RecurrentCOp):
@@ -297,23 +300,25 @@ class RecurrentSequenceGrad(_RecurrentCOp):
 
     def _kernel(self):
         # scratch: dh (and dc) carried from step to step, the GRU's dQ, and with a mask the
-        # copies of dh (and dc) a padded step carries unchanged (sdh, sdc: at the end)
+        # copies of dh (and dc) a padded step carries unchanged (sdh, sdc), then W packed
         M = "{M}" if self.masked else "{null}"
         n = {"simple_rnn": "Bn * U", "lstm": "2 * Bn * U", "gru": "Bn * U + Tn * Bn * G"}[self.cell]
         sdh = "{w} + " + n if self.masked else "{null}"
         sdc = "{w} + " + n + " + Bn * U" if self.masked else "{null}"
-        work = n + (" + 2 * Bn * U" if self.masked else "")
+        cells = n + (" + 2 * Bn * U" if self.masked else "")
+        pack = f"{{w}} + {cells}"
+        work = f"{cells} + nbrec::backward_work<T_>({self.gates}, U)"
         if self.cell == "simple_rnn":
             return ("nbrec::rnn_backward(act_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {dH}, " + M +
-                    ", {dP}, {db}, {dW}, {dh0}, {w}, " + sdh + ", {acc})", work, "U")
+                    ", {dP}, {db}, {dW}, {dh0}, {w}, " + sdh + ", " + pack + ", {acc})", work, "U")
         if self.cell == "lstm":
             dC = "{dC}" if self.with_dC else "{null}"
             return ("nbrec::lstm_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {c0}, {H}, {C}, "
                     "{S}, {AC}, {dH}, " + dC + ", " + M + ", {dP}, {db}, {dW}, {dh0}, {dc0}, "
-                    "{w}, {w} + Bn * U, " + sdh + ", " + sdc + ", {acc})", work, "G")
+                    "{w}, {w} + Bn * U, " + sdh + ", " + sdc + ", " + pack + ", {acc})", work, "G")
         return ("nbrec::gru_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {HN}, {dH}, "
-                + M + ", {dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, " + sdh +
-                ", {acc})", work, "G + U")
+                + M + ", {dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, " + sdh + ", " +
+                pack + ", {acc})", work, "G + U")
 
 
 def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
