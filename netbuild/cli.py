@@ -41,7 +41,8 @@ def handles_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _scan_progress():
+                return fn(*args, **kwargs)
         except NetbuildError as exc:
             if kwargs.get("fmt") == "github":
                 _annotate(exc)
@@ -51,6 +52,28 @@ def handles_errors(fn):
             _fail(["interrupted"], 130)
 
     return wrapper
+
+
+def _scan_progress():
+    """A progress line on stderr, when it is a terminal, while a large data file is checked
+    (its CRC-32, decompression, value scan: :mod:`netbuild.scans`); the line is cleared at the
+    end of each."""
+    import contextlib
+
+    from . import scans
+    from .npz import size_text
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+
+    def hook(what: str, done: int, total: int) -> None:
+        if done >= total:
+            click.echo("\r\033[K", err=True, nl=False)
+        else:
+            click.echo(f"\r{printable(what)}: {100 * done // total}% of {size_text(total)}",
+                       err=True, nl=False)
+
+    return scans.reporting(hook)
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",

@@ -7,16 +7,17 @@ names the data file (and key): the position is the spec line that names the file
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from . import backend, losses, npz
+from . import backend, losses, npz, scans
 from .errors import DataError, Issue, Location, NetbuildError, SpecError, did_you_mean, format_path, printable
 from .network import Network
 from .spec import Spec
@@ -172,12 +173,19 @@ def _closest(key: str, keys: list[str]) -> str:
     return f" (did you mean '{same[0]}'?)" if same else did_you_mean(key, keys)
 
 
-def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Reporter) -> np.ndarray:
+def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Reporter,
+                cache: scans.FileCache) -> np.ndarray:
     """One member of an open archive as an array, in bounded memory (:mod:`netbuild.npz`:
     memory-mapped when stored, decompressed in chunks when it fits); pickled, oversized or
-    damaged members are refused."""
+    damaged members are refused. A stored member's CRC-32 is checked unless the cache says it
+    was, on the file as it is."""
     try:
-        return npz.read(file, archive.zip, npz.member(file, archive.zip, key))
+        m = npz.member(file, archive.zip, key)
+        found = npz.read(file, archive.zip, m, verified=not m.compressed and cache.verified(key),
+                         what=f"{display_path(file)} '{key}'")
+        if not m.compressed:  # a compressed one's CRC-32 is checked as it is decompressed
+            cache.mark_verified(key)
+        return found
     except npz.MemberError as exc:
         raise report.error(str(exc), key) from None
     except MemoryError:
@@ -193,6 +201,14 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
     """The arrays under the keys ``wanted`` of an .npz file, refusing pickled objects. A missing
     key is an error of its own: added to ``errors`` when given (the other arrays are still
     read), else raised (every missing key at once)."""
+    arrays, cache = _open_arrays(file, wanted, report, errors)
+    cache.save()
+    return arrays
+
+
+def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
+                 errors: list | None = None) -> tuple[dict[str, np.ndarray], scans.FileCache]:
+    """:func:`read_arrays`, and the file's scan cache (saved by the caller)."""
     problem = not_a_regular_file(file)
     if problem:
         raise report.error(problem)
@@ -208,7 +224,15 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
             if missing and errors is None:
                 raise _joined(missing)
             (errors if errors is not None else []).extend(missing)
-            arrays = {k: _read_array(file, archive, k, report) for k in wanted if k in keys}
+            cache = scans.FileCache(file, archive.zip)
+            arrays = {}
+            try:
+                for k in wanted:
+                    if k in keys:
+                        arrays[k] = _read_array(file, archive, k, report, cache)
+            except NetbuildError:
+                cache.save()  # the members checked before the bad one
+                raise
     except NetbuildError:
         raise
     except OSError as exc:
@@ -219,7 +243,7 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
     except Exception as exc:  # a damaged archive fails anywhere in zipfile's or numpy's parsing
         raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
                            f"with the keys {expected}") from None
-    return arrays
+    return arrays, cache
 
 
 def _joined(errors: list[NetbuildError]) -> NetbuildError:
@@ -229,11 +253,6 @@ def _joined(errors: list[NetbuildError]) -> NetbuildError:
     if all(isinstance(e, SpecError) for e in errors):
         return SpecError([i for e in errors for i in e.issues])
     return DataError("\n".join(line for e in errors for line in e.lines()))
-
-
-def _first_bad(mask: np.ndarray) -> int:
-    """The index of the first example (row) where ``mask`` holds anywhere."""
-    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 
 #: Values a check looks at at a time (its temporaries are of this many elements).
@@ -257,23 +276,18 @@ def row_chunks(values: np.ndarray):
     _release(_mappings(values))
 
 
-def _check_finite(values: np.ndarray, report: _Reporter, key: str) -> None:
-    """Refuse NaN and infinite values, naming the first example that holds one (in chunks)."""
-    if values.dtype.kind != "f":
-        return
-    n_nan = n_inf = 0
-    first = None
-    for start, part in row_chunks(values):
-        bad = ~np.isfinite(part)
-        if bad.any():
-            n_nan += int(np.isnan(part).sum())
-            n_inf += int(np.isinf(part).sum())
-            first = start + _first_bad(bad) if first is None else first
-    if first is not None:
-        kinds = " and ".join(f"{n} {name}" for n, name in ((n_nan, "NaN"), (n_inf, "infinite"))
-                             if n) + (" values" if n_nan + n_inf > 1 else " value")
-        raise report.error(f"holds {kinds} (the first in example {first}); expected "
+def _check_finite(st: scans.Stats, report: _Reporter, key: str) -> None:
+    """Refuse NaN and infinite values, naming the first example that holds one."""
+    if st.first_nonfinite is not None:
+        kinds = " and ".join(f"{n} {name}" for n, name in ((st.n_nan, "NaN"), (st.n_inf, "infinite"))
+                             if n) + (" values" if st.n_nan + st.n_inf > 1 else " value")
+        raise report.error(f"holds {kinds} (the first in example {st.first_nonfinite}); expected "
                            "finite numbers", key)
+
+
+def _stats_of(values: np.ndarray, stats: Callable[[], scans.Stats] | None) -> Callable[[], scans.Stats]:
+    """``stats`` (a file's cached scan), else a scan of ``values`` made once when first asked."""
+    return stats if stats is not None else functools.cache(lambda: scans.scan(values))
 
 
 def _fits_converted(values: np.ndarray, dtype, report: _Reporter, key: str | None) -> None:
@@ -292,10 +306,11 @@ def _fits_converted(values: np.ndarray, dtype, report: _Reporter, key: str | Non
 
 
 def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | None,
-              name: str | None = None) -> np.ndarray:
+              name: str | None = None, stats: Callable[[], scans.Stats] | None = None) -> np.ndarray:
     """Check and cast the inputs of the model input ``name`` (default: the only one): numeric,
     finite, shape ``(n, *shape)`` or ``(n, prod)``; integer ids in range when the input feeds an
-    embedding.
+    embedding. The values are judged by their :class:`netbuild.scans.Stats` (``stats``: the
+    file's, cached; else scanned here).
 
     netbuild never rescales inputs: integers other than 0 and 1 (and -1) fed to a float input
     (uint8 pixels 0..255, say) are refused with the conversion to make, since training on
@@ -319,41 +334,48 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | Non
             raise report.error(f"has examples of shape {per_example}; expected "
                                f"{tuple(input_shape)} to fit {declared} "
                                f"(or {math.prod(input_shape)} values per example)", key)
+    stats = _stats_of(x, stats)
     ids = network.integer_input(name)
     if ids is not None:
         if x.dtype.kind not in "iub":
             raise report.error(f"has dtype {x.dtype}; expected integer ids for the embedding", key)
-        lo, hi = int(x.min()), int(x.max())
+        st = stats()
+        lo, hi = int(st.lo or 0), int(st.hi or 0)
         if lo < 0 or hi >= ids:
             raise report.error(f"holds id {lo if lo < 0 else hi}; expected ids 0..{ids - 1} "
                                f"(the embedding's input_dim is {ids})", key)
         _fits_converted(x, np.int64, report, key)
         return x.astype(np.int64, copy=False)
     if x.dtype.kind in "iu":
-        lo, hi = int(x.min()), int(x.max())
+        st = stats()
+        lo, hi = int(st.lo or 0), int(st.hi or 0)
         if lo < -1 or hi > 1:
             scale = "x.astype('float32') / 255" if lo >= 0 and hi <= 255 else \
                 "x.astype('float32'), scaled as the network expects"
             raise report.error(f"is {x.dtype} with values {lo}..{hi}; netbuild does not convert or "
                                f"rescale integer inputs; expected floats (e.g. {scale})", key)
-    _check_finite(x, report, key)
-    _fits_converted(x, np.dtype(network.input_dtype(name)), report, key)
-    with np.errstate(over="ignore"):
-        cast = x.astype(network.input_dtype(name), copy=False)
-    if cast.dtype.kind == "f" and x.dtype.kind == "f" and cast.dtype.itemsize < x.dtype.itemsize:
-        too_big = ~np.isfinite(cast)
-        if too_big.any():
-            at = _first_bad(too_big)
-            peak = float(np.abs(x[at]).max())
-            raise report.error(f"holds {peak:g} (in example {at}), beyond the range of "
-                               f"{cast.dtype} (the network's float type); expected finite "
-                               f"{cast.dtype} values", key)
-    return cast
+    if x.dtype.kind == "f":
+        _check_finite(stats(), report, key)
+    dtype = np.dtype(network.input_dtype(name))
+    _beyond(x, dtype, stats, report, key)
+    _fits_converted(x, dtype, report, key)
+    return x.astype(dtype, copy=False)
+
+
+def _beyond(values: np.ndarray, dtype: np.dtype, stats, report: _Reporter, key: str | None) -> None:
+    """Refuse float values that become infinite in the network's (smaller) float type."""
+    if values.dtype.kind == "f" and dtype.kind == "f" and dtype.itemsize < values.dtype.itemsize:
+        st = stats()
+        if st.first_beyond_float32 is not None:
+            raise report.error(f"holds {st.beyond_float32:g} (in example {st.first_beyond_float32}), "
+                               f"beyond the range of {dtype} (the network's float type); expected "
+                               f"finite {dtype} values", key)
 
 
 def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report: _Reporter,
-              key: str) -> np.ndarray:
-    """Check targets against the output layer and the loss; cast them.
+              key: str, stats: Callable[[], scans.Stats] | None = None) -> np.ndarray:
+    """Check targets against the output layer and the loss; cast them. The values are judged by
+    their :class:`netbuild.scans.Stats`, as :func:`prepare_x`'s.
 
     For categorical_crossentropy, targets are class ids (integers, or floats holding whole
     numbers) in ``0..units-1`` or one-hot (probability) rows with values in [0, 1]."""
@@ -364,31 +386,32 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
         raise report.error(f"holds {got}; expected {n}, as many as the inputs", key)
     if not n:
         raise report.error(f"is empty (shape {y.shape}); expected at least one example", key)
-    _check_finite(y, report, key)
-    if loss_name == "binary_crossentropy" and (y.min() < 0 or y.max() > 1):
-        bad = y.min() if y.min() < 0 else y.max()
+    stats = _stats_of(y, stats)
+    st = stats()
+    _check_finite(st, report, key)
+    lo, hi = (st.lo, st.hi) if st.lo is not None else (0, 0)
+    if loss_name == "binary_crossentropy" and (lo < 0 or hi > 1):
+        bad = lo if lo < 0 else hi
         raise report.error(f"holds {bad:g}; expected targets between 0 and 1 for binary_crossentropy", key)
     if loss_name in losses.CLASS_ID_TARGETS:
         k = output_shape[-1]
         lead = tuple(output_shape[:-1])
         if y.shape[1:] == lead and y.dtype.kind == "f":  # class ids stored as floats
-            fractional = y != np.round(y)
-            if fractional.any():
-                at = _first_bad(fractional)
-                value = float(y[at][fractional[at]].flat[0]) if y.ndim > 1 else float(y[at])
+            if st.first_fractional is not None:
+                value, at = st.fractional, st.first_fractional
                 raise report.error(f"holds {value:g} (example {at}), not a class id; expected whole "
                                    f"class ids 0..{k - 1} or one-hot rows of shape "
                                    f"{(n,) + tuple(output_shape)}", key)
         if y.shape[1:] == lead and y.dtype.kind in "biuf":  # class ids
-            lo, hi = int(y.min()), int(y.max())
+            lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= k:
                 bad = lo if lo < 0 else hi
                 raise report.error(f"holds class id {bad}, outside the output's range; expected "
                                    f"ids 0..{k - 1} for an output of {k} units", key)
             return y.astype(np.int64, copy=False)
         if y.shape[1:] == tuple(output_shape):
-            if y.min() < 0 or y.max() > 1:
-                bad = y.min() if y.min() < 0 else y.max()
+            if lo < 0 or hi > 1:
+                bad = lo if lo < 0 else hi
                 raise report.error(f"holds {bad:g} in a one-hot row; expected values between 0 "
                                    "and 1 (one-hot or probability rows) for categorical_crossentropy",
                                    key)
@@ -402,14 +425,10 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
         else:
             raise report.error(f"has targets of shape {y.shape[1:]}; expected {tuple(output_shape)} "
                                f"like the output layer", key)
-    with np.errstate(over="ignore"):
-        cast = y.astype(backend.float_type(), copy=False)
-    if y.dtype.kind == "f" and not np.isfinite(cast).all():
-        at = _first_bad(~np.isfinite(cast))
-        raise report.error(f"holds {float(np.abs(y[at]).max()):g} (in example {at}), beyond the range "
-                           f"of {cast.dtype} (the network's float type); expected finite {cast.dtype} "
-                           "values", key)
-    return cast
+    dtype = np.dtype(backend.float_type())
+    _beyond(y, dtype, stats, report, key)
+    _fits_converted(y, dtype, report, key)
+    return y.astype(dtype, copy=False)
 
 
 def load(spec: Spec, role: str, network: Network, file: str | Path | None = None) -> Dataset:
@@ -582,10 +601,21 @@ def _checked(network: Network, target: Path, report: _Reporter,
     inputs = network.signature.inputs
     outputs = network.signature.outputs if with_targets else []
     errors: list[NetbuildError] = []
-    by_key = read_arrays(target, list(dict.fromkeys([i.key for i in inputs] + [o.key for o in outputs])),
-                         report, errors)
+    by_key, cache = _open_arrays(target, list(dict.fromkeys([i.key for i in inputs] +
+                                                            [o.key for o in outputs])), report, errors)
+    try:
+        return _checked_arrays(network, report, by_key, errors, inputs, outputs, {
+            k: functools.cache(lambda k=k: cache.stats(k, by_key[k], f"{display_path(target)} '{k}'"))
+            for k in by_key})
+    finally:
+        cache.save()
+
+
+def _checked_arrays(network: Network, report: _Reporter, by_key: dict, errors: list,
+                    inputs: list, outputs: list, stats: dict):
     before = len(errors)
-    xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name)
+    xs = _each(errors, [lambda i=i: prepare_x(by_key[i.key], network, report, i.key, i.name,
+                                              stats[i.key])
                         if i.key in by_key else None for i in inputs])
     present = [(x, i.key) for x, i in zip(xs, inputs) if x is not None]
     for x, key in present[1:]:
@@ -596,7 +626,7 @@ def _checked(network: Network, target: Path, report: _Reporter,
     n = len(present[0][0]) if present and len(errors) == before else None
     ys = _each(errors, [lambda o=o: prepare_y(by_key[o.key], n,
                                               network.nodes[network.outputs[o.name]].output_shape,
-                                              losses.name_of(o.loss), report, o.key)
+                                              losses.name_of(o.loss), report, o.key, stats[o.key])
                         if o.key in by_key and n is not None else None for o in outputs])
     if errors:
         raise _joined(errors)

@@ -148,15 +148,23 @@ def _random_access(mapped: np.memmap) -> None:
         pass
 
 
-def read(path, archive: zipfile.ZipFile, m: Member) -> np.ndarray:
+def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
+         what: str = "") -> np.ndarray:
     """The member's values: memory-mapped (uncompressed), or decompressed in chunks into one
-    array (compressed) when it fits :func:`budget`; :class:`MemberError` otherwise."""
+    array (compressed) when it fits :func:`budget`; :class:`MemberError` otherwise. A stored
+    member's CRC-32 is checked first (its bytes streamed through, progress reported as
+    ``what``), unless ``verified`` (the scan cache's word that it was, on this very file)."""
+    from .scans import progress
+
     order = "F" if m.fortran else "C"
     info = archive.getinfo(_member_name(archive, m.key))
     if not m.compressed:
-        with archive.open(info) as f:  # the CRC-32 is checked at the end of the stream
-            while f.read(CHUNK):
-                pass
+        if not verified:
+            with archive.open(info) as f:  # the CRC-32 is checked at the end of the stream
+                done = 0
+                while chunk := f.read(CHUNK):
+                    done += len(chunk)
+                    progress(f"{what}: checking its CRC-32", done, info.file_size)
         if m.nbytes == 0:
             return np.empty(m.shape, m.dtype, order=order)
         mapped = np.memmap(path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape, order=order)
@@ -179,6 +187,7 @@ def read(path, archive: zipfile.ZipFile, m: Member) -> np.ndarray:
                 raise MemberError(f"ends after {size_text(done)} of the {size_text(m.nbytes)} its "
                                   "header declares; expected a complete .npz archive")
             done += got
+            progress(f"{what}: decompressing", done, m.nbytes)
         if f.read(1):  # the end of the stream checks its CRC-32
             raise MemberError(f"holds more than the {size_text(m.nbytes)} its header declares; "
                               "expected a complete .npz archive")

@@ -9,6 +9,12 @@ import os
 # pytest-xdist runs one test process per core: each computes on one thread unless a test asks for
 # more (tests/test_threads.py), so that the processes do not oversubscribe the cores.
 os.environ.setdefault("NETBUILD_THREADS", "1")
+# Data scans are cached in a folder of the test process's own (inherited by the CLI's
+# subprocesses), never in the user's ~/.cache.
+if "NETBUILD_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["NETBUILD_CACHE_DIR"] = tempfile.mkdtemp(prefix="netbuild-test-cache-")
 
 import numpy as np
 import pytensor
