@@ -148,6 +148,24 @@ def _random_access(mapped: np.memmap) -> None:
         pass
 
 
+def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C") -> np.memmap:
+    """The array stored at ``offset`` of ``path``, memory-mapped. The open file it is mapped from
+    is kept as its ``reader`` (closed with the array): :func:`netbuild.data.gather` reads runs of
+    rows from it with ``pread``, the very file the map shows."""
+    import weakref
+
+    f = open(path, "rb")
+    try:
+        array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    except BaseException:
+        f.close()
+        raise
+    array.reader = f
+    weakref.finalize(array, f.close)
+    _random_access(array)
+    return array
+
+
 def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
          what: str = "") -> np.ndarray:
     """The member's values: memory-mapped (uncompressed), or decompressed in chunks into one
@@ -167,9 +185,7 @@ def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
                     progress(f"{what}: checking its CRC-32", done, info.file_size)
         if m.nbytes == 0:
             return np.empty(m.shape, m.dtype, order=order)
-        mapped = np.memmap(path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape, order=order)
-        _random_access(mapped)
-        return mapped
+        return mapped(path, m.dtype, m.offset, m.shape, order)
     limit = budget()
     if limit is not None and m.nbytes > limit:
         raise MemberError(f"is stored compressed and declares shape {m.shape} of {m.dtype} "

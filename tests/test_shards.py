@@ -144,3 +144,61 @@ def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_pat
 
     time.sleep(0.3)  # the reader has put the next batch and waits to put the end
     full.close()
+
+
+# -- reading batches from the files -----------------------------------------------------------
+def _mapped(tmp_path, name, x):
+    from netbuild import data
+
+    np.savez(tmp_path / name, x=x)
+    found = data.read_arrays(tmp_path / name, ["x"], data.reporter(name))["x"]
+    assert isinstance(found, np.memmap)
+    return found
+
+
+def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, monkeypatch):
+    """Batches of consecutive rows (shuffle_block) are read from the file with one pread per run;
+    single shuffled rows are indexed from the map. Both give exactly ``array[index]``, for the
+    array, a reshaped view of it (what prepare_x makes) and rows across files (Rows)."""
+    import os
+
+    from netbuild import data
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(700, 12)).astype(np.float32)
+    mapped = _mapped(tmp_path, "a.npz", a)
+    calls = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(1) or preadv(*args))
+    order = data.epoch_order(700, 0, 1, 64)
+    cases = {"a run": np.arange(100, 164), "two runs": order[:128], "a run with an end": np.arange(650, 700),
+             "negative": np.arange(-64, 0), "shuffled rows": rng.permutation(700)[:128]}
+    for name, index in cases.items():
+        calls.clear()
+        got = data.gather(mapped, index)
+        np.testing.assert_array_equal(got, a[index], err_msg=name)
+        runs = 1 + int(np.sum(np.diff(index % 700) != 1))
+        assert len(calls) == (runs if name != "shuffled rows" else 0), name
+    view = mapped.reshape(700, 3, 4)
+    np.testing.assert_array_equal(data.gather(view, order[:128]), a.reshape(700, 3, 4)[order[:128]])
+    b = rng.normal(size=(300, 12)).astype(np.float32)
+    rows = data.Rows([mapped, _mapped(tmp_path, "b.npz", b)])
+    both = np.concatenate([a, b])
+    index = data.epoch_order(1000, 0, 2, 100)[:256]
+    np.testing.assert_array_equal(rows[index], both[index])
+
+
+def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path, monkeypatch):
+    """The same bits as the rows in one file in memory, read with pread (no page of the files
+    mapped by a batch)."""
+    import os
+
+    names = shards(tmp_path / "shards")
+    calls = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(1) or preadv(*args))
+    sharded = train(tmp_path, "sharded", "[" + ", ".join(names) + "]", "train.shuffle_block=16")
+    assert calls
+    one = train(tmp_path, "one", TRAIN, "train.shuffle_block=16")
+    a, b = one.model.network.param_values(), sharded.model.network.param_values()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
