@@ -57,7 +57,7 @@ def handles_errors(fn):
 def _scan_progress():
     """A progress line on stderr, when it is a terminal, while a large data file is checked
     (its CRC-32, decompression, value scan: :mod:`netbuild.scans`); the line is cleared at the
-    end of each."""
+    end of each, and on the way out if a pass was cut short (an error, Ctrl-C)."""
     import contextlib
 
     from . import scans
@@ -65,15 +65,27 @@ def _scan_progress():
 
     if not sys.stderr.isatty():
         return contextlib.nullcontext()
+    drawn = [False]
 
     def hook(what: str, done: int, total: int) -> None:
         if done >= total:
             click.echo("\r\033[K", err=True, nl=False)
+            drawn[0] = False
         else:
             click.echo(f"\r{printable(what)}: {100 * done // total}% of {size_text(total)}",
                        err=True, nl=False)
+            drawn[0] = True
 
-    return scans.reporting(hook)
+    @contextlib.contextmanager
+    def reporting():
+        try:
+            with scans.reporting(hook):
+                yield
+        finally:
+            if drawn[0]:
+                click.echo("\r\033[K", err=True, nl=False)
+
+    return reporting()
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",

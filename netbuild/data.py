@@ -174,7 +174,7 @@ def _closest(key: str, keys: list[str]) -> str:
 
 
 def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Reporter,
-                cache: scans.FileCache) -> np.ndarray:
+                cache: scans.FileCache, reader: npz.Reader) -> np.ndarray:
     """One member of an open archive as an array, in bounded memory (:mod:`netbuild.npz`:
     memory-mapped when stored, decompressed in chunks when it fits); pickled, oversized or
     damaged members are refused. A stored member's CRC-32 is checked unless the cache says it
@@ -182,7 +182,7 @@ def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Re
     try:
         m = npz.member(file, archive.zip, key)
         found = npz.read(file, archive.zip, m, verified=not m.compressed and cache.verified(key),
-                         what=f"{display_path(file)} '{key}'")
+                         what=f"{display_path(file)} '{key}'", reader=reader)
         if not m.compressed:  # a compressed one's CRC-32 is checked as it is decompressed
             cache.mark_verified(key)
         return found
@@ -217,19 +217,20 @@ def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
         problem = not_npz(file)
         if problem:
             raise report.error(problem)
-        with np.load(file, allow_pickle=False) as archive:
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as archive:
             keys = list(archive.files)
             missing = [report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
                                     f"{_closest(key, keys)}") for key in wanted if key not in keys]
             if missing and errors is None:
                 raise _joined(missing)
             (errors if errors is not None else []).extend(missing)
-            cache = scans.FileCache(file, archive.zip)
+            cache = scans.FileCache(file, archive.zip, f.fileno())
+            reader = npz.Reader(os.dup(f.fileno()), str(file))  # the mapped members' (gather)
             arrays = {}
             try:
                 for k in wanted:
                     if k in keys:
-                        arrays[k] = _read_array(file, archive, k, report, cache)
+                        arrays[k] = _read_array(file, archive, k, report, cache, reader)
             except NetbuildError:
                 cache.save()  # the members checked before the bad one
                 raise
@@ -363,13 +364,23 @@ def prepare_x(x: np.ndarray, network: Network, report: _Reporter, key: str | Non
 
 
 def _beyond(values: np.ndarray, dtype: np.dtype, stats, report: _Reporter, key: str | None) -> None:
-    """Refuse float values that become infinite in the network's (smaller) float type."""
-    if values.dtype.kind == "f" and dtype.kind == "f" and dtype.itemsize < values.dtype.itemsize:
-        st = stats()
-        if st.first_beyond_float32 is not None:
-            raise report.error(f"holds {st.beyond_float32:g} (in example {st.first_beyond_float32}), "
-                               f"beyond the range of {dtype} (the network's float type); expected "
-                               f"finite {dtype} values", key)
+    """Refuse finite float values that become infinite in the network's (smaller) float type.
+    The scan's largest magnitude tells whether any may; only then are the values cast, in
+    chunks, to find the first example that does."""
+    if values.dtype.kind != "f" or dtype.kind != "f" or dtype.itemsize >= values.dtype.itemsize:
+        return
+    st = stats()
+    if st.peak is None or st.peak <= float(np.finfo(dtype).max):
+        return
+    for start, part in row_chunks(values):
+        with np.errstate(over="ignore"):
+            overflow = np.isinf(part.astype(dtype)) & np.isfinite(part)
+        if overflow.any():
+            at = int(np.flatnonzero(overflow.reshape(len(part), -1).any(axis=1))[0])
+            peak = float(np.abs(part[at][np.isfinite(part[at])]).max())
+            raise report.error(f"holds {peak:g} (in example {start + at}), beyond the range of "
+                               f"{dtype} (the network's float type); expected finite {dtype} "
+                               "values", key)
 
 
 def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report: _Reporter,
@@ -602,15 +613,15 @@ def gather(array, index: np.ndarray) -> np.ndarray:
     holding the GIL, so that the batch reader's reads overlap the training step's computing.
     Anything else is indexed as it is."""
     source = _file_rows(array)
-    index = np.asarray(index)
-    if source is None or index.ndim != 1 or not len(index):
+    asked = np.asarray(index)
+    if source is None or asked.ndim != 1 or not len(asked) or asked.dtype.kind not in "iu":
         return array[index]
     f, start, row_bytes = source
-    index = np.where(index < 0, index + len(array), index)
+    index = np.where(asked < 0, asked + len(array), asked)
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     if len(breaks) + 1 > len(index) * _MOST_RUNS_PER_ROW or index.min() < 0 or \
             index.max() >= len(array):
-        return array[index]
+        return array[asked]  # numpy's own errors name what was asked for
     out = np.empty((len(index), *array.shape[1:]), array.dtype)
     view = memoryview(out.reshape(-1)).cast("B")
     firsts = np.concatenate(([0], breaks)).tolist()

@@ -148,30 +148,48 @@ def _random_access(mapped: np.memmap) -> None:
         pass
 
 
-def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C") -> np.memmap:
-    """The array stored at ``offset`` of ``path``, memory-mapped. The open file it is mapped from
-    is kept as its ``reader`` (closed with the array): :func:`netbuild.data.gather` reads runs of
-    rows from it with ``pread``, the very file the map shows."""
-    import weakref
+class Reader:
+    """A data file's descriptor, kept open for :func:`netbuild.data.gather` to read rows from
+    with ``pread`` (which ignores the file position, so one descriptor serves every member and
+    thread); closed when the last array holding it is gone."""
 
-    f = open(path, "rb")
-    try:
+    def __init__(self, fd: int, name: str):
+        self.fd, self.name = fd, name
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
+           reader: Reader | None = None) -> np.memmap:
+    """The array stored at ``offset`` of ``path``, memory-mapped, holding ``reader`` (the same
+    file, open: :class:`Reader`) as its ``reader``. A path that no longer names the reader's file
+    (replaced while it was being read) is a :class:`MemberError`."""
+    with open(path, "rb") as f:
+        if reader is not None:
+            a, b = os.fstat(f.fileno()), os.fstat(reader.fd)
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                raise MemberError("was replaced by another file while it was being read; expected "
+                                  "the file to stay as it is while netbuild reads it")
         array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
-    except BaseException:
-        f.close()
-        raise
-    array.reader = f
-    weakref.finalize(array, f.close)
+    array.reader = reader
     _random_access(array)
     return array
 
 
 def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
-         what: str = "") -> np.ndarray:
-    """The member's values: memory-mapped (uncompressed), or decompressed in chunks into one
-    array (compressed) when it fits :func:`budget`; :class:`MemberError` otherwise. A stored
-    member's CRC-32 is checked first (its bytes streamed through, progress reported as
-    ``what``), unless ``verified`` (the scan cache's word that it was, on this very file)."""
+         what: str = "", reader: Reader | None = None) -> np.ndarray:
+    """The member's values: memory-mapped (uncompressed, holding ``reader``: :func:`mapped`), or
+    decompressed in chunks into one array (compressed) when it fits :func:`budget`;
+    :class:`MemberError` otherwise. A stored member's CRC-32 is checked first (its bytes
+    streamed through, progress reported as ``what``), unless ``verified`` (the scan cache's word
+    that it was, on this very file)."""
     from .scans import progress
 
     order = "F" if m.fortran else "C"
@@ -185,7 +203,7 @@ def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
                     progress(f"{what}: checking its CRC-32", done, info.file_size)
         if m.nbytes == 0:
             return np.empty(m.shape, m.dtype, order=order)
-        return mapped(path, m.dtype, m.offset, m.shape, order)
+        return mapped(path, m.dtype, m.offset, m.shape, order, reader)
     limit = budget()
     if limit is not None and m.nbytes > limit:
         raise MemberError(f"is stored compressed and declares shape {m.shape} of {m.dtype} "

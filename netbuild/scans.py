@@ -2,9 +2,8 @@
 that a second ``check`` or ``train`` of unchanged files does not scan them again.
 
 One pass over an array gives its :class:`Stats`: how many NaN and infinite values it holds and
-the first example with one, the smallest and largest finite value, the first example holding a
-float that is not a whole number (class ids stored as floats), and the first example holding a
-value beyond float32's range. The data checks (:mod:`netbuild.data`) read their answers from
+the first example with one, the smallest and largest finite value and the largest magnitude, and
+the first example holding a float that is not a whole number (class ids stored as floats). The data checks (:mod:`netbuild.data`) read their answers from
 these, whatever the spec asks of the array (ids below an embedding's size, classes below an
 output's units, targets in [0, 1]), so one scan serves every spec that reads the file.
 
@@ -15,10 +14,16 @@ the hook set by :func:`reporting` (the CLI's progress line on a terminal).
 The cache keeps, per .npz file, the Stats of each member scanned and whether its CRC-32 was
 checked, under ``$NETBUILD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/netbuild``, else
 ``~/.cache/netbuild``; ``NETBUILD_CACHE_DIR=off`` turns it off). An entry holds only while the
-file's size, modification time and header checksum (a SHA-256 of the archive's directory: each
-member's name, sizes, compression and CRC-32, itself a checksum of the member's bytes) are
-those it was made from; anything else and the file is scanned again. A cache that cannot be read
-or written is no error: the scan is simply made.
+file's device, inode, size, modification and status-change times and header checksum (a SHA-256
+of the archive's directory: each member's name, sizes, compression and the CRC-32 its writer
+recorded) are those it was made from; anything else and the file is scanned again. The status
+change time cannot be set back (``touch -r``, ``cp -p`` and ``rsync -t`` set only the
+modification time), and as git does with racy timestamps, no entry is kept for a file changed
+less than :data:`RACY_NS` before its scan: the file system's clock ticks coarsely, and a second
+change within the same tick would leave its times as they were. What the cache cannot see is a
+change of the bytes that leaves all of these alone (a disk's bit rot): ``NETBUILD_CACHE_DIR=off``
+checks every byte every time. A cache that cannot be read or written is no error: the scan is
+simply made.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +43,8 @@ import numpy as np
 
 #: Arrays larger than this report their scan's progress (to the hook of :func:`reporting`).
 PROGRESS_BYTES = 256 * 2**20
-#: The float32 range: a float64 value beyond it becomes infinite in a float32 network.
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_VERSION = 1
+#: No cache entry is kept for a file changed less than this long (ns) before its scan.
+RACY_NS = 2 * 10**9
 
 _progress: Callable[[str, int, int], None] | None = None
 
@@ -58,9 +63,8 @@ class Stats:
     #: The first example holding a finite float that is not a whole number, and that value.
     first_fractional: int | None = None
     fractional: float | None = None
-    #: The first example holding a finite value beyond float32's range, and its largest magnitude.
-    first_beyond_float32: int | None = None
-    beyond_float32: float | None = None
+    #: The largest magnitude of a finite value (None for an array with none).
+    peak: float | None = None
 
 
 @contextlib.contextmanager
@@ -86,9 +90,10 @@ def scan(values: np.ndarray, what: str = "") -> Stats:
     from .data import row_chunks  # the chunking (and page release) every check shares
 
     kind = values.dtype.kind
+    number = float if kind == "f" else int  # a Python number (longdouble's item() is not one)
     n_nan = n_inf = 0
-    first_nonfinite = first_fractional = first_beyond = None
-    fractional = beyond = None
+    first_nonfinite = first_fractional = None
+    fractional = peak = None
     lo = hi = None
     done = 0
     for start, part in row_chunks(values):
@@ -108,22 +113,17 @@ def scan(values: np.ndarray, what: str = "") -> Stats:
                     row = _first_row(~whole)
                     first_fractional = start + row
                     fractional = float(part[row][~whole[row]].flat[0])
-            if first_beyond is None and kept.size and part.dtype.itemsize > 4:
-                big = finite & (np.abs(part) > _FLOAT32_MAX)
-                if big.any():
-                    row = _first_row(big)
-                    first_beyond = start + row
-                    beyond = float(np.abs(part[row][finite[row]]).max())
         else:
             kept = part.reshape(-1)
         if kept.size:
-            low, high = kept.min(), kept.max()
-            lo = low.item() if lo is None else min(lo, low.item())
-            hi = high.item() if hi is None else max(hi, high.item())
+            low, high = number(kept.min()), number(kept.max())
+            lo = low if lo is None else min(lo, low)
+            hi = high if hi is None else max(hi, high)
         done += part.nbytes
         progress(f"{what}: checking its values", done, values.nbytes)
-    return Stats(n_nan, n_inf, first_nonfinite, lo, hi, first_fractional, fractional,
-                 first_beyond, beyond)
+    if lo is not None:
+        peak = float(max(abs(lo), abs(hi)))
+    return Stats(n_nan, n_inf, first_nonfinite, lo, hi, first_fractional, fractional, peak)
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -140,22 +140,28 @@ def cache_dir() -> Path | None:
     return Path(base) / "netbuild"
 
 
-def identity(file: Path, archive: zipfile.ZipFile) -> dict:
-    """What an entry holds only for: the file's size, modification time and a SHA-256 of the
-    archive's directory (every member's name, sizes, compression and CRC-32)."""
-    stat = os.stat(file)
+#: Bumped with any change of what an entry holds; Stats' fields are part of it.
+_VERSION = "2:" + ",".join(f.name for f in dataclasses.fields(Stats))
+
+
+def identity(stat: os.stat_result, archive: zipfile.ZipFile) -> dict:
+    """What an entry holds only for: the file's device, inode, size, modification and status
+    change times, and a SHA-256 of the archive's directory (every member's name, sizes,
+    compression and recorded CRC-32)."""
     digest = hashlib.sha256()
     for info in archive.infolist():
         digest.update(f"{info.filename}\0{info.file_size}\0{info.compress_size}\0"
                       f"{info.compress_type}\0{info.CRC}\0{info.header_offset}\n".encode())
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "headers": digest.hexdigest()}
+    return {"device": stat.st_dev, "inode": stat.st_ino, "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "headers": digest.hexdigest()}
 
 
 class FileCache:
     """The cache entry of one .npz file: each member's Stats and whether its CRC-32 was checked.
     Loaded when the file is opened; :meth:`save` writes it back (atomically) if it changed."""
 
-    def __init__(self, file: Path, archive: zipfile.ZipFile):
+    def __init__(self, file: Path, archive: zipfile.ZipFile, fd: int):
+        """``fd``: the archive's open file (its times are the opened file's, not the path's)."""
         self.path = None
         self.members: dict[str, dict] = {}
         self._changed = False
@@ -164,9 +170,11 @@ class FileCache:
             return
         try:
             real = str(Path(file).resolve())
-            self.identity = identity(file, archive)
+            stat = os.fstat(fd)
+            self.identity = identity(stat, archive)
         except OSError:
             return
+        self._racy = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RACY_NS
         self.path = root / "scans" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
         self.file = real
         try:
@@ -189,11 +197,8 @@ class FileCache:
     def stats(self, key: str, values: np.ndarray, what: str) -> Stats:
         """The member's Stats: from the cache, else scanned (and kept)."""
         kept = self.members.get(key, {}).get("stats")
-        if kept is not None:
-            try:
-                return Stats(**kept)
-            except TypeError:
-                pass
+        if isinstance(kept, dict) and set(kept) == {f.name for f in dataclasses.fields(Stats)}:
+            return Stats(**kept)
         found = scan(values, what)
         if self.path is not None:
             self.members.setdefault(key, {})["stats"] = dataclasses.asdict(found)
@@ -201,7 +206,9 @@ class FileCache:
         return found
 
     def save(self) -> None:
-        if self.path is None or not self._changed:
+        """Write the entry back, unless nothing changed or the file changed too recently to
+        tell a later change by its times (:data:`RACY_NS`)."""
+        if self.path is None or not self._changed or self._racy:
             return
         from .runs import atomic_write
 
@@ -211,5 +218,5 @@ class FileCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps(entry).encode())
             self._changed = False
-        except OSError:
+        except (OSError, TypeError, ValueError):  # a cache is never an error
             pass

@@ -12,9 +12,12 @@ os.environ.setdefault("NETBUILD_THREADS", "1")
 # Data scans are cached in a folder of the test process's own (inherited by the CLI's
 # subprocesses), never in the user's ~/.cache.
 if "NETBUILD_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["NETBUILD_CACHE_DIR"] = tempfile.mkdtemp(prefix="netbuild-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NETBUILD_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np
 import pytensor

@@ -4,6 +4,7 @@ whenever a file changes; large scans report their progress."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -28,16 +29,17 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A cache of the test's own that keeps entries of files just written (no racy window)."""
     folder = tmp_path / "cache"
     monkeypatch.setenv("NETBUILD_CACHE_DIR", str(folder))
+    monkeypatch.setattr(scans, "RACY_NS", 0)
     return folder
 
 
 def _reference(a: np.ndarray) -> dict:
     """The statistics, from whole-array numpy."""
     rows = a.reshape(len(a), -1)
-    out = {"n_nan": 0, "n_inf": 0, "first_nonfinite": None, "first_fractional": None,
-           "first_beyond_float32": None}
+    out = {"n_nan": 0, "n_inf": 0, "first_nonfinite": None, "first_fractional": None}
     if a.dtype.kind == "f":
         out["n_nan"], out["n_inf"] = int(np.isnan(a).sum()), int(np.isinf(a).sum())
         bad = ~np.isfinite(rows)
@@ -45,12 +47,10 @@ def _reference(a: np.ndarray) -> dict:
         finite = rows[np.isfinite(rows)]
         frac = np.isfinite(rows) & (rows != np.round(rows))
         out["first_fractional"] = int(np.flatnonzero(frac.any(1))[0]) if frac.any() else None
-        big = np.isfinite(rows) & (np.abs(rows) > np.finfo(np.float32).max) if a.dtype.itemsize > 4 \
-            else np.zeros_like(rows, bool)
-        out["first_beyond_float32"] = int(np.flatnonzero(big.any(1))[0]) if big.any() else None
     else:
         finite = rows.reshape(-1)
     out["lo"], out["hi"] = (finite.min().item(), finite.max().item()) if finite.size else (None, None)
+    out["peak"] = float(np.abs(finite).max()) if finite.size else None
     return out
 
 
@@ -77,8 +77,31 @@ def test_scan_matches_numpy_across_chunks(name, small_chunks):
     if st.first_fractional is not None:
         row = a.reshape(len(a), -1)[st.first_fractional]
         assert st.fractional in row and st.fractional != round(st.fractional)
-    if st.first_beyond_float32 is not None:
-        assert st.beyond_float32 == np.abs(a[st.first_beyond_float32]).max()
+
+
+def test_scan_figures_are_python_numbers_even_for_longdouble(small_chunks):
+    """numpy's longdouble.item() is a longdouble: the figures are kept (JSON) as Python numbers."""
+    st = scans.scan(np.arange(30, dtype=np.longdouble).reshape(10, 3) / 2)
+    assert type(st.lo) is float and type(st.hi) is float and st.first_fractional == 0
+    assert type(scans.scan(np.arange(12, dtype=np.uint64).reshape(4, 3)).hi) is int
+    json.dumps(dataclasses.asdict(st))
+
+
+def test_values_beyond_the_networks_float_type_are_found_from_the_peak(small_chunks):
+    """The scan keeps the largest magnitude; only when it exceeds the network's float type are the
+    values cast (in chunks) to find the first example that overflows. A value just above
+    float32's largest, which rounds to it, is accepted, as a cast keeps it finite."""
+    from netbuild.network import Network
+
+    net = Network.from_spec(netbuild.load_spec(MLP, overrides=["model.input_shape=[3]"]))
+    x = RNG.normal(size=(40, 3))
+    x[33, 1] = -1e300
+    report = data.reporter("d.npz")
+    with pytest.raises(netbuild.NetbuildError, match=r"holds 1e\+300 \(in example 33\), beyond the "
+                       r"range of float32"):
+        data.prepare_x(x, net, report, "x")
+    x[33, 1] = float(np.finfo(np.float32).max) * (1 + 1e-9)
+    assert np.isfinite(data.prepare_x(x, net, report, "x")).all()
 
 
 def test_scan_of_a_memory_mapped_file_matches_the_array_in_memory(tmp_path, small_chunks):
@@ -119,10 +142,10 @@ class _Spy:
             self.scans.append(what)
             return scan(values, what)
 
-        def counted_read(path, archive, m, verified=False, what=""):
+        def counted_read(path, archive, m, verified=False, what="", reader=None):
             if not m.compressed and not verified:
                 self.crc.append(m.key)
-            return read(path, archive, m, verified, what)
+            return read(path, archive, m, verified, what, reader)
 
         monkeypatch.setattr(scans, "scan", counted_scan)
         monkeypatch.setattr(npz, "read", counted_read)
@@ -169,6 +192,45 @@ def test_a_changed_file_is_scanned_again_and_its_mistake_found(tmp_path, cache, 
     assert any("train.npz 'x'" in w for w in spy.scans) and "x" in spy.crc  # the CRC-32 told
 
 
+def test_no_entry_is_kept_for_a_file_changed_just_before_its_scan(tmp_path, monkeypatch, run_cli):
+    """A second change within the file system's clock tick would leave the file's times as
+    they were: a file changed less than RACY_NS before its scan is scanned every time."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NETBUILD_CACHE_DIR", str(folder))
+    monkeypatch.setattr(scans, "RACY_NS", 60 * 10**9)
+    spec = _spec_with(tmp_path, _digits(tmp_path))
+    spy = _Spy(monkeypatch)
+    assert run_cli("check", spec).exit_code == 0
+    spy.reset()
+    assert run_cli("check", spec).exit_code == 0
+    assert any("train.npz 'x'" in w for w in spy.scans) and spy.crc == ["x", "y"]
+    entries = [json.loads(e.read_text())["file"] for e in (folder / "scans").glob("*.json")]
+    assert all(not f.endswith("train.npz") for f in entries)  # the shipped test file is old
+
+
+def test_a_file_edited_in_place_with_its_times_put_back_is_scanned_again(tmp_path, cache,
+                                                                         monkeypatch, run_cli):
+    """Bytes changed behind the zip directory's back (its CRC-32s unchanged) with the
+    modification time restored: the status-change time differs, so the entry does not hold
+    and the CRC-32 check finds the change."""
+    import time
+
+    train = _digits(tmp_path)
+    spec = _spec_with(tmp_path, train)
+    assert run_cli("check", spec).exit_code == 0
+    before = os.stat(train)
+    time.sleep(0.01)  # the next status change at a later tick
+    with open(train, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))
+    result = run_cli("check", spec)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "train.npz" in result.stderr
+
+
 def test_the_cache_can_be_off_or_unwritable(tmp_path, monkeypatch, run_cli):
     spec = _spec_with(tmp_path, _digits(tmp_path))
     monkeypatch.setenv("NETBUILD_CACHE_DIR", "off")
@@ -192,7 +254,22 @@ def test_a_damaged_cache_entry_is_scanned_again(tmp_path, cache, monkeypatch, ru
     assert run_cli("check", spec).exit_code == 0
     assert len(spy.scans) == 4
     for entry in (cache / "scans").glob("*.json"):
-        assert json.loads(entry.read_text())["version"] == 1  # written anew
+        assert json.loads(entry.read_text())["version"] == scans._VERSION  # written anew
+
+
+def test_an_entry_missing_a_figure_is_not_trusted(tmp_path, cache, monkeypatch, run_cli):
+    """An entry whose Stats lack a field (an older netbuild's, an edited one) is scanned again:
+    a missing field must not read as its default (no NaN, say)."""
+    spec = _spec_with(tmp_path, _digits(tmp_path))
+    assert run_cli("check", spec).exit_code == 0
+    for entry in (cache / "scans").glob("*.json"):
+        kept = json.loads(entry.read_text())
+        for member in kept["members"].values():
+            member["stats"].pop("n_nan")
+        entry.write_text(json.dumps(kept))
+    spy = _Spy(monkeypatch)
+    assert run_cli("check", spec).exit_code == 0
+    assert len(spy.scans) == 4
 
 
 def test_the_cache_answers_every_spec_that_reads_the_file(tmp_path, cache, run_cli):
@@ -227,6 +304,12 @@ def test_the_cli_draws_a_progress_line_on_a_terminal_only(monkeypatch):
             return True
 
     monkeypatch.setattr(scans, "PROGRESS_BYTES", 0)
+    stream = Terminal()  # a pass cut short: its line is cleared on the way out
+    monkeypatch.setattr(sys, "stderr", stream)
+    with pytest.raises(KeyboardInterrupt), cli._scan_progress():
+        scans.progress("d.npz 'x': checking its CRC-32", 2**20, 2**21)
+        raise KeyboardInterrupt
+    assert stream.getvalue().endswith("of 2.0 MiB\r\033[K")
     for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stderr", stream)
         with cli._scan_progress():

@@ -179,6 +179,11 @@ def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, m
         np.testing.assert_array_equal(got, a[index], err_msg=name)
         runs = 1 + int(np.sum(np.diff(index % 700) != 1))
         assert len(calls) == (runs if name != "shuffled rows" else 0), name
+    mask = np.zeros(700, bool)  # not an index array of rows: indexed as numpy does
+    mask[[3, 4, 5]] = True
+    np.testing.assert_array_equal(data.gather(mapped, mask), a[mask])
+    with pytest.raises(IndexError, match="-701"):
+        data.gather(mapped, np.arange(-701, -701 + 64))
     view = mapped.reshape(700, 3, 4)
     np.testing.assert_array_equal(data.gather(view, order[:128]), a.reshape(700, 3, 4)[order[:128]])
     b = rng.normal(size=(300, 12)).astype(np.float32)

@@ -142,8 +142,9 @@ def _sequence_function(cell: str, activation: str, recurrent_activation: str, dt
 
 
 # Units: fewer than two parts of recurrent.c's UNITS_PER_PART (one part on any number of
-# threads), two even parts, two uneven parts; with one row and with several.
-@pytest.mark.parametrize("units, batch", [(20, 5), (40, 1), (40, 9), (37, 6)])
+# threads), two even parts, two uneven parts; with one row and with several, and with more rows
+# (6 steps x 50) than one block of the weight gradient's (256).
+@pytest.mark.parametrize("units, batch", [(20, 5), (40, 1), (40, 9), (37, 6), (37, 50)])
 @pytest.mark.parametrize("cell, activation, recurrent_activation", [
     ("simple_rnn", "tanh", "sigmoid"), ("simple_rnn", "relu", "sigmoid"),
     ("lstm", "tanh", "sigmoid"), ("lstm", "relu", "hard_sigmoid"),
