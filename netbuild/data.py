@@ -419,6 +419,7 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
                 bad = lo if lo < 0 else hi
                 raise report.error(f"holds class id {bad}, outside the output's range; expected "
                                    f"ids 0..{k - 1} for an output of {k} units", key)
+            _fits_converted(y, np.int64, report, key)
             return y.astype(np.int64, copy=False)
         if y.shape[1:] == tuple(output_shape):
             if lo < 0 or hi > 1:
@@ -426,6 +427,7 @@ def prepare_y(y: np.ndarray, n: int, output_shape: tuple, loss_name: str, report
                 raise report.error(f"holds {bad:g} in a one-hot row; expected values between 0 "
                                    "and 1 (one-hot or probability rows) for categorical_crossentropy",
                                    key)
+            _fits_converted(y, backend.float_type(), report, key)
             return y.astype(backend.float_type(), copy=False)
         raise report.error(f"has shape {y.shape} and dtype {y.dtype}; expected integer class ids "
                            f"of shape {(n,) + lead} or one-hot rows of shape {(n,) + tuple(output_shape)}",

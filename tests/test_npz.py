@@ -149,6 +149,13 @@ def test_copies_into_memory_are_budgeted_before_they_are_made(tmp_path, monkeypa
         load("f32.npz")
     sets = load("f32.npz", "data.validation_split=0")
     assert isinstance(sets.train.x, np.memmap) and sets.validation is None
+    # class ids stored as int32 are converted to int64 in memory: budgeted as the inputs are
+    with np.load(CONFIGS / "data" / "digits-train.npz") as d:
+        np.savez(tmp_path / "ids32.npz", x=d["x"], y=d["y"].astype(np.int32))
+    monkeypatch.setattr(npz, "budget", lambda: 5_000)
+    with pytest.raises(SpecError, match=r"ids32.npz: key 'y': is stored as int32 \(shape \(1437,\)\); "
+                                        r"the network reads int64, and converting it takes 11.2 KiB"):
+        load("ids32.npz", "data.validation_split=0")
 
 
 def test_predict_writes_its_outputs_batch_by_batch(tmp_path, run_cli):
