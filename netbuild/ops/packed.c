@@ -3,15 +3,17 @@
    weights, multiplied at every step by a small batch of states (netbuild/ops/recurrent.c).
 
    BLAS packs both operands again at every call: on the bench LSTM's per-step products
-   (64 x 128 by 128 x 512, and 64 x 512 by 512 x 128, one thread, SkylakeX kernels) OpenBLAS's
-   sgemm ran at 168-175 GFLOP/s where this kernel, on weights packed once, runs at 210-220.
+   (64 x 128 by 128 x 512, and 64 x 512 by 512 x 128, one thread, SkylakeX kernels; a standalone
+   timing, each product repeated with its operands in cache) OpenBLAS's sgemm ran at 168-175
+   GFLOP/s where this kernel, on weights packed once, ran at 210-220.
 
-   The right-hand matrix B (K, N) is packed into panels of NETBUILD_NR(T) columns, each panel
+   The right-hand matrix B (K, N) is packed into panels of netbuild_nr<T>() columns, each panel
    K rows of NR consecutive values (the last panel padded with zeros). The product keeps a tile
    of NETBUILD_MR rows by NR columns in vector registers (g++'s vector extensions, sized to the
-   widest vectors the compile flags allow) and adds k = 0, 1, ..., K - 1 in that order with one
-   multiply-add each: every value of the result is the same sum in the same order whatever the
-   tile, the panel or the thread, so its bits depend only on the operands. */
+   widest vectors the compile flags allow) and adds the products of k = 0, 1, ..., K - 1 in that
+   order, the same operations in every lane of every tile: every value of the result is the same
+   sum in the same order whatever the tile, the panel or the thread, so its bits depend only on
+   the operands (and the compile flags). */
 
 #if defined(__AVX512F__)
 #define NETBUILD_VEC_BYTES 64
