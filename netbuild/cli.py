@@ -65,16 +65,13 @@ def _scan_progress():
 
     if not sys.stderr.isatty():
         return contextlib.nullcontext()
-    drawn = [False]
+    drawn = False
 
     def hook(what: str, done: int, total: int) -> None:
-        if done >= total:
-            click.echo("\r\033[K", err=True, nl=False)
-            drawn[0] = False
-        else:
-            click.echo(f"\r{printable(what)}: {100 * done // total}% of {size_text(total)}",
-                       err=True, nl=False)
-            drawn[0] = True
+        nonlocal drawn
+        drawn = done < total
+        click.echo(f"\r{printable(what)}: {100 * done // total}% of {size_text(total)}" if drawn
+                   else "\r\033[K", err=True, nl=False)
 
     @contextlib.contextmanager
     def reporting():
@@ -82,7 +79,7 @@ def _scan_progress():
             with scans.reporting(hook):
                 yield
         finally:
-            if drawn[0]:
+            if drawn:
                 click.echo("\r\033[K", err=True, nl=False)
 
     return reporting()

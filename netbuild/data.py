@@ -225,7 +225,7 @@ def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
                 raise _joined(missing)
             (errors if errors is not None else []).extend(missing)
             cache = scans.FileCache(file, archive.zip, f.fileno())
-            reader = npz.Reader(os.dup(f.fileno()), str(file))  # the mapped members' (gather)
+            reader = npz.Reader(os.dup(f.fileno()), display_path(file))  # for gather
             arrays = {}
             try:
                 for k in wanted:
@@ -376,7 +376,7 @@ def _beyond(values: np.ndarray, dtype: np.dtype, stats, report: _Reporter, key: 
         with np.errstate(over="ignore"):
             overflow = np.isinf(part.astype(dtype)) & np.isfinite(part)
         if overflow.any():
-            at = int(np.flatnonzero(overflow.reshape(len(part), -1).any(axis=1))[0])
+            at = scans.first_row(overflow)
             peak = float(np.abs(part[at][np.isfinite(part[at])]).max())
             raise report.error(f"holds {peak:g} (in example {start + at}), beyond the range of "
                                f"{dtype} (the network's float type); expected finite {dtype} "
@@ -635,7 +635,9 @@ def gather(array, index: np.ndarray) -> np.ndarray:
         while done < want:
             got = os.preadv(fd, [view[done:want]], at)
             if got <= 0:  # the file was cut short since it was checked
-                raise OSError(errno.EIO, f"{f.name} ends before the rows it held when checked")
+                raise DataError(f"{f.name}: ends before row {row + (done - a * row_bytes) // row_bytes}"
+                                ", which it held when it was checked; expected the data files "
+                                "to stay as they are while netbuild reads them")
             done, at = done + got, at + got
     return out
 

@@ -13,7 +13,6 @@ from .errors import NetbuildError, RunError
 from .model import Exported, Model, writable
 
 
-
 def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = None,
              confusion: bool = False, baseline: str | os.PathLike | None = None,
              max_drop: dict[str, float] | None = None) -> dict:

@@ -105,12 +105,12 @@ def scan(values: np.ndarray, what: str = "") -> Stats:
                 n_nan += int(nan.sum())
                 n_inf += int((~finite & ~nan).sum())
                 if first_nonfinite is None:
-                    first_nonfinite = start + _first_row(~finite)
+                    first_nonfinite = start + first_row(~finite)
             kept = part[finite] if not finite.all() else part.reshape(-1)
             if first_fractional is None and kept.size:
                 whole = np.where(finite, part == np.round(part), True)
                 if not whole.all():
-                    row = _first_row(~whole)
+                    row = first_row(~whole)
                     first_fractional = start + row
                     fractional = float(part[row][~whole[row]].flat[0])
         else:
@@ -126,7 +126,8 @@ def scan(values: np.ndarray, what: str = "") -> Stats:
     return Stats(n_nan, n_inf, first_nonfinite, lo, hi, first_fractional, fractional, peak)
 
 
-def _first_row(mask: np.ndarray) -> int:
+def first_row(mask: np.ndarray) -> int:
+    """The first example (row) where ``mask`` holds anywhere."""
     return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 

@@ -168,9 +168,13 @@ def test_a_second_check_of_unchanged_files_neither_scans_nor_reads_them(tmp_path
     spy.reset()
     assert run_cli("check", spec).exit_code == 0
     assert spy.scans == [] and spy.crc == []
-    spy.reset()  # training reads the same answers
+    spy.reset()  # training, evaluation and prediction read the same answers
     run = netbuild.train(netbuild.load_spec(spec, overrides=["train.epochs=1"]), tmp_path / "run")
     assert run.history and spy.scans == [] and spy.crc == []
+    assert run_cli("eval", tmp_path / "run", "--data", tmp_path / "train.npz").exit_code == 0
+    assert run_cli("predict", tmp_path / "run", "--data", tmp_path / "train.npz",
+                   "--out", tmp_path / "p.npz").exit_code == 0
+    assert spy.scans == [] and spy.crc == []
 
 
 def test_a_changed_file_is_scanned_again_and_its_mistake_found(tmp_path, cache, monkeypatch, run_cli):

@@ -193,6 +193,22 @@ def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, m
     np.testing.assert_array_equal(rows[index], both[index])
 
 
+def test_a_file_cut_short_after_its_check_is_one_line_not_a_traceback(tmp_path):
+    """Rows read with pread past the end of a file truncated since it was checked: a DataError
+    naming the file and the row (the map itself is never touched, so no SIGBUS)."""
+    import os
+
+    from netbuild import data
+    from netbuild.errors import DataError
+
+    a = np.arange(700 * 12, dtype=np.float32).reshape(700, 12)
+    mapped = _mapped(tmp_path, "a.npz", a)
+    os.truncate(tmp_path / "a.npz", os.path.getsize(tmp_path / "a.npz") // 2)
+    with pytest.raises(DataError, match=r"a.npz: ends before row \d+, which it held when it was "
+                                        r"checked; expected the data files to stay as they are"):
+        data.gather(mapped, np.arange(600, 664))
+
+
 def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path, monkeypatch):
     """The same bits as the rows in one file in memory, read with pread (no page of the files
     mapped by a batch)."""

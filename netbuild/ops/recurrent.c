@@ -272,7 +272,8 @@ static void forward_loop(int g, int Tn, int Bn, int U, const T* W, const T* h0, 
    rows of W, transposed, packed once into pack (backward_work elements); dh = dH[T-1] (dh0 = 0
    with no steps); then for every step, last first, cells(t, u0, nu) (the gates' gradients
    dA[t], from dh), a wait for the others (dA[t] complete) and dh carried to the step before
-   (carry_units, keep for the GRU). done(u0, nu) after the loop, on the same thread. */
+   (carry_units, keep for the GRU). done(u0, nu, block) after the loop, on the same thread,
+   with the part's block of pack (free again: the weight gradient's blocks of dA go there). */
 template <typename T, typename F, typename D>
 static void backward_loop(int g, bool keep, int Tn, int Bn, int U, const T* W, const T* dA,
                           const T* dH, T* dh, T* dh0, T* pack, F cells, D done) {
