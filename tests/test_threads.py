@@ -127,46 +127,59 @@ def test_conv_and_pool_ops_give_the_same_bits_on_1_and_2_threads(batch, restore_
         np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-def _sequence_function(cell: str, activation: str, recurrent_activation: str, dtype: str):
+def _sequence_function(cell: str, activation: str, recurrent_activation: str, dtype: str,
+                       masked: bool = False):
     """The recurrent op's outputs and every input's gradient, in C."""
     names = ["P", "b", "W", "h0"] + ([recurrent.CELLS[cell][1]] if recurrent.CELLS[cell][1] else [])
     ndims = {"P": 3, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
     inputs = [pt.tensor(n, dtype=dtype, shape=(None,) * ndims[n]) for n in names]
+    mask = pt.tensor("mask", dtype=dtype, shape=(None, None)) if masked else None
     outs = recurrent.sequence(cell, *inputs[:4], *(inputs[4:] or [None]), activation=activation,
-                              recurrent_activation=recurrent_activation)
+                              recurrent_activation=recurrent_activation, mask=mask)
     weights = pt.tensor("weights", dtype=dtype, shape=(None, None, None))
     loss = (outs[0] * weights).sum()
     if cell == "lstm":  # a gradient reaches the cell states too
         loss = loss + (outs[1] * outs[1]).sum()
-    return names, function([*inputs, weights], [*outs, *pytensor.grad(loss, inputs)], c=True)
+    extra = [mask] if masked else []
+    return names, function([*inputs, *extra, weights], [*outs, *pytensor.grad(loss, inputs)],
+                           c=True)
 
 
-# Units: fewer than two parts of recurrent.c's UNITS_PER_PART (one part on any number of
-# threads), two even parts, two uneven parts; with one row and with several, and with more rows
-# (6 steps x 50) than one block of the weight gradient's (256).
-@pytest.mark.parametrize("units, batch", [(20, 5), (40, 1), (40, 9), (37, 6), (37, 50)])
+# Rows (each thread runs the loop on its rows, at least recurrent.c's ROWS_PER_PART, a tile of
+# 6 or 8): one part on any number of threads (1, 5 or 9 rows), two even parts (16), two uneven
+# ones (17); units (each thread's columns of the weight gradients, at least UNITS_PER_PART = 16):
+# one part (20), two even (40), two uneven (37); and more rows (6 steps x 50) than one block of
+# the weight gradient's (256). Masked: rows padded at some steps, on split rows.
+@pytest.mark.parametrize("units, batch, masked", [
+    (20, 5, False), (40, 1, False), (40, 9, False), (40, 16, False), (37, 17, False),
+    (37, 50, False), (37, 17, True)])
 @pytest.mark.parametrize("cell, activation, recurrent_activation", [
     ("simple_rnn", "tanh", "sigmoid"), ("simple_rnn", "relu", "sigmoid"),
     ("lstm", "tanh", "sigmoid"), ("lstm", "relu", "hard_sigmoid"),
     ("gru", "tanh", "sigmoid"), ("gru", "linear", "hard_sigmoid")])
 def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation, units, batch,
-                                          restore_threads):
-    """Each thread computes its own units' columns, step by step, with products that add each
-    value's terms in one order whatever the columns computed with it (ops/packed.c): 1 and 2
-    threads give the same bits, in float64 and float32."""
+                                          masked, restore_threads):
+    """Each thread runs the loop on its own rows, then computes its own units' columns of the
+    weight gradients, with products that add each value's terms in one order whatever the rows
+    or columns computed with it (ops/packed.c): 1 and 2 threads give the same bits, in float64
+    and float32."""
     rng = np.random.default_rng(units * batch)
     T, U = 6, units
     G = recurrent.CELLS[cell][0] * U
     values = {"P": rng.normal(size=(T, batch, G)), "b": rng.normal(size=G) * 0.1,
               "W": rng.normal(size=(U, G)) * 0.3, "h0": rng.normal(size=(batch, U)) * 0.5,
               "c0": rng.normal(size=(batch, U)) * 0.5, "b_hn": rng.normal(size=U) * 0.1}
+    mask = (rng.random((T, batch)) < 0.7).astype("float64")
+    mask[:, 0] = 1.0  # a row with every step real
     for dtype in ("float64", "float32"):
-        names, fn = _sequence_function(cell, activation, recurrent_activation, dtype)
-        args = [values[n].astype(dtype) for n in names] + [rng.normal(size=(T, batch, U)).astype(dtype)]
+        names, fn = _sequence_function(cell, activation, recurrent_activation, dtype, masked)
+        args = ([values[n].astype(dtype) for n in names] + ([mask.astype(dtype)] if masked else [])
+                + [rng.normal(size=(T, batch, U)).astype(dtype)])
         one = [a.copy() for a in _on(1, fn, *args)]
         two = _on(2, fn, *args)
         for i, (a, b) in enumerate(zip(one, two)):
             np.testing.assert_array_equal(a, b, err_msg=f"{dtype} output {i}")
+        assert all(np.isfinite(a).all() for a in two)
 
 
 def test_adam_step_gives_the_same_bits_on_1_and_2_threads(restore_threads):

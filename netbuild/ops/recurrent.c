@@ -1,23 +1,25 @@
 #section support_code
 /* The recurrent layers' loop over timesteps (netbuild/ops/recurrent.py), forward and backward.
 
-   Threads split the units: each of a team of threads (netbuild_team_run, at least
-   UNITS_PER_PART units each) owns the columns of its units in every gate block, for all rows of
-   the batch. A forward step is, on each thread, the product of the whole state h[t-1] with its
-   columns of W (packed once per call into a block of its own, packed.c), then the fused
-   elementwise maths of its units; the team waits for one another once per step (h[t] complete).
-   A backward step is the elementwise maths of the thread's units (the gates' gradients dA[t]), a
-   wait (dA[t] complete), then the product of dA[t] with its units' rows of W (packed once,
-   transposed) for its columns of dh. So W is read by each thread in parts, not whole. After the
-   loop each thread computes its columns of the weight gradient (products over all T*B rows, a
-   block of rows at a time) and of the bias gradients (column sums in double, row by row in
-   order).
+   Threads split the rows of the batch: the rows of a recurrent batch are independent, so each of
+   a team of threads (netbuild_team_run, at least ROWS_PER_PART rows each) runs the whole loop over
+   timesteps on its rows, with no wait between steps. A forward step is, on each thread, the
+   product of its rows of h[t-1] with the whole W (packed once per call, the team sharing the
+   packing), then the fused elementwise maths of its rows. A backward step is the elementwise
+   maths of its rows (the gates' gradients dA[t]) and the product of those rows of dA[t] with W^T
+   (packed once) for its rows of dh. After the loop the team waits once, and each thread then
+   computes its columns of the weight gradient (products over all T*B rows, a block of rows at a
+   time) and of the bias gradients (column sums in double, row by row in order). With a batch too
+   small to split, the team is as large as the units allow, for those gradients alone.
 
    Every product is netbuild_packed_gemm, not BLAS: it adds each value's terms in one fixed order
-   whatever the columns computed with it, so the outputs have the same bits on any number of
-   threads. OpenBLAS packs both operands again at every call: in PyTensor's per-op profile of
+   whatever the rows or columns computed with it, so the outputs have the same bits on any number
+   of threads. OpenBLAS packs both operands again at every call: in PyTensor's per-op profile of
    the bench LSTM's training step (float32, one thread) the forward op went from 3.9 to 2.9 ms
-   and the backward from 7.3 to 5.7 ms when these products replaced its gemms.
+   and the backward from 7.3 to 5.7 ms when these products replaced its gemms. An earlier version
+   split the units instead, which needs the whole h[t] (or dA[t]) of every thread before the next
+   step, a wait at every step: on the bench LSTM (2 threads, same profile) the two ops took
+   5.0 ms a training step that way and 4.5-4.9 ms in three runs of this one.
 
    The fused loops are vectorized: templates on the two activations for the default pair (tanh,
    sigmoid) and the simple RNN's tanh and relu, a run-time switch for the other pairs. */
@@ -143,179 +145,189 @@ static void part_grads(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, c
                     acc + q * U + u0);
 }
 
-/* How many parts the units are cut into: one per thread, at least UNITS_PER_PART units each. */
-static inline int unit_parts(int U) { return netbuild_parts(U, netbuild_threads(), UNITS_PER_PART); }
-
-/* The columns [u0, u0 + nu) of rows of to (Bn, U) = (or +=) those of from */
-template <typename T>
-static void copy_units(int Bn, int U, npy_intp u0, npy_intp nu, const T* from, T* to, bool add) {
-    for (npy_intp r = 0; r < Bn; ++r) {
-        const T* __restrict f = from + r * U + u0;
-        T* __restrict t = to + r * U + u0;
-        if (add) for (npy_intp k = 0; k < nu; ++k) t[k] += f[k];
-        else memcpy(t, f, sizeof(T) * nu);
-    }
+/* How many parts the units are cut into for the weight gradients: one per thread, at least
+   UNITS_PER_PART units each. */
+static inline int unit_parts(int U) {
+    return netbuild_parts(U, netbuild_threads(), UNITS_PER_PART);
 }
 
+/* How many parts the rows of a batch are cut into for a loop: one per thread, at least a tile of
+   the packed product each. */
+static const npy_intp ROWS_PER_PART = NETBUILD_MR;
+static inline int row_parts(int Bn) {
+    return netbuild_parts(Bn, netbuild_threads(), ROWS_PER_PART);
+}
+
+/* Part p of n of [0, N): its first item i0 and its count ni. */
+#define NBREC_PART(N, p, n, i0, ni)                                  \
+    const npy_intp i0 = netbuild_part_start((N), (n), (p));          \
+    const npy_intp ni = netbuild_part_start((N), (n), (p) + 1) - i0
+
+/* rows of `to` (row stride U) = (or +=) those of `from` */
 template <typename T>
-static void zero_units(int Bn, int U, npy_intp u0, npy_intp nu, T* to) {
-    for (npy_intp r = 0; r < Bn; ++r) memset(to + r * U + u0, 0, sizeof(T) * nu);
+static void copy_rows(npy_intp rows, int U, const T* __restrict from, T* __restrict to, bool add) {
+    const size_t n = (size_t)rows * U;
+    if (add) for (size_t k = 0; k < n; ++k) to[k] += from[k];
+    else memcpy(to, from, sizeof(T) * n);
+}
+
+/* The columns [u0, u0 + nu) of rows of to (Bn, U) = those of from */
+template <typename T>
+static void copy_units(int Bn, int U, npy_intp u0, npy_intp nu, const T* from, T* to) {
+    for (npy_intp r = 0; r < Bn; ++r) memcpy(to + r * U + u0, from + r * U + u0, sizeof(T) * nu);
+}
+
+/* Part p of n of the packing of B (K, N) into P (netbuild_pack): its share of the panels. */
+template <typename T, typename F>
+static void pack_part(int p, int n, npy_intp K, npy_intp N, npy_intp sk, F col, T* P) {
+    const npy_intp nr = netbuild_nr<T>(), panels = (N + nr - 1) / nr;
+    const npy_intp j0 = netbuild_part_start(panels, n, p) * nr;
+    npy_intp j1 = netbuild_part_start(panels, n, p + 1) * nr;
+    if (j1 > N) j1 = N;
+    if (j1 > j0)
+        netbuild_pack(K, j1 - j0, sk, [&](npy_intp j) { return col(j0 + j); }, P + (size_t)j0 * K);
 }
 
 /* Masks (M (Tn, Bn), 0 at a padded step of a row): a padded step keeps the states as they were.
-   Forward, after a step's kernel: the part's units of every row padded at this step (mt[r] == 0)
-   take the previous state's (from, to: row 0, unit 0). A select, not m h + (1 - m) h', so what
-   the padded inputs hold (even inf or NaN) never reaches a state. */
+   Forward, after a step's kernel: every row padded at this step (mt[r] == 0) takes the previous
+   state's (from, to: at the first of the rows). A select, not m h + (1 - m) h', so what the
+   padded inputs hold (even inf or NaN) never reaches a state. */
 template <typename T>
-static void hold_rows(int Bn, int U, npy_intp u0, npy_intp nu, const T* mt, const T* from, T* to) {
-    for (npy_intp r = 0; r < Bn; ++r)
-        if (mt[r] == (T)0) memcpy(to + r * U + u0, from + r * U + u0, sizeof(T) * nu);
+static void hold_rows(npy_intp rows, int U, const T* mt, const T* from, T* to) {
+    for (npy_intp r = 0; r < rows; ++r)
+        if (mt[r] == (T)0) memcpy(to + r * U, from + r * U, sizeof(T) * U);
 }
 
-/* Backward, after a step's kernel (the part's units; D, DQ with row stride g*U, dh, dc, dC with
-   row stride U, all at row 0, unit 0): a row padded at this step gets no gate gradient (D and
-   DQ zero) and carries dh, and dc (plus dC of this step), as they were before the kernel (saved
-   in sdh, sdc); a real row of a cell whose carry is not kept (simple_rnn, lstm: clear) starts
-   dh at 0, since with a mask carry_units adds onto dh. */
+/* Backward, after a step's kernel (D, DQ with row stride g*U, dh, dc, dC with row stride U, all
+   at the first of the rows): a row padded at this step gets no gate gradient (D and DQ zero) and
+   carries dh, and dc (plus dC of this step), as they were before the kernel (saved in sdh, sdc);
+   a real row of a cell whose carry is not kept (simple_rnn, lstm: clear) starts dh at 0, since
+   with a mask the carry adds onto dh. */
 template <typename T>
-static void mask_grad_rows(int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* mt, bool clear,
-                           T* D, T* DQ, T* dh, const T* sdh, T* dc, const T* sdc, const T* dC) {
+static void mask_grad_rows(npy_intp rows, int U, int g, const T* mt, bool clear, T* D, T* DQ,
+                           T* dh, const T* sdh, T* dc, const T* sdc, const T* dC) {
     const npy_intp G = (npy_intp)g * U;
-    for (npy_intp r = 0; r < Bn; ++r) {
-        const npy_intp o = r * U + u0;
+    for (npy_intp r = 0; r < rows; ++r) {
+        const npy_intp o = r * U;
         if (mt[r] != (T)0) {
-            if (clear) memset(dh + o, 0, sizeof(T) * nu);
+            if (clear) memset(dh + o, 0, sizeof(T) * U);
             continue;
         }
-        for (int q = 0; q < g; ++q) {
-            memset(D + r * G + q * U + u0, 0, sizeof(T) * nu);
-            if (DQ) memset(DQ + r * G + q * U + u0, 0, sizeof(T) * nu);
-        }
-        memcpy(dh + o, sdh + o, sizeof(T) * nu);
+        memset(D + r * G, 0, sizeof(T) * G);
+        if (DQ) memset(DQ + r * G, 0, sizeof(T) * G);
+        memcpy(dh + o, sdh + o, sizeof(T) * U);
         if (dc) {
-            memcpy(dc + o, sdc + o, sizeof(T) * nu);
-            if (dC) for (npy_intp k = 0; k < nu; ++k) dc[o + k] += dC[o + k];
+            memcpy(dc + o, sdc + o, sizeof(T) * U);
+            if (dC) for (npy_intp k = 0; k < U; ++k) dc[o + k] += dC[o + k];
         }
     }
 }
 
-/* The part [u0, u0 + nu) of p of n. */
-#define NBREC_PART(U, p, n)                                           \
-    const npy_intp u0 = netbuild_part_start((U), (n), (p));            \
-    const npy_intp nu = netbuild_part_start((U), (n), (p) + 1) - u0
-
-/* dh's columns of the part, carried to step t - 1: dh = dH[t-1] + dA[t] W^T (+ what dh holds
-   when keep); at t = 0 into dh0 (dh0 = dh + dA[0] W^T when keep). dA[t] is (Bn, G) whole; Wt:
-   the part's rows of W, transposed and packed (G, nu). */
-template <typename T>
-static void carry_units(int t, int Bn, int U, int G, npy_intp u0, npy_intp nu, const T* Wt,
-                        const T* dAt, const T* dH, bool keep, T* dh, T* dh0) {
-    const size_t step = (size_t)Bn * U;
-    if (t) copy_units(Bn, U, u0, nu, dH + (t - 1) * step, dh, keep);
-    else if (keep) copy_units(Bn, U, u0, nu, dh, dh0, false);
-    netbuild_packed_gemm<T>(Bn, nu, G, dAt, G, 1, Wt, (t ? dh : dh0) + u0, U, t || keep);
+/* The scratch of a backward loop's weight gradient: part p's block of dA rows starts
+   rows * (u0 + p * NR) elements in, holding rows x (nu rounded up to NR). */
+template <typename T> static inline size_t packed_offset(npy_intp rows, npy_intp u0, int p) {
+    return (size_t)rows * (size_t)(u0 + p * netbuild_nr<T>());
 }
 
-/* The scratch of a loop's weights, packed (netbuild_pack) per part of the units: part p's block
-   starts rows * (per_unit * u0 + p * NR) elements in, holding rows x (per_unit * nu rounded up
-   to NR). */
-template <typename T> static inline size_t packed_offset(npy_intp rows, npy_intp per_unit,
-                                                         npy_intp u0, int p) {
-    return (size_t)rows * (size_t)(per_unit * u0 + p * netbuild_nr<T>());
-}
-template <typename T> static inline size_t packed_weights(npy_intp rows, npy_intp per_unit, int U) {
-    return packed_offset<T>(rows, per_unit, U, unit_parts(U));
-}
-
-/* Scratch elements of a forward loop: the packed weights, then X. */
+/* Scratch elements of a forward loop: W packed, then X (Bn, g*U). */
 template <typename T> static inline size_t forward_work(int g, int Bn, int U) {
-    return packed_weights<T>(U, g, U) + (size_t)Bn * g * U;
+    return netbuild_packed_size<T>(U, (npy_intp)g * U) + (size_t)Bn * g * U;
 }
 
-/* Rows of a part's block in a backward loop: W^T packed (g * U rows) during the loop, then the
-   weight gradient's blocks of dA (GRAD_BLOCK rows). */
+/* Rows of a part's block in a backward loop's scratch: the shared W^T packed (g * U rows) during
+   the loop, then each part's blocks of dA for the weight gradient (GRAD_BLOCK rows). */
 static inline npy_intp pack_rows(int g, int U) {
     return (npy_intp)g * U > GRAD_BLOCK ? (npy_intp)g * U : GRAD_BLOCK;
 }
 
 /* Scratch elements of a backward loop's packed blocks (after what the cell's loop needs). */
 template <typename T> static inline size_t backward_work(int g, int U) {
-    return packed_weights<T>(pack_rows(g, U), 1, U);
+    return packed_offset<T>(pack_rows(g, U), U, unit_parts(U));
 }
 
-/* The forward loop every cell shares. On each thread of the team: its columns W' of W (g gate
-   blocks side by side) packed once into the scratch; then for every step the product
-   X = h[t-1] W' (Bn, g*nu), cells(t, u0, nu, X, hp) for the part's units (hp: h[t-1], every
-   unit) and a wait for the others (h[t] complete). work: forward_work elements. */
+/* The forward loop every cell shares. The team packs W (U, g*U) once, together; then on each
+   thread, for every step, the product X = h[t-1] W for its rows (nr rows from r0) and
+   cells(t, r0, nr, X, hp) (X: the part's rows, row stride g*U; hp: h[t-1], all rows). work:
+   forward_work elements. */
 template <typename T, typename F>
 static void forward_loop(int g, int Tn, int Bn, int U, const T* W, const T* h0, const T* H,
                          T* work, F cells) {
     const size_t step = (size_t)Bn * U;
     const npy_intp G = (npy_intp)g * U;
-    const int parts = unit_parts(U);
-    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-        NBREC_PART(U, p, n);
-        const npy_intp w = g * nu;
-        T* Wp = work + packed_offset<T>(U, g, u0, p);
-        T* X = work + packed_weights<T>(U, g, U) + (size_t)g * Bn * u0;
-        netbuild_pack(U, w, G, [&](npy_intp c) { return W + (c / nu) * U + u0 + c % nu; }, Wp);
-        for (int t = 0; t < Tn; ++t) {
+    T* Wp = work;
+    T* X = work + netbuild_packed_size<T>(U, G);
+    netbuild_team_run(row_parts(Bn), [&](int p, int n, netbuild_team& team) {
+        pack_part(p, n, U, G, G, [&](npy_intp c) { return W + c; }, Wp);
+        team.wait(n);
+        NBREC_PART(Bn, p, n, r0, nr);
+        T* Xp = X + r0 * G;
+        for (int t = 0; t < Tn && nr > 0; ++t) {
             const T* hp = t ? H + (t - 1) * step : h0;
-            netbuild_packed_gemm<T>(Bn, w, U, hp, U, 1, Wp, X, w, false);
-            cells(t, u0, nu, (const T*)X, hp);
-            team.wait(n);
+            netbuild_packed_gemm<T>(nr, G, U, hp + r0 * U, U, 1, Wp, Xp, G, false);
+            cells(t, r0, nr, (const T*)Xp, hp);
         }
     });
 }
 
-/* The backward loop every cell shares. On each thread of the team, for the part's units: its
-   rows of W, transposed, packed once into pack (backward_work elements); dh = dH[T-1] (dh0 = 0
-   with no steps); then for every step, last first, cells(t, u0, nu) (the gates' gradients
-   dA[t], from dh), a wait for the others (dA[t] complete) and dh carried to the step before
-   (carry_units, keep for the GRU). done(u0, nu, block) after the loop, on the same thread,
-   with the part's block of pack (free again: the weight gradient's blocks of dA go there). */
+/* The backward loop every cell shares. The team packs W^T once, together, into pack
+   (backward_work elements); then on each thread with rows, for its rows: dh = dH[T-1] (dh0 = 0
+   with no steps), and for every step, last first, cells(t, r0, nr) (the gates' gradients dA[t],
+   from dh) and dh carried to the step before: dh = dH[t-1] + dA[t] W^T (+ what dh holds when
+   keep, as for the GRU); at t = 0 into dh0 (dh0 = dh + dA[0] W^T when keep). Then a wait (dA
+   complete), and done(u0, nu, block) for each part of the units, with that part's block of pack
+   (free again: the weight gradient's blocks of dA go there). */
 template <typename T, typename F, typename D>
 static void backward_loop(int g, bool keep, int Tn, int Bn, int U, const T* W, const T* dA,
                           const T* dH, T* dh, T* dh0, T* pack, F cells, D done) {
-    const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * g * U;
+    const size_t step = (size_t)Bn * U;
     const npy_intp G = (npy_intp)g * U;
-    const int parts = unit_parts(U);
-    netbuild_team_run(parts, [&](int p, int n, netbuild_team& team) {
-        NBREC_PART(U, p, n);
-        T* Wt = pack + packed_offset<T>(pack_rows(g, U), 1, u0, p);
-        netbuild_pack(G, nu, 1, [&](npy_intp j) { return W + (u0 + j) * G; }, Wt);
-        if (Tn > 0) copy_units(Bn, U, u0, nu, dH + (Tn - 1) * step, dh, false);
-        else zero_units(Bn, U, u0, nu, dh0);
-        for (int t = Tn - 1; t >= 0; --t) {
-            cells(t, u0, nu);
-            team.wait(n);
-            carry_units(t, Bn, U, (int)G, u0, nu, (const T*)Wt, dA + t * gstep, dH, keep, dh, dh0);
+    const int rows = row_parts(Bn), units = unit_parts(U);
+    netbuild_team_run(rows > units ? rows : units, [&](int p, int n, netbuild_team& team) {
+        pack_part(p, n, G, U, 1, [&](npy_intp j) { return W + j * G; }, pack);
+        team.wait(n);
+        const int rn = rows < n ? rows : n, un = units < n ? units : n;
+        if (p < rn) {
+            NBREC_PART(Bn, p, rn, r0, nr);
+            T *dhp = dh + r0 * U, *dh0p = dh0 + r0 * U;
+            if (Tn > 0) copy_rows(nr, U, dH + (Tn - 1) * step + r0 * U, dhp, false);
+            else memset(dh0p, 0, sizeof(T) * nr * U);
+            for (int t = Tn - 1; t >= 0; --t) {
+                cells(t, r0, nr);
+                if (t) copy_rows(nr, U, dH + (t - 1) * step + r0 * U, dhp, keep);
+                else if (keep) copy_rows(nr, U, (const T*)dhp, dh0p, false);
+                netbuild_packed_gemm<T>(nr, U, G, dA + (t * Bn + r0) * G, G, 1, pack,
+                                        t ? dhp : dh0p, U, t || keep);
+            }
         }
-        done(u0, nu, Wt);
+        team.wait(n);
+        if (p < un) {
+            NBREC_PART(U, p, un, u0, nu);
+            done(u0, nu, pack + packed_offset<T>(pack_rows(g, U), u0, p));
+        }
     });
 }
 
 /* -- simple_rnn: h = act(p + b + h W) ---------------------------------------------------------- */
-/* X (Bn, nu): the part's h W; P, bias, S, H (row stride U): at the part's first unit */
+/* Bn rows: X = h W, P, S, H (row stride U), each at the first of the rows */
 template <int A, typename T>
-__attribute__((noinline)) static void rnn_cells(int a, int Bn, int U, npy_intp nu,
+__attribute__((noinline)) static void rnn_cells(int a, npy_intp Bn, int U,
                                                 const T* __restrict X, const T* __restrict P,
                                                 const T* __restrict bias, T* __restrict S,
                                                 T* __restrict H) {
     for (npy_intp r = 0; r < Bn; ++r)
-        for (npy_intp k = 0; k < nu; ++k) {
-            T x = (P[r * U + k] + bias[k]) + X[r * nu + k], y = f<A>(a, x);
+        for (npy_intp k = 0; k < U; ++k) {
+            T x = (P[r * U + k] + bias[k]) + X[r * U + k], y = f<A>(a, x);
             H[r * U + k] = y;
             S[r * U + k] = keep<A>(a, x, y);
         }
 }
 
 template <int A, typename T>
-__attribute__((noinline)) static void rnn_cells_grad(int a, int Bn, int U, npy_intp nu,
+__attribute__((noinline)) static void rnn_cells_grad(int a, npy_intp Bn, int U,
                                                      const T* __restrict S,
                                                      const T* __restrict dh, T* __restrict D) {
     for (npy_intp r = 0; r < Bn; ++r)
-        for (npy_intp k = 0; k < nu; ++k) D[r * U + k] = df<A>(a, S[r * U + k], dh[r * U + k]);
+        for (npy_intp k = 0; k < U; ++k) D[r * U + k] = df<A>(a, S[r * U + k], dh[r * U + k]);
 }
 
 template <typename T>
@@ -323,15 +335,16 @@ static void rnn_forward(int a, int Tn, int Bn, int U, const T* P, const T* bias,
                         const T* h0, const T* M, T* H, T* S, T* work) {
     const size_t step = (size_t)Bn * U;
     forward_loop(1, Tn, Bn, U, W, h0, H, work,
-                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T* hp) {
-        const T *Pt = P + t * step + u0, *b = bias + u0;
-        T *St = S + t * step + u0, *Ht = H + t * step + u0;
+                 [&](int t, npy_intp r0, npy_intp nr, const T* X, const T* hp) {
+        const size_t o = t * step + r0 * U;
+        const T* Pt = P + o;
+        T *St = S + o, *Ht = H + o;
         switch (a) {
-        case TANH: rnn_cells<TANH>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
-        case RELU: rnn_cells<RELU>(a, Bn, U, nu, X, Pt, b, St, Ht); break;
-        default: rnn_cells<ANY>(a, Bn, U, nu, X, Pt, b, St, Ht);
+        case TANH: rnn_cells<TANH>(a, nr, U, X, Pt, bias, St, Ht); break;
+        case RELU: rnn_cells<RELU>(a, nr, U, X, Pt, bias, St, Ht); break;
+        default: rnn_cells<ANY>(a, nr, U, X, Pt, bias, St, Ht);
         }
-        if (M) hold_rows(Bn, U, u0, nu, M + (size_t)t * Bn, hp, H + t * step);
+        if (M) hold_rows(nr, U, M + (size_t)t * Bn + r0, hp + r0 * U, Ht);
     });
 }
 
@@ -341,41 +354,42 @@ static void rnn_backward(int a, int Tn, int Bn, int U, const T* W, const T* h0, 
                          T* sdh, T* pack, double* acc) {
     const size_t step = (size_t)Bn * U;
     backward_loop(1, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, pack,
-                  [&](int t, npy_intp u0, npy_intp nu) {
-        const T* St = S + t * step + u0;
-        T* dPt = dP + t * step + u0;
-        if (M) copy_units(Bn, U, u0, nu, dh, sdh, false);
+                  [&](int t, npy_intp r0, npy_intp nr) {
+        const size_t o = t * step + r0 * U;
+        const T* St = S + o;
+        T *dPt = dP + o, *dhp = dh + r0 * U, *sdhp = sdh ? sdh + r0 * U : sdh;
+        if (M) copy_rows(nr, U, (const T*)dhp, sdhp, false);
         switch (a) {
-        case TANH: rnn_cells_grad<TANH>(a, Bn, U, nu, St, dh + u0, dPt); break;
-        case RELU: rnn_cells_grad<RELU>(a, Bn, U, nu, St, dh + u0, dPt); break;
-        default: rnn_cells_grad<ANY>(a, Bn, U, nu, St, dh + u0, dPt);
+        case TANH: rnn_cells_grad<TANH>(a, nr, U, St, dhp, dPt); break;
+        case RELU: rnn_cells_grad<RELU>(a, nr, U, St, dhp, dPt); break;
+        default: rnn_cells_grad<ANY>(a, nr, U, St, dhp, dPt);
         }
         if (M)
-            mask_grad_rows(Bn, U, 1, u0, nu, M + (size_t)t * Bn, true, dP + t * step, (T*)0, dh,
-                           sdh, (T*)0, (const T*)0, (const T*)0);
+            mask_grad_rows(nr, U, 1, M + (size_t)t * Bn + r0, true, dPt, (T*)0, dhp, sdhp,
+                           (T*)0, (const T*)0, (const T*)0);
     }, [&](npy_intp u0, npy_intp nu, T* blocks) {
         part_grads(Tn, Bn, U, 1, u0, nu, dP, dP, H, h0, dW, db, blocks, acc);
     });
 }
 
 /* -- lstm: a = p + b + h W; i, f, g, o = ract, ract, act, ract; c = f c + i g; h = o act(c) ---- */
-/* X (Bn, 4nu): the part's h W; P, bias and S (row stride 4U, gate blocks U apart), cp, C, AC, H
-   (row stride U): at the part's first unit. */
+/* Bn rows: X = h W, P and S (row stride 4U, gate blocks U apart), cp, C, AC, H (row stride U),
+   each at the first of the rows. */
 template <int A, int RA, typename T>
-__attribute__((noinline)) static void lstm_cells(int a, int ra, int Bn, int U, npy_intp nu,
+__attribute__((noinline)) static void lstm_cells(int a, int ra, npy_intp Bn, int U,
                                                  const T* __restrict X, const T* __restrict P,
                                                  const T* __restrict bias, T* __restrict S,
                                                  const T* __restrict cp, T* __restrict C,
                                                  T* __restrict AC, T* __restrict H) {
     for (npy_intp r = 0; r < Bn; ++r) {
-        const T* __restrict x = X + r * 4 * nu;
+        const T* __restrict x = X + r * 4 * U;
         const T* __restrict p = P + r * 4 * U;
         T* __restrict s = S + r * 4 * U;
         const size_t o = (size_t)r * U;
-        for (npy_intp k = 0; k < nu; ++k) {
-            T xi = (p[k] + bias[k]) + x[k], xf = (p[U + k] + bias[U + k]) + x[nu + k];
-            T xg = (p[2 * U + k] + bias[2 * U + k]) + x[2 * nu + k];
-            T xo = (p[3 * U + k] + bias[3 * U + k]) + x[3 * nu + k];
+        for (npy_intp k = 0; k < U; ++k) {
+            T xi = (p[k] + bias[k]) + x[k], xf = (p[U + k] + bias[U + k]) + x[U + k];
+            T xg = (p[2 * U + k] + bias[2 * U + k]) + x[2 * U + k];
+            T xo = (p[3 * U + k] + bias[3 * U + k]) + x[3 * U + k];
             T vi = f<RA>(ra, xi), vf = f<RA>(ra, xf), vg = f<A>(a, xg), vo = f<RA>(ra, xo);
             T c = vf * cp[o + k] + vi * vg;
             T ac = f<A>(a, c);
@@ -390,19 +404,19 @@ __attribute__((noinline)) static void lstm_cells(int a, int ra, int Bn, int U, n
     }
 }
 
-/* One backward step of the part's units: the gates' gradients D (as S) and the carried dc, from
-   dh; every pointer at the part's first unit. DC: whether dC is given (a test inside the loop
+/* One backward step of Bn rows: the gates' gradients D (as S) and the carried dc, from dh; every
+   pointer at the first of the rows. DC: whether dC is given (a test inside the loop
    kept g++ from vectorizing it). */
 template <int A, int RA, bool DC, typename T>
 __attribute__((noinline)) static void lstm_cells_grad(
-        int a, int ra, int Bn, int U, npy_intp nu, const T* __restrict S, const T* __restrict C,
+        int a, int ra, npy_intp Bn, int U, const T* __restrict S, const T* __restrict C,
         const T* __restrict AC, const T* __restrict cp, const T* __restrict dC,
         const T* __restrict dh, T* __restrict dc, T* __restrict D) {
     for (npy_intp r = 0; r < Bn; ++r) {
         const T* __restrict s = S + r * 4 * U;
         T* __restrict d = D + r * 4 * U;
         const size_t o = (size_t)r * U;
-        for (npy_intp k = 0; k < nu; ++k) {
+        for (npy_intp k = 0; k < U; ++k) {
             T si = s[k], sf = s[U + k], sg = s[2 * U + k], so = s[3 * U + k];
             T vi = value<RA>(ra, si), vf = value<RA>(ra, sf), vg = value<A>(a, sg);
             T vo = value<RA>(ra, so);
@@ -426,18 +440,18 @@ static void lstm_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const
                          T* AC, T* work) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
     forward_loop(4, Tn, Bn, U, W, h0, H, work,
-                 [&](int t, npy_intp u0, npy_intp nu, const T* X, const T* hp) {
-        const T *cp = (t ? C + (t - 1) * step : c0) + u0, *Pt = P + t * gstep + u0;
-        T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
-        T* Ht = H + t * step + u0;
+                 [&](int t, npy_intp r0, npy_intp nr, const T* X, const T* hp) {
+        const size_t o = t * step + r0 * U, go = t * gstep + r0 * 4 * U;
+        const T *cp = (t ? C + (t - 1) * step : c0) + r0 * U, *Pt = P + go;
+        T *St = S + go, *Ct = C + o, *ACt = AC + o, *Ht = H + o;
         if (a == TANH && ra == SIGMOID)
-            lstm_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
+            lstm_cells<TANH, SIGMOID>(a, ra, nr, U, X, Pt, bias, St, cp, Ct, ACt, Ht);
         else
-            lstm_cells<ANY, ANY>(a, ra, Bn, U, nu, X, Pt, bias + u0, St, cp, Ct, ACt, Ht);
+            lstm_cells<ANY, ANY>(a, ra, nr, U, X, Pt, bias, St, cp, Ct, ACt, Ht);
         if (M) {
-            const T* mt = M + (size_t)t * Bn;
-            hold_rows(Bn, U, u0, nu, mt, hp, H + t * step);
-            hold_rows(Bn, U, u0, nu, mt, t ? C + (t - 1) * step : c0, C + t * step);
+            const T* mt = M + (size_t)t * Bn + r0;
+            hold_rows(nr, U, mt, hp + r0 * U, Ht);
+            hold_rows(nr, U, mt, cp, Ct);
         }
     });
 }
@@ -450,40 +464,43 @@ static void lstm_backward(int a, int ra, int Tn, int Bn, int U, const T* W, cons
                           T* dc0, T* dh, T* dc, T* sdh, T* sdc, T* pack, double* acc) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 4 * U;
     const bool fast = a == TANH && ra == SIGMOID;
-    backward_loop(4, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, pack, [&](int t, npy_intp u0, npy_intp nu) {
-        if (t == Tn - 1) zero_units(Bn, U, u0, nu, dc);
+    backward_loop(4, M != 0, Tn, Bn, U, W, dP, dH, dh, dh0, pack, [&](int t, npy_intp r0, npy_intp nr) {
+        const size_t o = t * step + r0 * U, go = t * gstep + r0 * 4 * U;
+        T *dht = dh + r0 * U, *dct = dc + r0 * U;
+        T *sdhp = sdh ? sdh + r0 * U : sdh, *sdcp = sdc ? sdc + r0 * U : sdc;
+        if (t == Tn - 1) memset(dct, 0, sizeof(T) * nr * U);
         if (M) {
-            copy_units(Bn, U, u0, nu, dh, sdh, false);
-            copy_units(Bn, U, u0, nu, dc, sdc, false);
+            copy_rows(nr, U, (const T*)dht, sdhp, false);
+            copy_rows(nr, U, (const T*)dct, sdcp, false);
         }
-        const T* cp = (t ? C + (t - 1) * step : c0) + u0;
-        const T *St = S + t * gstep + u0, *Ct = C + t * step + u0, *ACt = AC + t * step + u0;
-        const T* dCt = dC ? dC + t * step + u0 : (const T*)0;
-        T *dPt = dP + t * gstep + u0, *dht = dh + u0, *dct = dc + u0;
+        const T* cp = (t ? C + (t - 1) * step : c0) + r0 * U;
+        const T *St = S + go, *Ct = C + o, *ACt = AC + o;
+        const T* dCt = dC ? dC + o : (const T*)0;
+        T* dPt = dP + go;
         if (fast && dC)
-            lstm_cells_grad<TANH, SIGMOID, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+            lstm_cells_grad<TANH, SIGMOID, true>(a, ra, nr, U, St, Ct, ACt, cp, dCt, dht, dct, dPt);
         else if (fast)
-            lstm_cells_grad<TANH, SIGMOID, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+            lstm_cells_grad<TANH, SIGMOID, false>(a, ra, nr, U, St, Ct, ACt, cp, dCt, dht, dct, dPt);
         else if (dC)
-            lstm_cells_grad<ANY, ANY, true>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+            lstm_cells_grad<ANY, ANY, true>(a, ra, nr, U, St, Ct, ACt, cp, dCt, dht, dct, dPt);
         else
-            lstm_cells_grad<ANY, ANY, false>(a, ra, Bn, U, nu, St, Ct, ACt, cp, dCt, dht, dct, dPt);
+            lstm_cells_grad<ANY, ANY, false>(a, ra, nr, U, St, Ct, ACt, cp, dCt, dht, dct, dPt);
         if (M)
-            mask_grad_rows(Bn, U, 4, u0, nu, M + (size_t)t * Bn, true, dP + t * gstep, (T*)0, dh,
-                           sdh, dc, sdc, dC ? dC + t * step : (const T*)0);
+            mask_grad_rows(nr, U, 4, M + (size_t)t * Bn + r0, true, dPt, (T*)0, dht, sdhp, dct,
+                           sdcp, dCt);
     }, [&](npy_intp u0, npy_intp nu, T* blocks) {
-        if (Tn > 0) copy_units(Bn, U, u0, nu, dc, dc0, false);
-        else zero_units(Bn, U, u0, nu, dc0);
+        if (Tn > 0) copy_units(Bn, U, u0, nu, dc, dc0);
+        else for (npy_intp r = 0; r < Bn; ++r) memset(dc0 + r * U + u0, 0, sizeof(T) * nu);
         part_grads(Tn, Bn, U, 4, u0, nu, dP, dP, H, h0, dW, db, blocks, acc);
     });
 }
 
 /* -- gru: q = h W; r, z = ract(p + b + q); n = act(p_n + b_n + r (q_n + b_hn));
       h = (1 - z) n + z h ------------------------------------------------------------------- */
-/* Q (Bn, 3nu): the part's h W; P, S (row stride 3U, gate blocks U apart), bias, bhn, hp, HN, H
-   (row stride U): at the part's first unit. */
+/* Bn rows: Q = h W, P, S (row stride 3U, gate blocks U apart), hp, HN, H (row stride U), each at
+   the first of the rows. */
 template <int A, int RA, typename T>
-__attribute__((noinline)) static void gru_cells(int a, int ra, int Bn, int U, npy_intp nu,
+__attribute__((noinline)) static void gru_cells(int a, int ra, npy_intp Bn, int U,
                                                 const T* __restrict P, const T* __restrict bias,
                                                 const T* __restrict Q, const T* __restrict bhn,
                                                 const T* __restrict hp, T* __restrict S,
@@ -491,12 +508,12 @@ __attribute__((noinline)) static void gru_cells(int a, int ra, int Bn, int U, np
     for (npy_intp r = 0; r < Bn; ++r) {
         const size_t g = (size_t)r * 3 * U, o = (size_t)r * U;
         const T* __restrict p = P + g;
-        const T* __restrict q = Q + r * 3 * nu;
+        const T* __restrict q = Q + r * 3 * U;
         T* __restrict s = S + g;
-        for (npy_intp k = 0; k < nu; ++k) {
-            T xr = (p[k] + bias[k]) + q[k], xz = (p[U + k] + bias[U + k]) + q[nu + k];
+        for (npy_intp k = 0; k < U; ++k) {
+            T xr = (p[k] + bias[k]) + q[k], xz = (p[U + k] + bias[U + k]) + q[U + k];
             T vr = f<RA>(ra, xr), vz = f<RA>(ra, xz);
-            T hn = q[2 * nu + k] + bhn[k];
+            T hn = q[2 * U + k] + bhn[k];
             T xn = (p[2 * U + k] + bias[2 * U + k]) + vr * hn;
             T vn = f<A>(a, xn);
             HN[o + k] = hn;
@@ -510,7 +527,7 @@ __attribute__((noinline)) static void gru_cells(int a, int ra, int Bn, int U, np
 
 template <int A, int RA, typename T>
 __attribute__((noinline)) static void gru_cells_grad(
-        int a, int ra, int Bn, int U, npy_intp nu, const T* __restrict S,
+        int a, int ra, npy_intp Bn, int U, const T* __restrict S,
         const T* __restrict HN, const T* __restrict hp, T* __restrict dh, T* __restrict D,
         T* __restrict DQ) {
     for (npy_intp r = 0; r < Bn; ++r) {
@@ -518,7 +535,7 @@ __attribute__((noinline)) static void gru_cells_grad(
         const T* __restrict s = S + g;
         T* __restrict d = D + g;
         T* __restrict dq = DQ + g;
-        for (npy_intp k = 0; k < nu; ++k) {
+        for (npy_intp k = 0; k < U; ++k) {
             T sr = s[k], sz = s[U + k], sn = s[2 * U + k];
             T vr = value<RA>(ra, sr), vz = value<RA>(ra, sz), vn = value<A>(a, sn);
             T dhk = dh[o + k];
@@ -542,16 +559,15 @@ static void gru_forward(int a, int ra, int Tn, int Bn, int U, const T* P, const 
                         T* work) {
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * 3 * U;
     forward_loop(3, Tn, Bn, U, W, h0, H, work,
-                 [&](int t, npy_intp u0, npy_intp nu, const T* Q, const T* hp) {
-        const T* Pt = P + t * gstep + u0;
-        T *St = S + t * gstep + u0, *HNt = HN + t * step + u0, *Ht = H + t * step + u0;
+                 [&](int t, npy_intp r0, npy_intp nr, const T* Q, const T* hp) {
+        const size_t o = t * step + r0 * U, go = t * gstep + r0 * 3 * U;
+        const T *Pt = P + go, *hpr = hp + r0 * U;
+        T *St = S + go, *HNt = HN + o, *Ht = H + o;
         if (a == TANH && ra == SIGMOID)
-            gru_cells<TANH, SIGMOID>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St,
-                                     HNt, Ht);
+            gru_cells<TANH, SIGMOID>(a, ra, nr, U, Pt, bias, Q, bhn, hpr, St, HNt, Ht);
         else
-            gru_cells<ANY, ANY>(a, ra, Bn, U, nu, Pt, bias + u0, Q, bhn + u0, hp + u0, St, HNt,
-                                Ht);
-        if (M) hold_rows(Bn, U, u0, nu, M + (size_t)t * Bn, hp, H + t * step);
+            gru_cells<ANY, ANY>(a, ra, nr, U, Pt, bias, Q, bhn, hpr, St, HNt, Ht);
+        if (M) hold_rows(nr, U, M + (size_t)t * Bn + r0, hpr, Ht);
     });
 }
 
@@ -562,18 +578,19 @@ static void gru_backward(int a, int ra, int Tn, int Bn, int U, const T* W, const
                          double* acc) {
     const int G = 3 * U;
     const size_t step = (size_t)Bn * U, gstep = (size_t)Bn * G;
-    backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, pack, [&](int t, npy_intp u0, npy_intp nu) {
-        const T* hp = (t ? H + (t - 1) * step : h0) + u0;
-        const T *St = S + t * gstep + u0, *HNt = HN + t * step + u0;
-        T *dPt = dP + t * gstep + u0, *dQt = dQ + t * gstep + u0;
-        if (M) copy_units(Bn, U, u0, nu, dh, sdh, false);
+    backward_loop(3, true, Tn, Bn, U, W, dQ, dH, dh, dh0, pack, [&](int t, npy_intp r0, npy_intp nr) {
+        const size_t o = t * step + r0 * U, go = t * gstep + r0 * G;
+        const T* hp = (t ? H + (t - 1) * step : h0) + r0 * U;
+        const T *St = S + go, *HNt = HN + o;
+        T *dPt = dP + go, *dQt = dQ + go, *dhp = dh + r0 * U, *sdhp = sdh ? sdh + r0 * U : sdh;
+        if (M) copy_rows(nr, U, (const T*)dhp, sdhp, false);
         if (a == TANH && ra == SIGMOID)
-            gru_cells_grad<TANH, SIGMOID>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
+            gru_cells_grad<TANH, SIGMOID>(a, ra, nr, U, St, HNt, hp, dhp, dPt, dQt);
         else
-            gru_cells_grad<ANY, ANY>(a, ra, Bn, U, nu, St, HNt, hp, dh + u0, dPt, dQt);
+            gru_cells_grad<ANY, ANY>(a, ra, nr, U, St, HNt, hp, dhp, dPt, dQt);
         if (M)
-            mask_grad_rows(Bn, U, 3, u0, nu, M + (size_t)t * Bn, false, dP + t * gstep,
-                           dQ + t * gstep, dh, sdh, (T*)0, (const T*)0, (const T*)0);
+            mask_grad_rows(nr, U, 3, M + (size_t)t * Bn + r0, false, dPt, dQt, dhp, sdhp, (T*)0,
+                           (const T*)0, (const T*)0);
     }, [&](npy_intp u0, npy_intp nu, T* blocks) {
         part_grads(Tn, Bn, U, 3, u0, nu, dQ, dP, H, h0, dW, db, blocks, acc);
         // b_hn's gradient: the n block of dQ (its accumulators after db's G)

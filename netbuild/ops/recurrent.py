@@ -12,7 +12,8 @@
 Its first output is ``H (T, B, U)``, the state after every step (the LSTM's second output is the
 cell state ``C``); the others are what the gradient reads back (the gates of every step and, for
 the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one matrix product (``h W``,
-with ``W`` packed once per call: ``packed.c``) and one fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and applies the gates.
+with ``W`` packed once per call: ``packed.c``) and one fused, vectorized pass of elementwise
+maths that adds ``P[t] + b`` and applies the gates.
 With a mask, a padded step leaves a row's states as they were (``H[t] = H[t-1]``, and ``C``):
 selected, so that whatever the padded inputs hold never reaches a state; backwards, that row's
 gates get no gradient and the state's gradient passes to the step before unchanged. The mask has
@@ -23,13 +24,13 @@ state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dg
 products over all ``T*B`` rows and the bias gradients as column sums (in double, in row order).
 It has no gradient of its own (no second derivatives).
 
-Threads: both ops split the units (at least 16 per thread). Each thread owns its units' columns
-in every gate block, for every row: per step, one product of the whole state with its columns
-of ``W``, its units' elementwise maths, then a wait for the others (the next step needs the
-whole state); after the backward loop, its columns of ``dW`` and of the bias gradients. Every
-product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's terms in one fixed
-order whatever the columns it is computed with: both ops give the same bits on any number of
-threads.
+Threads: both ops split the rows of the batch (at least a tile of the packed product, 6 or 8
+rows, per thread). The rows of a recurrent batch are independent, so each thread runs the whole
+loop over timesteps on its rows, with no wait between steps; after the backward loop the
+threads wait once and each computes its columns of ``dW`` and of the bias gradients (at least
+16 units each). Every product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's
+terms in one fixed order whatever the rows or columns it is computed with: both ops give the
+same bits on any number of threads.
 
 ``activation`` and ``recurrent_activation`` are one of :data:`ACTIVATIONS` (the YAML names of
 :mod:`netbuild.activations`, with the same derivatives, boundaries included: relu's is 1 at 0,
