@@ -12,6 +12,7 @@ import pytensor.tensor as pt
 import pytest
 from conftest import CONFIGS
 from test_conv_ops import function
+from test_projection_ops import _function as projection_function
 
 from netbuild import threads
 from netbuild.ops import recurrent
@@ -182,6 +183,20 @@ def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation
         assert all(np.isfinite(a).all() for a in two)
 
 
+@pytest.mark.parametrize("rows, columns", [(63, 40), (200, 31), (3200, 512)])
+def test_projection_ops_give_the_same_bits_on_1_and_2_threads(rows, columns, restore_threads):
+    """The input projection splits its rows (at least 64 per thread) and its weight gradient the
+    columns (at least 32): one part, uneven parts, the bench LSTM's shape."""
+    rng = np.random.default_rng(rows)
+    for dtype in ("float64", "float32"):
+        fn = projection_function(dtype, c=True)
+        args = [rng.normal(size=s).astype(dtype) for s in [(rows, 32), (32, columns),
+                                                            (rows, columns)]]
+        one = [a.copy() for a in _on(1, fn, *args)]
+        for a, b in zip(one, _on(2, fn, *args)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_adam_step_gives_the_same_bits_on_1_and_2_threads(restore_threads):
     """Adam's update splits a large parameter over the threads (parts of at least 64k elements):
     elementwise, so the same bits on any number of threads, and the numpy equations."""
@@ -214,19 +229,18 @@ def _trained(run_cli, config, run, n: int, epochs: int) -> dict:
         return {k: f[k] for k in f.files if not k.startswith("__")}
 
 
-# (config, epochs, bitwise). The LSTM is not the same bits on 2 threads, though its recurrent ops
-# are: PyTensor's products around them (the input projection and its gradient) are OpenBLAS's,
-# which sums some shapes differently on 2 threads (numpy's OpenBLAS, X^T Y: 8 x 256 by 256 x 512
-# differs, 8 x 256 by 256 x 256 does not). One epoch: every parameter within 3e-7.
+# (config, epochs, bitwise). Every config trains the same bits: the LSTM's recurrent ops and its
+# input projections are netbuild's (ops/recurrent.py, ops/projection.py); the dense layers'
+# products are OpenBLAS's, the same bits on 1 and 2 threads at these shapes.
 @pytest.mark.parametrize("config, epochs, bitwise", [
     ("digits-mlp.yaml", 3, True),
     ("digits-cnn.yaml", 1, True),
-    pytest.param("digits-lstm.yaml", 1, False, marks=pytest.mark.slow),
+    pytest.param("digits-lstm.yaml", 1, True, marks=pytest.mark.slow),
     pytest.param("digits-resnet.yaml", 1, True, marks=pytest.mark.slow),
 ])
 def test_training_on_1_and_2_threads(config, epochs, bitwise, run_cli, tmp_path, restore_threads):
     """The README's claim: the same spec and seed give the same model bit for bit whatever the
-    threads for the MLP, CNN and ResNet configs; the LSTM's agrees to float rounding."""
+    threads for the MLP, CNN, LSTM and ResNet configs."""
     one = _trained(run_cli, config, tmp_path / "one", 1, epochs)
     two = _trained(run_cli, config, tmp_path / "two", 2, epochs)
     assert one.keys() == two.keys()

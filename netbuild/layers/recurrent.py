@@ -52,6 +52,7 @@ import pytensor.tensor as pt
 
 from .. import activations, initializers
 from ..ops import recurrent as recurrent_ops
+from ..ops.projection import project
 from .base import Activation, Context, Initializer, Layer, LayerError, ParamSpec, Regularized, Shape, single
 
 
@@ -223,14 +224,15 @@ class Recurrent(Regularized, Layer):
 
     def _fused(self, xs, outer, inner, zero, act: str, ract: str, ms=None) -> list:
         """One C op per direction; the backward direction reads the time-reversed sequence (and
-        mask). Each direction's input projection is one matrix product (the op adds the bias).
+        mask). Each direction's input projection is one matrix product (netbuild's own, in C:
+        :mod:`netbuild.ops.projection`; the op adds the bias).
         With a mask ``ms (timesteps, batch)`` the op holds the states at a padded step."""
         steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
         ms = None if ms is None else ms.astype(xs.dtype)
         hs = []
         for d, suffix in enumerate(self.directions):
             seq = xs[::-1] if d else xs
-            P = pt.dot(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
+            P = project(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
                 .reshape((steps, batch, self.gates * self.units))
             mask = None if ms is None else (ms[::-1] if d else ms)
             hs.append(recurrent_ops.sequence(self.cell, P, outer[d], self.params["W_hh" + suffix],

@@ -1,6 +1,7 @@
 #section support_code
 /* Matrix products whose right-hand side is packed once and used many times: the recurrent loops'
-   weights, multiplied at every step by a small batch of states (netbuild/ops/recurrent.c).
+   weights, multiplied at every step by a small batch of states (netbuild/ops/recurrent.c), and
+   the recurrent layers' input projections (netbuild/ops/projection.c).
 
    BLAS packs both operands again at every call: on the bench LSTM's per-step products
    (64 x 128 by 128 x 512, and 64 x 512 by 512 x 128, one thread, SkylakeX kernels; a standalone
@@ -135,4 +136,45 @@ static void netbuild_packed_gemm(npy_intp M, npy_intp N, npy_intp K, const T* A,
             netbuild_packed_rows<NETBUILD_MR - 1>(M - i, K, A + i * ai, ai, ak, panel,
                                                   C + i * ldc + j0, ldc, w, add);
     }
+}
+
+
+/* Part p of n of netbuild_pack(K, N, sk, col, P): its share of the panels, so that a team of
+   threads packs one B together. */
+template <typename T, typename F>
+static void netbuild_pack_part(int p, int n, npy_intp K, npy_intp N, npy_intp sk, F col, T* P) {
+    const npy_intp nr = netbuild_nr<T>(), panels = (N + nr - 1) / nr;
+    const npy_intp j0 = netbuild_part_start(panels, n, p) * nr;
+    npy_intp j1 = netbuild_part_start(panels, n, p + 1) * nr;
+    if (j1 > N) j1 = N;
+    if (j1 > j0)
+        netbuild_pack(K, j1 - j0, sk, [&](npy_intp j) { return col(j0 + j); }, P + (size_t)j0 * K);
+}
+
+/* Rows of B that netbuild_packed_tgemm packs at a time (a panel of them, 256 x 32 floats, stays
+   in the L1 cache). */
+static const npy_intp NETBUILD_KBLOCK = 256;
+
+/* Elements of the scratch netbuild_packed_tgemm needs for nu columns. */
+template <typename T> static inline size_t netbuild_tgemm_scratch(npy_intp nu) {
+    return netbuild_packed_size<T>(NETBUILD_KBLOCK, nu);
+}
+
+/* C (M, nu; row stride ldc) = A^T B, or C += A^T B with add: A (rows, M) and B (rows, nu) with
+   row strides lda and ldb (B at its first column). NETBUILD_KBLOCK rows of B are packed at a
+   time into pack and their products added in row order: each value is the same sum in the same
+   order whatever the columns computed with it. With no rows and no add, C = 0. */
+template <typename T>
+static void netbuild_packed_tgemm(npy_intp rows, npy_intp M, npy_intp nu, const T* A,
+                                  npy_intp lda, const T* B, npy_intp ldb, T* C, npy_intp ldc,
+                                  bool add, T* pack) {
+    for (npy_intp k0 = 0; k0 < rows; k0 += NETBUILD_KBLOCK) {
+        const npy_intp kb = rows - k0 < NETBUILD_KBLOCK ? rows - k0 : NETBUILD_KBLOCK;
+        const T* Bk = B + k0 * ldb;
+        netbuild_pack(kb, nu, ldb, [&](npy_intp j) { return Bk + j; }, pack);
+        netbuild_packed_gemm<T>(M, nu, kb, A + k0 * lda, 1, lda, pack, C, ldc, add);
+        add = true;
+    }
+    if (!add)
+        for (npy_intp i = 0; i < M; ++i) memset(C + i * ldc, 0, sizeof(T) * nu);
 }

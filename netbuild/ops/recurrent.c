@@ -103,33 +103,20 @@ static void column_sums(const T* __restrict x, npy_intp rows, npy_intp ld, npy_i
     for (npy_intp k = 0; k < n; ++k) out[k] = (T)acc[k];
 }
 
-/* Rows of dA packed at a time for the weight gradient (a panel of them stays in the L1 cache). */
-static const npy_intp GRAD_BLOCK = 256;
-
 /* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t], per gate block: the rows of steps
-   1..T-1 (h = H[0..T-2]) then those of step 0 (h0), GRAD_BLOCK rows of dA packed at a time
-   (into pack) and added in that order: each value is the same sum in the same order whatever
-   the part, so dW has the same bits on any number of threads. */
+   1..T-1 (h = H[0..T-2]) then those of step 0 (h0), added in that order (netbuild_packed_tgemm,
+   a block of rows of dA packed at a time into pack): each value is the same sum in the same
+   order whatever the part, so dW has the same bits on any number of threads. */
 template <typename T>
 static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
                               const T* H, const T* h0, T* dW, T* pack) {
     const npy_intp G = (npy_intp)g * U, rows = (npy_intp)Tn * Bn;
+    const npy_intp later = rows > Bn ? rows - Bn : 0, first = rows < Bn ? rows : Bn;
     for (int q = 0; q < g; ++q) {
         T* out = dW + q * U + u0;
-        bool add = false;
-        for (int first = 0; first < 2; ++first) {  // steps 1.. (first = 0), then step 0
-            const npy_intp r0 = first ? 0 : Bn, r1 = first ? (rows < Bn ? rows : Bn) : rows;
-            for (npy_intp k0 = r0; k0 < r1; k0 += GRAD_BLOCK) {
-                const npy_intp kb = r1 - k0 < GRAD_BLOCK ? r1 - k0 : GRAD_BLOCK;
-                const T* dAk = dA + k0 * G + q * U + u0;
-                netbuild_pack(kb, nu, G, [&](npy_intp j) { return dAk + j; }, pack);
-                const T* h = first ? h0 + k0 * U : H + (k0 - Bn) * U;  // h[t-1] of row k0
-                netbuild_packed_gemm<T>(U, nu, kb, h, 1, U, pack, out, G, add);
-                add = true;
-            }
-        }
-        if (!add)
-            for (npy_intp k = 0; k < U; ++k) memset(out + k * G, 0, sizeof(T) * nu);
+        const T* dAq = dA + q * U + u0;
+        netbuild_packed_tgemm<T>(later, U, nu, H, U, dAq + Bn * G, G, out, G, false, pack);
+        netbuild_packed_tgemm<T>(first, U, nu, h0, U, dAq, G, out, G, later > 0, pack);
     }
 }
 
@@ -175,17 +162,6 @@ static void copy_rows(npy_intp rows, int U, const T* __restrict from, T* __restr
 template <typename T>
 static void copy_units(int Bn, int U, npy_intp u0, npy_intp nu, const T* from, T* to) {
     for (npy_intp r = 0; r < Bn; ++r) memcpy(to + r * U + u0, from + r * U + u0, sizeof(T) * nu);
-}
-
-/* Part p of n of the packing of B (K, N) into P (netbuild_pack): its share of the panels. */
-template <typename T, typename F>
-static void pack_part(int p, int n, npy_intp K, npy_intp N, npy_intp sk, F col, T* P) {
-    const npy_intp nr = netbuild_nr<T>(), panels = (N + nr - 1) / nr;
-    const npy_intp j0 = netbuild_part_start(panels, n, p) * nr;
-    npy_intp j1 = netbuild_part_start(panels, n, p + 1) * nr;
-    if (j1 > N) j1 = N;
-    if (j1 > j0)
-        netbuild_pack(K, j1 - j0, sk, [&](npy_intp j) { return col(j0 + j); }, P + (size_t)j0 * K);
 }
 
 /* Masks (M (Tn, Bn), 0 at a padded step of a row): a padded step keeps the states as they were.
@@ -235,9 +211,9 @@ template <typename T> static inline size_t forward_work(int g, int Bn, int U) {
 }
 
 /* Rows of a part's block in a backward loop's scratch: the shared W^T packed (g * U rows) during
-   the loop, then each part's blocks of dA for the weight gradient (GRAD_BLOCK rows). */
+   the loop, then each part's blocks of dA for the weight gradient (NETBUILD_KBLOCK rows). */
 static inline npy_intp pack_rows(int g, int U) {
-    return (npy_intp)g * U > GRAD_BLOCK ? (npy_intp)g * U : GRAD_BLOCK;
+    return (npy_intp)g * U > NETBUILD_KBLOCK ? (npy_intp)g * U : NETBUILD_KBLOCK;
 }
 
 /* Scratch elements of a backward loop's packed blocks (after what the cell's loop needs). */
@@ -257,7 +233,7 @@ static void forward_loop(int g, int Tn, int Bn, int U, const T* W, const T* h0, 
     T* Wp = work;
     T* X = work + netbuild_packed_size<T>(U, G);
     netbuild_team_run(row_parts(Bn), [&](int p, int n, netbuild_team& team) {
-        pack_part(p, n, U, G, G, [&](npy_intp c) { return W + c; }, Wp);
+        netbuild_pack_part(p, n, U, G, G, [&](npy_intp c) { return W + c; }, Wp);
         team.wait(n);
         NBREC_PART(Bn, p, n, r0, nr);
         T* Xp = X + r0 * G;
@@ -283,7 +259,7 @@ static void backward_loop(int g, bool keep, int Tn, int Bn, int U, const T* W, c
     const npy_intp G = (npy_intp)g * U;
     const int rows = row_parts(Bn), units = unit_parts(U);
     netbuild_team_run(rows > units ? rows : units, [&](int p, int n, netbuild_team& team) {
-        pack_part(p, n, G, U, 1, [&](npy_intp j) { return W + j * G; }, pack);
+        netbuild_pack_part(p, n, G, U, 1, [&](npy_intp j) { return W + j * G; }, pack);
         team.wait(n);
         const int rn = rows < n ? rows : n, un = units < n ? units : n;
         if (p < rn) {
