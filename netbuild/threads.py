@@ -6,11 +6,11 @@ v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smal
 ``NETBUILD_THREADS`` overrides that, and ``--threads N`` on a command overrides both.
 
 The same count goes to netbuild's own C ops (OpenMP: convolution and pooling over the images of
-a batch, the recurrent layers over their units, Adam's update over the elements) and to OpenBLAS
-(PyTensor's matrix products). The two take turns and never run at once: inside one of netbuild's
-parallel loops every BLAS call runs on its caller's thread (the ops set OpenBLAS to one thread for
-the loop: ``netbuild_serial_blas`` in ``netbuild/ops/blas.c``), so threads never outnumber the
-cores.
+a batch, the recurrent layers and their input projections over the rows of the batch, Adam's
+update over the elements) and to OpenBLAS (PyTensor's matrix products). The two take turns and
+never run at once: inside one of netbuild's parallel loops every BLAS call runs on its caller's
+thread (the ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
+``netbuild/ops/blas.c``), so threads never outnumber the cores.
 """
 
 from __future__ import annotations

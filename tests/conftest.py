@@ -90,3 +90,10 @@ def float64():
     """Build graphs in float64 (numeric comparisons to 1e-5 and gradient checks)."""
     with pytensor.config.change_flags(floatX="float64"):
         yield
+
+
+@pytest.fixture
+def mapped_data(monkeypatch):
+    """Data files stay memory-mapped however small (``NETBUILD_IN_MEMORY_MAX=0``; by default a
+    small data set is read into memory), here and in the netbuild processes a test starts."""
+    monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", "0")

@@ -10,6 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
 
 from netbuild import npz
 
@@ -94,29 +95,63 @@ def test_a_stored_member_longer_than_the_archive_is_damaged(tmp_path):
             npz.member(tmp_path / "a.npz", archive.zip, "x")
 
 
-def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tmp_path):
-    """digits-mlp on its data stored uncompressed (memory-mapped) and compressed: the same bits;
-    the loaded training inputs are a map of the file."""
+def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tmp_path,
+                                                                             monkeypatch):
+    """digits-mlp on its data stored uncompressed and compressed: the same bits, whether the
+    stored file is read into memory (a small data set, by default) or memory-mapped
+    (``NETBUILD_IN_MEMORY_MAX=0``); the loaded training inputs are a map of the file, or an array
+    of their own."""
     from conftest import CONFIGS
 
     import netbuild
     from netbuild import data
+    from netbuild.network import Network
 
     with np.load(CONFIGS / "data" / "digits-train.npz") as d:
         np.savez(tmp_path / "stored.npz", x=d["x"], y=d["y"])
         np.savez_compressed(tmp_path / "packed.npz", x=d["x"], y=d["y"])
     runs = {}
-    for name in ("stored", "packed"):
+    for name, bound in (("stored", "0"), ("stored", ""), ("packed", "")):
+        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", bound)
         spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml", overrides=[
             f"data.train={tmp_path / name}.npz", "train.epochs=2"])
-        if name == "stored":
-            from netbuild.network import Network
+        loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
+        assert isinstance(loaded.x, np.memmap) == (bound == "0") == loaded.mapped
+        runs[name, bound] = netbuild.train(spec, tmp_path / f"{name}{bound}").model.network \
+            .param_values()
+    for key, value in runs["packed", ""].items():
+        assert np.array_equal(value, runs["stored", "0"][key]), key
+        assert np.array_equal(value, runs["stored", ""][key]), key
 
-            loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
-            assert isinstance(loaded.x, np.memmap)
-        runs[name] = netbuild.train(spec, tmp_path / name).model.network.param_values()
-    for key, value in runs["stored"].items():
-        assert np.array_equal(value, runs["packed"][key]), key
+
+@pytest.mark.parametrize("bound, read", [("1000000", True), ("100000", False)])
+def test_a_data_set_within_the_bound_is_read_into_memory(tmp_path, monkeypatch, bound, read):
+    """digits-train (1437 x 64 float32 and 1437 int64: 379,344 bytes) stored uncompressed in
+    three files: read into memory under a bound above its size, memory-mapped below it."""
+    from test_shards import shards
+
+    import netbuild
+    from netbuild import data
+    from netbuild.network import Network
+
+    monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", bound)
+    names = shards(tmp_path / "shards")
+    spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml",
+                              overrides=["data.train=[" + ", ".join(names) + "]"])
+    loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
+    assert loaded.mapped is not read
+    assert all(type(a) is np.ndarray for a in loaded.xs + loaded.ys) is read
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_a_bad_in_memory_bound_is_one_line(run_cli, monkeypatch, tmp_path, value):
+    monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", value)
+    result = run_cli("train", CONFIGS / "digits-mlp.yaml", "--epochs", "1", "--run-dir",
+                     tmp_path / "run")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"NETBUILD_IN_MEMORY_MAX={value!r}: expected a whole number of bytes, at least 0 "
+        "(0: memory-map every data file)"]
 
 
 def test_copies_into_memory_are_budgeted_before_they_are_made(tmp_path, monkeypatch):

@@ -36,10 +36,15 @@ def train(tmp_path, name, data, *extra):
     return netbuild.train(spec, tmp_path / name)
 
 
-@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
-def test_shards_train_to_the_bits_of_one_file(tmp_path, save):
+@pytest.mark.parametrize("save, mapped", [(np.savez, True), (np.savez, False),
+                                           (np.savez_compressed, False)],
+                         ids=["stored-mapped", "stored-in-memory", "compressed"])
+def test_shards_train_to_the_bits_of_one_file(tmp_path, save, mapped, monkeypatch):
     """One file, the same rows in three files (a list), and a glob of them: the same parameters
-    and records (the epoch order is one permutation of all the rows, as for one file)."""
+    and records (the epoch order is one permutation of all the rows, as for one file), whether
+    the shards are memory-mapped or read into memory (a small data set, by default)."""
+    if mapped:
+        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", "0")
     names = shards(tmp_path / "shards", save=save)
     one = train(tmp_path, "one", TRAIN)
     listed = train(tmp_path, "listed", "[" + ", ".join(names) + "]")
@@ -107,7 +112,7 @@ def test_block_shuffling_permutes_blocks_of_consecutive_rows(tmp_path):
     assert not all(np.array_equal(a[k], c[k]) for k in a)  # another order, other bits
 
 
-def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_path):
+def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_path, mapped_data):
     """The background reader gives dataset.batch(idx) for each index array, in order; an error
     while reading is raised in the caller; a caller that stops early stops the reader."""
     from netbuild import data
@@ -209,7 +214,8 @@ def test_a_file_cut_short_after_its_check_is_one_line_not_a_traceback(tmp_path):
         data.gather(mapped, np.arange(600, 664))
 
 
-def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path, monkeypatch):
+def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path, monkeypatch,
+                                                                      mapped_data):
     """The same bits as the rows in one file in memory, read with pread (no page of the files
     mapped by a batch)."""
     import os

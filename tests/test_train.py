@@ -43,14 +43,17 @@ SLOW = ["--set", "train.batch_size=4", "--set", "train.optimizer.type=sgd",
 
 @pytest.mark.parametrize("config", [MLP, CONFIGS / "digits-multi.yaml", "shards"],
                          ids=["mlp", "two-outputs", "shards"])
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(config, tmp_path, run_cli):
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(config, tmp_path, run_cli, monkeypatch):
     # Epochs of digits-mlp in batches of 4 take a fraction of a second: enough of them that the
     # kill lands well before the end, whatever the machine's speed. digits-multi: two inputs,
-    # two outputs and their losses; shards: digits-mlp on its training rows in three files.
+    # two outputs and their losses; shards: digits-mlp on its training rows in three files,
+    # memory-mapped (read by the background reader when it is killed).
     epochs = "12"
     extra = list(SLOW)
     if config == "shards":
         from test_shards import shards
+
+        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", "0")
 
         config = MLP
         extra += ["--set", "data.train=[" + ", ".join(shards(tmp_path / "shards")) + "]"]
