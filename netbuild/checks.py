@@ -28,8 +28,9 @@ def check(spec: Spec, with_data: bool = True) -> Network:
 
 
 def check_data(spec: Spec, network: Network) -> None:
-    """Load and check the training, validation and test data against the network."""
-    data.load_datasets(spec, network)
+    """Load and check the training, validation and test data against the network (nothing is
+    read into memory for it)."""
+    data.load_datasets(spec, network, into_memory=False)
     if spec.data["data"].get("test"):
         data.load(spec, "test", network)
 

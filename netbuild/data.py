@@ -461,13 +461,12 @@ def load(spec: Spec, role: str, network: Network, file: str | Path | None = None
     if len(shards) == 1:
         target, report = shards[0]
         xs, ys = _checked(network, target, report, with_targets=True)
-        return in_memory(Dataset(xs, ys, display_path(target)))
+        return Dataset(xs, ys, display_path(target))
     _same_headers(network, shards)
     parts = [_checked(network, target, report, with_targets=True) for target, report in shards]
     sources = f"{display_path(shards[0][0])} and {len(shards) - 1} more"
-    return in_memory(Dataset([Rows([p[0][i] for p in parts]) for i in range(len(parts[0][0]))],
-                             [Rows([p[1][i] for p in parts]) for i in range(len(parts[0][1]))],
-                             sources))
+    return Dataset([Rows([p[0][i] for p in parts]) for i in range(len(parts[0][0]))],
+                   [Rows([p[1][i] for p in parts]) for i in range(len(parts[0][1]))], sources)
 
 
 #: The environment variable that bounds the data sets read into memory, in bytes.
@@ -492,9 +491,9 @@ def in_memory_max() -> int:
 
 
 def in_memory(dataset: Dataset) -> Dataset:
-    """The data set read into memory when its files would be mapped (stored .npz members, or
-    several files) but all of its arrays together take at most :func:`in_memory_max` bytes and
-    fit the memory budget (:func:`netbuild.npz.budget`); else as it is. A small data set is read
+    """A training or validation set read into memory when its files would be mapped (stored .npz
+    members, or several files) but all of its arrays together take at most :func:`in_memory_max`
+    bytes and fit the memory budget (:func:`netbuild.npz.budget`); else as it is. A small data set is read
     once instead of on every batch: the training step gets its batches without the background
     reader (:func:`prefetched`), which on a machine whose cores all compute takes its time from
     the step (the bench CNN on 2 threads: 3-4% of its samples/s in three runs)."""
@@ -765,18 +764,21 @@ class Datasets:
     validation: Dataset | None = None
 
 
-def load_datasets(spec: Spec, network: Network) -> Datasets:
-    """The training data and the validation data (a file, a split, or none)."""
+def load_datasets(spec: Spec, network: Network, into_memory: bool = True) -> Datasets:
+    """The training data and the validation data (a file, a split, or none); with
+    ``into_memory`` (training: every epoch reads them again), each read into memory when it is
+    small (:func:`in_memory`)."""
     cfg = spec.data["data"]
+    keep = in_memory if into_memory else (lambda dataset: dataset)
     train = load(spec, "train", network)
     if cfg.get("validation"):
-        return Datasets(train, load(spec, "validation", network))
+        return Datasets(keep(train), keep(load(spec, "validation", network)))
     fraction = float(cfg.get("validation_split", 0.0))
-    try:
+    try:  # a split copies into memory itself
         train, validation = split(train, fraction, int(spec.data.get("seed", 0)))
     except ValueError as exc:
         raise spec.error(("data", "validation_split"), str(exc)) from None
-    return Datasets(train, validation)
+    return Datasets(keep(train), validation and keep(validation))
 
 
 def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

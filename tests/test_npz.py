@@ -114,8 +114,8 @@ def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tm
     for name, bound in (("stored", "0"), ("stored", ""), ("packed", "")):
         monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", bound)
         spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml", overrides=[
-            f"data.train={tmp_path / name}.npz", "train.epochs=2"])
-        loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
+            f"data.train={tmp_path / name}.npz", "train.epochs=2", "data.validation_split=0"])
+        loaded = data.load_datasets(spec, Network.from_spec(spec, init=False)).train
         assert isinstance(loaded.x, np.memmap) == (bound == "0") == loaded.mapped
         runs[name, bound] = netbuild.train(spec, tmp_path / f"{name}{bound}").model.network \
             .param_values()
@@ -127,7 +127,8 @@ def test_training_on_a_memory_mapped_file_equals_training_on_a_compressed_one(tm
 @pytest.mark.parametrize("bound, read", [("1000000", True), ("100000", False)])
 def test_a_data_set_within_the_bound_is_read_into_memory(tmp_path, monkeypatch, bound, read):
     """digits-train (1437 x 64 float32 and 1437 int64: 379,344 bytes) stored uncompressed in
-    three files: read into memory under a bound above its size, memory-mapped below it."""
+    three files: read into memory for training under a bound above its size, memory-mapped below
+    it; for `check` (into_memory=False), and as `data.load` gives it, memory-mapped."""
     from test_shards import shards
 
     import netbuild
@@ -136,11 +137,14 @@ def test_a_data_set_within_the_bound_is_read_into_memory(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", bound)
     names = shards(tmp_path / "shards")
-    spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml",
-                              overrides=["data.train=[" + ", ".join(names) + "]"])
-    loaded = data.load(spec, "train", Network.from_spec(spec, init=False))
+    spec = netbuild.load_spec(CONFIGS / "digits-mlp.yaml", overrides=[
+        "data.train=[" + ", ".join(names) + "]", "data.validation_split=0"])
+    network = Network.from_spec(spec, init=False)
+    loaded = data.load_datasets(spec, network).train
     assert loaded.mapped is not read
     assert all(type(a) is np.ndarray for a in loaded.xs + loaded.ys) is read
+    assert data.load_datasets(spec, network, into_memory=False).train.mapped
+    assert data.load(spec, "train", network).mapped
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "1.5"])

@@ -33,13 +33,41 @@ def _matrices(op: str, *values) -> list:
 
 
 class _ProjectionCOp(NetbuildCOp):
+    """What the two ops share: inputs ``X (N, K)`` and a second matrix whose columns are ``M``.
+    A subclass names the second input and its shape, the output's shape, the scratch elements
+    it needs and its kernel (C expressions of ``N, K, M``)."""
+
     c_file = "projection.c"
     shared_files = (*NetbuildCOp.shared_files, "packed.c")
     __props__ = ()
+    second: str
+    second_dims: str
+    out_dims: str
+    scratch_elements: str
+    kernel: str
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        X, B = inputs
+        (out,) = outputs
+        c = CCall(self, node, name, sub)
+        c.check(f"PyArray_NDIM({X}) == 2 && PyArray_NDIM({B}) == 2",
+                f"X and {self.second} must be matrices")
+        c.line(f"npy_intp N = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[0] : 0, "
+               f"K = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[1] : 0, "
+               f"M = PyArray_NDIM({B}) == 2 ? PyArray_DIMS({B})[1] : 0;")
+        c.check_shape(B, self.second, self.second_dims)
+        x, b = c.input(X), c.input(B)
+        y = c.output(out, self.out_dims)
+        c.scratch(f"sizeof(T_) * {self.scratch_elements}")
+        c.run(f"{self.kernel}(N, K, M, {x}, {b}, {y}, (T_*)s_)")
+        return c.code()
 
 
 class Projection(_ProjectionCOp):
     """``Y (N, M) = X (N, K) W (K, M)``."""
+
+    second, second_dims, out_dims = "W", "K, M", "N, M"
+    scratch_elements, kernel = "nbproj_dot_scratch<T_>(K, M)", "nbproj_dot"
 
     def make_node(self, X, W):
         X, W = _matrices("Projection", X, W)
@@ -61,24 +89,12 @@ class Projection(_ProjectionCOp):
                              f"X's columns to be W's rows")
         output_storage[0][0] = np.asarray(X @ W, dtype=node.outputs[0].dtype)
 
-    def c_code(self, node, name, inputs, outputs, sub):
-        X, W = inputs
-        (Y,) = outputs
-        c = CCall(self, node, name, sub)
-        c.check(f"PyArray_NDIM({X}) == 2 && PyArray_NDIM({W}) == 2", "X and W must be matrices")
-        c.line(f"npy_intp N = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[0] : 0, "
-               f"K = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[1] : 0, "
-               f"M = PyArray_NDIM({W}) == 2 ? PyArray_DIMS({W})[1] : 0;")
-        c.check_shape(W, "W", "K, M")
-        x, w = c.input(X), c.input(W)
-        y = c.output(Y, "N, M")
-        c.scratch("sizeof(T_) * nbproj_dot_scratch<T_>(K, M)")
-        c.run(f"nbproj_dot(N, K, M, {x}, {w}, {y}, (T_*)s_)")
-        return c.code()
-
 
 class ProjectionWeightGrad(_ProjectionCOp):
     """``dW (K, M) = X^T dY`` for ``X (N, K)`` and ``dY (N, M)``."""
+
+    second, second_dims, out_dims = "dY", "N, M", "K, M"
+    scratch_elements, kernel = "nbproj_grad_scratch<T_>(M)", "nbproj_weight_grad"
 
     def make_node(self, X, dY):
         X, dY = _matrices("ProjectionWeightGrad", X, dY)
@@ -99,21 +115,6 @@ class ProjectionWeightGrad(_ProjectionCOp):
             raise ValueError(f"ProjectionWeightGrad: X has shape {X.shape} and dY {dY.shape}; "
                              f"expected the same rows")
         output_storage[0][0] = np.asarray(X.T @ dY, dtype=node.outputs[0].dtype)
-
-    def c_code(self, node, name, inputs, outputs, sub):
-        X, dY = inputs
-        (dW,) = outputs
-        c = CCall(self, node, name, sub)
-        c.check(f"PyArray_NDIM({X}) == 2 && PyArray_NDIM({dY}) == 2", "X and dY must be matrices")
-        c.line(f"npy_intp N = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[0] : 0, "
-               f"K = PyArray_NDIM({X}) == 2 ? PyArray_DIMS({X})[1] : 0, "
-               f"M = PyArray_NDIM({dY}) == 2 ? PyArray_DIMS({dY})[1] : 0;")
-        c.check_shape(dY, "dY", "N, M")
-        x, g = c.input(X), c.input(dY)
-        out = c.output(dW, "K, M")
-        c.scratch("sizeof(T_) * nbproj_grad_scratch<T_>(M)")
-        c.run(f"nbproj_weight_grad(N, K, M, {x}, {g}, {out}, (T_*)s_)")
-        return c.code()
 
 
 def project(X, W):
