@@ -7,12 +7,12 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-data clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-tune bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,tune,mlflow]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -62,6 +62,12 @@ bench-data: $(STAMP)
 # Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py
+
+# `netbuild tune --trials 40` (TPE, Hyperband) against the full 48-point `netbuild sweep` grid over
+# the same four ranges of digits-mlp: best validation accuracy and epochs trained
+# (bench/RESULTS-tune.md, several minutes).
+bench-tune: $(STAMP)
+	$(BIN)/python bench/tune.py
 
 # Regenerate docs/spec.md from the JSON Schema.
 docs: $(STAMP)

@@ -20,6 +20,7 @@ prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class Run:
     stopped_early: bool = False
     best_epoch: int | None = None
     compile_seconds: float = 0.0
+    #: What went wrong while logging the run to its tracker (the run itself went on).
+    tracking_problems: list[str] = field(default_factory=list)
 
 
 def _spec(spec: SpecLike) -> Spec:
@@ -92,13 +95,14 @@ def check(spec: SpecLike, *, data: bool = True) -> Summary:
 
 def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None, *,
           epochs: int | None = None, overwrite: bool = False, resume: bool = False,
-          force: bool = False, callbacks: Callbacks | None = None) -> Run:
+          force: bool = False, callbacks: Callbacks | None = None, tracking=None) -> Run:
     """Train ``spec`` into ``run_dir`` (default ``runs/<name>``), as ``netbuild train`` does.
 
     ``overwrite`` replaces the files of an existing run; ``resume`` continues the run in
     ``run_dir`` from its last checkpoint (with its own spec when ``spec`` is None; with another
     one only if ``force``); ``epochs`` overrides ``train.epochs`` (with ``resume``: train up to
-    that many). ``callbacks`` hears the run's progress.
+    that many). ``callbacks`` hears the run's progress. ``tracking``: a
+    :class:`netbuild.tracking.Tracking` to log the run to (MLflow).
     """
     if resume and (run_dir is None or overwrite):
         raise UsageError("resume=True continues the run in run_dir: give run_dir, and no "
@@ -117,10 +121,14 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
         else:
             target.create(overwrite=overwrite)
             checkpoint = None
-        result = run_training(resolved, target, epochs=epochs, callbacks=callbacks,
-                              resume_from=checkpoint)
+        logged = tracking.run(resolved, target.path) if tracking is not None else contextlib.nullcontext()
+        with logged as tracked:
+            result = run_training(resolved, target, epochs=epochs,
+                                  callbacks=Callbacks.join(callbacks, tracked and tracked.callbacks),
+                                  resume_from=checkpoint)
     return Run(target.path, Model(resolved, result.network, str(target.path)), result.history,
-               result.stopped_early, result.best_epoch, result.compile_seconds)
+               result.stopped_early, result.best_epoch, result.compile_seconds,
+               list(tracked.problems) if tracked is not None else [])
 
 
 def load_model(path: str | os.PathLike) -> Model:

@@ -7,6 +7,7 @@ Each raises located errors, all of a stage's problems at once.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -14,17 +15,41 @@ from . import data, losses
 from . import metrics as metrics_mod
 from .errors import SpecError
 from .network import Network
-from .spec import Spec
+from .spec import Spec, validate
+
+#: Sections of a spec that are not the run's: how it is swept, searched and tracked. A run of a
+#: spec is the same run whatever they say.
+NOT_THE_RUNS = ("sweep", "tune", "tracking")
 
 
-def check(spec: Spec, with_data: bool = True) -> Network:
+def check(spec: Spec, with_data: bool = True, data_checked: set | None = None) -> Network:
     """Check a validated spec: wiring and shapes, then training, then (``with_data``) every data
-    file it names. Returns the network, without parameters."""
+    file it names. Returns the network, without parameters.
+
+    ``data_checked``: for checking many variants of one spec (a sweep's points, a search's
+    trials), the data checks already made; the data's check depends on the files, the model and
+    the losses alone, so a variant that changes none of them is not checked again."""
     network = Network.from_spec(spec, init=False)
     check_training(spec, network)
     if with_data:
-        check_data(spec, network)
+        key = None
+        if data_checked is not None:
+            key = json.dumps([{k: v for k, v in spec.data.items() if k not in ("train", *NOT_THE_RUNS)},
+                              spec.data["train"].get("loss"), str(spec.base_dir)],
+                             sort_keys=True, default=str)
+        if key is None or key not in data_checked:
+            check_data(spec, network)
+            if key is not None:
+                data_checked.add(key)
     return network
+
+
+def check_point(spec: Spec, data_checked: set | None = None) -> Spec:
+    """Everything ``netbuild check`` checks, for a spec as written (a sweep's point, a search's
+    trial): the schema, then :func:`check`. Returns the validated spec (defaults filled)."""
+    resolved = validate(spec)
+    check(resolved, data_checked=data_checked)
+    return resolved
 
 
 def check_data(spec: Spec, network: Network) -> None:

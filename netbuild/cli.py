@@ -93,6 +93,27 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                                    "core this process may run on; never more than those cores).")
 
 
+track_option = click.option("--track", type=click.Choice(["mlflow", "none"]), default=None,
+                            help="Log the runs to MLflow (parameters, per-epoch metrics, model files); "
+                                 "none: not even when the spec's tracking section asks (default: as "
+                                 "the spec says).")
+
+
+def _tracking(spec, option: str | None, beside: Path):
+    """The run's tracking (:class:`netbuild.tracking.Tracking`), or None; a tracking store that
+    cannot be reached is one line on stderr, and the run goes on untracked."""
+    from .tracking import Tracking
+
+    tracking = Tracking.resolve(spec, option, beside)
+    if tracking is None:
+        return None
+    problem = tracking.reach()
+    if problem:
+        click.echo(printable(problem), err=True)
+        return None
+    return tracking
+
+
 def _use_threads(requested: int | None) -> int:
     """Compute with ``--threads`` (or the default) from here on; a bad NETBUILD_THREADS is one
     line, exit 2."""
@@ -227,11 +248,12 @@ def check(specs: tuple[str, ...], overrides, fmt: str | None, no_data: bool,
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @_format_option("text", "github")
 @threads_option
+@track_option
 @click.pass_context
 @handles_errors
 def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, epochs: int | None,
           resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, fmt: str,
-          threads: int | None) -> None:
+          threads: int | None, track: str | None) -> None:
     """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
     curves.png into the run directory."""
     from . import api
@@ -242,13 +264,29 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
         raise click.UsageError("--resume continues its own directory; drop --run-dir/--overwrite", ctx)
     n_threads = _use_threads(threads)
     resolved = api.load_spec(spec, overrides) if spec else None
-    run = api.train(resolved, resume_dir or run_dir, epochs=epochs, overwrite=overwrite,
+    target = Path(resume_dir or run_dir or Path("runs") / resolved.data["name"])
+    tracked_spec = resolved if resolved is not None else _stored_spec(target)
+    logged = _tracking(tracked_spec, track, target.parent) if tracked_spec is not None else None
+    run = api.train(resolved, target, epochs=epochs, overwrite=overwrite,
                     resume=bool(resume_dir), force=force,
-                    callbacks=_progress(epochs, quiet, n_threads))
+                    callbacks=_progress(epochs, quiet, n_threads), tracking=logged)
+    for line in run.tracking_problems:
+        click.echo(printable(line), err=True)
     say = (lambda *_: None) if quiet else click.echo
     if run.stopped_early:
         say(f"early stopping after epoch {run.history[-1]['epoch']}; best epoch {run.best_epoch}")
     say(f"saved {run.path / 'model.npz'}")
+
+
+def _stored_spec(run_dir: Path):
+    """The resolved spec of the run in ``run_dir`` (to know how a resumed run is tracked), or None
+    when it cannot be read: resuming then says why."""
+    from .spec import load_spec
+
+    try:
+        return load_spec(str(run_dir / "spec.yaml"))
+    except (NetbuildError, OSError):
+        return None
 
 
 def _progress(epochs: int | None, quiet: bool, n_threads: int):
@@ -518,6 +556,103 @@ def schema() -> None:
     click.echo(json.dumps(get_schema(), indent=2))
 
 
+cluster_options = [
+    click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Worker processes of the local cluster (default: one per core, at most one "
+                      "per point to train)."),
+    click.option("--scheduler", default=None, metavar="ADDRESS",
+                 help="Run the points on the workers of this Dask scheduler, e.g. tcp://host:8786, "
+                      "instead of a local cluster."),
+    click.option("--monitor", default=None, metavar="METRIC",
+                 help="The recorded metric to rank by, e.g. val_accuracy (default: val_loss with "
+                      "validation data, else loss)."),
+    click.option("--overwrite", is_flag=True, help="Train every point again from scratch."),
+    click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors."),
+    click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Threads each point computes with on the local cluster (default: the cores "
+                      "divided among the workers)."),
+    track_option,
+]
+
+
+def _cluster_options(fn):
+    for option in reversed(cluster_options):
+        fn = option(fn)
+    return fn
+
+
+def _check_cluster_options(ctx, workers, threads, scheduler) -> None:
+    if (workers or threads) and scheduler:
+        raise click.UsageError("--workers and --threads size the local cluster; with --scheduler "
+                               "the cluster's own workers run the points (set NETBUILD_THREADS "
+                               "in their environment)", ctx)
+    _use_threads(None)  # a bad NETBUILD_THREADS is reported before anything starts
+
+
+def _search_progress(say, monitor: str, unit: str):
+    """The callbacks that print a sweep's or search's progress: a line at the start, one per
+    finished point."""
+    from .search.sweep import Callbacks
+
+    def count(n: int) -> str:
+        return f"{n} {unit}{'s' * (n != 1)}"
+
+    def started(info: dict) -> None:
+        word = "finished" if info["command"] == "tune" else "complete"  # a search's pruned trials too
+        kept = f" ({info['complete']} {word} already)" if info["complete"] else ""
+        say(f"{info['command']} {info['name']}: {count(info['points'])} into {info['sweep_dir']}{kept}")
+        for note in info.get("notes", []):
+            say(f"note: {note}")
+        if info["to_run"]:
+            resumed = f" ({info['resumed']} of them resumed)" if info.get("resumed") else ""
+            say(f"training {count(info['to_run'])}{resumed} on {info['where']} ...")
+
+    def finished(record: dict, done: int, total: int) -> None:
+        line = f"[{done}/{total}] {record['id']}  {record['status']}"
+        if record["best"] is not None:
+            line += (f"  {monitor} {report.number(record['final'])} (best "
+                     f"{report.number(record['best'])} at epoch {record['best_epoch']})")
+        line += f"  {record['epochs']} epochs  {record['seconds']:.2f} s training"
+        if record.get("wall_seconds") is not None:
+            line += f", {record['wall_seconds']:.1f} s in all"
+        say(line + (f"  {record['message']}" if record["message"] else ""))
+
+    return Callbacks(start=started, point=finished)
+
+
+def _search_tracking(base_spec, track: str | None, folder: Path, state_file: str, name: str, params: dict):
+    """The tracking of a sweep's or search's points, with their parent run (the one an earlier
+    command made, when the state file names it)."""
+    import json as json_mod
+
+    tracking = _tracking(base_spec, track, folder.parent)
+    if tracking is None:
+        return None
+    state = None
+    try:
+        state = json_mod.loads((folder / state_file).read_text("utf-8")).get("tracking")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return tracking.with_parent(state, name, params)
+    except Exception as exc:  # the store answered a moment ago: say it, and go on untracked
+        click.echo(printable(f"tracking: cannot start the parent run at {tracking.uri} ({exc}); the "
+                             "points go on untracked"), err=True)
+        return None
+
+
+def _finish_search(result, unit: str, say, command: str) -> None:
+    from . import search
+
+    say("wrote " + ", ".join(str(f) for f in result.files))
+    failed = [r for r in result.rows if r["status"] == search.FAILED]
+    if failed:
+        raise search.SearchError([f"{r['id']}: failed: {r['message']}" for r in failed]
+                                 + [(f"{len(failed)} of {len(result.rows)} {unit}s failed; the others "
+                                     f"are complete (run the same command again to "
+                                     f"{'retry the failed ones' if command == 'sweep' else 'continue'})")])
+
+
 @cli.command(name="sweep")
 @click.argument("spec", metavar="SPEC")
 @click.option("--grid", multiple=True, metavar="PATH=V1,V2,...",
@@ -529,77 +664,110 @@ def schema() -> None:
               help="Train N points drawn from the grid's combinations instead of all of them.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, metavar="S",
               help="Seed of the --random draw (default 0; not the spec's seed).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Worker processes of the local cluster (default: one per core, at most one per point).")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run the points on the workers of this Dask scheduler, e.g. tcp://host:8786, "
-                   "instead of a local cluster.")
-@click.option("--monitor", default=None, metavar="METRIC",
-              help="The recorded metric to sort by, e.g. val_accuracy (default: val_loss with "
-                   "validation data, else loss).")
 @click.option("--sweep-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the runs and the summary (default: runs/<name>-sweep).")
-@click.option("--overwrite", is_flag=True, help="Train every point again from scratch.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Threads each point computes with on the local cluster (default: the cores "
-                   "divided among the workers).")
+@_cluster_options
 @_format_option("text", "github")
 @click.pass_context
 @handles_errors
 def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points: int | None,
                   seed: int | None, workers: int | None, scheduler: str | None, monitor: str | None,
                   sweep_dir: str | None, overwrite: bool, quiet: bool, threads: int | None,
-                  fmt: str) -> None:
+                  track: str | None, fmt: str) -> None:
     """Train SPEC at every combination of the --grid values (and the spec's sweep section), each
     point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
     monitored metric. Exit 1 when a point failed; run again to skip completed points."""
-    from . import sweep as sweeps
+    from . import search
+    from .report import summary
+    from .search import sweep as sweeps
 
-    if (workers or threads) and scheduler:
-        raise click.UsageError("--workers and --threads size the local cluster; with --scheduler "
-                               "the cluster's own workers run the points (set NETBUILD_THREADS "
-                               "in their environment)", ctx)
-    _use_threads(None)  # a bad NETBUILD_THREADS is reported before anything starts
+    _check_cluster_options(ctx, workers, threads, scheduler)
     try:
-        plan = sweeps.plan(spec, grid, overrides, random=random_points, seed=seed, monitor=monitor,
+        plan = search.plan(spec, grid, overrides, random=random_points, seed=seed, monitor=monitor,
                            sweep_dir=sweep_dir, workers=workers)
-    except sweeps.ArgumentError as exc:
+    except search.ArgumentError as exc:
         raise click.BadParameter(str(exc), ctx, param_hint=f"'{exc.option}'") from None
     if seed is not None and plan.random is None:
         raise click.UsageError("--seed picks the points of --random N; give --random too", ctx)
     say = (lambda *_: None) if quiet else click.echo
-
-    def points(n: int) -> str:
-        return f"{n} point{'s' * (n != 1)}"
-
-    def started(info: dict) -> None:
-        kept = f" ({info['complete']} complete already)" if info["complete"] else ""
-        say(f"sweep {plan.name}: {points(info['points'])} into {info['sweep_dir']}{kept}")
-        if info["to_run"]:
-            say(f"training {points(info['to_run'])} on {info['where']} ...")
-
-    def finished(record: dict, done: int, total: int) -> None:
-        line = f"[{done}/{total}] {record['id']}  {record['status']}"
-        if record["best"] is not None:
-            line += (f"  {plan.monitor} {report.number(record['final'])} (best "
-                     f"{report.number(record['best'])} at epoch {record['best_epoch']})")
-        line += f"  {record['epochs']} epochs  {record['seconds']:.2f} s training"
-        if record.get("wall_seconds") is not None:
-            line += f", {record['wall_seconds']:.1f} s in all"
-        say(line + (f"  {record['message']}" if record["message"] else ""))
-
-    result = sweeps.run(plan, scheduler=scheduler, workers=workers, overwrite=overwrite,
-                        callbacks=sweeps.Callbacks(start=started, point=finished),
-                        per_point_threads=threads)
-    headers, rows, align = sweeps.summary_table(plan, result.rows)
+    first = plan.specs[plan.points[0].id]
+    tracking = _search_tracking(first, track, plan.sweep_dir, sweeps.SWEEP_FILE, f"{plan.name}-sweep",
+                                {f"grid.{a.text}": json.dumps(a.values) for a in plan.axes})
+    progress = _search_progress(say, plan.monitor, "point")
+    start = progress.start
+    progress.start = lambda info: start(dict(info, command="sweep", name=plan.name))
+    try:
+        result = sweeps.run(plan, scheduler=scheduler, workers=workers, overwrite=overwrite,
+                            callbacks=progress, per_point_threads=threads, tracking=tracking)
+    except search.SearchInterrupted:
+        if tracking is not None:
+            tracking.end_parent(interrupted=True)
+        raise
+    if tracking is not None:
+        tracking.end_parent()
+    headers, rows, align = summary.table(plan.summary_of(), result.rows)
     say(report.table(headers, rows, align))
-    say("wrote " + ", ".join(str(f) for f in result.files))
-    failed = [r for r in result.rows if r["status"] == sweeps.FAILED]
-    if failed:
-        raise sweeps.SweepError([f"{r['id']}: failed: {r['message']}" for r in failed]
-                                + [(f"{len(failed)} of {len(result.rows)} points failed; the others "
-                                    "are complete (run the same command again to retry the failed ones)")])
+    _finish_search(result, "point", say, "sweep")
+
+
+@cli.command(name="tune")
+@click.argument("spec", metavar="SPEC")
+@set_option
+@click.option("--trials", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Trials in all, those of an earlier command included (default: the spec's "
+                   "tune.trials, else 20).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None,
+              help="How the next point is proposed (default: the spec's tune.sampler, else tpe).")
+@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None,
+              help="How hopeless trials are stopped early (default: the spec's tune.pruner, else "
+                   "hyperband).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="S",
+              help="Seed of the sampler (default: the spec's tune.seed, else 0; not the spec's seed).")
+@click.option("--tune-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the trials, the study and the summary (default: runs/<name>-tune).")
+@_cluster_options
+@_format_option("text", "github")
+@click.pass_context
+@handles_errors
+def tune_command(ctx: click.Context, spec: str, overrides, trials: int | None, sampler: str | None,
+                 pruner: str | None, seed: int | None, tune_dir: str | None, workers: int | None,
+                 scheduler: str | None, monitor: str | None, overwrite: bool, quiet: bool,
+                 threads: int | None, track: str | None, fmt: str) -> None:
+    """Search the spec's tune.space with Optuna: each trial trains SPEC at the point the sampler
+    proposes into its own run directory, and the pruner stops hopeless trials after a few epochs;
+    write summary.csv, summary.md, history.png and params.png. Run the same command again to
+    continue the study."""
+    from . import search
+    from .report import summary
+    from .search import tune
+
+    _check_cluster_options(ctx, workers, threads, scheduler)
+    tune.optuna_modules()  # what to install, before anything else
+    try:
+        found = tune.plan(spec, overrides, trials=trials, monitor=monitor, sampler=sampler, pruner=pruner,
+                          seed=seed, tune_dir=tune_dir, workers=workers)
+    except search.ArgumentError as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint=f"'{exc.option}'") from None
+    say = (lambda *_: None) if quiet else click.echo
+    tracking = _search_tracking(found.base, track, found.tune_dir, tune.TUNE_FILE, f"{found.name}-tune",
+                                {f"space.{p.text}": json.dumps(p.describe()) for p in found.params})
+    progress = _search_progress(say, found.monitor, "trial")
+    start = progress.start
+    progress.start = lambda info: start(dict(info, command="tune", name=found.name))
+    try:
+        result = tune.run(found, scheduler=scheduler, workers=workers, overwrite=overwrite,
+                          callbacks=progress, per_point_threads=threads, tracking=tracking)
+    except search.SearchInterrupted:
+        if tracking is not None:
+            tracking.end_parent(interrupted=True)
+        raise
+    if tracking is not None:
+        tracking.end_parent()
+    headers, rows, align = summary.table(found.summary_of(), result.rows)
+    say(report.table(headers, rows, align))
+    epochs = sum(r["epochs"] for r in result.records)
+    say(f"{len(result.records)} trials, {result.count(search.PRUNED)} pruned; {epochs} epochs trained in all")
+    _finish_search(result, "trial", say, "tune")
 
 
 def main() -> None:

@@ -127,8 +127,9 @@ class MissingExtra(NetbuildError):
     """A command needs an optional dependency that is not installed: says what to install."""
 
     def __init__(self, extra: str, modules: str, needed_by: str):
-        super().__init__(f"{needed_by} needs {modules}, which are not installed; install them "
-                         f"with: pip install 'netbuild[{extra}]'")
+        several = " and " in modules
+        super().__init__(f"{needed_by} needs {modules}, which {'are' if several else 'is'} not installed; "
+                         f"install {'them' if several else 'it'} with: pip install 'netbuild[{extra}]'")
 
 
 class ThresholdError(NetbuildError):

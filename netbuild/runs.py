@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ CHECKPOINT_FILE = "checkpoint.npz"
 SPEC_FILE = "spec.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+#: Where a tracked run is logged (:mod:`netbuild.tracking`), so that a resumed run logs to the same one.
+TRACKING_FILE = "tracking.json"
 LOCK_FILE = ".lock"
 
 
@@ -207,8 +209,80 @@ def changed_keys(old, new, path: str = "") -> list[str]:
     return [] if old == new else [path or "$"]
 
 
+def spec_changes(stored: dict, spec: Spec) -> list[str]:
+    """Where ``spec`` differs from the resolved spec data a run stored (its checkpoint's or its
+    spec.yaml's), as dotted paths. ``train.epochs`` is left out (a longer run continues the same
+    one), and so are the sections that are not the run's (``sweep``, ``tune``, ``tracking``)."""
+    from .checks import NOT_THE_RUNS
+
+    return [k for k in changed_keys(stored, resolved_spec_data(spec))
+            if k != "train.epochs" and k.split(".")[0] not in NOT_THE_RUNS]
+
+
+def changes_text(changed: list[str]) -> str:
+    """``a, b and 3 more``: the first eight changed keys."""
+    return ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+
+
+@dataclass
+class RunState:
+    """What a run directory holds for a spec: ``new`` (nothing worth keeping), ``complete``,
+    ``partial`` (a checkpoint to resume from) or ``different`` (a run of another spec, which
+    differs in ``changed``). ``history``: its epochs' records."""
+
+    kind: str
+    history: list[dict] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+    changed: list[str] = field(default_factory=list)
+
+
+def inspect_run(run_dir: str | os.PathLike, spec: Spec) -> RunState:
+    """Whether ``run_dir`` holds a complete run of ``spec``, one to resume, or another spec's run
+    (``train.epochs`` may differ: a run trained for fewer epochs resumes to more; one trained for
+    more is a different run). An unreadable checkpoint is ``new``: trained again from scratch."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return RunState("new")
+    try:
+        found = load_checkpoint(run_dir)
+    except RunError:
+        return RunState("new")
+    stored, ckpt = found
+    epochs = int(spec.data["train"]["epochs"])
+    changed = spec_changes(stored, spec)
+    state = ckpt.state if isinstance(ckpt.state, dict) else {}
+    trained = int(state.get("epoch", 0) or 0)
+    if not changed and trained > epochs:
+        changed = ["train.epochs"]
+    if changed:
+        return RunState("different", changed=changed)
+    history = [dict(r) for r in state.get("history", []) if isinstance(r, dict)]
+    if state.get("stopped") or trained >= epochs:
+        if (run_dir / MODEL_FILE).is_file() and (run_dir / METRICS_FILE).is_file():
+            return RunState("complete", history)
+        return RunState("new")
+    return RunState("partial", history, ckpt)
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The epochs recorded in a run directory's metrics.jsonl (empty when there are none)."""
+    try:
+        lines = (Path(run_dir) / METRICS_FILE).read_text("utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 #: The files a run writes, in the order a new run replaces them.
-RUN_FILES = (METRICS_FILE, CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, SPEC_FILE)
+RUN_FILES = (METRICS_FILE, CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, SPEC_FILE, TRACKING_FILE)
 
 
 def is_stale_temporary(name: str) -> bool:

@@ -42,6 +42,8 @@ class TrainResult:
     compile_seconds: float = 0.0
     stopped_early: bool = False
     best_epoch: int | None = None
+    #: Stopped by its caller (:attr:`Callbacks.stop`), not by early stopping.
+    halted: bool = False
 
 
 @dataclass
@@ -54,6 +56,22 @@ class Callbacks:
     batch: Callable[[int, int, int, float, float], None] = lambda epoch, i, n, loss, seconds: None
     epoch: Callable[[dict], None] = lambda record: None
     resumed: Callable[[int], None] = lambda epoch: None
+    #: Asked after each epoch's record is heard: True stops the run there, as early stopping
+    #: does (its files written, the run complete). A search prunes its trials with it.
+    stop: Callable[[dict], bool] = lambda record: False
+
+    @classmethod
+    def join(cls, *many: "Callbacks | None") -> "Callbacks":
+        """One set of callbacks that calls each of ``many`` in turn (None: left out); the run
+        stops when any of them says so."""
+        many = [c for c in many if c is not None]
+
+        def each(name):
+            return lambda *args: [getattr(c, name)(*args) for c in many]
+
+        return cls(started=each("started"), compiled=each("compiled"), batch=each("batch"),
+                   epoch=each("epoch"), resumed=each("resumed"),
+                   stop=lambda record: any([c.stop(record) for c in many]))
 
 
 class Monitor:
@@ -265,7 +283,7 @@ class Trainer:
             self.run_dir.rewrite_metrics(self.history)
             self.on.resumed(self.epoch)
         every = int(self.cfg.get("checkpoint", {}).get("every", 1))
-        stopped = self.stopped = False
+        stopped = self.stopped = halted = False
         curves_drawn = time.monotonic()
         for epoch in range(self.epoch + 1, self.epochs + 1):
             record = self.run_epoch(epoch)
@@ -280,6 +298,8 @@ class Trainer:
                 stopped = self.stopped = self.stopper.wait > int(self.cfg["early_stopping"].get("patience", 5))
             self.run_dir.append_metrics(record)
             self.on.epoch(record)
+            if not stopped and self.on.stop(record):
+                stopped = self.stopped = halted = True
             last = stopped or epoch == self.epochs
             self.run_dir.save_model(self.spec, self.final_params() if last else self.model_params())
             if last or epoch % every == 0:
@@ -293,7 +313,8 @@ class Trainer:
             self.network.set_param_values(self.final_params())
         watcher = self.keeper or self.stopper  # model.npz follows the checkpoint's monitor first
         best = watcher.best_epoch if watcher else None
-        return TrainResult(self.network, self.history, self.fns.seconds, stopped, best)
+        return TrainResult(self.network, self.history, self.fns.seconds, stopped and not halted, best,
+                           halted)
 
     def restores_best(self) -> bool:
         es = self.cfg.get("early_stopping")
@@ -327,18 +348,15 @@ def prepare_resume(run_dir: RunDir, spec: Spec | None, force: bool = False) -> t
     Without ``spec``, the run's own resolved spec.yaml is used. With one, it must equal the
     run's (``train.epochs`` may differ, to train longer) unless ``force``.
     """
-    from .runs import SPEC_FILE, changed_keys, load_checkpoint, resolved_spec_data
+    from .runs import SPEC_FILE, changes_text, load_checkpoint, resolved_spec_data, spec_changes
 
     stored = load_spec(str(run_dir.path / SPEC_FILE))
     found = load_checkpoint(run_dir.path)
     if spec is None:
         spec = stored
     else:
-        old = found[0] if found else resolved_spec_data(stored)
-        keys = [k for k in changed_keys(old, resolved_spec_data(spec))
-                if k != "train.epochs" and k.split(".")[0] != "sweep"]  # `sweep` is not the run's
+        keys = spec_changes(found[0] if found else resolved_spec_data(stored), spec)
         if keys and not force:
-            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-            raise RunError(f"{run_dir.path}: the spec differs from the run's in {shown}; "
+            raise RunError(f"{run_dir.path}: the spec differs from the run's in {changes_text(keys)}; "
                            "expected the same spec to resume (pass --force to resume anyway)")
     return spec, (found[1] if found else None)

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from conftest import CONFIGS, ROOT, SPECS
 
-from netbuild import sweep
+from netbuild import search, threads
+from netbuild.search import cluster
 from netbuild.errors import SpecError
 
 MLP = CONFIGS / "digits-mlp.yaml"
@@ -30,7 +31,7 @@ REGRESSION = SPECS / "valid" / "regression-sgd.yaml"
 def scheduler():
     """A LocalCluster of 2 workers shared by the tests of this module (``--scheduler``), made as
     `netbuild sweep` makes its own."""
-    cluster = sweep.local_cluster(2, 1)
+    cluster = search.local_cluster(2, 1)
     yield cluster.scheduler_address
     cluster.close()
 
@@ -206,7 +207,7 @@ def test_the_spec_sweep_section(tmp_path, run_cli, scheduler):
     assert {r["model.layers[0].units"] for r in rows} <= {"8", "16"}
     assert [float(r["best_val_accuracy"]) for r in rows] == sorted(
         (float(r["best_val_accuracy"]) for r in rows), reverse=True)
-    plan = sweep.plan(str(path), ["model.layers[0].units=8,16"])
+    plan = search.plan(str(path), ["model.layers[0].units=8,16"])
     assert sorted(p.id for p in plan.points) == sorted(r["point"] for r in rows)
 
     # `netbuild train` ignores the section, and resuming is not refused when only it changed
@@ -291,7 +292,7 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, run_cli):
 
 
 def test_workers_of_another_netbuild_version_are_named(tmp_path, run_cli, scheduler, monkeypatch):
-    monkeypatch.setattr(sweep, "__version__", "0.0.0-other")
+    monkeypatch.setattr(cluster, "__version__", "0.0.0-other")
     result = run_cli("sweep", MLP, "--grid", "train.epochs=1", "--scheduler", scheduler,
                      "--sweep-dir", tmp_path / "sweep")
     assert result.exit_code == 1
@@ -304,49 +305,49 @@ def test_workers_of_another_netbuild_version_are_named(tmp_path, run_cli, schedu
 
 
 def test_grid_values_are_one_yaml_list():
-    axis = sweep.parse_grid("model.layers[0].kernel_size=[3, 3],[5,5]")
+    axis = search.parse_grid("model.layers[0].kernel_size=[3, 3],[5,5]")
     assert axis.path == ("model", "layers", 0, "kernel_size") and axis.values == [[3, 3], [5, 5]]
-    assert sweep.parse_grid("train.optimizer={type: sgd, momentum: 0.9},adam").values == [
+    assert search.parse_grid("train.optimizer={type: sgd, momentum: 0.9},adam").values == [
         {"type": "sgd", "momentum": 0.9}, "adam"]
-    assert sweep.parse_grid("train.optimizer.learning_rate=1e-3,0.01,true").values == [0.001, 0.01, True]
-    with pytest.raises(sweep.ArgumentError):
-        sweep.parse_grid("sweep.random=1,2")
+    assert search.parse_grid("train.optimizer.learning_rate=1e-3,0.01,true").values == [0.001, 0.01, True]
+    with pytest.raises(search.ArgumentError):
+        search.parse_grid("sweep.random=1,2")
 
 
 def test_points_are_every_combination_with_stable_ids():
-    axes = [sweep.parse_grid("train.optimizer.learning_rate=0.001,0.01,0.1"),
-            sweep.parse_grid("model.layers[0].units=16,32")]
-    points = sweep.expand(axes)
+    axes = [search.parse_grid("train.optimizer.learning_rate=0.001,0.01,0.1"),
+            search.parse_grid("model.layers[0].units=16,32")]
+    points = search.expand(axes)
     assert [tuple(p.overrides.values()) for p in points] == [
         (0.001, 16), (0.001, 32), (0.01, 16), (0.01, 32), (0.1, 16), (0.1, 32)]
     assert points[0].id.startswith("learning_rate=0.001_units=16-")
     assert len({p.id for p in points}) == 6
-    assert [p.id for p in sweep.expand(axes)] == [p.id for p in points]
+    assert [p.id for p in search.expand(axes)] == [p.id for p in points]
     # the hash covers exact values: 1 and 1.0 are different points
-    assert sweep.point_id({"a": 1}) != sweep.point_id({"a": 1.0})
-    assert sweep.point_id({"a": 1, "b": 2}).split("-")[-1] == sweep.point_id({"b": 2, "a": 1}).split("-")[-1]
+    assert search.point_id({"a": 1}) != search.point_id({"a": 1.0})
+    assert search.point_id({"a": 1, "b": 2}).split("-")[-1] == search.point_id({"b": 2, "a": 1}).split("-")[-1]
 
 
 def test_short_names_tell_the_axes_apart():
-    axes = [sweep.parse_grid("model.layers[0].units=1"), sweep.parse_grid("model.layers[2].units=1"),
-            sweep.parse_grid("model.input_shape[0]=64"), sweep.parse_grid("seed=1")]
-    assert list(sweep.short_names(axes).values()) == [
+    axes = [search.parse_grid("model.layers[0].units=1"), search.parse_grid("model.layers[2].units=1"),
+            search.parse_grid("model.input_shape[0]=64"), search.parse_grid("seed=1")]
+    assert list(search.short_names(axes).values()) == [
         "layers[0].units", "layers[2].units", "input_shape[0]", "seed"]
 
 
 def test_random_draws_are_seeded_distinct_and_in_grid_order():
-    axes = [sweep.parse_grid("a=1,2,3,4,5"), sweep.parse_grid("b=1,2,3,4"), sweep.parse_grid("c=x,y")]
-    everything = [p.id for p in sweep.expand(axes)]
-    drawn = [p.id for p in sweep.expand(axes, random=7, seed=3)]
+    axes = [search.parse_grid("a=1,2,3,4,5"), search.parse_grid("b=1,2,3,4"), search.parse_grid("c=x,y")]
+    everything = [p.id for p in search.expand(axes)]
+    drawn = [p.id for p in search.expand(axes, random=7, seed=3)]
     assert len(set(drawn)) == 7 and set(drawn) <= set(everything)
     assert drawn == sorted(drawn, key=everything.index)
-    assert drawn == [p.id for p in sweep.expand(axes, random=7, seed=3)]
-    assert drawn != [p.id for p in sweep.expand(axes, random=7, seed=4)]
-    assert [p.id for p in sweep.expand(axes, random=100, seed=3)] == everything
+    assert drawn == [p.id for p in search.expand(axes, random=7, seed=3)]
+    assert drawn != [p.id for p in search.expand(axes, random=7, seed=4)]
+    assert [p.id for p in search.expand(axes, random=100, seed=3)] == everything
 
 
 def test_a_plan_validates_every_point_and_drops_the_sweep_section(tmp_path):
-    plan = sweep.plan(str(MLP), ["train.optimizer.learning_rate=0.01,0.1"], ["train.epochs=1"],
+    plan = search.plan(str(MLP), ["train.optimizer.learning_rate=0.01,0.1"], ["train.epochs=1"],
                       sweep_dir=tmp_path)
     assert plan.monitor == "val_loss" and plan.mode == "min" and len(plan.specs) == 2
     for point in plan.points:
@@ -354,15 +355,15 @@ def test_a_plan_validates_every_point_and_drops_the_sweep_section(tmp_path):
         assert spec.data["train"]["optimizer"]["learning_rate"] == point.overrides["train.optimizer.learning_rate"]
         assert spec.data["train"]["epochs"] == 1 and "sweep" not in spec.data
     with pytest.raises(SpecError):
-        sweep.plan(str(tmp_path / "missing.yaml"), ["train.epochs=1"])
+        search.plan(str(tmp_path / "missing.yaml"), ["train.epochs=1"])
 
 
 def test_threads_per_point_never_oversubscribe(monkeypatch):
     monkeypatch.delenv("NETBUILD_THREADS", raising=False)
-    monkeypatch.setattr(sweep.threads, "available_cores", lambda: 8)
-    assert sweep.point_threads(2, cores=8) == 4  # the cores divided among the workers
-    assert sweep.point_threads(2, requested=2, cores=8) == 2
-    assert sweep.point_threads(2, requested=6, cores=8) == 4 and sweep.point_threads(16, cores=8) == 1
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    assert search.point_threads(2, cores=8) == 4  # the cores divided among the workers
+    assert search.point_threads(2, requested=2, cores=8) == 2
+    assert search.point_threads(2, requested=6, cores=8) == 4 and search.point_threads(16, cores=8) == 1
     monkeypatch.setenv("NETBUILD_THREADS", "1")
-    assert sweep.point_threads(2, cores=8) == 1
-    assert sweep.default_workers(3, cores=8) == 3 and sweep.default_workers(30, cores=8) == 8
+    assert search.point_threads(2, cores=8) == 1
+    assert search.default_workers(3, cores=8) == 3 and search.default_workers(30, cores=8) == 8
