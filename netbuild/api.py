@@ -80,6 +80,7 @@ def check(spec: SpecLike, *, data: bool = True) -> Summary:
     its training section and, with ``data``, its data files. Raises located errors."""
     spec = _spec(spec)
     network = checks.check(spec, with_data=data)
+    _check_sections(spec)
     sig = network.signature
     shapes = network.output_shapes()
     inputs = [{"name": i.name, "shape": list(i.shape), "key": i.key,
@@ -91,6 +92,17 @@ def check(spec: SpecLike, *, data: bool = True) -> Summary:
     return Summary(str(spec.data["name"]), network.summary(), network.n_params(),
                    tuple(shapes[sig.outputs[0].name]) if len(shapes) == 1 else None,
                    inputs, outputs, not (sig.shorthand_inputs and sig.shorthand_outputs))
+
+
+def _check_sections(spec: Spec) -> None:
+    """What ``sweep`` and ``tune`` would say of their sections before checking any point: paths,
+    repeated values, ranges (the points themselves are checked by those commands)."""
+    from .search import points, space
+
+    if spec.data.get("sweep"):
+        points.grid_from_spec(spec)
+    if spec.data.get("tune"):
+        space.parse(spec)
 
 
 def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None, *,

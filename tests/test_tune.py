@@ -243,3 +243,11 @@ def test_probes_set_one_end_at_a_time():
     probes = [values for _, _, _, values in space.probe_points(space.parse(spec))]
     assert probes == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}, {"a": 1, "b": "x"}, {"a": 1, "b": "y"},
                       {"a": 1, "b": "z"}]
+
+
+def test_check_reports_what_tune_would_of_its_section(tmp_path, run_cli):
+    spec = write_spec(tmp_path, {"space": {"train.optimizer.learning_rate": {"uniform": [0.1, 0.01]}}})
+    result = run_cli("check", spec, "--no-data")
+    assert result.exit_code == 1
+    assert "tune.space.train.optimizer.learning_rate.uniform: received [0.1, 0.01]" in result.stderr
+    assert run_cli("check", write_spec(tmp_path), "--no-data").exit_code == 0

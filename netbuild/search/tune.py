@@ -325,13 +325,13 @@ def _optimize(optuna, study, storage, search: Search, folder: Path, records: dic
     TrialState = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    stale = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    stale = [t for t in trials if t.state == TrialState.RUNNING]  # a command stopped while they ran
     for t in trials:  # what the study says wins over tune.json (a command killed between the two)
         tid = trial_id_text(t.number)
         if tid not in records:
             order.append(tid)
-        if t.state not in (TrialState.RUNNING, TrialState.WAITING) and (
-                tid not in records or records[tid]["status"] not in COMPLETE + (PRUNED, FAILED)):
+        if t.state.is_finished() and (tid not in records
+                                      or records[tid]["status"] not in COMPLETE + (PRUNED, FAILED)):
             records[tid] = _record_of_frozen(t, search, folder)
     total = search.trials
     to_run = max(0, total - finished)
@@ -346,38 +346,28 @@ def _optimize(optuna, study, storage, search: Search, folder: Path, records: dic
     heard = 0
 
     def launch() -> None:
-        """Start the next trial: an interrupted one first, else a new one asked of the sampler."""
-        nonlocal launched, finished, heard
+        """Start trials until ``n_workers`` run: an interrupted one first (its point again, or
+        one suggested now if it was asked and never given one), else a new one from the sampler."""
+        nonlocal launched, heard
         while launched < to_run and runner.running() < n_workers:
             launched += 1
-            if stale:
-                frozen = stale.pop(0)
-                number, trial_id = frozen.number, frozen._trial_id
-                values = {p.text: p.value_of(frozen.params[p.text]) for p in search.params
-                          if p.text in frozen.params}
-                if len(values) < len(search.params):  # asked, never given its values: ask anew
-                    study.tell(number, state=TrialState.FAIL)
-                    launched -= 1
-                    continue
-            else:
-                trial = study.ask()
-                number, trial_id = trial.number, trial._trial_id
-                values = {p.text: p.suggest(trial) for p in search.params}
-            tid = trial_id_text(number)
+            trial = optuna.trial.Trial(study, stale.pop(0)._trial_id) if stale else study.ask()
+            values = {p.text: p.suggest(trial) for p in search.params}
+            tid = trial_id_text(trial.number)
             if tid not in records:
                 order.append(tid)
             try:
                 spec = search.spec_for(values, data_checked)
             except NetbuildError as exc:  # a sampled point the probes did not cover
-                study.tell(number, state=TrialState.FAIL)
+                study.tell(trial.number, state=TrialState.FAIL)
                 records[tid] = point_record(tid, values, FAILED, [], search.monitor, search.mode,
                                             printable("; ".join(exc.lines())))
-                finished += 1
                 heard += 1
                 on.point(records[tid], heard, to_run)
                 continue
             records[tid] = point_record(tid, values, PENDING, [], search.monitor, search.mode)
-            reporter = Reporter(storage.name, search.name, trial_id, search.monitor, search.pruner, search.epochs)
+            reporter = Reporter(storage.name, search.name, trial._trial_id, search.monitor, search.pruner,
+                                search.epochs)
             runner.submit(Task(tid, values, spec, str(folder / tid), search.monitor, search.mode,
                                report=reporter, tracking=tracking))
         save()
@@ -398,7 +388,6 @@ def _optimize(optuna, study, storage, search: Search, folder: Path, records: dic
                 if status in COMPLETE:
                     record = dict(record, status=FAILED, message=f"no finite {search.monitor} was recorded")
             records[task.id] = record
-            finished += 1
             heard += 1
             on.point(record, heard, to_run)
             launch()
