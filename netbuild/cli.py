@@ -589,18 +589,35 @@ def _check_cluster_options(ctx, workers, threads, scheduler) -> None:
     _use_threads(None)  # a bad NETBUILD_THREADS is reported before anything starts
 
 
-def _search_progress(say, monitor: str, unit: str):
-    """The callbacks that print a sweep's or search's progress: a line at the start, one per
-    finished point."""
+def _run_search(command: str, found, unit: str, spec, track: str | None, overwrite: bool,
+                quiet: bool, params: dict, run):
+    """A sweep's or a search's face: its tracking (a parent run, the one an earlier command made
+    unless ``overwrite``), a line at the start and one per finished point, the summary table, and
+    exit 1 for the points that failed. ``found``: its plan; ``run(callbacks, tracking)`` runs it."""
+    from . import search
+    from .report import summary
+    from .search.state import previous_tracking
     from .search.sweep import Callbacks
+
+    say = (lambda *_: None) if quiet else click.echo
+    folder = found.folder
+    tracking = _tracking(spec, track, folder.parent)
+    if tracking is not None:
+        earlier = None if overwrite else previous_tracking(folder, found.state_file)
+        try:
+            tracking = tracking.with_parent(earlier, f"{found.name}-{command}", params)
+        except Exception as exc:  # the store answered a moment ago: say so, and go on untracked
+            click.echo(printable(f"tracking: cannot start the parent run at {tracking.uri} ({exc}); "
+                                 f"the {unit}s go on untracked"), err=True)
+            tracking = None
 
     def count(n: int) -> str:
         return f"{n} {unit}{'s' * (n != 1)}"
 
     def started(info: dict) -> None:
-        word = "finished" if info["command"] == "tune" else "complete"  # a search's pruned trials too
+        word = "finished" if command == "tune" else "complete"  # a search's pruned trials too
         kept = f" ({info['complete']} {word} already)" if info["complete"] else ""
-        say(f"{info['command']} {info['name']}: {count(info['points'])} into {info['sweep_dir']}{kept}")
+        say(f"{command} {found.name}: {count(info['points'])} into {info['sweep_dir']}{kept}")
         for note in info.get("notes", []):
             say(f"note: {note}")
         if info["to_run"]:
@@ -610,47 +627,37 @@ def _search_progress(say, monitor: str, unit: str):
     def finished(record: dict, done: int, total: int) -> None:
         line = f"[{done}/{total}] {record['id']}  {record['status']}"
         if record["best"] is not None:
-            line += (f"  {monitor} {report.number(record['final'])} (best "
+            line += (f"  {found.monitor} {report.number(record['final'])} (best "
                      f"{report.number(record['best'])} at epoch {record['best_epoch']})")
         line += f"  {record['epochs']} epochs  {record['seconds']:.2f} s training"
         if record.get("wall_seconds") is not None:
             line += f", {record['wall_seconds']:.1f} s in all"
         say(line + (f"  {record['message']}" if record["message"] else ""))
 
-    return Callbacks(start=started, point=finished)
-
-
-def _search_tracking(base_spec, track: str | None, folder: Path, state_file: str, name: str, params: dict):
-    """The tracking of a sweep's or search's points, with their parent run (the one an earlier
-    command made, when the state file names it)."""
-    import json as json_mod
-
-    tracking = _tracking(base_spec, track, folder.parent)
-    if tracking is None:
-        return None
-    state = None
+    status = "FAILED"
     try:
-        state = json_mod.loads((folder / state_file).read_text("utf-8")).get("tracking")
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        return tracking.with_parent(state, name, params)
-    except Exception as exc:  # the store answered a moment ago: say it, and go on untracked
-        click.echo(printable(f"tracking: cannot start the parent run at {tracking.uri} ({exc}); the "
-                             "points go on untracked"), err=True)
-        return None
-
-
-def _finish_search(result, unit: str, say, command: str) -> None:
-    from . import search
-
+        result = run(Callbacks(start=started, point=finished), tracking)
+        status = "FINISHED"
+    except (search.SearchInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        if tracking is not None:
+            tracking.end_parent(status)
+    headers, rows, align = summary.table(found.summary_of(), result.rows)
+    say(report.table(headers, rows, align))
+    if command == "tune":
+        epochs = sum(r["epochs"] for r in result.records)
+        say(f"{count(len(result.records))}, {result.count(search.PRUNED)} pruned; {epochs} epochs trained in all")
     say("wrote " + ", ".join(str(f) for f in result.files))
-    failed = [r for r in result.rows if r["status"] == search.FAILED]
+    # A sweep trains its failed points again when run again; a search counts them toward --trials.
+    failed = [r for r in result.rows
+              if r["status"] == search.FAILED and (command == "sweep" or r["id"] in result.ran)]
     if failed:
+        again = ("run the same command again to retry the failed ones" if command == "sweep" else
+                 "failed trials count toward --trials: raise it to train more")
         raise search.SearchError([f"{r['id']}: failed: {r['message']}" for r in failed]
-                                 + [(f"{len(failed)} of {len(result.rows)} {unit}s failed; the others "
-                                     f"are complete (run the same command again to "
-                                     f"{'retry the failed ones' if command == 'sweep' else 'continue'})")])
+                                 + [f"{len(failed)} of {len(result.rows)} {unit}s failed ({again})"])
 
 
 @cli.command(name="sweep")
@@ -678,7 +685,6 @@ def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points:
     point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
     monitored metric. Exit 1 when a point failed; run again to skip completed points."""
     from . import search
-    from .report import summary
     from .search import sweep as sweeps
 
     _check_cluster_options(ctx, workers, threads, scheduler)
@@ -689,25 +695,11 @@ def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points:
         raise click.BadParameter(str(exc), ctx, param_hint=f"'{exc.option}'") from None
     if seed is not None and plan.random is None:
         raise click.UsageError("--seed picks the points of --random N; give --random too", ctx)
-    say = (lambda *_: None) if quiet else click.echo
-    first = plan.specs[plan.points[0].id]
-    tracking = _search_tracking(first, track, plan.sweep_dir, sweeps.SWEEP_FILE, f"{plan.name}-sweep",
-                                {f"grid.{a.text}": json.dumps(a.values) for a in plan.axes})
-    progress = _search_progress(say, plan.monitor, "point")
-    start = progress.start
-    progress.start = lambda info: start(dict(info, command="sweep", name=plan.name))
-    try:
-        result = sweeps.run(plan, scheduler=scheduler, workers=workers, overwrite=overwrite,
-                            callbacks=progress, per_point_threads=threads, tracking=tracking)
-    except search.SearchInterrupted:
-        if tracking is not None:
-            tracking.end_parent(interrupted=True)
-        raise
-    if tracking is not None:
-        tracking.end_parent()
-    headers, rows, align = summary.table(plan.summary_of(), result.rows)
-    say(report.table(headers, rows, align))
-    _finish_search(result, "point", say, "sweep")
+    _run_search("sweep", plan, "point", plan.specs[plan.points[0].id], track, overwrite, quiet,
+                {f"grid.{a.text}": json.dumps(a.values) for a in plan.axes},
+                lambda callbacks, tracking: sweeps.run(plan, scheduler=scheduler, workers=workers,
+                                                       overwrite=overwrite, callbacks=callbacks,
+                                                       per_point_threads=threads, tracking=tracking))
 
 
 @cli.command(name="tune")
@@ -721,7 +713,7 @@ def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points:
 @click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None,
               help="How hopeless trials are stopped early (default: the spec's tune.pruner, else "
                    "hyperband).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="S",
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=None, metavar="S",
               help="Seed of the sampler (default: the spec's tune.seed, else 0; not the spec's seed).")
 @click.option("--tune-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the trials, the study and the summary (default: runs/<name>-tune).")
@@ -738,7 +730,6 @@ def tune_command(ctx: click.Context, spec: str, overrides, trials: int | None, s
     write summary.csv, summary.md, history.png and params.png. Run the same command again to
     continue the study."""
     from . import search
-    from .report import summary
     from .search import tune
 
     _check_cluster_options(ctx, workers, threads, scheduler)
@@ -748,26 +739,11 @@ def tune_command(ctx: click.Context, spec: str, overrides, trials: int | None, s
                           seed=seed, tune_dir=tune_dir, workers=workers)
     except search.ArgumentError as exc:
         raise click.BadParameter(str(exc), ctx, param_hint=f"'{exc.option}'") from None
-    say = (lambda *_: None) if quiet else click.echo
-    tracking = _search_tracking(found.base, track, found.tune_dir, tune.TUNE_FILE, f"{found.name}-tune",
-                                {f"space.{p.text}": json.dumps(p.describe()) for p in found.params})
-    progress = _search_progress(say, found.monitor, "trial")
-    start = progress.start
-    progress.start = lambda info: start(dict(info, command="tune", name=found.name))
-    try:
-        result = tune.run(found, scheduler=scheduler, workers=workers, overwrite=overwrite,
-                          callbacks=progress, per_point_threads=threads, tracking=tracking)
-    except search.SearchInterrupted:
-        if tracking is not None:
-            tracking.end_parent(interrupted=True)
-        raise
-    if tracking is not None:
-        tracking.end_parent()
-    headers, rows, align = summary.table(found.summary_of(), result.rows)
-    say(report.table(headers, rows, align))
-    epochs = sum(r["epochs"] for r in result.records)
-    say(f"{len(result.records)} trials, {result.count(search.PRUNED)} pruned; {epochs} epochs trained in all")
-    _finish_search(result, "trial", say, "tune")
+    _run_search("tune", found, "trial", found.base, track, overwrite, quiet,
+                {f"space.{p.text}": json.dumps(p.describe()) for p in found.params},
+                lambda callbacks, tracking: tune.run(found, scheduler=scheduler, workers=workers,
+                                                     overwrite=overwrite, callbacks=callbacks,
+                                                     per_point_threads=threads, tracking=tracking))
 
 
 def main() -> None:

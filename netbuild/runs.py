@@ -234,6 +234,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     checkpoint: Checkpoint | None = None
     changed: list[str] = field(default_factory=list)
+    #: A complete run that its caller stopped (a search's pruned trial).
+    halted: bool = False
 
 
 def inspect_run(run_dir: str | os.PathLike, spec: Spec) -> RunState:
@@ -259,7 +261,7 @@ def inspect_run(run_dir: str | os.PathLike, spec: Spec) -> RunState:
     history = [dict(r) for r in state.get("history", []) if isinstance(r, dict)]
     if state.get("stopped") or trained >= epochs:
         if (run_dir / MODEL_FILE).is_file() and (run_dir / METRICS_FILE).is_file():
-            return RunState("complete", history)
+            return RunState("complete", history, halted=bool(state.get("halted")))
         return RunState("new")
     return RunState("partial", history, ckpt)
 

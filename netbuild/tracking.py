@@ -133,9 +133,9 @@ class Tracking:
     def reach(self) -> str | None:
         """None when the tracking store answers (its experiment is found or made); else the one
         line to say, for a run that then goes on untracked."""
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             with _quick_failures():
                 self.experiment_id(self.client())
         except MissingExtra:
@@ -162,10 +162,11 @@ class Tracking:
     def state(self) -> dict:
         return {"uri": self.uri, "experiment": self.experiment, "parent": self.parent}
 
-    def end_parent(self, interrupted: bool = False) -> None:
+    def end_parent(self, status: str = "FINISHED") -> None:
+        """Mark the parent run ended: ``FINISHED``, ``FAILED`` or ``KILLED`` (Ctrl-C)."""
         if self.parent:
             with contextlib.suppress(Exception):
-                self.client().set_terminated(self.parent, "KILLED" if interrupted else "FINISHED")
+                self.client().set_terminated(self.parent, status)
 
     # -- one run ---------------------------------------------------------------------------------
     def run(self, spec: Spec, run_dir: Path, name: str | None = None,
@@ -208,19 +209,23 @@ class TrackedRun:
         self.callbacks = Callbacks(epoch=self._epoch)
 
     def _failed(self, doing: str, exc: BaseException) -> None:
-        if self.client is None:
+        """Say once what failed, stop sending, and mark the MLflow run failed if it exists."""
+        if self.problems:
             return
         line = (f"tracking: cannot {doing} at {self.tracking.uri} ({_short(exc)}); the run goes on "
                 "untracked")
-        self.client = None  # said once; nothing more is sent
+        client, self.client = self.client, None  # nothing more is sent
         self.problems.append(line)
         self.problem(line)
+        if client is not None and self.run_id is not None:
+            with contextlib.suppress(Exception), _quick_failures():
+                client.set_terminated(self.run_id, "FAILED")
 
     def __enter__(self) -> "TrackedRun":
         from .runs import TRACKING_FILE, atomic_write, resolved_spec_data
 
-        self.client = self.tracking.client()
         try:
+            self.client = self.tracking.client()  # MLflow's client opens its store here
             with _quick_failures():
                 self.run_id = self._resumed()
                 if self.run_id is None:
@@ -269,6 +274,7 @@ class TrackedRun:
 
     def __exit__(self, kind, error, tb) -> bool:
         from .runs import CURVES_FILE, MODEL_FILE
+        from .training import RunStopped
 
         if self.client is None:
             return False
@@ -277,8 +283,7 @@ class TrackedRun:
                 for name in (MODEL_FILE, CURVES_FILE, "model.onnx"):
                     if (self.run_dir / name).is_file():
                         self.client.log_artifact(self.run_id, str(self.run_dir / name))
-                interrupted = kind is not None and (issubclass(kind, KeyboardInterrupt)
-                                                    or kind.__name__ == "Cancelled")
+                interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, RunStopped))
                 status = "FINISHED" if kind is None else "KILLED" if interrupted else "FAILED"
                 self.client.set_terminated(self.run_id, status)
         except Exception as exc:

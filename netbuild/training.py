@@ -31,6 +31,11 @@ from .runs import Checkpoint, RunDir
 from .spec import Spec, load_spec
 
 
+class RunStopped(Exception):
+    """A run stopped from outside at a batch (a cancelled sweep or search): not a failure of the
+    run, and not the user's mistake."""
+
+
 class TrainingDiverged(NetbuildError):
     """The loss became NaN or infinite; training stopped at that batch."""
 
@@ -164,6 +169,7 @@ class Trainer:
         self.best_params: dict[str, np.ndarray] | None = None
         self.epoch = 0
         self.stopped = False
+        self.halted = False  # stopped by its caller (Callbacks.stop): a search pruned it
         # The resolved spec records the epochs this run trains for (--epochs included), so that
         # a plain --resume continues to the same end.
         spec.data["train"]["epochs"] = self.epochs
@@ -187,6 +193,7 @@ class Trainer:
             "epoch": self.epoch,
             "epochs": self.epochs,
             "stopped": self.stopped,
+            "halted": self.halted,
             "random_step": None if self.fns.random_step is None else int(self.fns.random_step.get_value()),
             "schedule": self.schedule.state(),
             "early_stopping": self.stopper.state() if self.stopper else None,
@@ -218,6 +225,7 @@ class Trainer:
             self.history = [dict(r) for r in s["history"]]
             self.epoch = int(s["epoch"])
             self.stopped = bool(s.get("stopped", False))
+            self.halted = bool(s.get("halted", False))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RunError(f"{self.run_dir.path / 'checkpoint.npz'}: cannot resume: the checkpoint's "
                            f"state is not readable ({exc!r}); expected a checkpoint written by "
@@ -283,7 +291,7 @@ class Trainer:
             self.run_dir.rewrite_metrics(self.history)
             self.on.resumed(self.epoch)
         every = int(self.cfg.get("checkpoint", {}).get("every", 1))
-        stopped = self.stopped = halted = False
+        stopped = self.stopped = self.halted = False
         curves_drawn = time.monotonic()
         for epoch in range(self.epoch + 1, self.epochs + 1):
             record = self.run_epoch(epoch)
@@ -299,7 +307,7 @@ class Trainer:
             self.run_dir.append_metrics(record)
             self.on.epoch(record)
             if not stopped and self.on.stop(record):
-                stopped = self.stopped = halted = True
+                stopped = self.stopped = self.halted = True
             last = stopped or epoch == self.epochs
             self.run_dir.save_model(self.spec, self.final_params() if last else self.model_params())
             if last or epoch % every == 0:
@@ -313,8 +321,8 @@ class Trainer:
             self.network.set_param_values(self.final_params())
         watcher = self.keeper or self.stopper  # model.npz follows the checkpoint's monitor first
         best = watcher.best_epoch if watcher else None
-        return TrainResult(self.network, self.history, self.fns.seconds, stopped and not halted, best,
-                           halted)
+        return TrainResult(self.network, self.history, self.fns.seconds, stopped and not self.halted, best,
+                           self.halted)
 
     def restores_best(self) -> bool:
         es = self.cfg.get("early_stopping")

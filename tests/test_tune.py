@@ -4,6 +4,7 @@ space checked and located before anything trains."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def test_a_study_killed_with_sigkill_continues_without_repeating_trials(tmp_path
     proc.communicate(timeout=60)
     stamps = {t["id"]: (out / t["id"] / "model.npz").stat().st_mtime_ns for t in finished}
     before = {t.number: t.params for t in study(out).trials}
-    assert any(t.state.name == "RUNNING" for t in study(out).trials)
+    interrupted = [f"trial-{t.number:04d}" for t in study(out).trials if t.state.name == "RUNNING"]
+    checkpointed = [tid for tid in interrupted if (out / tid / "checkpoint.npz").exists()]
+    assert checkpointed
 
     result = run_cli(*args, "--workers", "2")
     assert result.exit_code == 0, result.stderr
@@ -130,8 +133,10 @@ def test_a_study_killed_with_sigkill_continues_without_repeating_trials(tmp_path
         assert (out / tid / "model.npz").stat().st_mtime_ns == stamp
     for t in trials:
         assert t["status"] == "done" and epochs_of(out / t["id"]) == list(range(1, 13))
-    resumed = [t for t in trials if t["id"] in {r["id"] for r in running}]
-    assert resumed and all(t["message"].startswith("resumed after epoch") for t in resumed)
+    for t in trials:  # those running at the kill went on from their last checkpoint (or had just ended)
+        if t["id"] in checkpointed:
+            assert t["message"].startswith("resumed after epoch") or t["message"] == (
+                "complete in its folder; recorded now"), t
 
     more = run_cli(*args[:3], "7", *args[4:], "--workers", "1")  # --trials is the total
     assert more.exit_code == 0, more.stderr
@@ -193,7 +198,7 @@ def test_the_same_directory_refuses_another_search(tmp_path, run_cli, scheduler)
     other = run_cli("tune", spec, "--trials", "2", "--set", "train.batch_size=64", "--scheduler", scheduler,
                     "--tune-dir", out)
     assert other.exit_code == 1
-    assert "holds a search of a different spec or space (it differs in spec.train.batch_size)" in other.stderr
+    assert "holds a search of a different spec, space or options (it differs in spec.train.batch_size)" in other.stderr
     again = run_cli("tune", spec, "--trials", "2", "--set", "train.batch_size=64", "--scheduler", scheduler,
                     "--tune-dir", out, "--overwrite")
     assert again.exit_code == 0, again.stderr
@@ -251,3 +256,73 @@ def test_check_reports_what_tune_would_of_its_section(tmp_path, run_cli):
     assert result.exit_code == 1
     assert "tune.space.train.optimizer.learning_rate.uniform: received [0.1, 0.01]" in result.stderr
     assert run_cli("check", write_spec(tmp_path), "--no-data").exit_code == 0
+
+
+def test_ctrl_c_stops_the_search_and_keeps_what_finished(tmp_path):
+    spec = write_spec(tmp_path, epochs=12, batch_size=8)
+    out = tmp_path / "tune"
+    proc = subprocess.Popen([sys.executable, "-m", "netbuild", "tune", spec, "--trials", "6", "--pruner", "none",
+                             "--workers", "2", "--tune-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            trials = state(out)["trials"]
+        except (OSError, ValueError, KeyError):
+            trials = []
+        if any(t["status"] == "done" for t in trials) and any(
+                t["status"] == "pending" and (out / t["id"] / "checkpoint.npz").exists() for t in trials):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process of the group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    line, = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert "cancelled; the summary is in" in line
+    assert line.endswith("run the same command again to continue (finished trials are kept, interrupted "
+                         "ones resume)")
+    trials = state(out)["trials"]
+    assert {"done", "cancelled"} <= {t["status"] for t in trials}
+    cancelled = {t["id"] for t in trials if t["status"] == "cancelled"}
+    assert {f"trial-{t.number:04d}" for t in study(out).trials if t.state.name == "RUNNING"} == cancelled
+    assert "cancelled" in (out / "summary.csv").read_text()
+
+
+def test_the_options_schema_and_code_name_the_same_samplers_pruners_and_trackers():
+    from netbuild.cli import cli
+    from netbuild.spec import schema
+    from netbuild.tracking import BACKENDS
+
+    defs = schema()["$defs"]
+    options = {p.name: p.type.choices for p in cli.commands["tune"].params if hasattr(p.type, "choices")}
+    assert tuple(options["sampler"]) == space.SAMPLERS == tuple(defs["tune"]["properties"]["sampler"]["enum"])
+    assert tuple(options["pruner"]) == space.PRUNERS == tuple(defs["tune"]["properties"]["pruner"]["enum"])
+    assert tuple(options["track"]) == (*BACKENDS, "none") and tuple(defs["tracking"]["properties"]["backend"]["enum"]) == BACKENDS
+    assert set(defs["tune_range"]["properties"]) == {*space.KINDS, "step"}
+
+
+def test_a_pruned_run_stays_pruned_when_found_again(tmp_path, run_cli):
+    """A trial pruned by a command killed before it told the study: its folder says so
+    (``halted`` in the checkpoint), and the next command records it pruned, not complete."""
+    from netbuild.runs import inspect_run
+    from netbuild.search.task import PRUNED, Task, run_point
+    from netbuild.spec import load_spec
+    from netbuild.training import Callbacks
+
+    spec = load_spec(write_spec(tmp_path, epochs=5))
+
+    class Prune:  # what a Reporter gives a trial whose pruner says stop after epoch 2
+        def callbacks(self):
+            return Callbacks(stop=lambda record: record["epoch"] == 2)
+
+    folder = tmp_path / "trial-0000"
+    record = run_point(Task("trial-0000", {}, spec, str(folder), "val_accuracy", "max", report=Prune()))
+    assert record["status"] == PRUNED and record["epochs"] == 2
+    state = inspect_run(folder, spec)
+    assert state.kind == "complete" and state.halted
+    again = run_point(Task("trial-0000", {}, spec, str(folder), "val_accuracy", "max"))
+    assert again["status"] == PRUNED and again["message"] == "pruned after epoch 2"
+    result = run_cli("train", "--resume", folder, "--epochs", "6")
+    assert result.exit_code == 1 and "this run already stopped early (after epoch 2)" in result.stderr

@@ -32,6 +32,7 @@ from ..checks import check_point
 from ..report.summary import SummaryOf, canonical, value_text
 from ..spec.load import apply_override, apply_overrides, parse_path
 from .errors import ArgumentError, SearchError
+from .state import SWEEP_FILE
 
 
 
@@ -242,6 +243,9 @@ class Plan:
     def names(self) -> dict[str, str]:
         return short_names(self.axes)
 
+    folder = property(lambda self: self.sweep_dir)
+    state_file = SWEEP_FILE
+
     def summary_of(self) -> SummaryOf:
         return SummaryOf("sweep", "point", self.name, self.spec_file, self.monitor, self.mode,
                          [a.text for a in self.axes], self.names, {a.text: a.values for a in self.axes})
@@ -274,17 +278,8 @@ def plan(spec_file: str, grid: tuple | list = (), overrides: tuple | list = (), 
     """
     from ..checks import default_monitor, has_validation
 
-    raw = load_file(spec_file)
-    if not isinstance(raw.data, dict):
-        validate(raw)  # raises the located "expected a mapping"
     cli_axes = [parse_grid(g) for g in grid]
-    base = apply_overrides(raw, overrides)
-    try:
-        validate(base)
-    except SpecError as exc:  # the sweep section must be valid as written; the rest may need a point
-        own = [path_key_issue(base, i) for i in exc.issues if i.path[:1] == ("sweep",)]
-        if own:
-            raise SpecError(own) from None
+    base = load_base(spec_file, overrides, "sweep")
     section = base.data.get("sweep") or {}
     axes = merge_axes(grid_from_spec(base), cli_axes)
     if not axes:
@@ -317,6 +312,22 @@ def plan(spec_file: str, grid: tuple | list = (), overrides: tuple | list = (), 
                 specs=specs, monitor=wanted, mode=metrics_mod.mode_of(wanted),
                 sweep_dir=Path(sweep_dir) if sweep_dir else Path("runs") / f"{base.data['name']}-sweep",
                 random=random, seed=seed, workers=workers or section.get("workers"))
+
+
+def load_base(spec_file: str, overrides, section: str) -> Spec:
+    """``spec_file`` with ``overrides`` (``--set``), its ``section`` (``sweep``, ``tune``) valid as
+    written: the rest of the spec may be valid only at the points. Raises located errors."""
+    raw = load_file(spec_file)
+    if not isinstance(raw.data, dict):
+        validate(raw)  # raises the located "expected a mapping"
+    base = apply_overrides(raw, overrides)
+    try:
+        validate(base)
+    except SpecError as exc:
+        own = [path_key_issue(base, i) for i in exc.issues if i.path[:1] == (section,)]
+        if own:
+            raise SpecError(own) from None
+    return base
 
 
 def path_key_issue(spec: Spec, issue: Issue) -> Issue:

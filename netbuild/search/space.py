@@ -25,6 +25,10 @@ from ..spec import Spec
 from ..spec.load import parse_path
 
 KINDS = ("uniform", "log_uniform", "int", "log_int", "choice")
+#: How a search proposes its next point, and how it stops hopeless ones (``tune.sampler``,
+#: ``tune.pruner``, the schema's enums).
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("hyperband", "median", "none")
 
 
 @dataclass

@@ -11,6 +11,9 @@ from pathlib import Path
 from .errors import SearchError
 
 LOCK_FILE = ".lock"
+#: The state file of each command's folder: its points or trials, rewritten as they finish.
+SWEEP_FILE = "sweep.json"
+TUNE_FILE = "tune.json"
 
 
 class SearchDir:
@@ -67,3 +70,13 @@ class SearchDir:
 
     def write_state(self, state: dict) -> None:
         self.write(self.state_file, (json.dumps(state, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def previous_tracking(folder: Path, state_file: str) -> dict | None:
+    """Where an earlier command in ``folder`` logged its points (its state file's ``tracking``:
+    the store and the parent run), or None."""
+    try:
+        found = json.loads((folder / state_file).read_text("utf-8")).get("tracking")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) else None

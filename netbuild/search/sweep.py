@@ -15,8 +15,7 @@ Library code: it reports progress through callbacks and returns values; it never
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +25,9 @@ from ..runs import RunState, inspect_run, read_history
 from .cluster import Runner, client_for, default_workers, point_threads
 from .errors import SearchError, SearchInterrupted
 from .points import Plan
-from .state import SearchDir
+from .state import SWEEP_FILE, SearchDir, previous_tracking
 from .task import CANCELLED, DONE, PENDING, SKIPPED, Task, different_message, point_record
 
-SWEEP_FILE = "sweep.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 SUMMARY_PNG = "summary.png"
@@ -43,6 +41,8 @@ class Result:
     rows: list[dict]
     files: list[Path]
     interrupted: bool = False
+    #: The ids of the points this command trained (or tried to).
+    ran: set[str] = field(default_factory=set)
 
     def count(self, *statuses: str) -> int:
         return sum(1 for r in self.records if r["status"] in statuses)
@@ -94,7 +94,7 @@ def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, ov
             raise SearchError(different)
         for point in todo:
             records[point.id] = point_record(point.id, point.overrides, PENDING, [], plan.monitor, plan.mode)
-        tracked = tracking.state() if tracking is not None else _previous_tracking(folder)
+        tracked = tracking.state() if tracking is not None else previous_tracking(folder, SWEEP_FILE)
 
         def save() -> None:
             _write_state(sweep_dir, plan, records, tracked)
@@ -112,9 +112,12 @@ def run(plan: Plan, scheduler: str | None = None, workers: int | None = None, ov
         ordered = [records[p.id] for p in plan.points]
         of = plan.summary_of()
         rows = summary.rows(of, ordered)
-        files = write_summary(sweep_dir, plan.sweep_dir, of, rows)
         save()
-    result = Result(ordered, rows, files, interrupted)
+        files = write_files(sweep_dir, plan.sweep_dir, {
+            SUMMARY_CSV: summary.summary_csv(of, rows).encode("utf-8"),
+            SUMMARY_MD: summary.summary_md(of, rows).encode("utf-8"),
+            SUMMARY_PNG: summary.params_png(of, rows)})
+    result = Result(ordered, rows, files, interrupted, ran={p.id for p in todo})
     if interrupted:
         finished = result.count(DONE, SKIPPED)
         raise SearchInterrupted(f"interrupted: {finished} of {len(ordered)} points complete, "
@@ -153,14 +156,6 @@ def _train(tasks: list[Task], records: dict, save: Callable[[], None], plan: Pla
     return False
 
 
-def _previous_tracking(folder: Path) -> dict | None:
-    """The tracking an earlier sweep in ``folder`` logged to (kept for a later one)."""
-    try:
-        return json.loads((folder / SWEEP_FILE).read_text("utf-8")).get("tracking")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _write_state(sweep_dir: SearchDir, plan: Plan, records: dict, tracking: dict | None) -> None:
     sweep_dir.write_state({
         "name": plan.name,
@@ -176,10 +171,9 @@ def _write_state(sweep_dir: SearchDir, plan: Plan, records: dict, tracking: dict
     })
 
 
-def write_summary(folder: SearchDir, shown: Path, of: summary.SummaryOf, rows: list[dict]) -> list[Path]:
-    """summary.csv, summary.md and summary.png, each written atomically; their paths under
+def write_files(folder: SearchDir, shown: Path, files: dict[str, bytes]) -> list[Path]:
+    """Each of ``files`` (name -> bytes) written atomically into ``folder``; their paths under
     ``shown`` (the folder as the user named it)."""
-    folder.write(SUMMARY_CSV, summary.summary_csv(of, rows).encode("utf-8"))
-    folder.write(SUMMARY_MD, summary.summary_md(of, rows).encode("utf-8"))
-    folder.write(SUMMARY_PNG, summary.params_png(of, rows))
-    return [shown / n for n in (SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG)]
+    for name, data in files.items():
+        folder.write(name, data)
+    return [shown / name for name in files]

@@ -21,6 +21,7 @@ from .. import threads
 from ..errors import NetbuildError, printable
 from ..runs import RunState, changes_text, inspect_run, read_history
 from ..spec import Spec
+from ..training import RunStopped
 
 #: Statuses. ``skipped``: complete from an earlier command, not trained again; ``pruned``: a
 #: search stopped it after a few epochs (its files are kept).
@@ -73,7 +74,7 @@ def point_record(point_id: str, overrides: dict, status: str, history: list[dict
     }
 
 
-class Cancelled(Exception):
+class Cancelled(RunStopped):
     """The command was cancelled while this point trained."""
 
 
@@ -128,8 +129,10 @@ def run_point(task: Task) -> dict:
             threads.apply(threads.resolve())  # OpenMP's count is per thread: this worker thread's
             check = _cancel_check(task.cancel_event)
             state = RunState("new") if task.overwrite else inspect_run(task.run_dir, task.spec)
-            if state.kind == "complete":
-                return point_record(task.id, task.overrides, SKIPPED, state.history, task.monitor, task.mode)
+            if state.kind == "complete":  # a pruned trial stays pruned
+                return point_record(task.id, task.overrides, PRUNED if state.halted else SKIPPED,
+                                    state.history, task.monitor, task.mode,
+                                    f"pruned after epoch {len(state.history)}" if state.halted else "")
             if state.kind == "different":
                 return point_record(task.id, task.overrides, FAILED, [], task.monitor, task.mode,
                                     different_message(task.run_dir, state.changed))

@@ -19,6 +19,7 @@ Library code: it reports progress through callbacks and returns values; it never
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -32,24 +33,20 @@ from .. import metrics as metrics_mod
 from ..checks import check_point, default_monitor, has_validation
 from ..errors import Location, MissingExtra, NetbuildError, SpecError, printable
 from ..report import summary
-from ..runs import changed_keys, changes_text, resolved_spec_data
-from ..spec import Spec, load_file, validate
-from ..spec.load import apply_overrides
+from ..runs import changed_keys, changes_text, read_history, resolved_spec_data
+from ..spec import Spec, validate
 from . import space as space_mod
 from .cluster import Runner, client_for, default_workers, point_threads
-from .errors import ArgumentError, SearchError, SearchInterrupted
-from .points import check_monitor, note_problem, path_key_issue, problem_lines, set_value, short_names
-from .state import SearchDir
-from .sweep import SUMMARY_CSV, SUMMARY_MD, Callbacks, Result, where_text
+from .errors import SearchError, SearchInterrupted
+from .points import check_monitor, load_base, note_problem, problem_lines, set_value, short_names
+from .state import TUNE_FILE, SearchDir
+from .sweep import SUMMARY_CSV, SUMMARY_MD, Callbacks, Result, where_text, write_files
 from .task import CANCELLED, COMPLETE, DONE, FAILED, PENDING, PRUNED, SKIPPED, Task, point_record
 
-TUNE_FILE = "tune.json"
 STUDY_FILE = "study.db"
 HISTORY_PNG = "history.png"
 PARAMS_PNG = "params.png"
 DEFAULT_TRIALS = 20
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("hyperband", "median", "none")
 
 
 def optuna_modules():
@@ -94,6 +91,9 @@ class Search:
     def names(self) -> dict[str, str]:
         return short_names(self.params)
 
+    folder = property(lambda self: self.tune_dir)
+    state_file = TUNE_FILE
+
     def summary_of(self) -> summary.SummaryOf:
         return summary.SummaryOf("tune", "trial", self.name, self.spec_file, self.monitor, self.mode,
                                  [p.text for p in self.params], self.names)
@@ -123,16 +123,7 @@ def plan(spec_file: str, overrides: tuple | list = (), trials: int | None = None
     Command-line values win over the section. Raises :class:`ArgumentError` for a bad option and
     located :class:`SpecError` / :class:`SearchError` for everything else.
     """
-    raw = load_file(spec_file)
-    if not isinstance(raw.data, dict):
-        validate(raw)  # raises the located "expected a mapping"
-    base = apply_overrides(raw, overrides)
-    try:
-        validate(base)
-    except SpecError as exc:  # the tune section must be valid as written; the rest may need a point
-        own = [path_key_issue(base, i) for i in exc.issues if i.path[:1] == ("tune",)]
-        if own:
-            raise SpecError(own) from None
+    base = load_base(spec_file, overrides, "tune")
     section = base.data.get("tune")
     if not isinstance(section, dict):
         validate(base)  # a mistake elsewhere in the spec comes first
@@ -147,7 +138,7 @@ def plan(spec_file: str, overrides: tuple | list = (), trials: int | None = None
     if sampler == "grid":
         issues = [base.issue(("tune", "space", p.text, p.kind), f"the grid sampler needs values to list; "
                                                                  f"received a continuous {p.kind} range "
-                                                                 "(give a step, or use choice)")
+                                                                 "(use int or uniform with a step, or choice)")
                   for p in params if p.grid_values() is None]
         if issues:
             raise SpecError(issues)
@@ -175,7 +166,7 @@ def plan(spec_file: str, overrides: tuple | list = (), trials: int | None = None
         raise SearchError(problem_lines(problems, "value"))
     first = next(iter(probes.values()))
     search.monitor = monitor or section.get("monitor") or default_monitor(has_validation(first))
-    check_monitor(search.monitor, monitor, base, probes, "tune")
+    check_monitor(search.monitor, monitor, base, probes, "tune", "value")
     search.mode = metrics_mod.mode_of(search.monitor)
     search.epochs = max(int(s.data["train"]["epochs"]) for s in probes.values())
     return search
@@ -199,13 +190,14 @@ def _study(optuna, storage, search: Search):
 
 
 def make_sampler(optuna, search: Search, offset: int = 0):
+    seed = (search.seed + offset) % 2**32  # numpy's seeds stop there
     if search.sampler == "grid":
         grid = {p.text: (p.grid_values() if p.kind != "choice" or space_mod._plain(p.choices)
                          else list(range(len(p.choices)))) for p in search.params}
-        return _grid_sampler(optuna)(grid, seed=search.seed + offset)
+        return _grid_sampler(optuna)(grid, seed=seed)
     if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed + offset)
-    return optuna.samplers.TPESampler(seed=search.seed + offset)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _grid_sampler(optuna):
@@ -236,6 +228,7 @@ class Reporter:
     storage: str  # the name of the study's DaskStorage on the scheduler
     study: str
     trial_id: int
+    number: int
     monitor: str
     pruner: str
     epochs: int
@@ -272,45 +265,46 @@ def run(search: Search, scheduler: str | None = None, workers: int | None = None
         tracking: Any = None) -> Result:
     """Run the study of ``search`` until it holds ``search.trials`` finished trials (complete,
     pruned or failed), ``workers`` at a time on a local cluster (default one per core, at most one
-    per trial to run) or on the cluster of ``scheduler``; write ``tune.json`` and the summary.
-    ``tracking``: a :class:`netbuild.tracking.Tracking` under whose parent run each trial is
-    logged. Raises :class:`SearchInterrupted` on Ctrl-C (after writing the summary)."""
-    optuna, integration = optuna_modules()
-    on = callbacks or Callbacks()
+    per trial to run) or on the cluster of ``scheduler`` (as many at a time as it has workers);
+    write ``tune.json`` and the summary. ``tracking``: a :class:`netbuild.tracking.Tracking`
+    under whose parent run each trial is logged. Raises :class:`SearchInterrupted` on Ctrl-C
+    (after writing the summary)."""
+    optuna_modules()
     folder = search.tune_dir.absolute()
     with SearchDir(folder, TUNE_FILE, "tune") as tune_dir:
         state = _previous(tune_dir, search, overwrite)
-        records: dict[str, dict] = {r["id"]: r for r in state.get("trials", [])}
-        order: list[str] = [r["id"] for r in state.get("trials", [])]
-        tracking_state = tracking.state() if tracking is not None else state.get("tracking")
-        finished_before = sum(1 for r in records.values() if r["status"] in COMPLETE + (PRUNED, FAILED))
-        to_run = max(0, search.trials - finished_before)
-        n_workers = workers or search.workers or default_workers(max(1, to_run))
+        opt = _Optimization(search, tune_dir, callbacks or Callbacks(), tracking,
+                            tracking.state() if tracking is not None else state.get("tracking"))
+        for record in state.get("trials", []):
+            opt.keep(record)
+        opt.save()  # before the study exists: a folder with a study always has its tune.json
+        # Sized from tune.json: it may lag the study by the trials a killed command had running.
+        to_run = max(1, search.trials - sum(r["status"] in FINISHED for r in opt.records.values()))
+        n_workers = workers or search.workers or default_workers(to_run)
         per_worker = point_threads(n_workers, per_point_threads)
-
-        def save() -> None:
-            _write_state(tune_dir, search, [records[i] for i in order], tracking_state)
-
         interrupted = False
         try:
             with client_for(n_workers, scheduler, per_worker) as client:
-                storage = integration.DaskStorage(storage=f"sqlite:///{folder / STUDY_FILE}", client=client)
-                study = _study(optuna, storage, search)
-                interrupted = _optimize(optuna, study, storage, search, folder, records, order, save,
-                                        tracking, n_workers, scheduler, per_worker, client, on)
+                if scheduler:
+                    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+                interrupted = opt.run(client, scheduler, n_workers, per_worker)
         except KeyboardInterrupt:  # during the cluster's start or close
             interrupted = True
-        for tid, record in records.items():
+        for record in opt.records.values():
             if record["status"] == PENDING:
-                records[tid] = dict(record, status=CANCELLED, message="cancelled")
-        ordered = [records[i] for i in order]
+                opt.keep(dict(record, status=CANCELLED, message="cancelled"))
+        opt.save()
+        ordered = opt.ordered()
         of = search.summary_of()
         rows = summary.rows(of, ordered)
-        files = write_summary(tune_dir, search.tune_dir, of, rows, order)
-        save()
-    result = Result(ordered, rows, files, interrupted)
+        files = write_files(tune_dir, search.tune_dir, {
+            SUMMARY_CSV: summary.summary_csv(of, rows).encode("utf-8"),
+            SUMMARY_MD: summary.summary_md(of, rows).encode("utf-8"),
+            HISTORY_PNG: summary.history_png(of, rows, opt.order),
+            PARAMS_PNG: summary.params_png(of, rows)})
+    result = Result(ordered, rows, files, interrupted, ran=opt.ran)
     if interrupted:
-        finished = result.count(DONE, SKIPPED, PRUNED, FAILED)
+        finished = result.count(*FINISHED)
         raise SearchInterrupted(f"interrupted: {finished} of {search.trials} trials finished, "
                                 f"{result.count(CANCELLED)} cancelled; the summary is in "
                                 f"{search.tune_dir / SUMMARY_MD}; run the same command again to "
@@ -318,94 +312,142 @@ def run(search: Search, scheduler: str | None = None, workers: int | None = None
     return result
 
 
-def _optimize(optuna, study, storage, search: Search, folder: Path, records: dict, order: list, save,
-              tracking, n_workers: int, scheduler: str | None, per_worker: int, client, on: Callbacks) -> bool:
-    """Ask the study for trials and train them, ``n_workers`` at a time, until it holds
-    ``search.trials`` finished ones; True when interrupted."""
-    TrialState = optuna.trial.TrialState
-    trials = study.get_trials(deepcopy=False)
-    finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    stale = [t for t in trials if t.state == TrialState.RUNNING]  # a command stopped while they ran
-    for t in trials:  # what the study says wins over tune.json (a command killed between the two)
-        tid = trial_id_text(t.number)
-        if tid not in records:
-            order.append(tid)
-        if t.state.is_finished() and (tid not in records
-                                      or records[tid]["status"] not in COMPLETE + (PRUNED, FAILED)):
-            records[tid] = _record_of_frozen(t, search, folder)
-    total = search.trials
-    to_run = max(0, total - finished)
-    on.start({"points": total, "complete": finished, "to_run": to_run,
-              "resumed": min(len(stale), to_run), "where": where_text(scheduler, n_workers, per_worker),
-              "sweep_dir": search.tune_dir, "notes": search.notes})
-    if to_run == 0:
-        return False
-    runner = Runner(client)
-    data_checked: set = set()
-    launched = 0
-    heard = 0
+#: The statuses of a trial that counts toward ``--trials``.
+FINISHED = COMPLETE + (PRUNED, FAILED)
 
-    def launch() -> None:
+
+class _Optimization:
+    """One command's share of a study: the trials' records (in the order they started), the
+    trials it runs, and what it tells the study of each."""
+
+    def __init__(self, search: Search, folder: SearchDir, on: Callbacks, tracking, tracking_state: dict | None):
+        self.search = search
+        self.folder = folder
+        self.on = on
+        self.tracking = tracking
+        self.tracking_state = tracking_state
+        self.records: dict[str, dict] = {}
+        self.order: list[str] = []
+        self.ran: set[str] = set()  # the trials this command trained (or tried to)
+
+    def keep(self, record: dict) -> None:
+        if record["id"] not in self.records:
+            self.order.append(record["id"])
+        self.records[record["id"]] = record
+
+    def ordered(self) -> list[dict]:
+        return [self.records[i] for i in self.order]
+
+    def save(self) -> None:
+        _write_state(self.folder, self.search, self.ordered(), self.tracking_state)
+
+    def record(self, tid: str, values: dict, status: str, history: list | None = None, message: str = "") -> dict:
+        return point_record(tid, values, status, history or [], self.search.monitor, self.search.mode, message)
+
+    def run(self, client, scheduler: str | None, n_workers: int, per_worker: int) -> bool:
+        """Ask the study for trials and train them, ``n_workers`` at a time, until it holds
+        ``search.trials`` finished ones; True when interrupted."""
+        optuna, integration = optuna_modules()
+        self.optuna = optuna
+        try:
+            self.storage = integration.DaskStorage(storage=f"sqlite:///{self.folder.path / STUDY_FILE}",
+                                                   client=client)
+        except Exception as exc:  # the scheduler lacks optuna, or cannot open the file
+            where = f"the scheduler at {scheduler}" if scheduler else "the local scheduler"
+            raise SearchError(printable(f"{self.folder.path / STUDY_FILE}: {where} cannot keep the study "
+                                        f"({type(exc).__name__}: {exc}); expected optuna and "
+                                        "optuna-integration installed beside the scheduler, and the tune "
+                                        "directory at the same path there")) from None
+        self.study = _study(optuna, self.storage, self.search)
+        self.stale = self._reconcile()
+        finished = sum(1 for t in self.study.get_trials(deepcopy=False) if t.state.is_finished())
+        self.to_run = max(0, self.search.trials - finished)
+        self.on.start({"points": self.search.trials, "complete": finished, "to_run": self.to_run,
+                       "resumed": min(len(self.stale), self.to_run),
+                       "where": where_text(scheduler, n_workers, per_worker), "sweep_dir": self.search.tune_dir,
+                       "notes": self.search.notes})
+        if self.to_run == 0:
+            return False
+        self.runner = Runner(client)
+        self.n_workers = n_workers
+        self.launched = self.heard = 0
+        self.data_checked: set = set()
+        try:
+            self._launch()
+            for task, record in self.runner.finished():
+                self.heard += 1
+                self.on.point(self._settle(task, record), self.heard, self.to_run)
+                self._launch()
+        except KeyboardInterrupt:
+            for task, record in self.runner.cancel():
+                self.keep(record)
+                with contextlib.suppress(Exception):  # else the next command finds it complete
+                    self._settle(task, record)
+            self.save()
+            return True
+        return False
+
+    def _reconcile(self) -> list:
+        """What the study says wins over tune.json (a command killed between the two): a record
+        for each of its trials; returns the trials left running by a command that stopped."""
+        stale = []
+        for t in self.study.get_trials(deepcopy=False):
+            tid = trial_id_text(t.number)
+            values = {p.text: p.value_of(t.params[p.text]) for p in self.search.params if p.text in t.params}
+            if t.state.is_finished():
+                if self.records.get(tid, {}).get("status") not in FINISHED:
+                    status = {"COMPLETE": DONE, "PRUNED": PRUNED}.get(t.state.name, FAILED)
+                    self.keep(self.record(tid, values, status, read_history(self.folder.path / tid)))
+            elif t.state == self.optuna.trial.TrialState.RUNNING:
+                stale.append(t)
+                if tid not in self.records:
+                    self.keep(self.record(tid, values, CANCELLED, read_history(self.folder.path / tid),
+                                          "cancelled"))
+        return stale
+
+    def _launch(self) -> None:
         """Start trials until ``n_workers`` run: an interrupted one first (its point again, or
         one suggested now if it was asked and never given one), else a new one from the sampler."""
-        nonlocal launched, heard
-        while launched < to_run and runner.running() < n_workers:
-            launched += 1
-            trial = optuna.trial.Trial(study, stale.pop(0)._trial_id) if stale else study.ask()
-            values = {p.text: p.suggest(trial) for p in search.params}
+        TrialState = self.optuna.trial.TrialState
+        while self.launched < self.to_run and self.runner.running() < self.n_workers:
+            self.launched += 1
+            trial = self.optuna.trial.Trial(self.study, self.stale.pop(0)._trial_id) if self.stale \
+                else self.study.ask()
+            values = {p.text: p.suggest(trial) for p in self.search.params}
             tid = trial_id_text(trial.number)
-            if tid not in records:
-                order.append(tid)
+            self.ran.add(tid)
+            self.keep(self.record(tid, values, PENDING))
             try:
-                spec = search.spec_for(values, data_checked)
+                spec = self.search.spec_for(values, self.data_checked)
             except NetbuildError as exc:  # a sampled point the probes did not cover
-                study.tell(trial.number, state=TrialState.FAIL)
-                records[tid] = point_record(tid, values, FAILED, [], search.monitor, search.mode,
-                                            printable("; ".join(exc.lines())))
-                heard += 1
-                on.point(records[tid], heard, to_run)
+                self.study.tell(trial.number, state=TrialState.FAIL)
+                self.keep(self.record(tid, values, FAILED, message=printable("; ".join(exc.lines()))))
+                self.heard += 1
+                self.on.point(self.records[tid], self.heard, self.to_run)
                 continue
-            records[tid] = point_record(tid, values, PENDING, [], search.monitor, search.mode)
-            reporter = Reporter(storage.name, search.name, trial._trial_id, search.monitor, search.pruner,
-                                search.epochs)
-            runner.submit(Task(tid, values, spec, str(folder / tid), search.monitor, search.mode,
-                               report=reporter, tracking=tracking))
-        save()
+            reporter = Reporter(self.storage.name, self.search.name, trial._trial_id, trial.number,
+                                self.search.monitor, self.search.pruner, self.search.epochs)
+            self.runner.submit(Task(tid, values, spec, str(self.folder.path / tid), self.search.monitor,
+                                    self.search.mode, report=reporter, tracking=self.tracking))
+        self.save()
 
-    try:
-        launch()
-        for task, record in runner.finished():
-            number = int(task.id.split("-")[1])
-            status = record["status"]
-            if status == SKIPPED:  # trained to the end by a command stopped before it said so
-                record = dict(record, status=DONE, message="complete in its folder; recorded now")
-            if status in COMPLETE and record["best"] is not None:
-                study.tell(number, record["best"])
-            elif status == PRUNED:
-                study.tell(number, state=TrialState.PRUNED)
-            elif status != CANCELLED:
-                study.tell(number, state=TrialState.FAIL)
-                if status in COMPLETE:
-                    record = dict(record, status=FAILED, message=f"no finite {search.monitor} was recorded")
-            records[task.id] = record
-            heard += 1
-            on.point(record, heard, to_run)
-            launch()
-    except KeyboardInterrupt:
-        for task, record in runner.cancel():
-            records[task.id] = record  # left running in the study: the next command resumes it
-        save()
-        return True
-    return False
-
-
-def _record_of_frozen(t, search: Search, folder: Path) -> dict:
-    from ..runs import read_history
-
-    status = {"COMPLETE": DONE, "PRUNED": PRUNED, "FAIL": FAILED}[t.state.name]
-    values = {p.text: p.value_of(t.params[p.text]) for p in search.params if p.text in t.params}
-    tid = trial_id_text(t.number)
-    return point_record(tid, values, status, read_history(folder / tid), search.monitor, search.mode)
+    def _settle(self, task: Task, record: dict) -> dict:
+        """Tell the study how a trial ended (a cancelled one stays running in it: the next command
+        resumes it); keep and return its record."""
+        TrialState = self.optuna.trial.TrialState
+        number, status = task.report.number, record["status"]
+        if status == SKIPPED:  # trained to its end by a command stopped before it said so
+            record = dict(record, status=DONE, message="complete in its folder; recorded now")
+        if status in COMPLETE and record["best"] is not None:
+            self.study.tell(number, record["best"])
+        elif status == PRUNED:
+            self.study.tell(number, state=TrialState.PRUNED)
+        elif status != CANCELLED:
+            self.study.tell(number, state=TrialState.FAIL)
+            if status in COMPLETE:
+                record = dict(record, status=FAILED, message=f"no finite {self.search.monitor} was recorded")
+        self.keep(record)
+        return record
 
 
 def _previous(tune_dir: SearchDir, search: Search, overwrite: bool) -> dict:
@@ -422,8 +464,6 @@ def _previous(tune_dir: SearchDir, search: Search, overwrite: bool) -> dict:
                 path.unlink()
         return {}
     if not file.exists():
-        if (tune_dir.path / STUDY_FILE).exists():
-            return {"search": search.identity()}  # a study whose state file was lost: continued
         return {}
     try:
         state = json.loads(file.read_text("utf-8"))
@@ -434,7 +474,7 @@ def _previous(tune_dir: SearchDir, search: Search, overwrite: bool) -> dict:
                           "`netbuild tune` (pass --overwrite to start the search again)") from None
     changed = changed_keys(stored, json.loads(json.dumps(search.identity(), default=str)))
     if changed:
-        raise SearchError(f"{tune_dir.path}: holds a search of a different spec or space (it differs in "
+        raise SearchError(f"{tune_dir.path}: holds a search of a different spec, space or options (it differs in "
                           f"{changes_text(changed)}); expected the same search to continue it (pass "
                           "--overwrite to start again, or --tune-dir to search elsewhere)")
     return state
@@ -453,15 +493,4 @@ def _write_state(tune_dir: SearchDir, search: Search, records: list[dict], track
     })
 
 
-def write_summary(folder: SearchDir, shown: Path, of: summary.SummaryOf, rows: list[dict],
-                  order: list[str]) -> list[Path]:
-    """summary.csv, summary.md, history.png and params.png, each written atomically; their paths
-    under ``shown`` (the folder as the user named it)."""
-    folder.write(SUMMARY_CSV, summary.summary_csv(of, rows).encode("utf-8"))
-    folder.write(SUMMARY_MD, summary.summary_md(of, rows).encode("utf-8"))
-    folder.write(HISTORY_PNG, summary.history_png(of, rows, order))
-    folder.write(PARAMS_PNG, summary.params_png(of, rows))
-    return [shown / n for n in (SUMMARY_CSV, SUMMARY_MD, HISTORY_PNG, PARAMS_PNG)]
-
-
-__all__ = ["ArgumentError", "PRUNERS", "SAMPLERS", "Search", "plan", "run"]
+__all__ = ["Search", "plan", "run"]
