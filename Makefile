@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= auto
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,tune,mlflow]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,tune,mlflow,jax]'
 	touch $(STAMP)
 
 demo: $(STAMP)

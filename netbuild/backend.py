@@ -13,6 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
+from .errors import UsageError
+
 #: The BLAS routines PyTensor's C code calls (real types only; netbuild uses no complex maths).
 _BLAS_ROUTINES = [p + r for r in ("gemm", "gemv", "ger", "dot", "axpy", "scal", "copy",
                                   "syrk", "trsm") for p in "sd"]
@@ -36,6 +38,105 @@ EXCLUDED_REWRITES = ("local_softmax_stabilize", "local_dot22_to_dot22scalar")
 
 _modes: dict[bool, object] = {}
 
+#: The backends a graph compiles with: ``c`` (PyTensor's C virtual machine and netbuild's C ops)
+#: or ``jax`` (PyTensor's JAX linker: ``jax.jit`` on the CPU or a GPU, netbuild's ops by their
+#: JAX implementations).
+BACKENDS = ("c", "jax")
+BACKEND_ENV = "NETBUILD_BACKEND"
+_backend = "c"
+
+
+class BackendError(UsageError):
+    """A backend that is not one of :data:`BACKENDS` (exit code 2, as a usage error)."""
+
+
+def resolve(requested: str | None = None) -> str:
+    """``requested`` (``--backend``), else ``NETBUILD_BACKEND``, else ``c``. Raises
+    :class:`BackendError` for another name."""
+    name = requested or os.environ.get(BACKEND_ENV) or "c"
+    if name not in BACKENDS:
+        where = "--backend" if requested else BACKEND_ENV
+        raise BackendError(f"{where}={name!r}: expected one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def use(name: str) -> str:
+    """Compile every later graph with backend ``name`` (:data:`BACKENDS`); with ``jax``, JAX must
+    be installed (a :class:`netbuild.errors.MissingExtra` says so otherwise)."""
+    global _backend
+    if name == "jax":
+        jax_modules()
+    _backend = name
+    return name
+
+
+def current() -> str:
+    return _backend
+
+
+def jax_modules():
+    """``jax`` with PyTensor's JAX dispatch, netbuild's ops registered with it; or a
+    :class:`netbuild.errors.MissingExtra` that says how to install JAX."""
+    try:
+        import jax
+        from pytensor.link.jax.dispatch import jax_funcify
+    except ImportError:
+        from .errors import MissingExtra
+
+        raise MissingExtra("jax", "jax", "the jax backend (--backend jax)") from None
+    from .ops import NetbuildCOp
+
+    if NetbuildCOp not in jax_funcify.registry:
+        jax.config.update("jax_enable_x64", True)  # float64 graphs, int64 class ids and counters
+
+        @jax_funcify.register(NetbuildCOp)
+        def _netbuild_op(op, node=None, **kwargs):
+            return _typed(op.jax(node), node)
+
+        _register_static_shapes()
+    return jax
+
+
+def _typed(fn, node):
+    """``fn`` on inputs and outputs of the dtypes the node declares: PyTensor's JAX code may hand
+    an op a wider array than its graph says (a float32 sum accumulated in float64, say)."""
+    ins = [getattr(v.type, "dtype", None) for v in node.inputs]
+    outs = [o.type.dtype for o in node.outputs]
+
+    def cast(value, dtype):
+        return value.astype(dtype) if dtype and getattr(value, "dtype", dtype) != dtype else value
+
+    def typed(*args):
+        result = fn(*(cast(a, d) for a, d in zip(args, ins)))
+        if isinstance(result, tuple):
+            return tuple(cast(r, d) for r, d in zip(result, outs))
+        return cast(result, outs[0])
+
+    return typed
+
+
+def _register_static_shapes() -> None:
+    """A rewrite of the ``jax`` phase: the shape inputs of netbuild's ops
+    (:attr:`netbuild.ops.NetbuildCOp.shape_inputs`, e.g. dropout's ``x.shape``) become tuples of
+    the dimensions, static under ``jax.jit``, as PyTensor does for its random variables' sizes."""
+    from pytensor.compile import optdb
+    from pytensor.graph.rewriting.basic import in2out, node_rewriter
+    from pytensor.link.jax.dispatch.shape import JAXShapeTuple
+    from pytensor.tensor.basic import MakeVector
+
+    from .ops import NetbuildCOp
+
+    @node_rewriter([NetbuildCOp])
+    def shape_inputs_as_tuples(fgraph, node):
+        inputs, changed = list(node.inputs), False
+        for i in node.op.shape_inputs:
+            owner = inputs[i].owner
+            if owner is not None and isinstance(owner.op, MakeVector):
+                inputs[i], changed = JAXShapeTuple()(*owner.inputs), True
+        return node.clone_with_new_inputs(inputs).outputs if changed else None
+
+    optdb.register("netbuild_shape_inputs_as_tuples", in2out(shape_inputs_as_tuples), "jax", position=100)
+
 
 def mode(keep_outputs: bool = False):
     """The compile mode: PyTensor's C virtual machine (its default since 3.0 is Numba, which
@@ -47,7 +148,11 @@ def mode(keep_outputs: bool = False):
     step allocate its large buffers again, each page faulted in and zeroed by the kernel (the
     bench LSTM trained 1.2x faster on 2 threads without that), at the price of all of a step's
     intermediates staying allocated. Without it (evaluation, prediction), each is freed once read.
-    A user's own ``allow_gc`` wins over both."""
+    A user's own ``allow_gc`` wins over both.
+
+    With the ``jax`` backend (:func:`use`), PyTensor's JAX mode: one ``jax.jit`` function."""
+    if _backend == "jax":
+        return "JAX"
     if keep_outputs not in _modes:
         import pytensor
         from pytensor.compile.mode import Mode
@@ -245,4 +350,27 @@ def describe() -> dict:
         "compile_cache": cache,
         "compiled_modules": modules,
         "compile_cache_bytes": size,
+        "backend": current(),
+        "jax": jax_devices(),
     }
+
+
+def jax_devices() -> str:
+    """JAX's version and devices with their memory (``jax 0.10.2: cpu:0, cuda:0 (79.1 GiB)``), or
+    how to install it; JAX is imported only to say this."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        return "not installed (pip install 'netbuild[jax]' for --backend jax)"
+    import jax
+
+    shown = []
+    for device in jax.devices():
+        memory = ""
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+            memory = f" ({limit / 2**30:,.1f} GiB)" if limit else ""
+        except Exception:  # the CPU's has none
+            pass
+        shown.append(f"{device.platform}:{device.id}{memory}")
+    return f"jax {jax.__version__}: {', '.join(shown)}"

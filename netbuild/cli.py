@@ -114,6 +114,20 @@ def _tracking(spec, option: str | None, beside: Path):
     return tracking
 
 
+backend_option = click.option("--backend", type=click.Choice(["c", "jax"]), default=None,
+                              help="Compile with PyTensor's C backend (c) or through JAX (jax: "
+                                   "jax.jit, on a GPU where JAX has one; needs netbuild[jax]); "
+                                   "default: NETBUILD_BACKEND, else c.")
+
+
+def _use_backend(requested: str | None) -> str:
+    """Compile with ``--backend`` (or NETBUILD_BACKEND, else c) from here on: a bad
+    NETBUILD_BACKEND is one line, exit 2; JAX missing is one line, exit 1."""
+    from . import backend
+
+    return backend.use(backend.resolve(requested))
+
+
 def _use_threads(requested: int | None) -> int:
     """Compute with ``--threads`` (or the default) from here on; a bad NETBUILD_THREADS is one
     line, exit 2."""
@@ -248,12 +262,13 @@ def check(specs: tuple[str, ...], overrides, fmt: str | None, no_data: bool,
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @_format_option("text", "github")
 @threads_option
+@backend_option
 @track_option
 @click.pass_context
 @handles_errors
 def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, epochs: int | None,
           resume_dir: str | None, force: bool, overwrite: bool, quiet: bool, fmt: str,
-          threads: int | None, track: str | None) -> None:
+          threads: int | None, backend: str | None, track: str | None) -> None:
     """Train the network of SPEC; write spec.yaml, metrics.jsonl, model.npz, checkpoint.npz and
     curves.png into the run directory."""
     from . import api
@@ -263,6 +278,7 @@ def train(ctx: click.Context, spec: str | None, overrides, run_dir: str | None, 
     if resume_dir and (run_dir or overwrite):
         raise click.UsageError("--resume continues its own directory; drop --run-dir/--overwrite", ctx)
     n_threads = _use_threads(threads)
+    _use_backend(backend)
     resolved = api.load_spec(spec, overrides) if spec else None
     target = Path(resume_dir or run_dir or Path("runs") / resolved.data["name"])
     tracked_spec = resolved if resolved is not None else _stored_spec(target)
@@ -366,11 +382,12 @@ def _deltas(ctx, param, values) -> list[tuple[str, float]]:
 @_format_option("text", "json", "github")
 @junit_option
 @threads_option
+@backend_option
 @click.pass_context
 @handles_errors
 def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_under, fail_over,
                  baseline: str | None, max_drop, confusion: bool, fmt: str, junit_file: str | None,
-                 threads: int | None) -> None:
+                 threads: int | None, backend: str | None) -> None:
     """Evaluate MODEL (a run directory or model.npz): loss and metrics; gate on thresholds and on
     a baseline model."""
     from .errors import ThresholdError
@@ -380,6 +397,7 @@ def eval_command(ctx: click.Context, model: str, data_file: str | None, fail_und
     if max_drop and not baseline:
         raise click.UsageError("--max-drop sets what --baseline allows; give --baseline too", ctx)
     _use_threads(threads)
+    _use_backend(backend)
     start = time.perf_counter()
     result = evaluate(model, data_file, confusion=confusion, baseline=baseline,
                       max_drop=dict(max_drop))
@@ -451,12 +469,15 @@ def _gate_cases(metrics: dict, under, over, baseline: dict | None) -> list:
               help="Where to write the outputs (.npz, key y; each output's key).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @threads_option
+@backend_option
 @handles_errors
-def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads: int | None) -> None:
+def predict(model: str, data_file: str, out_file: str, overwrite: bool, threads: int | None,
+            backend: str | None) -> None:
     """Run MODEL on the inputs of --data and write its outputs to --out."""
     from .evaluate import predict as run_predict
 
     _use_threads(threads)
+    _use_backend(backend)
     result = run_predict(model, data_file, out_file, overwrite)
     shapes = ", ".join(f"{k} of shape {report.shape(v)}" for k, v in result["outputs"].items())
     click.echo(f"wrote {result['out']}: {shapes}")
@@ -571,6 +592,7 @@ cluster_options = [
     click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Threads each point computes with on the local cluster (default: the cores "
                       "divided among the workers)."),
+    backend_option,
     track_option,
 ]
 
@@ -581,12 +603,13 @@ def _cluster_options(fn):
     return fn
 
 
-def _check_cluster_options(ctx, workers, threads, scheduler) -> None:
-    if (workers or threads) and scheduler:
-        raise click.UsageError("--workers and --threads size the local cluster; with --scheduler "
-                               "the cluster's own workers run the points (set NETBUILD_THREADS "
-                               "in their environment)", ctx)
+def _check_cluster_options(ctx, workers, threads, scheduler, backend) -> None:
+    if (workers or threads or backend) and scheduler:
+        raise click.UsageError("--workers, --threads and --backend set up the local cluster; with "
+                               "--scheduler the cluster's own workers run the points (set "
+                               "NETBUILD_THREADS and NETBUILD_BACKEND in their environment)", ctx)
     _use_threads(None)  # a bad NETBUILD_THREADS is reported before anything starts
+    _use_backend(backend)  # the local workers compute with it (NETBUILD_BACKEND in their environment)
 
 
 def _run_search(command: str, found, unit: str, spec, track: str | None, overwrite: bool,
@@ -680,14 +703,14 @@ def _run_search(command: str, found, unit: str, spec, track: str | None, overwri
 def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points: int | None,
                   seed: int | None, workers: int | None, scheduler: str | None, monitor: str | None,
                   sweep_dir: str | None, overwrite: bool, quiet: bool, threads: int | None,
-                  track: str | None, fmt: str) -> None:
+                  backend: str | None, track: str | None, fmt: str) -> None:
     """Train SPEC at every combination of the --grid values (and the spec's sweep section), each
     point into its own run directory; write summary.csv, summary.md and summary.png sorted by the
     monitored metric. Exit 1 when a point failed; run again to skip completed points."""
     from . import search
     from .search import sweep as sweeps
 
-    _check_cluster_options(ctx, workers, threads, scheduler)
+    _check_cluster_options(ctx, workers, threads, scheduler, backend)
     try:
         plan = search.plan(spec, grid, overrides, random=random_points, seed=seed, monitor=monitor,
                            sweep_dir=sweep_dir, workers=workers)
@@ -724,7 +747,7 @@ def sweep_command(ctx: click.Context, spec: str, grid, overrides, random_points:
 def tune_command(ctx: click.Context, spec: str, overrides, trials: int | None, sampler: str | None,
                  pruner: str | None, seed: int | None, tune_dir: str | None, workers: int | None,
                  scheduler: str | None, monitor: str | None, overwrite: bool, quiet: bool,
-                 threads: int | None, track: str | None, fmt: str) -> None:
+                 threads: int | None, backend: str | None, track: str | None, fmt: str) -> None:
     """Search the spec's tune.space with Optuna: each trial trains SPEC at the point the sampler
     proposes into its own run directory, and the pruner stops hopeless trials after a few epochs;
     write summary.csv, summary.md, history.png and params.png. Run the same command again to
@@ -732,7 +755,7 @@ def tune_command(ctx: click.Context, spec: str, overrides, trials: int | None, s
     from . import search
     from .search import tune
 
-    _check_cluster_options(ctx, workers, threads, scheduler)
+    _check_cluster_options(ctx, workers, threads, scheduler, backend)
     tune.optuna_modules()  # what to install, before anything else
     try:
         found = tune.plan(spec, overrides, trials=trials, monitor=monitor, sampler=sampler, pruner=pruner,

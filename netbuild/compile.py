@@ -1,6 +1,7 @@
-"""Network + loss + optimizer -> compiled PyTensor functions (C backend, BLAS).
+"""Network + loss + optimizer -> compiled PyTensor functions (the C backend with BLAS, or JAX).
 
-The only module that calls ``pytensor.function``. Each function is compiled once per process.
+The only module that calls ``pytensor.function`` (:func:`function`). Each function is compiled
+once per process (on the ``jax`` backend, once per shape of its inputs).
 """
 
 from __future__ import annotations
@@ -53,6 +54,55 @@ class Compiled:
         masks = iter(rest[k:])
         return Results(total(values[0]), losses, dict(zip(self.outputs, rest[:k])),
                        {o: next(masks) if m else None for o, m in zip(self.outputs, self.masked)})
+
+
+def function(inputs: list, outputs, updates: dict | None = None, name: str = "", keep_outputs: bool = False):
+    """``pytensor.function`` with the backend in use (:func:`netbuild.backend.mode`). On the
+    ``jax`` backend, a :class:`PerShape` function."""
+    if backend.current() == "jax":
+        return PerShape(inputs, outputs, updates or {}, name)
+    return pytensor.function(inputs, outputs, updates=updates, mode=backend.mode(keep_outputs=keep_outputs),
+                             name=name)
+
+
+class PerShape:
+    """The ``jax`` backend's function: one compiled function per shape of its inputs (``jax.jit``
+    traces one per shape in any case), each built with those shapes static, so that every shape
+    the graph computes (a batch reshaped for a matrix product, the splits of a concatenation's
+    gradient) is a constant, as JAX needs it to be. Shared variables (parameters, optimizer
+    state) are the same across them, and stay on JAX's device between calls."""
+
+    trust_input = False  # as pytensor.function's: skip the per-call checks of the inputs
+
+    def __init__(self, inputs: list, outputs, updates: dict, name: str):
+        self.inputs, self.outputs, self.updates, self.name = list(inputs), outputs, dict(updates), name
+        self._fns: dict[tuple, object] = {}
+
+    def __call__(self, *args):
+        key = tuple(np.shape(a) for a in args)
+        fn = self._fns.get(key)
+        if fn is None:
+            from pytensor.graph.replace import clone_replace
+
+            from pytensor.compile.sharedvalue import SharedVariable
+            from pytensor.graph.traversal import ancestors
+
+            static = [pt.tensor(name=v.name, dtype=v.dtype, shape=shape) for v, shape in zip(self.inputs, key)]
+            single = not isinstance(self.outputs, (list, tuple))
+            outs = [self.outputs] if single else list(self.outputs)
+            replace = dict(zip(self.inputs, static))
+            for v in ancestors(outs + list(self.updates.values())):  # parameters, optimizer state
+                if isinstance(v, SharedVariable) and isinstance(v.type, pt.TensorType):
+                    replace[v] = pt.specify_shape(v, np.shape(v.get_value(borrow=True)))
+            values = clone_replace(outs + list(self.updates.values()), replace)
+            # each update back to its variable's type, without the static shape it gained
+            updates = [(var, value if var.type.in_same_class(value.type) else value.reshape(var.shape))
+                       for var, value in zip(self.updates, values[len(outs):])]
+            fn = pytensor.function(static, values[0] if single else values[:len(outs)], updates=updates,
+                                   mode=backend.mode(), name=self.name)
+            fn.trust_input = self.trust_input
+            self._fns[key] = fn
+        return fn(*args)
 
 
 def target_variable(y: np.ndarray, name: str = "y"):
@@ -143,9 +193,7 @@ def compile_train(network: Network, train_config: dict, ys_like: list[np.ndarray
     updates = dict(ctx.updates)
     updates.update(optimizer.updates(params, grads))
     values, layout = _results(network, heads, loss, means, outs, ctx)
-    step = pytensor.function(xs + targets, values, updates=updates,
-                             mode=backend.mode(keep_outputs=True),
-                             name="train_step")
+    step = function(xs + targets, values, updates, "train_step", keep_outputs=True)
     # Batches come from netbuild.data, already of the inputs' dtypes and ranks: skip PyTensor's
     # per-call input checks (a tenth of an MLP step). The C code still checks each input's type.
     step.trust_input = True
@@ -161,7 +209,7 @@ def compile_eval(network: Network, ys_like: list[np.ndarray], heads: list[Output
     targets = target_variables(network, ys_like)
     xs, outs, per_example, ctx = _loss_graph(network, heads, targets, False)
     values, layout = _results(network, heads, _weighted(heads, per_example), per_example, outs, ctx)
-    fn = pytensor.function(xs + targets, values, mode=backend.mode(), name="evaluate")
+    fn = function(xs + targets, values, name="evaluate")
     return Compiled(fn, *layout, mean=False)
 
 
@@ -171,8 +219,7 @@ def compile_predict(network: Network) -> Callable:
     xs = network.input_variables()
     outs, _ = network.forward_all(xs, training=False)
     values = list(outs.values())
-    return pytensor.function(xs, values[0] if len(values) == 1 else values, mode=backend.mode(),
-                             name="predict")
+    return function(xs, values[0] if len(values) == 1 else values, name="predict")
 
 
 def measure_gemm(n: int = 1024, repeats: int = 5) -> float:

@@ -440,7 +440,7 @@ class Network:
 
     def param_values(self) -> dict[str, np.ndarray]:
         """Every parameter's current value, keyed ``<layer name>/<param>``."""
-        return {name: var.get_value() for name, var in self.params.items()}
+        return {name: np.asarray(var.get_value()) for name, var in self.params.items()}  # JAX's too
 
     def set_param_values(self, values: dict[str, np.ndarray]) -> None:
         """Load values saved by :meth:`param_values`: the same names (KeyError for a missing one,

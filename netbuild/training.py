@@ -200,7 +200,7 @@ class Trainer:
             "checkpoint": self.keeper.state() if self.keeper else None,
             "history": self.history,
         }
-        optimizer = {name: var.get_value() for name, var in self.fns.optimizer.state.items()}
+        optimizer = {name: np.asarray(var.get_value()) for name, var in self.fns.optimizer.state.items()}
         return Checkpoint(self.network.param_values(), optimizer, self.best_params, state)
 
     def restore(self, ckpt: Checkpoint) -> None:

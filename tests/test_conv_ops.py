@@ -11,6 +11,7 @@ is a run-time parameter of the C code, and 1-d and 2-d share the code).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import numpy as np
 import pytensor
@@ -27,7 +28,7 @@ from netbuild.layers.base import Context
 from netbuild.layers.conv import Window, _graph_conv
 from netbuild.network import Network
 from netbuild.ops import NetbuildCOp
-from netbuild.ops.conv import Conv, ConvGradInput, ConvGradWeights, conv
+from netbuild.ops.conv import Conv, ConvGradInput, ConvGradWeights, conv, conv_transpose
 from netbuild.ops.pool import Pool, PoolGrad
 from netbuild.spec import load_text, validate
 
@@ -325,3 +326,128 @@ def test_layer_matches_its_graph_version(case):
     got, want = function([x], [y, graph], c=True)(rng.normal(size=(3,) + shape))
     assert got.shape[1:] == layer.output_shape([shape]) and set(values) <= {"W", "b"}
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+# -- the jax backend: each op's jax method against its C code -----------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+@contextlib.contextmanager
+def jax_x64():
+    """netbuild's ops registered with PyTensor's JAX dispatch, and JAX in float64 meanwhile
+    (PyTensor enables it only where floatX was float64 when its dispatch was first imported)."""
+    from netbuild.backend import jax_modules
+
+    with jax_modules().enable_x64(True):
+        yield
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops (checked to be in the graph)
+    by their ``jax`` methods."""
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert [n for n in fn.maker.fgraph.apply_nodes if isinstance(n.op, NetbuildCOp)]
+    return fn
+
+
+def conv_graph(geometry, values, activation: str = "linear"):
+    """Symbolic inputs ``x, W, dy (, b)``, and ``y`` and the gradients of ``sum(y * dy)`` for
+    ``x, W (, b)`` through the op (Conv, ConvGradInput, ConvGradWeights)."""
+    _, _, strides, dilation, pads, _ = geometry
+    x, w, dy, *b = ins = [symbol(v) for v in values]
+    y = conv(x, w, b[0] if b else None, strides, dilation, pads, activation)
+    return ins, [y] + pytensor.grad(pt.sum(y * dy), [x, w] + b)
+
+
+def jax_and_c(graphs, values) -> tuple[list, list]:
+    """The outputs of several ``(inputs, outputs)`` graphs, all compiled as one function in JAX
+    and one in C (one jit compilation), each graph's own list."""
+    ins = [i for g in graphs for i in g[0]]
+    outs = [o for g in graphs for o in g[1]]
+    with jax_x64():
+        got = [np.asarray(v) for v in jax_function(ins, outs)(*values)]
+    want = function(ins, outs, c=True)(*values)
+    results = []
+    for _, o in graphs:
+        results.append((got[:len(o)], want[:len(o)]))
+        got, want = got[len(o):], want[len(o):]
+    return results
+
+
+#: (geometry, activation): every geometry, and a relu on a few (XLA compiles a second or so each)
+JAX_RUNS = ([(case, "linear") for case in range(len(GEOMETRIES))]
+            + [(case, "relu") for case in (2, 3, 9, len(CASES) + 2)])
+
+
+@pytest.fixture(scope="module")
+def jax_computed():
+    """Forward and gradients of :data:`JAX_RUNS` in JAX and in C."""
+    rng = np.random.default_rng(7)
+    with pytensor.config.change_flags(floatX="float64"):
+        values = [conv_values(GEOMETRIES[case], rng) for case, _ in JAX_RUNS]
+        graphs = [conv_graph(GEOMETRIES[case], v, act) for (case, act), v in zip(JAX_RUNS, values)]
+        return jax_and_c(graphs, [v for vs in values for v in vs])
+
+
+@needs_jax
+@pytest.mark.parametrize("run", range(len(JAX_RUNS)),
+                         ids=[f"{GEOMETRY_IDS[c]}-{a}" for c, a in JAX_RUNS])
+def test_jax_matches_c(jax_computed, run):
+    """y, dx, dW (and db) of Conv and its gradient ops in JAX (strides, dilation, padding, 1-d
+    and 2-d, bias, relu) are the C code's, float64."""
+    got, want = jax_computed[run]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype == np.float64
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+@needs_jax
+def test_jax_float32_matches_c():
+    rng = np.random.default_rng(8)
+    geometry = ((2, 3, 7, 6), (4, 3, 3, 2), (2, 1), (1, 2), ((1, 2), (0, 1)), True)
+    values = conv_values(geometry, rng, "float32")
+    with pytensor.config.change_flags(floatX="float32"):
+        ((got, want),) = jax_and_c([conv_graph(geometry, values, "relu")], values)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_jax
+def test_jax_relu_in_the_op_has_derivative_one_at_zero():
+    """As in C, the JAX relu writes a negative as -0.0 and its derivative is 1 at z = 0."""
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, :, 2:] = 1.0
+    w = np.full((2, 1, 1, 2), 0.5)
+    w[1] *= -1
+    dy = np.ones((1, 2, 4, 3))
+    ((got, want),) = jax_and_c([conv_graph((x.shape, w.shape, (1, 1), (1, 1),
+                                            ((0, 0), (0, 0)), False), [x, w, dy], "relu")],
+                               [x, w, dy])
+    for g, c in zip(got, want):
+        np.testing.assert_array_equal(g, c)
+        np.testing.assert_array_equal(np.signbit(g), np.signbit(c))
+
+
+@needs_jax
+def test_jax_gradient_ops_on_their_own():
+    """ConvGradInput with a symbolic shape input (conv_transpose: zeros of the batch's size),
+    ConvGradWeights with a bias, and their second derivatives, in JAX as in C."""
+    rng = np.random.default_rng(9)
+    geometry = ((2, 2), (1, 2), ((1, 0), (2, 1)))
+    x = pt.tensor3()
+    wt = pt.tensor3()
+    xv, wtv = rng.normal(size=(2, 3, 6)), rng.normal(size=(3, 2, 3))
+    up = conv_transpose(x, wt, (11,), (2,), (1,), ((1, 1),))
+    x4, w4, dy4 = pt.tensor4(), pt.tensor4(), pt.tensor4()
+    dw, db = ConvGradWeights(*geometry, bias=True)(x4, w4, dy4)
+    dx = ConvGradInput(*geometry)(x4, w4, dy4)
+    second = pytensor.grad(pt.sum(dx ** 2) + pt.sum(dw ** 2), [w4, dy4])
+    values = [xv, wtv, rng.normal(size=(2, 3, 6, 5)), rng.normal(size=(4, 3, 2, 2)),
+              rng.normal(size=(2, 4, 3, 3))]
+    ((got, want),) = jax_and_c([([x, wt, x4, w4, dy4], [up, dw, db, dx, *second])], values)
+    assert got[0].shape == (2, 2, 11)
+    for g, c in zip(got, want):
+        assert g.shape == c.shape
+        np.testing.assert_allclose(g, c, rtol=1e-10, atol=1e-10)

@@ -1,5 +1,7 @@
 """embedding: lookup against numpy indexing, shapes, the gradient with respect to W."""
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -125,3 +127,92 @@ def test_an_id_outside_the_table_is_an_index_error(compiled):
     for bad, where in [(7, 1), (-1, 2)]:
         with pytest.raises(IndexError, match=rf"id {bad} at position {where} is outside \[0, 7\)"):
             fn(W_val, np.array([0, 3, 1, 2])[:where].tolist() + [bad])
+
+
+# -- the jax backend (the ops' ``jax``) against their C code ---------------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
+    (each op of ``outputs``' graph still in the compiled one)."""
+    from pytensor.graph.traversal import apply_ancestors
+
+    from netbuild.backend import jax_modules
+    from netbuild.ops import NetbuildCOp
+
+    jax_modules()
+
+    def ours(nodes):
+        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
+
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
+    return fn
+
+
+def assert_same(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
+
+
+def gather_ops(dtype):
+    from netbuild.ops.embedding import Gather, GatherGrad
+
+    W, ids, dy = pt.matrix(dtype=dtype), pt.vector(dtype="int64"), pt.matrix(dtype=dtype)
+    return [W, ids, dy], [Gather()(W, ids), GatherGrad()(W, ids, dy)]
+
+
+def gather_values(N, D, ids, dtype, seed=5):
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(ids, dtype=np.int64)
+    return [rng.normal(size=(N, D)).astype(dtype), ids,
+            rng.normal(size=(len(ids), D)).astype(dtype)]
+
+
+# (N, D, ids): repeated ids (they add up), one column, no ids, every row
+GATHER_CASES = [(7, 3, [0, 2, 2, 6, 1, 0, 5, 2, 2]), (3, 1, [2, 2, 0]), (4, 5, []),
+                (5, 4, [4, 3, 2, 1, 0])]
+
+
+@needs_jax
+@pytest.mark.parametrize("N, D, ids", GATHER_CASES)
+def test_jax_gather_ops_match_c(N, D, ids):
+    inputs, outs = gather_ops("float64")
+    values = gather_values(N, D, ids, "float64")
+    assert_same(jax_function(inputs, outs)(*values), c_function(inputs, outs)(*values), 1e-10)
+
+
+@needs_jax
+def test_jax_gather_ops_in_float32():
+    inputs, outs = gather_ops("float32")
+    values = gather_values(9, 6, [8, 0, 3, 3, 3, 7, 0], "float32")
+    assert_same(jax_function(inputs, outs)(*values), c_function(inputs, outs)(*values), 1e-5)
+
+
+@needs_jax
+def test_jax_gather_gradient_end_to_end():
+    """``pytensor.grad`` through Gather (building GatherGrad), in JAX and in C."""
+    from netbuild.ops.embedding import gather
+
+    W, ids = pt.dmatrix("W"), pt.vector("ids", dtype="int64")
+    v = np.random.default_rng(6).normal(size=(6, 3))
+    cost = (gather(W, ids) * v).sum() + (gather(W, ids) ** 2).sum()
+    outs = [cost, pytensor.grad(cost, W)]
+    W_val, ids_val, _ = gather_values(5, 3, [1, 4, 1, 0, 1, 3], "float64")
+    assert_same(jax_function([W, ids], outs)(W_val, ids_val),
+                c_function([W, ids], outs)(W_val, ids_val), 1e-10)
+
+
+@needs_jax
+@pytest.mark.parametrize("bad", [7, -1])
+def test_jax_an_id_outside_the_table_is_nan(bad):
+    """JAX cannot raise inside a compiled function: the row of an id outside ``[0, N)`` is NaN
+    (a negative id does not wrap around), and so is the whole gradient."""
+    inputs, outs = gather_ops("float64")
+    W_val, ids_val, dy_val = gather_values(7, 2, [0, 3, bad, 2], "float64")
+    y, dW = (np.asarray(v) for v in jax_function(inputs, outs)(W_val, ids_val, dy_val))
+    assert np.isnan(y[2]).all() and np.isnan(dW).all()
+    np.testing.assert_array_equal(y[[0, 1, 3]], W_val[[0, 3, 2]])

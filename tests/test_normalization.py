@@ -1,5 +1,7 @@
 """batch_norm and layer_norm against numpy versions of torch's formulas; shapes; gradients."""
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -220,3 +222,81 @@ def test_layer_norm_shape_mismatch_is_an_error():
                pytensor.function([x, g, b], LayerNormOp(1e-5)(x, g, b)[0], mode=TEST_MODE)):
         with pytest.raises(ValueError, match="LayerNorm: the shape of gamma does not match x's"):
             fn(np.zeros((2, 3), x.dtype), np.ones(4, x.dtype), np.zeros(3, x.dtype))
+
+
+# -- the jax backend (the ops' ``jax``) against their C code ---------------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
+    (each op of ``outputs``' graph still in the compiled one)."""
+    from pytensor.graph.traversal import apply_ancestors
+
+    from netbuild.backend import jax_modules
+    from netbuild.ops import NetbuildCOp
+
+    jax_modules()
+
+    def ours(nodes):
+        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
+
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
+    return fn
+
+
+def assert_same(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
+
+
+def layer_norm_ops(dtype, ndim, epsilon):
+    """Inputs ``x, gamma, beta, dy`` and outputs ``y, mean, rstd, dx, dgamma, dbeta``."""
+    from netbuild.ops.normalization import LayerNorm as LayerNormOp
+    from netbuild.ops.normalization import LayerNormGrad
+
+    x = pt.tensor(dtype=dtype, shape=(None,) * ndim)
+    gamma, beta, dy = pt.vector(dtype=dtype), pt.vector(dtype=dtype), x.type()
+    y, mean, rstd = LayerNormOp(epsilon)(x, gamma, beta)
+    return [x, gamma, beta, dy], [y, mean, rstd, *LayerNormGrad()(x, gamma, mean, rstd, dy)]
+
+
+def layer_norm_values(shape, dtype, seed=9):
+    rng = np.random.default_rng(seed)
+    k = shape[-1]
+    return [(rng.normal(size=shape) * 3 + 1).astype(dtype), rng.uniform(0.5, 2, k).astype(dtype),
+            rng.normal(size=k).astype(dtype), rng.normal(size=shape).astype(dtype)]
+
+
+@needs_jax
+@pytest.mark.parametrize("epsilon", [1e-5, 0.5])
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 17), (4, 1), (0, 6)], ids=str)
+def test_jax_layer_norm_ops_match_c(shape, epsilon):
+    inputs, outs = layer_norm_ops("float64", len(shape), epsilon)
+    values = layer_norm_values(shape, "float64")
+    assert_same(jax_function(inputs, outs)(*values), c_function(inputs, outs)(*values), 1e-10)
+
+
+@needs_jax
+def test_jax_layer_norm_ops_in_float32():
+    inputs, outs = layer_norm_ops("float32", 2, 1e-5)
+    values = layer_norm_values((6, 13), "float32")
+    assert_same(jax_function(inputs, outs)(*values), c_function(inputs, outs)(*values), 1e-5)
+
+
+@needs_jax
+def test_jax_layer_norm_gradient_end_to_end():
+    """``pytensor.grad`` through LayerNorm (building LayerNormGrad), in JAX and in C."""
+    from netbuild.ops.normalization import layer_norm
+
+    x, gamma, beta = pt.tensor3(dtype="float64"), pt.dvector(), pt.dvector()
+    w = np.random.default_rng(10).normal(size=(2, 3, 7))
+    y = layer_norm(x, gamma, beta, 1e-3)
+    cost = (y * w).sum() + (y ** 2).sum()
+    outs = [cost, *pytensor.grad(cost, [x, gamma, beta])]
+    values = layer_norm_values((2, 3, 7), "float64")[:3]
+    assert_same(jax_function([x, gamma, beta], outs)(*values),
+                c_function([x, gamma, beta], outs)(*values), 1e-10)

@@ -15,7 +15,7 @@ import pytensor.tensor as pt
 import pytest
 from conftest import verify_grad
 from pytensor.gradient import NullTypeGradError
-from test_conv_ops import function, ops_in_c, symbol
+from test_conv_ops import function, jax_and_c, needs_jax, ops_in_c, symbol
 from test_pool import CASES, IDS, make, per_axis, ref_pool
 
 from netbuild.layers.base import Context
@@ -254,3 +254,95 @@ def test_layer_matches_its_graph_version(case):
     got, want = function([x], [y, graph], c=True)(xv)
     assert got.shape[1:] == layer.output_shape([shape])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# -- the jax backend: each op's jax method against its C code -----------------------------------
+def pool_graph(geometry, x: np.ndarray, dy: np.ndarray):
+    """Symbolic ``x, dy``, and ``y`` and the gradient of ``sum(y * dy)`` through the op (Pool,
+    PoolGrad)."""
+    mode, _, kernel, strides, pads = geometry
+    xv, dyv = symbol(x), symbol(dy)
+    y = pool(xv, mode, kernel, strides, pads)
+    return [xv, dyv], [y, pytensor.grad(pt.sum(y * dyv), xv)]
+
+
+@pytest.fixture(scope="module")
+def jax_computed():
+    """Every geometry's ``y`` and ``dx`` in JAX and in C, compiled as one function each."""
+    rng = np.random.default_rng(10)
+    with pytensor.config.change_flags(floatX="float64"):
+        values = []
+        for mode, xs, kernel, strides, pads in GEOMETRIES:
+            out = Pool(mode, kernel, strides, pads).out_lengths(xs[2:])
+            values.append((distinct(xs, rng), rng.normal(size=xs[:2] + tuple(out))))
+        graphs = [pool_graph(g, *v) for g, v in zip(GEOMETRIES, values)]
+        return jax_and_c(graphs, [a for v in values for a in v])
+
+
+@needs_jax
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=GEOMETRY_IDS)
+def test_jax_matches_c(jax_computed, case):
+    """Max and average pooling and their gradient in JAX (kernels, strides, padding, 1-d and
+    2-d) are the C code's, float64."""
+    for got, want in zip(*jax_computed[case]):
+        assert got.shape == want.shape and got.dtype == want.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@needs_jax
+def test_jax_float32_matches_c():
+    rng = np.random.default_rng(11)
+    graphs, values = [], []
+    for mode in ("max", "avg"):
+        geometry = (mode, (2, 3, 6, 7), (3, 2), (2, 1), ((1, 1), (0, 1)))
+        x = distinct(geometry[1], rng).astype("float32")
+        dy = rng.normal(size=(2, 3, 3, 7)).astype("float32")
+        graphs.append(pool_graph(geometry, x, dy))
+        values += [x, dy]
+    with pytensor.config.change_flags(floatX="float32"):
+        results = jax_and_c(graphs, values)
+    for got, want in results:
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype == np.float32
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_jax
+def test_jax_ties_nans_and_infinities_as_in_c():
+    """Max pooling's gradient in JAX goes where the C code sends it: the first maximum in
+    row-major order among ties, the first NaN, an input (not padding) in a window of -inf."""
+    nan, inf = np.nan, np.inf
+    ties = np.array([[[[1.0, 1.0, 0.0, 2.0],
+                       [1.0, 1.0, 2.0, 2.0],
+                       [0.0, 3.0, 5.0, 4.0],
+                       [3.0, 3.0, 5.0, 5.0]]]])
+    special = np.array([[[[1.0, nan, 2.0, 0.0, 7.0, 1.0],
+                          [nan, 3.0, 1.0, 9.0, 1.0, 1.0],
+                          [inf, -inf, 0.0, 1.0, -inf, -inf],
+                          [1.0, 2.0, 0.0, 1.0, -inf, -inf]]]])
+    geometries = [((2, 2), (2, 2), ((0, 0), (0, 0))), ((2, 2), (2, 1), ((0, 0), (0, 1))),
+                  ((3, 3), (1, 1), ((1, 1), (2, 2))), ((2, 3), (2, 3), ((0, 0), (0, 0)))]
+    graphs, values = [], []
+    for x in (ties, special):
+        for kernel, strides, pads in geometries:
+            out = Pool("max", kernel, strides, pads).out_lengths(x.shape[2:])
+            graphs.append(pool_graph(("max", x.shape, kernel, strides, pads), x,
+                                     np.ones((1, 1, *out))))
+            values += [x, np.ones((1, 1, *out))]
+    for got, want in jax_and_c(graphs, values):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
+@needs_jax
+def test_jax_average_pooling_second_derivative():
+    """PoolGrad's own gradient (average pooling of the cotangent) in JAX as in C."""
+    rng = np.random.default_rng(12)
+    geometry = ((3, 2), (2, 1), ((1, 1), (0, 1)))
+    x, dy = pt.tensor4(), pt.tensor4()
+    dx = PoolGrad("avg", *geometry)(x, dy)
+    xv = distinct((1, 2, 5, 5), rng)
+    dyv = rng.normal(size=(1, 2) + tuple(Pool("avg", *geometry).out_lengths((5, 5))))
+    ((got, want),) = jax_and_c([([x, dy], [dx, pytensor.grad(pt.sum(dx ** 2), dy)])], [xv, dyv])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)

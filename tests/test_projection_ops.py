@@ -5,6 +5,8 @@ and a shape error in C names the op."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -63,3 +65,52 @@ def test_a_shape_mismatch_in_c_names_the_op():
 def test_inputs_must_be_matrices():
     with pytest.raises(TypeError, match="Projection: inputs must be matrices"):
         project(pt.tensor3("x"), pt.matrix("w"))
+
+
+# -- the jax backend (the ops' ``jax``) against their C code ---------------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
+    (each op of ``outputs``' graph still in the compiled one)."""
+    from pytensor.graph.traversal import apply_ancestors
+
+    from netbuild.backend import jax_modules
+    from netbuild.ops import NetbuildCOp
+
+    jax_modules()
+
+    def ours(nodes):
+        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
+
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
+    return fn
+
+
+def assert_same(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
+
+
+def projection_graph(dtype):
+    """``X, W, dY`` and ``Y = X W``, ``X^T dY``, and ``pytensor.grad`` of ``sum(Y G)`` through the
+    projection (``dY W^T`` and ``X^T G``)."""
+    X, W, G = (pt.matrix(n, dtype=dtype) for n in "XWG")
+    Y = project(X, W)
+    return [X, W, G], [Y, ProjectionWeightGrad()(X, G @ W.T), *pytensor.grad((Y * G).sum(), [X, W])]
+
+
+@needs_jax
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_jax_projection_ops_match_c(dtype, tol):
+    """Both ops directly and through ``pytensor.grad``, at the small shapes of SHAPES."""
+    rng = np.random.default_rng(2)
+    inputs, outs = projection_graph(dtype)
+    c_fn, jax_fn = function(inputs, outs, c=True), jax_function(inputs, outs)
+    for n, k, m in SHAPES[:5] if dtype == "float64" else [(7, 5, 6)]:
+        values = [rng.normal(size=s).astype(dtype) for s in [(n, k), (k, m), (n, m)]]
+        assert_same(jax_fn(*values), c_fn(*values), tol)

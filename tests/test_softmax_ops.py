@@ -9,6 +9,8 @@ test_conv_ops's :func:`ops_in_c`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -279,3 +281,143 @@ def test_classifier_step_has_one_softmax_and_no_elementwise_softmax():
     np.testing.assert_allclose(value, ref_xent(xs @ w0, ys).mean(), rtol=1e-12)
     np.testing.assert_allclose(probs, p, rtol=1e-12)
     np.testing.assert_allclose(w.get_value(), w0 - 0.1 * xs.T @ (p - np.eye(3)[ys]) / 4, rtol=1e-12)
+
+
+# -- the jax backend (each op's ``jax``) against its C code ----------------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
+    (each op of ``outputs``' graph still in the compiled one)."""
+    from pytensor.graph.traversal import apply_ancestors
+
+    from netbuild.ops import NetbuildCOp
+
+    backend.jax_modules()
+
+    def ours(nodes):
+        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
+
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
+    return fn
+
+
+def assert_same(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
+
+
+def all_four(x, t, smoothing):
+    """Inputs and outputs of the four ops for logits like ``x`` and targets like ``t``."""
+    xv, tv, dpv, dlv = symbol(x), symbol(t), symbol(x), pt.tensor(dtype=x.dtype,
+                                                                   shape=(None,) * (x.ndim - 1))
+    p = softmax(xv)
+    outs = [p, SoftmaxGrad()(dpv, p), SoftmaxCrossEntropy(smoothing)(xv, tv),
+            SoftmaxCrossEntropyGrad(smoothing)(dlv, p, tv)]
+    return [xv, tv, dpv, dlv], outs
+
+
+def targets_like(x, kind):
+    k = x.shape[-1]
+    if kind == "ids":
+        return RNG.integers(0, k, x.shape[:-1])
+    return RNG.dirichlet(np.ones(k), x.shape[:-1]).astype(x.dtype)
+
+
+@needs_jax
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("targets", ["ids", "rows"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_jax_ops_match_c(shape, targets, smoothing):
+    x = RNG.normal(size=shape) * 3
+    t = targets_like(x, targets)
+    dp, dl = RNG.normal(size=shape), RNG.normal(size=shape[:-1])
+    inputs, outs = all_four(x, t, smoothing)
+    want = function(inputs, outs, True)(x, t, dp, dl)
+    assert_same(jax_function(inputs, outs)(x, t, dp, dl), want, 1e-10)
+
+
+@needs_jax
+@pytest.mark.parametrize("targets", ["ids", "rows"])
+def test_jax_ops_in_float32(targets):
+    x = (RNG.normal(size=(6, 9)) * 3).astype("float32")
+    t = targets_like(x, targets)
+    dp, dl = RNG.normal(size=x.shape).astype("float32"), RNG.normal(size=6).astype("float32")
+    inputs, outs = all_four(x, t, 0.05)
+    want = function(inputs, outs, True)(x, t, dp, dl)
+    assert_same(jax_function(inputs, outs)(x, t, dp, dl), want, 1e-5)
+
+
+@needs_jax
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_jax_extreme_logits_stay_finite(dtype):
+    x = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype=dtype)
+    t = np.array([1, 2])
+    xv, tv = symbol(x), symbol(t)
+    loss = softmax_cross_entropy(xv, tv)
+    outs = [softmax(xv), loss, pytensor.grad(loss.sum(), xv)]
+    got = jax_function([xv, tv], outs)(x, t)
+    assert all(np.isfinite(np.asarray(v)).all() for v in got)
+    assert_same(got, function([xv, tv], outs, True)(x, t), 1e-6)
+
+
+@needs_jax
+def test_jax_one_gradient_value_for_every_row():
+    p = ref_softmax(RNG.normal(size=(3, 4)))
+    dlv, pv, tv = pt.dvector("dl"), symbol(p), pt.lvector("t")
+    t = np.array([0, 3, 1])
+    out = [SoftmaxCrossEntropyGrad(0.2)(dlv, pv, tv)]
+    dl = np.array([0.5])
+    assert_same(jax_function([dlv, pv, tv], out)(dl, p, t),
+                function([dlv, pv, tv], out, True)(dl, p, t), 1e-10)
+
+
+@needs_jax
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("targets", ["ids", "rows"])
+def test_jax_gradient_end_to_end(targets, smoothing):
+    """``pytensor.grad`` through the forward ops (building the gradient ops), in JAX and in C."""
+    x = RNG.normal(size=(2, 3, 5))
+    t = targets_like(x, targets)
+    w, v = RNG.normal(size=(2, 3)), RNG.normal(size=x.shape)
+    xv, tv = symbol(x), symbol(t)
+    cost = (softmax_cross_entropy(xv, tv, smoothing) * w).sum() + (softmax(xv) * v).sum()
+    wrt = [xv] if targets == "ids" else [xv, tv]
+    outs = [cost, *pytensor.grad(cost, wrt)]
+    assert_same(jax_function([xv, tv], outs)(x, t), function([xv, tv], outs, True)(x, t), 1e-10)
+
+
+@needs_jax
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_jax_class_id_out_of_range_is_nan(bad):
+    """JAX cannot raise inside a compiled function: the row of a bad id is NaN, not a wrapped
+    or clipped id's value; the other rows are right."""
+    x = RNG.normal(size=(3, 4))
+    t = np.array([0, bad, 1])
+    xv, tv = symbol(x), symbol(t)
+    loss = softmax_cross_entropy(xv, tv)
+    value, dx = (np.asarray(v) for v in
+                 jax_function([xv, tv], [loss, pytensor.grad(loss.sum(), xv)])(x, t))
+    assert np.isnan(value[1]) and np.isnan(dx[1]).all()
+    ok = [0, 2]
+    np.testing.assert_allclose(value[ok], ref_xent(x[ok], t[ok]), rtol=1e-10)
+    np.testing.assert_allclose(dx[ok], ref_softmax(x[ok]) - np.eye(4)[t[ok]], rtol=1e-10,
+                               atol=1e-12)
+
+
+@needs_jax
+def test_jax_a_minus_inf_logit_of_another_class():
+    """A logit of ``-inf`` (a masked class) that is not the target: a finite loss and gradient,
+    as in C."""
+    x = np.array([[0.0, -np.inf, 1.0], [2.0, 0.0, -np.inf]])
+    t = np.array([0, 1])
+    xv, tv = symbol(x), symbol(t)
+    loss = softmax_cross_entropy(xv, tv)
+    outs = [loss, pytensor.grad(loss.sum(), xv)]
+    got = jax_function([xv, tv], outs)(x, t)
+    assert all(np.isfinite(np.asarray(v)).all() for v in got)
+    assert_same(got, function([xv, tv], outs, True)(x, t), 1e-10)

@@ -269,9 +269,9 @@ def test_a_bad_value_at_one_point_stops_the_sweep_before_it_starts(tmp_path, run
     ([], "nothing to sweep"),
     (["--grid", "train.epochs=1,2", "--monitor", "val_acc"], "'val_acc' is not recorded"),
     (["--grid", "train.epochs=1,2", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"],
-     "--workers and --threads size the local cluster"),
+     "--workers, --threads and --backend set up the local cluster"),
     (["--grid", "train.epochs=1,2", "--threads", "2", "--scheduler", "tcp://127.0.0.1:1"],
-     "--workers and --threads size the local cluster"),
+     "--workers, --threads and --backend set up the local cluster"),
     (["--grid", "train.epochs=1,2", "--seed", "3"], "--seed picks the points of --random"),
 ])
 def test_command_line_mistakes_are_usage_errors(run_cli, args, message):

@@ -50,7 +50,7 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 
-from .. import activations, initializers
+from .. import activations, backend, initializers
 from ..ops import recurrent as recurrent_ops
 from ..ops.projection import project
 from .base import Activation, Context, Initializer, Layer, LayerError, ParamSpec, Regularized, Shape, single
@@ -170,13 +170,14 @@ class Recurrent(Regularized, Layer):
 
     # -- graph ----------------------------------------------------------------------------
     #: ``"auto"``: the fused C op where :meth:`fused_activations` allows it, else ``scan``;
-    #: ``"scan"``: always ``scan`` (the reference the tests compare the C op against).
+    #: ``"scan"``: always ``scan`` (the reference the tests compare the C op against, and what
+    #: the ``jax`` backend compiles: PyTensor turns it into ``jax.lax.scan``).
     implementation: ClassVar[str] = "auto"
 
     def fused_activations(self) -> tuple[str, str] | None:
         """``(activation, recurrent_activation)`` when :mod:`netbuild.ops.recurrent` has C code
         for both (named without options) and :attr:`implementation` allows it, else None."""
-        if self.implementation == "scan":
+        if self.implementation == "scan" or backend.current() == "jax":  # JAX: lax.scan of step
             return None
         names = [self.activation, getattr(self, "recurrent_activation", None) or "sigmoid"]
         names = [n["type"] if isinstance(n, dict) and set(n) == {"type"} else n for n in names]
@@ -251,8 +252,8 @@ class Recurrent(Regularized, Layer):
         W_ih = pt.concatenate([self.params["W_ih" + s] for s in dirs], axis=1) if n_dir > 1 \
             else self.params["W_ih"]
         b = pt.concatenate(outer) if n_dir > 1 else outer[0]
-        proj = (pt.dot(xs.reshape((steps * batch, features)), W_ih) + b) \
-            .reshape((steps, batch, n_dir * width))
+        # (-1, features), not (steps * batch, ...): a product of dimensions is not static in JAX
+        proj = (pt.dot(xs.reshape((-1, features)), W_ih) + b).reshape((steps, batch, n_dir * width))
         sequences = [proj[:, :, :width]]
         if n_dir > 1:
             sequences.append(proj[::-1, :, width:])  # the backward direction reads time reversed

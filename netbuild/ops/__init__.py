@@ -23,7 +23,11 @@ import functools
 import inspect
 from pathlib import Path
 
+import numpy as np
+from pytensor.graph.basic import Apply
 from pytensor.link.c.op import ExternalCOp
+from pytensor.tensor.basic import get_underlying_scalar_constant_value
+from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.blas import ldflags
 from pytensor.tensor.blas_headers import blas_header_text, blas_header_version
 from pytensor.utils import hash_from_code
@@ -52,6 +56,43 @@ def _load(files: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
     return tuple(holder.func_codes), holder.code_sections
 
 
+def _with_static_shapes(make_node):
+    """``make_node``, whose outputs get the static shapes their op's ``infer_shape`` gives when
+    the inputs' shapes are static, on the ``jax`` backend: every shape a graph computes from them
+    is then a constant, as ``jax.jit`` needs (on the C backend the graphs stay as they were)."""
+
+    @functools.wraps(make_node)
+    def make_static_node(self, *args, **kwargs):
+        node = make_node(self, *args, **kwargs)
+        from .. import backend
+
+        if backend.current() != "jax":
+            return node
+        shapes = [getattr(v.type, "shape", None) for v in node.inputs]
+        if any(s is None or None in s for s in shapes):
+            return node
+        try:
+            found = self.infer_shape(None, node, [tuple(int(d) for d in s) for s in shapes])
+        except Exception:  # a shape that needs an input's value (a shape input): left as it is
+            return node
+        outputs = []
+        for out, dims in zip(node.outputs, found):
+            static = tuple(_constant(d) for d in dims)
+            outputs.append(out.type.clone(shape=static)())
+        return Apply(self, node.inputs, outputs)
+
+    return make_static_node
+
+
+def _constant(dim) -> int | None:
+    if isinstance(dim, (int, np.integer)):
+        return int(dim)
+    try:
+        return int(get_underlying_scalar_constant_value(dim))
+    except NotScalarConstantError:
+        return None
+
+
 class NetbuildCOp(ExternalCOp):
     """Base of netbuild's C ops: PyTensor's ``ExternalCOp`` on ``netbuild.c`` and the op's own
     :attr:`c_file`, compiled with OpenMP.
@@ -67,12 +108,19 @@ class NetbuildCOp(ExternalCOp):
     shared_files: tuple[str, ...] = ("netbuild.c",)
     #: Flags the op's C needs beyond OpenMP's.
     extra_compile_args: tuple[str, ...] = ()
+    #: The inputs that are shapes (of an output to make): static dimensions under ``jax.jit``.
+    shape_inputs: tuple[int, ...] = ()
     func_name = None
     _cop_num_inputs = None
     _cop_num_outputs = None
 
     def __init__(self):  # the class says which files: nothing to load per instance
         pass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "make_node" in cls.__dict__:
+            cls.make_node = _with_static_shapes(cls.__dict__["make_node"])
 
     @classmethod
     def c_files(cls) -> tuple[str, ...]:
@@ -117,6 +165,12 @@ class NetbuildCOp(ExternalCOp):
 
     def c_code(self, node, name, inputs, outputs, sub):  # each op writes its own call
         raise NotImplementedError
+
+    def jax(self, node):
+        """The op as a JAX function of its inputs (one output, or a tuple of them), for the
+        ``jax`` backend (:func:`netbuild.backend.jax_modules` registers it with PyTensor's
+        ``jax_funcify``). Each op writes its own, beside its C."""
+        raise NotImplementedError(f"{type(self).__name__} has no JAX implementation yet")
 
 
 class BlasCOp(NetbuildCOp):

@@ -234,6 +234,24 @@ class Conv(_ConvCOp):
         output_storage[0][0] = np.asarray(y.reshape(x.shape[0], w.shape[0], *out),
                                           dtype=node.outputs[0].dtype)
 
+    def jax(self, node):
+        """``act(conv(x, W) [+ b])`` with ``lax.conv_general_dilated``; relu writes a negative
+        value as ``-0.0``, as the C code does."""
+        import jax.numpy as jnp
+
+        conv_ = _jax_conv(self)
+        relu, lift = self.activation == "relu", (1,) * self.rank
+
+        def conv_forward(x, w, *b):
+            y = conv_(x, w)
+            if b:
+                y = y + b[0].reshape(-1, *lift)
+            if relu:
+                y = jnp.where(y < 0, jnp.array(-0.0, dtype=y.dtype), y)
+            return y
+
+        return conv_forward
+
     def c_code(self, node, name, inputs, outputs, sub):
         x, w = inputs[0], inputs[1]
         (y,) = outputs
@@ -264,6 +282,13 @@ class _ConvGradCOp(_ConvCOp):
         if self.activation == "relu":
             dy = np.where(np.signbit(inputs[3]), np.zeros((), dtype=dy.dtype), dy)
         return dy
+
+    @staticmethod
+    def _jax_pre_grad(dy, *y):
+        """:meth:`_np_pre_grad` in JAX: ``dy``, masked by the sign bits of ``y`` after a relu."""
+        import jax.numpy as jnp
+
+        return jnp.where(jnp.signbit(y[0]), jnp.zeros((), dtype=dy.dtype), dy) if y else dy
 
     def _second_order(self, inputs, connected: Sequence[bool]):
         """None for the linear ops, which have second derivatives; else what they return
@@ -308,6 +333,19 @@ class ConvGradInput(_ConvGradCOp):
         cols = np.matmul(w.reshape(f, -1).T, dz)  # (N, CK, P)
         output_storage[0][0] = np.asarray(_np_col2im(cols, x.shape, w.shape[2:], self),
                                           dtype=node.outputs[0].dtype)
+
+    def jax(self, node):
+        """``dx``: the transpose of ``x -> conv(x, W)`` (``x`` gives only its shape, static under
+        ``jax.jit``) applied to ``dy``, masked after a relu."""
+        import jax
+
+        conv_ = _jax_conv(self)
+
+        def conv_grad_input(x, w, dy, *y):
+            like = jax.ShapeDtypeStruct(x.shape, dy.dtype)
+            return jax.linear_transpose(lambda v: conv_(v, w), like)(self._jax_pre_grad(dy, *y))[0]
+
+        return conv_grad_input
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, w, dy = inputs[:3]
@@ -372,6 +410,23 @@ class ConvGradWeights(_ConvGradCOp):
         if self.bias:
             output_storage[1][0] = np.asarray(d.sum(axis=(0, 2), dtype="float64"), dtype=dtype)
 
+    def jax(self, node):
+        """``dW``: the transpose of ``W -> conv(x, W)`` (``W`` gives only its shape) applied to
+        ``dy``, masked after a relu; with ``bias``, also ``db``: that ``dy`` summed but over
+        filters."""
+        import jax
+
+        conv_ = _jax_conv(self)
+        bias = self.bias
+
+        def conv_grad_weights(x, w, dy, *y):
+            dz = self._jax_pre_grad(dy, *y)
+            like = jax.ShapeDtypeStruct(w.shape, dz.dtype)
+            (dw,) = jax.linear_transpose(lambda v: conv_(x, v), like)(dz)
+            return (dw, dz.sum(axis=(0, *range(2, dz.ndim)))) if bias else dw
+
+        return conv_grad_weights
+
     def c_code(self, node, name, inputs, outputs, sub):
         x, w, dy = inputs[:3]
         shape = "N_, g_.F, g_.OH, g_.OW"
@@ -406,6 +461,19 @@ def conv_transpose(x, w, out_spatial: Sequence[int], strides: Sequence[int],
     :class:`ConvGradWeights` its gradients."""
     shape = pt.zeros((x.shape[0], w.shape[1], *[int(n) for n in out_spatial]), dtype=w.dtype)
     return ConvGradInput(strides, dilation, pads)(shape, w, x)
+
+
+# -- JAX: for the jax backend (jax is imported only when a graph is compiled with it) ------------
+def _jax_conv(op: _ConvCOp):
+    """``conv(x, W)`` in JAX (no bias, no activation) with the geometry of ``op``; float32 at full
+    precision (not a GPU's TF32)."""
+    from jax import lax
+
+    def conv_(x, w):
+        return lax.conv_general_dilated(x, w, op.strides, op.pads, rhs_dilation=op.dilation,
+                                        precision=lax.Precision.HIGHEST)
+
+    return conv_
 
 
 # -- numpy: the same algorithm over the whole batch, for PyTensor's Python modes -------------------

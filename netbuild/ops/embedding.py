@@ -85,6 +85,18 @@ class Gather(_EmbeddingCOp):
         c.run(f"nbemb_gather({w}, PyArray_DIMS({W})[1], {i}, PyArray_SIZE({ids}), {out})")
         return c.code()
 
+    def jax(self, node):
+        """``y = W[ids]`` (``jnp.take``); NaN rows for ids outside ``[0, N)`` (JAX cannot raise
+        inside a compiled function, and negative ids must not wrap around)."""
+        import jax.numpy as jnp
+
+        def gather(W, ids):
+            n = W.shape[0]
+            ids = jnp.where((ids < 0) | (ids >= n), n, ids)  # n: out of bounds, filled
+            return jnp.take(W, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+        return gather
+
 
 class GatherGrad(_EmbeddingCOp):
     """``dW (N, D)`` from ``(W, ids, dy)``: zeros, then ``dW[ids[i]] += dy[i]`` in order of
@@ -132,6 +144,18 @@ class GatherGrad(_EmbeddingCOp):
         out = c.output(dW, f"PyArray_DIMS({W})[0], D")
         c.run(f"nbemb_scatter(PyArray_DIMS({W})[0], D, {i}, n_, {g}, {out})")
         return c.code()
+
+    def jax(self, node):
+        """``dW = zeros, dW[ids[i]] += dy[i]`` (``.at[].add``: repeated ids add up); all NaN when
+        an id is outside ``[0, N)`` (JAX cannot raise inside a compiled function)."""
+        import jax.numpy as jnp
+
+        def gather_grad(W, ids, dy):
+            bad = jnp.any((ids < 0) | (ids >= W.shape[0]))
+            dW = jnp.zeros_like(W).at[ids].add(dy, mode="drop")
+            return jnp.where(bad, jnp.nan, dW)
+
+        return gather_grad
 
 
 def gather(W, ids):

@@ -125,6 +125,20 @@ class LayerNorm(_NormCOp):
         c.run(f"nbnorm::forward<T_>({X}, {G}, {B}, {Y}, {M}, {R}, ROWS_, K_, {self.epsilon!r})")
         return c.code()
 
+    def jax(self, node):
+        """``(y, mean, rstd)``: each row's mean and ``rstd = 1 / sqrt(var + epsilon)`` (the biased
+        variance), ``y = (x - mean) rstd gamma + beta``."""
+        import jax.numpy as jnp
+
+        def layer_norm(x, gamma, beta):
+            mean = jnp.mean(x, axis=-1)
+            var = jnp.mean(jnp.square(x - mean[..., None]), axis=-1)
+            rstd = 1.0 / jnp.sqrt(var + self.epsilon)
+            y = (x - mean[..., None]) * rstd[..., None] * gamma + beta
+            return y, mean, rstd
+
+        return layer_norm
+
 
 class LayerNormGrad(_NormCOp):
     """``(x, gamma, mean, rstd, dy) -> (dx, dgamma, dbeta)``; see the module. No gradient of its
@@ -178,6 +192,23 @@ class LayerNormGrad(_NormCOp):
               f"(T_*)({s} + sizeof(double) * 2 * (size_t)(S_ > 0 ? S_ : 1) * (size_t)K_), "
               f"(double*){s})")
         return c.code()
+
+    def jax(self, node):
+        """``(dx, dgamma, dbeta)``: with ``xh = (x - mean) rstd`` and ``g = dy gamma``,
+        ``dx = rstd (g - mean(g) - xh mean(g xh))``; the sums over the rows of ``dy xh``
+        and ``dy``."""
+        import jax.numpy as jnp
+
+        def layer_norm_grad(x, gamma, mean, rstd, dy):
+            xh = (x - mean[..., None]) * rstd[..., None]
+            g = dy * gamma
+            a = jnp.mean(g, axis=-1, keepdims=True)
+            b = jnp.mean(g * xh, axis=-1, keepdims=True)
+            dx = rstd[..., None] * ((g - a) - xh * b)
+            rows = tuple(range(x.ndim - 1))
+            return dx, jnp.sum(dy * xh, axis=rows), jnp.sum(dy, axis=rows)
+
+        return layer_norm_grad
 
 
 def layer_norm(x, gamma, beta, epsilon: float):

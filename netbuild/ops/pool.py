@@ -17,7 +17,9 @@ pointers, and a numpy ``perform`` (the same semantics, vectorized) serves PyTens
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -163,6 +165,11 @@ class Pool(_PoolCOp):
             y = np.where(valid, stack, 0).sum(0) / valid.sum(0)
         output_storage[0][0] = np.asarray(y, dtype=node.outputs[0].dtype)
 
+    def jax(self, node):
+        """``y`` with ``lax.reduce_window``: the max (a NaN propagates), or the sum divided by the
+        number of input elements each window covers."""
+        return _jax_pool(self)
+
     def c_code(self, node, name, inputs, outputs, sub):
         (x,), (y,) = inputs, outputs
         call = f"nbpool::forward({sub['params']}->mode_code, N_ * g_.C, {{i[0]}}, {{out}}, g_)"
@@ -207,6 +214,31 @@ class PoolGrad(_PoolCOp):
         output_storage[0][0] = np.asarray(_np_scatter(parts, x.shape, self),
                                           dtype=node.outputs[0].dtype)
 
+    def jax(self, node):
+        """``dx``: average pooling's transpose applied to ``dy``; for max pooling, each ``dy`` at
+        its window's first maximum in row-major order (a NaN first), as the C code, where JAX's
+        own gradient of a max may pick another of equal values."""
+        import jax
+        import jax.numpy as jnp
+
+        forward = _jax_pool(self)
+
+        def pool_grad(x, dy):
+            like = jax.ShapeDtypeStruct(x.shape, dy.dtype)
+            if self.mode == "avg":
+                return jax.linear_transpose(forward, like)(dy)[0]
+            # the windows (K, N, C, *out) are linear in x: their transpose adds each back
+            windows = functools.partial(_jax_windows, self)
+            valid = _np_valid(x.shape[2:], self)
+            v = jnp.where(valid, windows(x), -jnp.inf)
+            nan = jnp.isnan(v)
+            hit = valid & jnp.where(nan.any(0), nan, v == v.max(0))
+            k = jnp.arange(math.prod(self.kernel)).reshape(-1, *(1,) * dy.ndim)
+            parts = jnp.where(k == jnp.argmax(hit, 0), dy, jnp.zeros((), dtype=dy.dtype))
+            return jax.linear_transpose(windows, like)(parts)[0]
+
+        return pool_grad
+
     def c_code(self, node, name, inputs, outputs, sub):
         x, dy = inputs
         (dx,) = outputs
@@ -225,6 +257,38 @@ def pool(x, mode: str, kernel: Sequence[int], strides: Sequence[int] | None = No
     return Pool(mode, kernel, strides, pads)(x)
 
 
+# -- JAX: for the jax backend (jax is imported only when a graph is compiled with it) -------------
+def _jax_pool(op: _PoolCOp):
+    """:class:`Pool` of ``op``'s mode and geometry as a JAX function of ``x``."""
+    from jax import lax
+
+    dims, strides = (1, 1, *op.kernel), (1, 1, *op.strides)
+    pads = ((0, 0), (0, 0), *op.pads)
+
+    def pool_(x):
+        if op.mode == "max":  # padding's -inf never wins: a window covers an input element
+            return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max, dims, strides,
+                                     pads)
+        # a constant (numpy) zero: JAX's windowed sum, which has a transpose (PoolGrad)
+        total = lax.reduce_window(x, np.zeros((), dtype=x.dtype), lax.add, dims, strides, pads)
+        return total / _np_valid(x.shape[2:], op).sum(0).astype(x.dtype)
+
+    return pool_
+
+
+def _jax_windows(op: _PoolCOp, x):
+    """:func:`_np_windows`'s ``(K, N, C, *out)`` window values (zeros on padding) in JAX."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    xp = jnp.pad(x, [(0, 0), (0, 0), *op.pads])
+    out = op.out_lengths(x.shape[2:])
+    return jnp.stack([lax.slice(xp, (0, 0, *(s.start for s in index)),
+                                (*x.shape[:2], *(s.stop for s in index)),
+                                (1, 1, *(s.step for s in index)))
+                      for index in _np_offsets(op, out)])
+
+
 # -- numpy: the same semantics, vectorized, for PyTensor's Python modes ------------------------------
 def _np_offsets(op: _PoolCOp, out):
     """Per window offset (row-major), the strided slices of the padded input it reads."""
@@ -237,10 +301,14 @@ def _np_windows(x: np.ndarray, op: _PoolCOp) -> tuple[np.ndarray, np.ndarray]:
     inputs."""
     out = op.out_lengths(x.shape[2:])
     xp = np.pad(x, [(0, 0), (0, 0)] + list(op.pads))
-    inside = np.pad(np.ones(x.shape[2:], dtype=bool), list(op.pads))
     stack = np.stack([xp[(slice(None), slice(None)) + s] for s in _np_offsets(op, out)])
-    valid = np.stack([inside[s] for s in _np_offsets(op, out)])[:, None, None]
-    return stack, valid
+    return stack, _np_valid(x.shape[2:], op)
+
+
+def _np_valid(spatial, op: _PoolCOp) -> np.ndarray:
+    """``(K, 1, 1, *out)``: which window values of an input of ``spatial`` lengths are inputs."""
+    inside = np.pad(np.ones(spatial, dtype=bool), list(op.pads))
+    return np.stack([inside[s] for s in _np_offsets(op, op.out_lengths(spatial))])[:, None, None]
 
 
 def _np_argmax(stack: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -89,6 +89,15 @@ class Projection(_ProjectionCOp):
                              f"X's columns to be W's rows")
         output_storage[0][0] = np.asarray(X @ W, dtype=node.outputs[0].dtype)
 
+    def jax(self, node):
+        """``Y = X W``, at full precision (no TF32 or bfloat16 passes on a GPU)."""
+        import jax.numpy as jnp
+
+        def projection(X, W):
+            return jnp.matmul(X, W, precision="highest")
+
+        return projection
+
 
 class ProjectionWeightGrad(_ProjectionCOp):
     """``dW (K, M) = X^T dY`` for ``X (N, K)`` and ``dY (N, M)``."""
@@ -115,6 +124,15 @@ class ProjectionWeightGrad(_ProjectionCOp):
             raise ValueError(f"ProjectionWeightGrad: X has shape {X.shape} and dY {dY.shape}; "
                              f"expected the same rows")
         output_storage[0][0] = np.asarray(X.T @ dY, dtype=node.outputs[0].dtype)
+
+    def jax(self, node):
+        """``dW = X^T dY``, at full precision (no TF32 or bfloat16 passes on a GPU)."""
+        import jax.numpy as jnp
+
+        def projection_weight_grad(X, dY):
+            return jnp.matmul(X.T, dY, precision="highest")
+
+        return projection_weight_grad
 
 
 def project(X, W):

@@ -12,10 +12,12 @@ and its top 24 bits (53 from two draws in float64) become a uniform sample in [0
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytensor.tensor as pt
 from pytensor.gradient import DisconnectedType
-from pytensor.graph.basic import Apply
+from pytensor.graph.basic import Apply, Constant
 
 from . import CCall, NetbuildCOp
 
@@ -69,6 +71,7 @@ class CounterUniform(NetbuildCOp):
     property: each dropout layer of a network draws from its own)."""
 
     c_file = "random.c"
+    shape_inputs = (0,)
 
     __props__ = ("dtype", "stream")
 
@@ -93,6 +96,50 @@ class CounterUniform(NetbuildCOp):
 
     def infer_shape(self, fgraph, node, shapes):
         return [[node.inputs[0][i] for i in range(node.outputs[0].type.ndim)]]
+
+    def jax(self, node):
+        """The same draws in JAX's integer arithmetic: the bits :func:`uniform_reference` gives.
+        The shape is the node's (a static input of the jitted function)."""
+        import jax.numpy as jnp
+
+        stream, dtype = self.stream, self.dtype
+        u32, u64 = jnp.uint32, jnp.uint64
+
+        def splitmix(z):
+            z = z + u64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
+            return z ^ (z >> u64(31))
+
+        def fmix32(h):
+            h = (h ^ (h >> u32(16))) * u32(0x85EBCA6B)
+            h = (h ^ (h >> u32(13))) * u32(0xC2B2AE35)
+            return h ^ (h >> u32(16))
+
+        known = node.outputs[0].type.shape
+        if isinstance(node.inputs[0], Constant):  # folded from static shapes
+            known = tuple(int(d) for d in node.inputs[0].data)
+
+        def counter_uniform(shape, seed, step):
+            # static: the output's type knows it, or netbuild.backend made the input a tuple
+            dims = known if None not in known else tuple(int(d) for d in shape)
+            z = splitmix(splitmix(splitmix(jnp.asarray(seed).astype(u64)) ^ u64(stream))
+                         ^ jnp.asarray(step).astype(u64))
+            k1, k2 = (z & u64(0xFFFFFFFF)).astype(u32), (z >> u64(32)).astype(u32)
+            i = jnp.arange(math.prod(dims), dtype=u64)
+            lo, hi = (i & u64(0xFFFFFFFF)).astype(u32), (i >> u64(32)).astype(u32)
+
+            def bits(a, b):
+                return fmix32(fmix32(lo + a) ^ hi ^ b)
+
+            if dtype == "float64":
+                out = ((bits(k1, k2) >> u32(5)).astype(jnp.float64) * 67108864.0
+                       + (bits(k2, k1) >> u32(6)).astype(jnp.float64)) * (1.0 / 9007199254740992.0)
+            else:
+                out = (bits(k1, k2) >> u32(8)).astype(jnp.float32) * jnp.float32(1.0 / 16777216.0)
+            return out.reshape(dims)
+
+        return counter_uniform
 
     def perform(self, node, inputs, outputs):
         shape, seed, step = inputs

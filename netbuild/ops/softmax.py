@@ -145,6 +145,16 @@ class Softmax(_RowsCOp):
         call = "(nbsoftmax::softmax<T_>({i[0]}, {out}, ROWS_, K_), 0)"
         return self._c_body(node, name, sub, x, [(x, "x", "any", None)], p, "rows_k", call)
 
+    def jax(self, node):
+        """``p = exp(x - max) / sum(exp(x - max))`` over the last axis."""
+        import jax.numpy as jnp
+
+        def softmax(x):
+            e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+            return e / jnp.sum(e, axis=-1, keepdims=True)
+
+        return softmax
+
 
 class SoftmaxGrad(_RowsCOp):
     """``dx = p (dp - sum(dp p))`` over the last axis: the gradient of :class:`Softmax`'s input
@@ -178,6 +188,15 @@ class SoftmaxGrad(_RowsCOp):
         return self._c_body(node, name, sub, p, [(dp, "dp", "rows_k", None), (p, "p", "any", None)],
                             dx, "rows_k", call)
 
+    def jax(self, node):
+        """``dx = p (dp - sum(dp p))`` over the last axis."""
+        import jax.numpy as jnp
+
+        def softmax_grad(dp, p):
+            return p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
+
+        return softmax_grad
+
 
 class _CrossEntropyCOp(_RowsCOp):
     """The label smoothing ``s`` is a run-time parameter: one module serves every value."""
@@ -209,6 +228,16 @@ class _CrossEntropyCOp(_RowsCOp):
         if _class_ids(t):
             t = pt.eq(t[..., None], pt.arange(k)).astype(dtype)
         return (1.0 - self.smoothing) * t + self.smoothing / k.astype(dtype)
+
+    def _jax_rows(self, t, k: int, ids: bool, dtype):
+        """JAX: the smoothed target rows ``t' = (1 - s) t + s / k`` (class ids as one-hot rows).
+        JAX cannot raise inside a compiled function: for a class id outside ``[0, k)`` the ops
+        give NaN in its row instead of the C code's ValueError."""
+        import jax.numpy as jnp
+
+        if ids:
+            t = (t[..., None] == jnp.arange(k)).astype(dtype)
+        return (1.0 - self.smoothing) * t + self.smoothing / k
 
 
 class SoftmaxCrossEntropy(_CrossEntropyCOp):
@@ -259,6 +288,29 @@ class SoftmaxCrossEntropy(_CrossEntropyCOp):
             shape = "rows"
         return self._c_body(node, name, sub, x, [(x, "x", "any", None),
                                                  (t, "the targets", shape, it)], loss, "rows", call)
+
+    def jax(self, node):
+        """``loss = sum(t') logsumexp(x) - sum(t' x)`` over the last axis, as
+        ``sum(t') log(sum(exp(z))) - sum(t' z)`` of ``z = x - max`` (no cancellation of large
+        logits in float32); for class ids ``y``, as the C: ``log(sum(exp(z))) - (1 - s) z[y] -
+        s/k sum(z)`` (a ``-inf`` logit of another class stays out); NaN in a row whose class id
+        is outside ``[0, k)``."""
+        import jax.numpy as jnp
+
+        ids, s = _class_ids(node.inputs[1]), self.smoothing
+
+        def softmax_cross_entropy(x, t):
+            k = x.shape[-1]
+            z = x - jnp.max(x, axis=-1, keepdims=True)
+            lse = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+            if not ids:
+                rows = self._jax_rows(t, k, False, x.dtype)
+                return jnp.sum(rows, axis=-1) * lse - jnp.sum(rows * z, axis=-1)
+            zy = jnp.take_along_axis(z, t[..., None], axis=-1, mode="clip")[..., 0]
+            loss = lse - (1.0 - s) * zy - (s / k * jnp.sum(z, axis=-1) if s else 0.0)
+            return jnp.where((t < 0) | (t >= k), jnp.nan, loss)
+
+        return softmax_cross_entropy
 
 
 class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
@@ -317,6 +369,21 @@ class SoftmaxCrossEntropyGrad(_CrossEntropyCOp):
         return self._c_body(node, name, sub, p, [(dl, "dl", "rows_or_one", None),
                                                  (p, "p", "any", None),
                                                  (t, "the targets", shape, it)], dx, "rows_k", call)
+
+    def jax(self, node):
+        """``dx = dl (p sum(t') - t')`` (``dl`` one value per row, or one for all); NaN in a row
+        whose class id is outside ``[0, k)``."""
+        import jax.numpy as jnp
+
+        ids = _class_ids(node.inputs[2])
+
+        def softmax_cross_entropy_grad(dl, p, t):
+            k = p.shape[-1]
+            rows = self._jax_rows(t, k, ids, p.dtype)
+            dx = dl[..., None] * (p * jnp.sum(rows, axis=-1, keepdims=True) - rows)
+            return jnp.where(((t < 0) | (t >= k))[..., None], jnp.nan, dx) if ids else dx
+
+        return softmax_cross_entropy_grad
 
 
 def _pullback_of(build, inputs: list, cotangent) -> list:

@@ -64,6 +64,20 @@ class AdamStep(NetbuildCOp):
     def infer_shape(self, fgraph, node, shapes):
         return [shapes[0], shapes[0], shapes[0]]
 
+    def jax(self, node):
+        """The same step in JAX (its arrays are never updated in place: JAX returns new ones)."""
+        import jax.numpy as jnp
+
+        beta1, beta2, epsilon = self.beta1, self.beta2, self.epsilon
+
+        def adam_step(p, m, v, g, step, isb, decay):
+            m2 = beta1 * m + (1 - beta1) * g
+            v2 = beta2 * v + (1 - beta2) * g * g
+            p2 = (1 - decay) * p - step * m2 / (jnp.sqrt(v2) * isb + epsilon)
+            return p2.astype(p.dtype), m2.astype(p.dtype), v2.astype(p.dtype)
+
+        return adam_step
+
     def c_code(self, node, name, inputs, outputs, sub):
         """Take ``p, m, v`` (themselves when in place and they allow it, else copies), then the
         step without the GIL (:class:`netbuild.ops.CCall`)."""

@@ -10,7 +10,7 @@ import signal
 import uuid
 from typing import Any, Iterator
 
-from .. import __version__, threads
+from .. import __version__, backend, threads
 from ..errors import printable
 from ..runs import read_history
 from .errors import SearchError
@@ -40,7 +40,8 @@ def local_cluster(workers: int, per_worker: int):
     from distributed import LocalCluster
 
     n = str(per_worker)
-    env = {threads.ENV: n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    env = {threads.ENV: n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+           backend.BACKEND_ENV: backend.current()}
     # Ctrl-C in a terminal reaches every process of the group. The workers inherit an ignored
     # SIGINT (a disposition survives exec), so that only this process hears it and stops them in
     # order; a Ctrl-C during these few seconds of start-up is ignored. Dask's statistical

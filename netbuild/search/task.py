@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import threads
+from .. import backend, threads
 from ..errors import NetbuildError, printable
 from ..runs import RunState, changes_text, inspect_run, read_history
 from ..spec import Spec
@@ -127,6 +127,7 @@ def run_point(task: Task) -> dict:
         warnings.filterwarnings("ignore", message="Detected reference count inconsistency")
         try:
             threads.apply(threads.resolve())  # OpenMP's count is per thread: this worker thread's
+            backend.use(backend.resolve())  # the worker's NETBUILD_BACKEND
             check = _cancel_check(task.cancel_event)
             state = RunState("new") if task.overwrite else inspect_run(task.run_dir, task.spec)
             if state.kind == "complete":  # a pruned trial stays pruned

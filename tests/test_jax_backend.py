@@ -1,0 +1,133 @@
+"""The ``jax`` backend against the ``c`` backend on the same weights: predictions within 1e-5 and
+gradients within 1e-4 for every shipped config and every row of the layer table, dropout's draws
+bit for bit, a few epochs of training that track each other, and models that move between the
+backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor
+import pytest
+from conftest import CONFIGS
+from test_layer_table import TABLE, build
+
+from netbuild import api, backend, data
+from netbuild.checks import check
+from netbuild.compile import _loss_graph, _weighted, compile_predict, function, target_variables
+
+pytest.importorskip("jax")
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def c_afterwards():
+    """Each test starts on, and leaves, the c backend."""
+    backend.use("c")
+    yield
+    backend.use("c")
+
+
+def on(name: str, make):
+    """``make()`` with backend ``name``: the graph is built and compiled for it."""
+    backend.use(name)
+    try:
+        return make()
+    finally:
+        backend.use("c")
+
+
+def gradients_fn(network, ys_like, training: bool, seed: int):
+    """``f(*inputs, *targets) -> [loss, d loss / d param for each trainable parameter]``."""
+    heads = network.signature.outputs
+    targets = target_variables(network, ys_like)
+    xs, _, per_example, _ = _loss_graph(network, heads, targets, training, seed)
+    loss = _weighted(heads, {name: value.mean() for name, value in per_example.items()})
+    grads = pytensor.grad(loss, network.trainable())
+    return function(xs + targets, [loss, *grads], name="gradients")
+
+
+def close(a, b, tol: float, what: str) -> None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, what
+    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
+    err = float(np.max(np.abs(a - b))) if a.size else 0.0
+    assert err <= tol * scale, f"{what}: largest difference {err:.3g} (scale {scale:.3g}, tolerance {tol})"
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_a_shipped_config_predicts_and_differentiates_the_same(config):
+    spec = api.load_spec(str(CONFIGS / config))
+    network = check(spec, with_data=False)
+    network.init_params(int(spec.data.get("seed", 0)))
+    sets = data.load_datasets(spec, network)
+    n = min(32, len(sets.train))
+    batch = [x[:n] for x in sets.train.xs]
+    targets = [y[:n] for y in sets.train.ys]
+
+    predictions = {name: on(name, lambda: compile_predict(network))(*batch) for name in backend.BACKENDS}
+    for a, b in zip(*(p if isinstance(p, list) else [p] for p in (predictions["jax"], predictions["c"]))):
+        close(a, b, 1e-5, f"{config}: predictions")
+
+    for training in (False, True):  # with dropout's draws in training
+        seed = int(spec.data.get("seed", 0))
+        values = {name: on(name, lambda: gradients_fn(network, sets.train.ys, training, seed))(*batch, *targets)
+                  for name in backend.BACKENDS}
+        names = ["loss"] + [p.name for p in network.trainable()]
+        for name, a, b in zip(names, values["jax"], values["c"]):
+            close(a, b, 1e-4, f"{config} (training={training}): {name}")
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
+def test_a_layer_row_predicts_and_differentiates_the_same(case, float64):
+    _, input_shape, items, _ = case
+    network = build(input_shape, items)
+    rng = np.random.default_rng(0)
+    if network.integer_input():
+        x = rng.integers(0, network.integer_input(), size=(3, *input_shape))
+    else:
+        x = rng.normal(size=(3, *input_shape))
+    y = rng.normal(size=(3, *network.output_shapes()[network.signature.outputs[0].name]))
+    out = {name: on(name, lambda: compile_predict(network))(x) for name in backend.BACKENDS}
+    close(out["jax"], out["c"], 1e-5, "predictions")
+    values = {name: on(name, lambda: gradients_fn(network, [y], True, 0))(x, y) for name in backend.BACKENDS}
+    for p, a, b in zip(["loss"] + [p.name for p in network.trainable()], values["jax"], values["c"]):
+        close(a, b, 1e-4, p)
+
+
+@pytest.mark.parametrize("config", ["digits-mlp.yaml", "digits-cnn.yaml", "digits-lstm.yaml"])
+def test_training_on_either_backend_tracks_the_other(config, tmp_path):
+    overrides = ["train.epochs=2"]
+    runs = {}
+    for name in backend.BACKENDS:
+        backend.use(name)
+        runs[name] = api.train(api.load_spec(str(CONFIGS / config), overrides), tmp_path / name)
+    backend.use("c")
+    for a, b in zip(runs["jax"].history, runs["c"].history):
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=2e-3), (config, key, a["epoch"])
+    # a model trained with one backend evaluates with the other, to the same predictions
+    x = data.load_datasets(runs["c"].model.spec, runs["c"].model.network).train.xs[0][:16]
+    trained_on_jax = api.load_model(runs["jax"].path)
+    backend.use("jax")
+    on_jax = api.load_model(runs["jax"].path).predict(x)
+    backend.use("c")
+    close(on_jax, trained_on_jax.predict(x), 1e-5, f"{config}: a jax model on both backends")
+
+
+def test_a_backend_that_does_not_exist_is_one_line(run_cli, monkeypatch):
+    monkeypatch.setenv("NETBUILD_BACKEND", "cuda")
+    result = run_cli("train", CONFIGS / "digits-mlp.yaml", "--epochs", "1")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "NETBUILD_BACKEND='cuda': expected one of: c, jax"
+
+
+def test_without_jax_the_backend_says_what_to_install(run_cli, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jax", None)
+    result = run_cli("train", CONFIGS / "digits-mlp.yaml", "--backend", "jax", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("the jax backend (--backend jax) needs jax, which is not installed; "
+                                     "install it with: pip install 'netbuild[jax]'")
