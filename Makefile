@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-tune bench-data clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-tune bench-gpu bench-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,8 @@ data: $(STAMP)
 
 # netbuild against PyTorch (CPU) on an MLP, a CNN, an LSTM, a GRU and a transformer block, with
 # SGD-momentum and Adam, each tool at its default threads and on one: samples/s, the speed-up from
-# the second core, the MLP's matrix-product bound, compile times and peak memory -> bench/RESULTS.md
-# (about 10 minutes).
+# the second core, netbuild's jax backend beside its c backend, the MLP's matrix-product bound,
+# compile times and peak memory -> bench/RESULTS.md (about 15 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
@@ -68,6 +68,12 @@ bench-sweep: $(STAMP)
 # (bench/RESULTS-tune.md, several minutes).
 bench-tune: $(STAMP)
 	$(BIN)/python bench/tune.py
+
+# netbuild's jax backend against PyTorch on one GPU, at sizes worth one (bench/RESULTS-gpu.md,
+# about 3 minutes). Needs JAX's and PyTorch's CUDA builds installed; stops without a GPU.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench,jax]'
+	$(BIN)/python bench/gpu.py
 
 # Regenerate docs/spec.md from the JSON Schema.
 docs: $(STAMP)

@@ -33,6 +33,7 @@ make bench`` to measure with the kernels OpenBLAS picks for the CPU, as on a use
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -106,6 +107,9 @@ def _netbuild_worker(model, optimizer: str, workdir: Path, params: Path, epochs:
     from netbuild.data import epoch_order
     from netbuild.training import frozen_garbage
 
+    from netbuild import backend
+
+    backend.use(backend.resolve())  # NETBUILD_BACKEND: the jax worker's is jax
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = netbuild_trainer(model, workdir, optimizer)
     n = len(model.data()[0])
@@ -184,6 +188,10 @@ class Worker:
     def __init__(self, kind: str, model: str, optimizer: str, threads: int | None,
                  workdir: Path, params: Path, epochs: int):
         env = _clean_env()
+        if kind == "jax":  # netbuild on its jax backend (JAX on the CPU here)
+            kind, env["NETBUILD_BACKEND"] = "netbuild", "jax"
+            if threads == 1:  # XLA's CPU client: one thread for its operations
+                env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
         if threads is not None and kind in ("netbuild", "bound"):
             env["NETBUILD_THREADS"] = str(threads)
         if threads is not None and kind == "bound":  # numpy's OpenBLAS reads it at import
@@ -406,7 +414,7 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir: Path,
-            with_bound: bool) -> dict:
+            with_bound: bool, with_jax: bool = False) -> dict:
     """One model, optimizer and setting: a netbuild and a PyTorch worker (and, on one thread with
     ``with_bound``, the bound's), then rounds of one epoch each, in turn (this machine's speed
     drifts: each ratio pairs epochs of the same round). Settings run one after another, not
@@ -422,14 +430,19 @@ def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir:
         workers.append(nb)
         th = Worker("torch", model_name, optimizer, threads, wd, params, rounds + 1)
         workers.append(th)
+        jx = None
+        if with_jax:
+            jx = Worker("jax", model_name, optimizer, threads, wd / "jax", wd / "jax-params.npz", rounds + 1)
+            workers.append(jx)
         bound = None
         if with_bound and threads == 1:
             bound = Worker("bound", model_name, optimizer, 1, wd, params, rounds + 1)
             workers.append(bound)
-        e = {"netbuild": [], "torch": [], "bound": [], "hot": []}
+        e = {"netbuild": [], "torch": [], "jax": [], "bound": [], "hot": []}
+        tools = [("netbuild", nb), ("torch", th)] + ([("jax", jx)] if jx else [])
         for r in range(rounds):
-            # who goes first alternates: neither always follows the other
-            for tool, w in (("netbuild", nb), ("torch", th))[::1 if r % 2 == 0 else -1]:
+            # who goes first turns round: none always follows another
+            for tool, w in tools[r % len(tools):] + tools[:r % len(tools)]:
                 e[tool].append(w.epoch(r + 2)["samples_per_second"])
             if bound:
                 b = bound.epoch(r + 2)
@@ -443,6 +456,9 @@ def measure(model_name: str, optimizer: str, setting: str, rounds: int, workdir:
               "netbuild": statistics.median(e["netbuild"]), "torch": statistics.median(e["torch"]),
               "ratio": statistics.median(n / t for n, t in zip(e["netbuild"], e["torch"])),
               "netbuild_all": e["netbuild"], "torch_all": e["torch"]}
+    if jx:
+        result.update(jax=statistics.median(e["jax"]), jax_all=e["jax"],
+                      jax_ratio=statistics.median(j / n for j, n in zip(e["jax"], e["netbuild"])))
     if bound:
         result.update(bound=statistics.median(e["bound"]), hot=statistics.median(e["hot"]),
                       of_bound=statistics.median(n / b for n, b in zip(e["netbuild"], e["bound"])),
@@ -490,6 +506,16 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
         lines.append(f"| {MODELS[model].title} | {optimizer} | {r['speedup']['netbuild']:.2f}x"
                      f" | {r['speedup']['torch']:.2f}x | "
                      f"{f'{target:.1f}x' if target else '-'} |")
+    jax_rows = [r for r in rows if r.get("jax")]
+    if jax_rows:
+        lines += ["", "netbuild's two backends on this CPU, in the same rounds: `--backend jax` (PyTensor's "
+                  "JAX linker, jax.jit on JAX's CPU build) against the default `c` backend. JAX on one "
+                  "thread: XLA's CPU client with its Eigen thread pool off.", "",
+                  "| model | optimizer | setting | c samples/s | jax samples/s | jax / c |",
+                  "|---|---|---|---|---|---|"]
+        for r in jax_rows:
+            lines.append(f"| {MODELS[r['model']].title} | {r['optimizer']} | {r['setting']} | "
+                         f"{_fmt(r['netbuild'])} | {_fmt(r['jax'])} | {r['jax_ratio']:.2f}x |")
     bound_rows = [r for r in rows if r.get("bound")]
     if bound_rows:
         lines += ["", "The MLP's matrix-product bound (numpy, one thread): an epoch of nothing but "
@@ -518,9 +544,10 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
     for r in rows:
         bound = (f"; matmul bound {', '.join(_fmt(v) for v in r['bound_all'])}"
                  if r.get("bound_all") else "")
+        jax = f"; netbuild jax {', '.join(_fmt(v) for v in r['jax_all'])}" if r.get("jax_all") else ""
         lines.append(f"- {r['model']}, {r['optimizer']}, {r['setting']}: netbuild "
                      f"{', '.join(_fmt(v) for v in r['netbuild_all'])}; PyTorch "
-                     f"{', '.join(_fmt(v) for v in r['torch_all'])}{bound}")
+                     f"{', '.join(_fmt(v) for v in r['torch_all'])}{jax}{bound}")
     if memory:
         lines += ["", f"Peak memory of `netbuild train` on a {memory['npz_bytes'] / 2**30:.2f} GiB "
                       f"float32 npz (small MLP, validation_split 0.05, one epoch): "
@@ -542,6 +569,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1 GiB peak-memory run")
     parser.add_argument("--no-bound", action="store_true", help="skip the MLP's matmul bound")
+    parser.add_argument("--no-jax", action="store_true",
+                        help="skip netbuild's jax backend (skipped anyway without JAX installed)")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--compile-only", help=argparse.SUPPRESS)
     for hidden in ("--worker", "--optimizer", "--workdir", "--params", "--threads"):
@@ -562,6 +591,7 @@ def main() -> None:
         return _bound_worker(model)
 
     env = environment()
+    with_jax = not args.no_jax and importlib.util.find_spec("jax") is not None
     rows, compiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -575,7 +605,7 @@ def main() -> None:
                 with_bound = name == "mlp" and optimizer == "adam" and not args.no_bound
                 by_setting = {}
                 for setting in args.settings.split(","):
-                    row = measure(name, optimizer, setting, args.rounds, tmp, with_bound)
+                    row = measure(name, optimizer, setting, args.rounds, tmp, with_bound, with_jax)
                     print(f"{name}, {optimizer}, {setting} (threads {row['netbuild_threads']}, "
                           f"{row['torch_threads']}): netbuild {row['netbuild']:,.0f}/s, torch "
                           f"{row['torch']:,.0f}/s, ratio {row['ratio']:.2f}", flush=True)
