@@ -126,6 +126,9 @@ def main() -> None:
                          f"{jax.devices()}, torch.cuda.is_available(): {torch.cuda.is_available()}); "
                          "pass --cpu to check the script on the CPU")
     device = "cuda" if gpu else "cpu"
+    # float32 products in full float32 on both sides: netbuild's jax ops ask for it (no TF32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in MODELS:

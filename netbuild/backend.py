@@ -93,6 +93,16 @@ def jax_modules():
         def _netbuild_op(op, node=None, **kwargs):
             return _typed(op.jax(node), node)
 
+        from pytensor.tensor.elemwise import CAReduce
+
+        careduce = jax_funcify.dispatch(CAReduce)
+
+        @jax_funcify.register(CAReduce)
+        def _careduce(op, node=None, **kwargs):
+            # PyTensor 3.0's JAX reduction returns its accumulator's dtype (a float32 sum comes back
+            # float64), which a scan's carry refuses: the node's own dtype, as on the c backend
+            return _typed(careduce(op, node=node, **kwargs), node)
+
         _register_static_shapes()
     return jax
 
@@ -340,7 +350,8 @@ def describe() -> dict:
         "python": platform.python_version(),
         "pytensor": pytensor.__version__,
         "numpy": numpy.__version__,
-        "mode": f"CVM (C backend), without {', '.join(EXCLUDED_REWRITES)}",
+        "mode": (f"CVM (C backend), without {', '.join(EXCLUDED_REWRITES)}" if current() == "c"
+                 else "JAX (PyTensor's JAX linker, jax.jit)"),
         "float_type": float_type(),
         "compile_flags": f"-O3 {pytensor.config.gcc__cxxflags}".strip(),
         "blas": blas_source(),
@@ -362,10 +373,14 @@ def jax_devices() -> str:
 
     if importlib.util.find_spec("jax") is None:
         return "not installed (pip install 'netbuild[jax]' for --backend jax)"
-    import jax
+    try:
+        import jax
 
+        devices = jax.devices()
+    except Exception as exc:  # a broken jaxlib, a platform asked for that is not there
+        return f"installed, but not usable: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     shown = []
-    for device in jax.devices():
+    for device in devices:
         memory = ""
         try:
             limit = (device.memory_stats() or {}).get("bytes_limit")

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__, report
+from .backend import BACKENDS
 from .errors import NetbuildError, printable
 
 
@@ -114,7 +115,7 @@ def _tracking(spec, option: str | None, beside: Path):
     return tracking
 
 
-backend_option = click.option("--backend", type=click.Choice(["c", "jax"]), default=None,
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default=None,
                               help="Compile with PyTensor's C backend (c) or through JAX (jax: "
                                    "jax.jit, on a GPU where JAX has one; needs netbuild[jax]); "
                                    "default: NETBUILD_BACKEND, else c.")
@@ -557,6 +558,7 @@ def doctor(fmt: str) -> None:
     from .backend import describe
     from .compile import measure_gemm
 
+    _use_backend(None)  # NETBUILD_BACKEND, as the other commands read it
     info = describe()
     info["gemm_gflops"] = round(measure_gemm(), 1)
     if fmt == "json":

@@ -61,8 +61,20 @@ def function(inputs: list, outputs, updates: dict | None = None, name: str = "",
     ``jax`` backend, a :class:`PerShape` function."""
     if backend.current() == "jax":
         return PerShape(inputs, outputs, updates or {}, name)
+    _numpy_values(list(outputs) if isinstance(outputs, (list, tuple)) else [outputs], updates or {})
     return pytensor.function(inputs, outputs, updates=updates, mode=backend.mode(keep_outputs=keep_outputs),
                              name=name)
+
+
+def _numpy_values(outputs: list, updates: dict) -> None:
+    """The shared variables a C function reads hold numpy arrays: after a jax function updated
+    them in the same process, they hold JAX arrays, which the C code does not take."""
+    from pytensor.compile.sharedvalue import SharedVariable
+    from pytensor.graph.traversal import ancestors
+
+    for v in ancestors(outputs + list(updates.values())):
+        if isinstance(v, SharedVariable) and not isinstance(v.get_value(borrow=True), (np.ndarray, np.generic)):
+            v.set_value(np.asarray(v.get_value(borrow=True)))
 
 
 class PerShape:
@@ -76,6 +88,7 @@ class PerShape:
 
     def __init__(self, inputs: list, outputs, updates: dict, name: str):
         self.inputs, self.outputs, self.updates, self.name = list(inputs), outputs, dict(updates), name
+        self.mode = backend.mode()  # jax's, whatever the backend when a new shape comes
         self._fns: dict[tuple, object] = {}
 
     def __call__(self, *args):
@@ -99,7 +112,7 @@ class PerShape:
             updates = [(var, value if var.type.in_same_class(value.type) else value.reshape(var.shape))
                        for var, value in zip(self.updates, values[len(outs):])]
             fn = pytensor.function(static, values[0] if single else values[:len(outs)], updates=updates,
-                                   mode=backend.mode(), name=self.name)
+                                   mode=self.mode, name=self.name)
             fn.trust_input = self.trust_input
             self._fns[key] = fn
         return fn(*args)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import backend
 from . import data as data_mod
 from . import losses
 from .compile import compile_eval, compile_predict
@@ -59,7 +60,7 @@ class Model:
         self.spec = spec
         self.network = network
         self.source = source
-        self._predict: Callable | None = None
+        self._predict: dict[str, Callable] = {}  # by backend: each compiles its own
         self._evaluate: dict[tuple, Callable] = {}
 
     @classmethod
@@ -212,9 +213,9 @@ class Model:
         """The compiled ``f(*batches) -> outputs`` that :meth:`predict` calls per batch
         (compiled once; see :func:`netbuild.compile.compile_predict`); it does not check its
         inputs as :meth:`predict` does."""
-        if self._predict is None:
-            self._predict = compile_predict(self.network)
-        return self._predict
+        if backend.current() not in self._predict:
+            self._predict[backend.current()] = compile_predict(self.network)
+        return self._predict[backend.current()]
 
     def evaluate(self, x, y, batch_size: int = BATCH_SIZE) -> dict[str, float]:
         """The loss and the spec's metrics on ``(x, y)`` (arrays, or mappings by input and
@@ -230,7 +231,7 @@ class Model:
         names)."""
         heads = self.network.signature.outputs if heads is None else heads
         key = (json.dumps([[h.name, h.loss, h.loss_weight] for h in heads], sort_keys=True),
-               tuple((str(y.dtype), y.ndim) for y in dataset.ys))
+               tuple((str(y.dtype), y.ndim) for y in dataset.ys), backend.current())
         if key not in self._evaluate:
             self._evaluate[key] = compile_eval(self.network, dataset.ys, heads)
         with _ids_in_range(self.network):

@@ -74,6 +74,15 @@ def verify_grad(fun, values, **kwargs):
     return pytensor.gradient.verify_grad(fun, values, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def c_backend_afterwards():
+    """Every test leaves the process on the c backend (a CLI command or a test may switch it)."""
+    yield
+    from netbuild import backend
+
+    backend.use("c")
+
+
 @pytest.fixture
 def run_cli(monkeypatch):
     """Run ``netbuild ARGS...`` from the repository root; returns Click's result."""

@@ -3,6 +3,8 @@ and each stream and step is a new draw."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -59,3 +61,15 @@ def test_dropout_keeps_the_expected_fraction(float64):
     assert all(abs(f - 0.7) < 0.01 for f in fractions)
     assert len(set(fractions)) == 3  # a new mask at every step
     assert int(step.get_value()) == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_jax_draws_are_the_same_bits(dtype):
+    """The jax backend's CounterUniform draws what the numpy reference (and the C code) draws."""
+    backend.jax_modules()
+    x, seed, step = pt.matrix("x", dtype=dtype), pt.lscalar("seed"), pt.lscalar("step")
+    fn = pytensor.function([x, seed, step], CounterUniform(dtype, 7)(x.shape, seed, step), mode="JAX")
+    for shape, s, k in [((5, 7), 42, 9), ((1, 1), 0, 0), ((33, 65), 2**40 + 3, 123456)]:
+        got = np.asarray(fn(np.zeros(shape, dtype), s, k))
+        assert got.dtype == dtype and np.array_equal(got, uniform_reference(shape, s, 7, k, dtype))

@@ -41,15 +41,20 @@ SLOW = ["--set", "train.batch_size=4", "--set", "train.optimizer.type=sgd",
         "--set", "train.optimizer.learning_rate=0.01", "--set", "train.optimizer.momentum=0.9"]
 
 
-@pytest.mark.parametrize("config", [MLP, CONFIGS / "digits-multi.yaml", "shards"],
-                         ids=["mlp", "two-outputs", "shards"])
+@pytest.mark.parametrize("config", [MLP, CONFIGS / "digits-multi.yaml", "shards", "jax"],
+                         ids=["mlp", "two-outputs", "shards", "jax"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(config, tmp_path, run_cli, monkeypatch):
     # Epochs of digits-mlp in batches of 4 take a fraction of a second: enough of them that the
     # kill lands well before the end, whatever the machine's speed. digits-multi: two inputs,
     # two outputs and their losses; shards: digits-mlp on its training rows in three files,
-    # memory-mapped (read by the background reader when it is killed).
+    # memory-mapped (read by the background reader when it is killed); jax: digits-mlp on the
+    # jax backend, every run of it (the reference, the killed one, the resume).
     epochs = "12"
     extra = list(SLOW)
+    if config == "jax":
+        pytest.importorskip("jax")
+        monkeypatch.setenv("NETBUILD_BACKEND", "jax")
+        config = MLP
     if config == "shards":
         from test_shards import shards
 

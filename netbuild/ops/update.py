@@ -71,10 +71,11 @@ class AdamStep(NetbuildCOp):
         beta1, beta2, epsilon = self.beta1, self.beta2, self.epsilon
 
         def adam_step(p, m, v, g, step, isb, decay):
-            m2 = beta1 * m + (1 - beta1) * g
-            v2 = beta2 * v + (1 - beta2) * g * g
-            p2 = (1 - decay) * p - step * m2 / (jnp.sqrt(v2) * isb + epsilon)
-            return p2.astype(p.dtype), m2.astype(p.dtype), v2.astype(p.dtype)
+            b1, b2, eps = (jnp.asarray(c, p.dtype) for c in (beta1, beta2, epsilon))  # as the C: in T
+            m2 = b1 * m + (1 - b1) * g
+            v2 = b2 * v + (1 - b2) * g * g
+            p2 = (1 - decay) * p - step * m2 / (jnp.sqrt(v2) * isb + eps)
+            return p2, m2, v2
 
         return adam_step
 

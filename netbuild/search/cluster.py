@@ -42,6 +42,8 @@ def local_cluster(workers: int, per_worker: int):
     n = str(per_worker)
     env = {threads.ENV: n, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
            backend.BACKEND_ENV: backend.current()}
+    if backend.current() == "jax":  # JAX takes most of a GPU's memory up front: the workers share it
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     # Ctrl-C in a terminal reaches every process of the group. The workers inherit an ignored
     # SIGINT (a disposition survives exec), so that only this process hears it and stops them in
     # order; a Ctrl-C during these few seconds of start-up is ignored. Dask's statistical
