@@ -19,6 +19,8 @@ if "NETBUILD_CACHE_DIR" not in os.environ:
     os.environ["NETBUILD_CACHE_DIR"] = tempfile.mkdtemp(prefix="netbuild-test-cache-")
     atexit.register(shutil.rmtree, os.environ["NETBUILD_CACHE_DIR"], ignore_errors=True)
 
+import importlib.util
+
 import numpy as np
 import pytensor
 import pytensor.gradient
@@ -72,6 +74,36 @@ def verify_grad(fun, values, **kwargs):
     kwargs.setdefault("no_debug_ref", False)
     kwargs.setdefault("rng", np.random.default_rng(0))
     return pytensor.gradient.verify_grad(fun, values, **kwargs)
+
+
+# -- the ops' JAX forms (their ``jax`` methods) against their C code --------------------------------
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+
+
+def jax_function(inputs, outputs):
+    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
+    (each op of ``outputs``' graph still in the compiled one)."""
+    from pytensor.graph.traversal import apply_ancestors
+
+    from netbuild.backend import jax_modules
+    from netbuild.ops import NetbuildCOp
+
+    jax_modules()
+
+    def ours(nodes):
+        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
+
+    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
+    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
+    return fn
+
+
+def assert_same(got, want, tol):
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
+
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,11 @@
 """batch_norm and layer_norm against numpy versions of torch's formulas; shapes; gradients."""
 
-import importlib.util
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from conftest import TEST_MODE, verify_grad
+from conftest import TEST_MODE, assert_same, jax_function, needs_jax, verify_grad
 
 from netbuild import initializers
 from netbuild.layers.base import Context, LayerError
@@ -225,34 +224,6 @@ def test_layer_norm_shape_mismatch_is_an_error():
 
 
 # -- the jax backend (the ops' ``jax``) against their C code ---------------------------------------
-needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
-
-
-def jax_function(inputs, outputs):
-    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
-    (each op of ``outputs``' graph still in the compiled one)."""
-    from pytensor.graph.traversal import apply_ancestors
-
-    from netbuild.backend import jax_modules
-    from netbuild.ops import NetbuildCOp
-
-    jax_modules()
-
-    def ours(nodes):
-        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
-
-    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
-    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
-    return fn
-
-
-def assert_same(got, want, tol):
-    for i, (g, w) in enumerate(zip(got, want)):
-        g = np.asarray(g)
-        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
-        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
-
-
 def layer_norm_ops(dtype, ndim, epsilon):
     """Inputs ``x, gamma, beta, dy`` and outputs ``y, mean, rstd, dx, dgamma, dbeta``."""
     from netbuild.ops.normalization import LayerNorm as LayerNormOp

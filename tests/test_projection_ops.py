@@ -5,13 +5,12 @@ and a shape error in C names the op."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from conftest import verify_grad
+from conftest import assert_same, jax_function, needs_jax, verify_grad
 from test_conv_ops import function, ops_in_c
 
 from netbuild.ops.projection import Projection, ProjectionWeightGrad, project
@@ -68,34 +67,6 @@ def test_inputs_must_be_matrices():
 
 
 # -- the jax backend (the ops' ``jax``) against their C code ---------------------------------------
-needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
-
-
-def jax_function(inputs, outputs):
-    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
-    (each op of ``outputs``' graph still in the compiled one)."""
-    from pytensor.graph.traversal import apply_ancestors
-
-    from netbuild.backend import jax_modules
-    from netbuild.ops import NetbuildCOp
-
-    jax_modules()
-
-    def ours(nodes):
-        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
-
-    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
-    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
-    return fn
-
-
-def assert_same(got, want, tol):
-    for i, (g, w) in enumerate(zip(got, want)):
-        g = np.asarray(g)
-        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
-        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
-
-
 def projection_graph(dtype):
     """``X, W, dY`` and ``Y = X W``, ``X^T dY``, and ``pytensor.grad`` of ``sum(Y G)`` through the
     projection (``dY W^T`` and ``X^T G``)."""

@@ -9,13 +9,12 @@ test_conv_ops's :func:`ops_in_c`.
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from conftest import verify_grad
+from conftest import assert_same, jax_function, needs_jax, verify_grad
 from pytensor.gradient import DisconnectedInputError
 from test_conv_ops import function, symbol
 
@@ -284,33 +283,6 @@ def test_classifier_step_has_one_softmax_and_no_elementwise_softmax():
 
 
 # -- the jax backend (each op's ``jax``) against its C code ----------------------------------------
-needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
-
-
-def jax_function(inputs, outputs):
-    """``pytensor.function`` in PyTensor's JAX mode, netbuild's ops by their ``jax`` methods
-    (each op of ``outputs``' graph still in the compiled one)."""
-    from pytensor.graph.traversal import apply_ancestors
-
-    from netbuild.ops import NetbuildCOp
-
-    backend.jax_modules()
-
-    def ours(nodes):
-        return {type(n.op) for n in nodes if isinstance(n.op, NetbuildCOp)}
-
-    fn = pytensor.function(inputs, outputs, mode="JAX", on_unused_input="ignore")
-    assert ours(apply_ancestors(outputs)) <= ours(fn.maker.fgraph.apply_nodes)
-    return fn
-
-
-def assert_same(got, want, tol):
-    for i, (g, w) in enumerate(zip(got, want)):
-        g = np.asarray(g)
-        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
-        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"output {i}")
-
-
 def all_four(x, t, smoothing):
     """Inputs and outputs of the four ops for logits like ``x`` and targets like ``t``."""
     xv, tv, dpv, dlv = symbol(x), symbol(t), symbol(x), pt.tensor(dtype=x.dtype,
