@@ -107,6 +107,26 @@ def jax_modules():
     return jax
 
 
+def ahead_on_device(batches):
+    """``(index, arrays)`` of ``batches``, each batch's arrays put on JAX's device one step ahead:
+    ``jax.device_put`` returns at once and copies while the step on the batch before runs."""
+    import jax
+
+    pending = None
+    try:
+        for idx, arrays in batches:
+            placed = (idx, [jax.device_put(a) for a in arrays])
+            if pending is not None:
+                yield pending
+            pending = placed
+        if pending is not None:
+            yield pending
+    finally:  # a step that raised: the reader behind stops too
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def _typed(fn, node):
     """``fn`` on inputs and outputs of the dtypes the node declares: PyTensor's JAX code may hand
     an op a wider array than its graph says (a float32 sum accumulated in float64, say)."""

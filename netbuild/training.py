@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import backend
 from . import data as data_mod
 from . import metrics as metrics_mod
 from . import schedules
@@ -244,8 +245,10 @@ class Trainer:
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
         total, parts = 0.0, []
-        for b, (idx, arrays) in enumerate(data_mod.prefetched(train, data_mod.batches(n, batch_size, order)),
-                                          start=1):
+        batches = data_mod.prefetched(train, data_mod.batches(n, batch_size, order))
+        if backend.current() == "jax":
+            batches = backend.ahead_on_device(batches)
+        for b, (idx, arrays) in enumerate(batches, start=1):
             part = self.fns.step(*arrays)
             loss = part.loss / len(idx)
             if not math.isfinite(loss):
