@@ -16,6 +16,7 @@ stops, unless ``--cpu`` (a check of the script itself: its figures are not a GPU
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import platform
 import statistics
@@ -30,25 +31,18 @@ os.environ["NETBUILD_BACKEND"] = "jax"
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from models import OPTIMIZERS, Model, _torch_recurrent, torch_cnn, torch_transformer  # noqa: E402
+from models import MODELS as CPU_MODELS  # noqa: E402
+from models import OPTIMIZERS, Model  # noqa: E402
 
+#: `make bench`'s models, larger: the same layers (the LSTM's wider), other shapes and batches.
 MODELS = [
-    Model("cnn-gpu", "CNN conv32-pool-conv64-pool-128-10, 3x32x32, batch 256", (3, 32, 32), 256, 256 * 40,
-          "[{type: conv2d, filters: 32, kernel_size: 3, activation: relu, name: c1}, "
-          "{type: max_pool2d, pool_size: 2}, "
-          "{type: conv2d, filters: 64, kernel_size: 3, activation: relu, name: c2}, "
-          "{type: max_pool2d, pool_size: 2}, {type: flatten}, "
-          "{type: dense, units: 128, activation: relu, name: h}, "
-          "{type: dense, units: 10, activation: softmax, name: out}]", torch_cnn),
-    Model("lstm-gpu", "LSTM 256 units, 50 steps x 32 features, batch 256", (50, 32), 256, 256 * 20,
-          "[{type: lstm, units: 256, name: rnn}, "
-          "{type: dense, units: 10, activation: softmax, name: out}]", _torch_recurrent("LSTM", 4)),
-    Model("transformer-gpu", "Transformer block: attention 4 heads, width 256, 128 steps, batch 64",
-          (128, 256), 64, 64 * 20,
-          "[{type: multi_head_attention, num_heads: 4, name: att}, "
-          "{type: add, inputs: [input, att]}, {type: layer_norm, name: ln}, "
-          "{type: global_avg_pool, axis: 1}, "
-          "{type: dense, units: 10, activation: softmax, name: out}]", torch_transformer),
+    replace(CPU_MODELS["cnn"], name="cnn-gpu", title="CNN conv32-pool-conv64-pool-128-10, 3x32x32, batch 256",
+            input_shape=(3, 32, 32), batch=256, examples=256 * 40),
+    replace(CPU_MODELS["lstm"], name="lstm-gpu", title="LSTM 256 units, 50 steps x 32 features, batch 256",
+            batch=256, examples=256 * 20, layers=CPU_MODELS["lstm"].layers.replace("units: 128", "units: 256")),
+    replace(CPU_MODELS["transformer"], name="transformer-gpu",
+            title="Transformer block: attention 4 heads, width 256, 128 steps, batch 64",
+            input_shape=(128, 256), batch=64, examples=64 * 20),
 ]
 
 
@@ -83,8 +77,6 @@ class TorchOnDevice:
 
 def measure(model: Model, device: str, rounds: int, workdir: Path) -> dict:
     import jax
-
-    sys.path.insert(0, str(HERE))
     from bench import netbuild_trainer
 
     from netbuild import backend

@@ -292,6 +292,36 @@ def is_stale_temporary(name: str) -> bool:
     return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` says who (``pid 123``)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: Path):
+    """Open ``path`` and hold its lock (``flock``) for this process, which writes its pid there
+    for another's message: the open file (closing it lets go). Raises :class:`LockHeld`, or
+    ``OSError`` when the file cannot be opened."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = printable(f.read(100).strip()) or "another process"
+        f.close()
+        raise LockHeld(holder) from None
+    try:  # who holds the lock, for the message above; the lock itself is the flock
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+    except OSError:
+        pass  # a full disk: the next write reports it
+    return f
+
+
 class RunDir:
     """A run directory being written by ``netbuild train``."""
 
@@ -380,26 +410,13 @@ class RunDir:
     def lock(self) -> None:
         """Hold the run directory for this process; refuse when another training holds it."""
         try:
-            self._lock_file = open(self.path / LOCK_FILE, "a+")
+            self._lock_file = hold_lock(self.path / LOCK_FILE)
+        except LockHeld as held:
+            raise RunError(f"{self.shown}: another `netbuild train` ({held.holder}) is writing to this "
+                           "run directory; expected one training per directory") from None
         except OSError as exc:
             raise RunError(f"{self.shown}: cannot write in the run directory: "
                            f"{exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = printable(self._lock_file.read(100).strip()) or "another process"
-            self._lock_file.close()
-            self._lock_file = None
-            raise RunError(f"{self.shown}: another `netbuild train` ({holder}) is writing to this "
-                           "run directory; expected one training per directory") from None
-        try:  # who holds the lock, for the message above; the lock itself is the flock
-            self._lock_file.seek(0)
-            self._lock_file.truncate()
-            self._lock_file.write(f"pid {os.getpid()}")
-            self._lock_file.flush()
-        except OSError:
-            pass  # a full disk: the next write of the run reports it
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         """Replace metrics.jsonl with ``records`` (a resumed run's history)."""

@@ -71,10 +71,9 @@ def parse_grid(argument: str) -> Axis:
     raw_path, sep, raw = argument.partition("=")
     if not sep or not raw_path.strip():
         raise ArgumentError("--grid", f"'{argument}' is not PATH=V1,V2,...; {_GRID_EXAMPLE}")
-    path = parse_path(raw_path.strip())
-    if path is None:
-        raise ArgumentError("--grid", f"'{raw_path}' is not a path; expected dotted keys and [index] "
-                                      "parts, for example model.layers[0].units")
+    path, wrong = varied_path(raw_path.strip(), "swept")
+    if wrong:
+        raise ArgumentError("--grid", f"'{argument}': {wrong}")
     if not raw.strip():
         raise ArgumentError("--grid", f"'{argument}' gives no values; {_GRID_EXAMPLE}")
     from ..spec import load_text
@@ -91,9 +90,25 @@ def parse_grid(argument: str) -> Axis:
     if repeated is not None:
         raise ArgumentError("--grid", f"'{argument}': the value {value_text(repeated)} is given twice; "
                                       "expected each value once")
-    if path[0] == "sweep":
-        raise ArgumentError("--grid", f"'{argument}': the sweep section cannot be swept")
     return Axis(path, values, [where] * len(values), "--grid")
+
+
+#: What a swept or searched path looks like.
+PATH_EXPECTED = "expected dotted keys and [index] parts, for example model.layers[0].units"
+
+
+def varied_path(key: str, verb: str) -> tuple[tuple | None, str | None]:
+    """``(path, None)`` for a key of a grid or a space, or ``(None, what is wrong)``: not a path,
+    or inside a section that is not the run's (``sweep``, ``tune``, ``tracking``), which cannot
+    be ``verb`` (swept, searched)."""
+    from ..checks import NOT_THE_RUNS
+
+    path = parse_path(key)
+    if path is None:
+        return None, f"'{key}' is not a path; {PATH_EXPECTED}"
+    if path[0] in NOT_THE_RUNS:
+        return None, f"the {path[0]} section cannot be {verb}"
+    return path, None
 
 
 def _repeated(values: list) -> Any:
@@ -119,13 +134,9 @@ def grid_from_spec(spec: Spec) -> list[Axis]:
     axes, issues = [], []
     for key, values in grid.items():
         here = ("sweep", "grid", key)
-        path = parse_path(key)
-        if path is None:
-            issues.append(spec.issue(here, f"'{key}' is not a path; expected dotted keys and [index] "
-                                           "parts, for example model.layers[0].units", key=True))
-            continue
-        if path[0] == "sweep":
-            issues.append(spec.issue(here, "the sweep section cannot be swept", key=True))
+        path, wrong = varied_path(key, "swept")
+        if wrong:
+            issues.append(spec.issue(here, wrong, key=True))
             continue
         repeated = _repeated(values)
         if repeated is not None:
@@ -336,8 +347,7 @@ def path_key_issue(spec: Spec, issue: Issue) -> Issue:
     path = issue.path
     if len(path) == 3 and path[:2] in (("sweep", "grid"), ("tune", "space")) \
             and issue.message.startswith("unknown key"):
-        return spec.issue(path, f"'{path[2]}' is not a path; expected dotted keys and [index] parts, "
-                                "for example model.layers[0].units", key=True)
+        return spec.issue(path, f"'{path[2]}' is not a path; {PATH_EXPECTED}", key=True)
     return issue
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import Issue, Location, SpecError, format_path
 from ..report.summary import canonical, value_text
 from ..spec import Spec
-from ..spec.load import parse_path
+from .points import varied_path
 
 KINDS = ("uniform", "log_uniform", "int", "log_int", "choice")
 #: How a search proposes its next point, and how it stops hopeless ones (``tune.sampler``,
@@ -121,13 +121,9 @@ def parse(spec: Spec) -> list[Param]:
     params, issues = [], []
     for key, entry in space.items():
         here = ("tune", "space", key)
-        path = parse_path(key)
-        if path is None:
-            issues.append(spec.issue(here, f"'{key}' is not a path; expected dotted keys and [index] "
-                                           "parts, for example model.layers[0].units", key=True))
-            continue
-        if path[0] in ("tune", "sweep", "tracking"):
-            issues.append(spec.issue(here, f"the {path[0]} section cannot be searched", key=True))
+        path, wrong = varied_path(key, "searched")
+        if wrong:
+            issues.append(spec.issue(here, wrong, key=True))
             continue
         kinds = [k for k in KINDS if k in entry]
         if len(kinds) != 1:

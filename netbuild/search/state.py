@@ -3,14 +3,12 @@ written atomically, its state file rewritten as points finish."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from pathlib import Path
 
+from ..runs import LOCK_FILE, LockHeld, hold_lock
 from .errors import SearchError
 
-LOCK_FILE = ".lock"
 #: The state file of each command's folder: its points or trials, rewritten as they finish.
 SWEEP_FILE = "sweep.json"
 TUNE_FILE = "tune.json"
@@ -38,22 +36,13 @@ class SearchDir:
                               f"--{self.command}-dir)")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path / LOCK_FILE, "a+")
+            self._lock = hold_lock(self.path / LOCK_FILE)
+        except LockHeld as held:
+            raise SearchError(f"{self.path}: another `netbuild {self.command}` ({held.holder}) is running "
+                              f"in this directory; expected one {self.command} per directory") from None
         except OSError as exc:
             raise SearchError(f"{self.path}: cannot create the {self.command} directory: "
                               f"{exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise SearchError(f"{self.path}: another `netbuild {self.command}` ({holder}) is running in "
-                              f"this directory; expected one {self.command} per directory") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()}")
-        self._lock.flush()
         return self
 
     def __exit__(self, *exc) -> None:

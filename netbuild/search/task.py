@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .. import backend, threads
 from ..errors import NetbuildError, printable
+from ..report import summary
 from ..runs import RunState, changes_text, inspect_run, read_history
 from ..spec import Spec
 from ..training import RunStopped
@@ -26,7 +27,7 @@ from ..training import RunStopped
 #: Statuses. ``skipped``: complete from an earlier command, not trained again; ``pruned``: a
 #: search stopped it after a few epochs (its files are kept).
 DONE, SKIPPED, PRUNED, FAILED, CANCELLED, PENDING = "done", "skipped", "pruned", "failed", "cancelled", "pending"
-COMPLETE = (DONE, SKIPPED)
+COMPLETE = summary.COMPLETE  # (done, skipped): the summary sorts them first
 
 #: How often a training point asks the scheduler whether the command was cancelled.
 CANCEL_CHECK_SECONDS = 0.5

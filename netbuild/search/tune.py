@@ -20,6 +20,7 @@ Library code: it reports progress through callbacks and returns values; it never
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -453,8 +454,6 @@ class _Optimization:
 def _previous(tune_dir: SearchDir, search: Search, overwrite: bool) -> dict:
     """The state of the search this folder holds (empty for a new one). A folder of a different
     search is refused; with ``overwrite``, its study and trials are removed."""
-    import json
-
     file = tune_dir.path / TUNE_FILE
     if overwrite:
         for path in tune_dir.path.iterdir():
