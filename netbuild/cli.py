@@ -339,7 +339,8 @@ def _progress(epochs: int | None, quiet: bool, n_threads: int):
 
     return Callbacks(started=started, compiled=lambda s: say(f"compiled in {s:.1f} s"), batch=batch,
                      epoch=epoch_done,
-                     resumed=lambda e: say(f"resumed after epoch {e} of {state['total']}"))
+                     resumed=lambda e: say(f"resumed after epoch {e} of {state['total']}"),
+                     note=lambda text: say(f"note: {printable(text)}"))
 
 
 def _threshold(ctx, param, values) -> list[tuple[str, float]]:

@@ -261,6 +261,11 @@ def _joined(errors: list[NetbuildError]) -> NetbuildError:
 CHECK_CHUNK = 2**22
 
 
+#: Bytes of a memory-mapped array read between two releases of its pages (:func:`row_chunks`,
+#: :func:`prefetched`).
+RELEASE_EVERY = 256 * 2**20
+
+
 def row_chunks(values: np.ndarray):
     """``(first row, rows)`` of ``values`` (examples along the first axis), about
     :data:`CHECK_CHUNK` values at a time: the scans of a memory-mapped array stay in bounded
@@ -494,9 +499,8 @@ def in_memory(dataset: Dataset) -> Dataset:
     """A training or validation set read into memory when its files would be mapped (stored .npz
     members, or several files) but all of its arrays together take at most :func:`in_memory_max`
     bytes and fit the memory budget (:func:`netbuild.npz.budget`); else as it is. A small data set is read
-    once instead of on every batch: the training step gets its batches without the background
-    reader (:func:`prefetched`), which on a machine whose cores all compute takes its time from
-    the step (the bench CNN on 2 threads: 3-4% of its samples/s in three runs)."""
+    once instead of on every batch: a copy from the process's memory is cheaper than a read from
+    the kernel's cache (4 MiB: 0.19 ms against 0.27 ms here)."""
     bound = in_memory_max()  # a bad NETBUILD_IN_MEMORY_MAX is an error whatever the files
     if not dataset.mapped:
         return dataset
@@ -633,6 +637,9 @@ class Rows:
         if index.ndim == 0:
             part = int(np.searchsorted(self.starts, index, side="right")) - 1
             return self.parts[part][int(index) - self.starts[part]]
+        reads = file_reads(self, index)
+        if reads is not None:
+            return reads.read()
         index = np.where(index < 0, index + len(self), index)
         which = np.searchsorted(self.starts, index, side="right") - 1
         out = np.empty((len(index), *self.shape[1:]), self.dtype)
@@ -642,46 +649,94 @@ class Rows:
         return out
 
 
-#: Runs of consecutive rows a batch is read in, at most, per row, for :func:`gather` to read
-#: them from the file: fewer rows per run (single shuffled rows) are one system call each, slower
-#: than gathering from the map (measured: 0.56M against 1.97M rows of 4 KiB per second; blocks
-#: of 1024 rows 5.7M against 5.2M).
-_MOST_RUNS_PER_ROW = 1 / 8
+class FileReads:
+    """How to read ``array[index]`` (a batch) from the files an array's rows lie in: one
+    ``pread`` per run of consecutive rows in one file (``train.shuffle_block``; single shuffled
+    rows one each), in the files' order, into the batch. The files' pages are copied without
+    being mapped into the process, so nothing stays resident. (Gathered from the map instead, the
+    kernel maps the whole large folio around each row touched: one batch of 1024 shuffled rows
+    of 4 KiB mapped 884 MiB of a 1 GiB file.) Made once per batch, for :meth:`announce` and then
+    :meth:`read`."""
+
+    #: Runs per row of a batch, at most, for :meth:`announce` to tell the kernel about them (one
+    #: call per run): batches of single shuffled rows are not announced.
+    MOST_RUNS_PER_ROW = 1 / 8
+
+    def __init__(self, shape: tuple, dtype, files: list, runs: tuple):
+        self.shape, self.dtype = shape, dtype
+        self.files = files  # per file: (open file, position of row 0, bytes per row)
+        self.runs = runs  # per run: file number, position in it, bytes, position in the batch
+
+    def announce(self) -> None:
+        """Tell the kernel that these rows will be read soon (``posix_fadvise(WILLNEED)``, one
+        call per run): it starts reading them from the disk into its cache, without this process
+        waiting, so that :meth:`read` copies them from memory."""
+        file, at, size, _ = self.runs
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None or len(file) > self.shape[0] * self.MOST_RUNS_PER_ROW:
+            return
+        fds = [f.fileno() for f, _, _ in self.files]
+        for k, offset, n in zip(file, at, size):
+            try:
+                advise(fds[k], offset, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
+
+    def read(self) -> np.ndarray:
+        """The batch."""
+        out = np.empty(self.shape, self.dtype)
+        view = memoryview(out.reshape(-1)).cast("B")
+        fds = [f.fileno() for f, _, _ in self.files]
+        for k, offset, n, to in zip(*self.runs):
+            done = 0
+            while done < n:
+                got = os.preadv(fds[k], [view[to + done:to + n]], offset + done)
+                if got <= 0:  # the file was cut short since it was checked
+                    f, start, row_bytes = self.files[k]
+                    raise DataError(f"{f.name}: ends before row {(offset + done - start) // row_bytes}"
+                                    ", which it held when it was checked; expected the data files "
+                                    "to stay as they are while netbuild reads them")
+                done += got
+        return out
+
+
+def file_reads(array, index) -> FileReads | None:
+    """The :class:`FileReads` of ``array[index]`` for an array whose rows lie in memory-mapped
+    files (:func:`_file_rows`; or :class:`Rows` of such arrays) and a 1-D integer index in range
+    (negative values counted from the end); None for anything else, which numpy indexes (its
+    errors name what was asked for)."""
+    parts = array.parts if isinstance(array, Rows) else [array]
+    sources = [_file_rows(p) for p in parts]
+    asked = np.asarray(index)
+    if None in sources or asked.ndim != 1 or not len(asked) or asked.dtype.kind not in "iu":
+        return None
+    n = len(array)
+    low, high = int(asked.min()), int(asked.max())
+    if low < -n or high >= n:
+        return None
+    index = np.where(asked < 0, asked + n, asked) if low < 0 else asked
+    row_bytes = sources[0][2]
+    if len(parts) == 1:
+        which, starts = np.zeros(len(index), np.intp), np.zeros(1, np.int64)
+    else:
+        starts = array.starts
+        which = np.searchsorted(starts, index, side="right") - 1
+    breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(which) != 0)) + 1
+    firsts = np.concatenate(([0], breaks))
+    part = which[firsts]
+    file_start = np.array([start for _, start, _ in sources], np.int64)
+    at = file_start[part] + (index[firsts] - starts[part]) * row_bytes
+    size = np.diff(np.concatenate((firsts, [len(index)]))) * row_bytes
+    order = np.lexsort((at, part))  # each file's runs in its order
+    runs = tuple(v[order].tolist() for v in (part, at, size, firsts * row_bytes))
+    return FileReads((len(index), *array.shape[1:]), array.dtype, sources, runs)
 
 
 def gather(array, index: np.ndarray) -> np.ndarray:
-    """``array[index]`` for a batch's index array. Rows of a memory-mapped file
-    (:func:`netbuild.npz.mapped`) that come in runs of consecutive rows (``train.shuffle_block``)
-    are read with ``pread`` into the batch, one call per run: the file's pages are copied
-    without being mapped into the process (no page faults, nothing resident), and without
-    holding the GIL, so that the batch reader's reads overlap the training step's computing.
-    Anything else is indexed as it is."""
-    source = _file_rows(array)
-    asked = np.asarray(index)
-    if source is None or asked.ndim != 1 or not len(asked) or asked.dtype.kind not in "iu":
-        return array[index]
-    f, start, row_bytes = source
-    index = np.where(asked < 0, asked + len(array), asked)
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    if len(breaks) + 1 > len(index) * _MOST_RUNS_PER_ROW or index.min() < 0 or \
-            index.max() >= len(array):
-        return array[asked]  # numpy's own errors name what was asked for
-    out = np.empty((len(index), *array.shape[1:]), array.dtype)
-    view = memoryview(out.reshape(-1)).cast("B")
-    firsts = np.concatenate(([0], breaks)).tolist()
-    ends = np.concatenate((breaks, [len(index)])).tolist()
-    rows = index[firsts].tolist()
-    fd = f.fileno()
-    for a, b, row in zip(firsts, ends, rows):
-        done, want, at = a * row_bytes, b * row_bytes, start + row * row_bytes
-        while done < want:
-            got = os.preadv(fd, [view[done:want]], at)
-            if got <= 0:  # the file was cut short since it was checked
-                raise DataError(f"{f.name}: ends before row {row + (done - a * row_bytes) // row_bytes}"
-                                ", which it held when it was checked; expected the data files "
-                                "to stay as they are while netbuild reads them")
-            done, at = done + got, at + got
-    return out
+    """``array[index]`` for a batch's index array: read from the files (:class:`FileReads`)
+    when the array's rows lie in memory-mapped files, else indexed as it is."""
+    reads = file_reads(array, index)
+    return array[index] if reads is None else reads.read()
 
 
 def _file_rows(array) -> tuple | None:
@@ -826,65 +881,49 @@ def _release(maps: list) -> None:
             pass
 
 
-#: Bytes of batches gathered between two :func:`release` calls.
-RELEASE_EVERY = 256 * 2**20
-
-
 def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np.ndarray, list]]:
-    """``(index, batch arrays)`` for each index array of ``indices``, in order: gathered on a
-    thread of its own, up to ``ahead`` batches before they are asked for, so that reading (a
-    memory-mapped file's pages, the rows of several files) overlaps the training step. The
-    batches are the same arrays as ``dataset.batch(index)``; memory-mapped pages are released
-    every :data:`RELEASE_EVERY` bytes."""
-    import queue
-    import threading
+    """``(index, batch arrays)`` for each index array of ``indices``, in order: the same arrays
+    as ``dataset.batch(index)``. The rows of memory-mapped files are announced to the kernel
+    ``ahead`` batches before they are read (:meth:`FileReads.announce`), so that a file not in its
+    cache is read from the disk while the steps before compute, and then copied when asked for
+    (:meth:`FileReads.read`), on the caller's thread.
+
+    Not on a thread of its own: the copy is short next to a step, and a reader thread takes a
+    core from a step that computes on all of them (the bench's MLP on 1 GiB of memory-mapped
+    blocks of 1024 rows, 2 threads: 412-439K samples/s with a thread gathering two batches
+    ahead, 561-636K without)."""
+    import collections
 
     if not dataset.mapped:
-        for idx in indices:  # arrays in memory: a gather is a copy, no reading to overlap
+        for idx in indices:
             yield idx, dataset.batch(idx)
         return
-    ready: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-    END = object()
+    arrays = dataset.xs + dataset.ys
+    announced: collections.deque = collections.deque()
+    gathered = 0
 
-    def offer(item) -> None:
-        """Hand ``item`` over, unless the consumer has stopped (then nobody takes it)."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def read(idx, reads):
+        nonlocal gathered
+        batch = [a[idx] if r is None else r.read() for a, r in zip(arrays, reads)]
+        if None in reads:  # pages that indexing a map mapped: dropped every RELEASE_EVERY
+            gathered += sum(b.nbytes for b in batch)
+            if gathered >= RELEASE_EVERY:
+                release(dataset)
+                gathered = 0
+        return idx, batch
 
-    def produce():
-        gathered = 0
-        try:
-            for idx in indices:
-                if stop.is_set():
-                    return
-                arrays = dataset.batch(idx)
-                gathered += sum(a.nbytes for a in arrays)
-                if gathered >= RELEASE_EVERY:
-                    release(dataset)
-                    gathered = 0
-                offer((idx, arrays))
-            offer(END)
-        except BaseException as exc:  # handed to the consumer, raised there
-            offer(exc)
-
-    worker = threading.Thread(target=produce, name="netbuild-batches", daemon=True)
-    worker.start()
     try:
-        while True:
-            item = ready.get()
-            if item is END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for idx in indices:
+            reads = [file_reads(a, idx) for a in arrays]
+            for r in reads:
+                if r is not None:
+                    r.announce()
+            announced.append((idx, reads))
+            if len(announced) > ahead:
+                yield read(*announced.popleft())
+        while announced:
+            yield read(*announced.popleft())
     finally:
-        stop.set()
-        worker.join()
         release(dataset)
 
 

@@ -136,20 +136,8 @@ def member(path, archive: zipfile.ZipFile, key: str) -> Member:
     return found
 
 
-def _random_access(mapped: np.memmap) -> None:
-    """Batches read rows in a shuffled order: without MADV_RANDOM the kernel maps the 15 pages
-    around each one read (fault-around), so that a few hundred batches of 1024 rows mapped a
-    whole 2 GiB file into the process (what it counts as resident)."""
-    import mmap
-
-    try:
-        mapped._mmap.madvise(mmap.MADV_RANDOM)
-    except (AttributeError, OSError, ValueError):
-        pass
-
-
 class Reader:
-    """A data file's descriptor, kept open for :func:`netbuild.data.gather` to read rows from
+    """A data file's descriptor, kept open for :class:`netbuild.data.FileReads` to read rows from
     with ``pread`` (which ignores the file position, so one descriptor serves every member and
     thread); closed when the last array holding it is gone."""
 
@@ -179,7 +167,6 @@ def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
                                   "the file to stay as it is while netbuild reads it")
         array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
     array.reader = reader
-    _random_access(array)
     return array
 
 

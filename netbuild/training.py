@@ -62,6 +62,8 @@ class Callbacks:
     batch: Callable[[int, int, int, float, float], None] = lambda epoch, i, n, loss, seconds: None
     epoch: Callable[[dict], None] = lambda record: None
     resumed: Callable[[int], None] = lambda epoch: None
+    #: Something worth knowing about the run before it trains, in one line.
+    note: Callable[[str], None] = lambda text: None
     #: Asked after each epoch's record is heard: True stops the run there, as early stopping
     #: does (its files written, the run complete). A search prunes its trials with it.
     stop: Callable[[dict], bool] = lambda record: False
@@ -76,7 +78,7 @@ class Callbacks:
             return lambda *args: [getattr(c, name)(*args) for c in many]
 
         return cls(started=each("started"), compiled=each("compiled"), batch=each("batch"),
-                   epoch=each("epoch"), resumed=each("resumed"),
+                   epoch=each("epoch"), resumed=each("resumed"), note=each("note"),
                    stop=lambda record: any([c.stop(record) for c in many]))
 
 
@@ -184,6 +186,11 @@ class Trainer:
         network.init_params(int(spec.data.get("seed", 0)))
         sets = data_mod.load_datasets(spec, network)
         cfg = spec.data["train"]
+        if sets.train.mapped and cfg.get("shuffle", True) and int(cfg.get("shuffle_block", 1)) == 1:
+            (callbacks or Callbacks()).note(
+                f"{sets.train.source}: the training set is read from its files, one system call per "
+                "shuffled row; train.shuffle_block: 1024 reads runs of 1024 rows (README: data "
+                "larger than memory)")
         fns = compile_train(network, cfg, sets.train.ys, int(spec.data.get("seed", 0)))
         evaluate = compile_eval(network, sets.validation.ys) if sets.validation else None
         return cls(spec, run_dir, network, sets, fns, evaluate, epochs, callbacks)

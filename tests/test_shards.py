@@ -4,6 +4,8 @@ every mistake one located line naming the file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import CONFIGS
@@ -112,9 +114,14 @@ def test_block_shuffling_permutes_blocks_of_consecutive_rows(tmp_path):
     assert not all(np.array_equal(a[k], c[k]) for k in a)  # another order, other bits
 
 
-def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_path, mapped_data):
-    """The background reader gives dataset.batch(idx) for each index array, in order; an error
-    while reading is raised in the caller; a caller that stops early stops the reader."""
+def test_prefetched_batches_are_the_datasets_read_as_announced_and_errors_reach_the_caller(
+        tmp_path, mapped_data, monkeypatch):
+    """prefetched gives dataset.batch(idx) for each index array, in order, each run of rows of a
+    mapped file announced to the kernel (posix_fadvise WILLNEED) two batches before it is read,
+    single shuffled rows not at all; an error of the index arrays' source is raised in the
+    caller; a caller may stop early."""
+    import os
+
     from netbuild import data
     from netbuild.network import Network
 
@@ -122,33 +129,35 @@ def test_prefetched_batches_are_the_datasets_and_errors_reach_the_caller(tmp_pat
     spec = netbuild.load_spec(MLP, overrides=["data.train=[" + ", ".join(names) + "]"])
     dataset = data.load(spec, "train", Network.from_spec(spec, init=False))
     assert dataset.mapped
-    order = data.epoch_order(len(dataset), 0, 1)
-    got = list(data.prefetched(dataset, data.batches(len(dataset), 100, order)))
-    want = list(data.batches(len(dataset), 100, order))
-    assert len(got) == len(want)
-    for (idx, arrays), expected in zip(got, want):
-        assert np.array_equal(idx, expected)
-        for a, b in zip(arrays, dataset.batch(expected)):
-            assert np.array_equal(a, b)
+    events = []
+    advise, preadv = os.posix_fadvise, os.preadv
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: events.append(("advise", a[3])) or advise(*a))
+    monkeypatch.setattr(os, "preadv", lambda *a: events.append(("read", a[2])) or preadv(*a))
+    for block, announced in ((20, True), (1, False)):
+        events.clear()
+        order = data.epoch_order(len(dataset), 0, 1, block)
+        got = list(data.prefetched(dataset, data.batches(len(dataset), 20, order)))
+        want = list(data.batches(len(dataset), 20, order))
+        assert len(got) == len(want)
+        for (idx, arrays), expected in zip(got, want):
+            assert np.array_equal(idx, expected)
+            for a, b in zip(arrays, dataset.batch(expected)):
+                assert np.array_equal(a, b)
+        advised = [n for kind, n in events if kind == "advise"]
+        reads = [kind for kind, _ in events if kind == "read"]
+        assert reads and bool(advised) == announced, block
+        if announced:  # x and y of batches 1-3 announced before the first read
+            assert [kind for kind, _ in events[:7]] == ["advise"] * 6 + ["read"]
 
     def broken():
         yield np.arange(3)
         raise OSError("the disk went away")
 
-    reader = data.prefetched(dataset, broken())
-    next(reader)
     with pytest.raises(OSError, match="the disk went away"):
-        next(reader)
+        list(data.prefetched(dataset, broken()))
     early = data.prefetched(dataset, data.batches(len(dataset), 10))
     next(early)
-    early.close()  # joins the reader thread
-    # the reader done and its queue full when the caller stops: it still ends
-    full = data.prefetched(dataset, data.batches(30, 10), ahead=1)
-    next(full)
-    import time
-
-    time.sleep(0.3)  # the reader has put the next batch and waits to put the end
-    full.close()
+    early.close()
 
 
 # -- reading batches from the files -----------------------------------------------------------
@@ -162,8 +171,8 @@ def _mapped(tmp_path, name, x):
 
 
 def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, monkeypatch):
-    """Batches of consecutive rows (shuffle_block) are read from the file with one pread per run;
-    single shuffled rows are indexed from the map. Both give exactly ``array[index]``, for the
+    """Rows are read from the file with one pread per run of consecutive rows (shuffle_block),
+    single shuffled rows one each. Both give exactly ``array[index]``, for the
     array, a reshaped view of it (what prepare_x makes) and rows across files (Rows)."""
     import os
 
@@ -183,7 +192,7 @@ def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, m
         got = data.gather(mapped, index)
         np.testing.assert_array_equal(got, a[index], err_msg=name)
         runs = 1 + int(np.sum(np.diff(index % 700) != 1))
-        assert len(calls) == (runs if name != "shuffled rows" else 0), name
+        assert len(calls) == runs, name
     mask = np.zeros(700, bool)  # not an index array of rows: indexed as numpy does
     mask[[3, 4, 5]] = True
     np.testing.assert_array_equal(data.gather(mapped, mask), a[mask])
@@ -196,6 +205,10 @@ def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, m
     both = np.concatenate([a, b])
     index = data.epoch_order(1000, 0, 2, 100)[:256]
     np.testing.assert_array_equal(rows[index], both[index])
+    calls.clear()  # a run across the two files: one read in each
+    np.testing.assert_array_equal(rows[np.arange(650, 750)], both[650:750])
+    assert len(calls) == 2
+    np.testing.assert_array_equal(rows[np.arange(-360, -340)], both[-360:-340])
 
 
 def test_a_file_cut_short_after_its_check_is_one_line_not_a_traceback(tmp_path):
@@ -214,6 +227,32 @@ def test_a_file_cut_short_after_its_check_is_one_line_not_a_traceback(tmp_path):
         data.gather(mapped, np.arange(600, 664))
 
 
+def _file_resident_bytes() -> int:
+    """The process's resident pages of mapped files (RssFile of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_an_epoch_of_shuffled_rows_of_a_mapped_file_leaves_none_of_it_resident(tmp_path):
+    """A whole epoch of single shuffled rows read from a 64 MiB memory-mapped file: its pages
+    are copied with pread, never mapped into the process (gathered from the map, the kernel
+    mapped the large folio around each row: nearly all of the file after one batch)."""
+    from netbuild import data
+
+    a = np.random.default_rng(0).random((16384, 1024), dtype=np.float32)
+    mapped = _mapped(tmp_path, "big.npz", a)
+    dataset = data.Dataset([mapped], [np.zeros(len(a), np.int64)], "big.npz")
+    before, most = _file_resident_bytes(), 0
+    order = data.epoch_order(len(a), 0, 1)
+    for idx, (x, _) in data.prefetched(dataset, data.batches(len(a), 1024, order)):
+        np.testing.assert_array_equal(x[:3], a[idx[:3]])
+        most = max(most, _file_resident_bytes() - before)
+    assert most < 8 * 2**20, f"{most / 2**20:.0f} MiB of the file resident"
+
+
 def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path, monkeypatch,
                                                                       mapped_data):
     """The same bits as the rows in one file in memory, read with pread (no page of the files
@@ -229,3 +268,21 @@ def test_block_shuffled_training_on_mapped_shards_reads_them_with_pread(tmp_path
     one = train(tmp_path, "one", TRAIN, "train.shuffle_block=16")
     a, b = one.model.network.param_values(), sharded.model.network.param_values()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_training_on_single_shuffled_rows_of_files_says_how_to_read_runs(tmp_path, mapped_data,
+                                                                         run_cli):
+    """A training set read from its files in single shuffled rows (one read each): `netbuild
+    train` says so in one note, and how to read runs instead; not with train.shuffle_block."""
+    names = shards(tmp_path / "shards")
+    data = "[" + ", ".join(names) + "]"
+    for block, noted in ((1, True), (16, False)):
+        result = run_cli("train", MLP, "--run-dir", tmp_path / f"run-{block}", "--set",
+                         f"data.train={data}", "--set", f"train.shuffle_block={block}", "--set",
+                         "train.epochs=1", "--set", "data.validation_split=0")
+        out = result.output
+        assert result.exit_code == 0, out
+        notes = [line for line in out.splitlines() if line.startswith("note:")]
+        assert len(notes) == int(noted), out
+        if noted:
+            assert "one system call per shuffled row; train.shuffle_block: 1024" in notes[0]
