@@ -670,7 +670,8 @@ class FileReads:
     def announce(self) -> None:
         """Tell the kernel that these rows will be read soon (``posix_fadvise(WILLNEED)``, one
         call per run): it starts reading them from the disk into its cache, without this process
-        waiting, so that :meth:`read` copies them from memory."""
+        waiting, so that :meth:`read` copies them from memory (the bench MLP on 2 GiB of blocks
+        of 1024 rows from a cold cache: 228-239K samples/s announced, 130-164K not)."""
         file, at, size, _ = self.runs
         advise = getattr(os, "posix_fadvise", None)
         if advise is None or len(file) > self.shape[0] * self.MOST_RUNS_PER_ROW:
