@@ -6,6 +6,7 @@ once per process (on the ``jax`` backend, once per shape of its inputs).
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -85,16 +86,21 @@ class PerShape:
     state) are the same across them, and stay on JAX's device between calls."""
 
     trust_input = False  # as pytensor.function's: skip the per-call checks of the inputs
+    #: Compiled shapes kept, at most; the least recently used goes first. A training run meets
+    #: two (its batches and the last, shorter one), an evaluation as many again.
+    MOST_SHAPES = 8
 
     def __init__(self, inputs: list, outputs, updates: dict, name: str):
         self.inputs, self.outputs, self.updates, self.name = list(inputs), outputs, dict(updates), name
         self.mode = backend.mode()  # jax's, whatever the backend when a new shape comes
-        self._fns: dict[tuple, object] = {}
+        self._fns: collections.OrderedDict = collections.OrderedDict()
 
     def __call__(self, *args):
         key = tuple(np.shape(a) for a in args)
         fn = self._fns.get(key)
-        if fn is None:
+        if fn is not None:
+            self._fns.move_to_end(key)
+        else:
             from pytensor.graph.replace import clone_replace
 
             from pytensor.compile.sharedvalue import SharedVariable
@@ -115,6 +121,8 @@ class PerShape:
                                    mode=self.mode, name=self.name)
             fn.trust_input = self.trust_input
             self._fns[key] = fn
+            while len(self._fns) > self.MOST_SHAPES:
+                self._fns.popitem(last=False)
         return fn(*args)
 
 

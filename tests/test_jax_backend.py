@@ -73,16 +73,8 @@ def test_a_shipped_config_predicts_and_differentiates_the_same(config):
             close(a, b, 1e-4, f"{config} (training={training}): {name}")
 
 
-#: Rows XLA cannot compile on the CPU: its algebraic simplifier aborts the process ("Window
-#: dimensions do not match RHS shape") on the weight gradient of this strided, dilated transposed
-#: convolution (jax 0.10.2). Skipped, not failed: the abort would take the test process with it.
-XLA_ABORTS = {"conv2d_transpose"}
-
-
 @pytest.mark.parametrize("case", TABLE, ids=[row[0] for row in TABLE])
 def test_a_layer_row_predicts_and_differentiates_the_same(case, float64):
-    if case[0] in XLA_ABORTS:
-        pytest.skip("XLA's CPU compiler aborts on this graph (see XLA_ABORTS)")
     _, input_shape, items, _ = case
     network = build(input_shape, items)
     rng = np.random.default_rng(0)
@@ -153,3 +145,16 @@ def test_jax_training_is_deterministic_and_resumes_to_the_same_bits(tmp_path):
     for other in params[1:]:
         for k in names:
             assert np.array_equal(params[0][k], other[k]), k
+
+
+def test_a_jax_function_keeps_a_bounded_number_of_compiled_shapes():
+    """Each batch shape is compiled once; beyond PerShape.MOST_SHAPES the least recently used is
+    dropped (and compiled again if it comes back), and every shape computes what c does."""
+    network = build([3], ["{type: dense, units: 2, activation: tanh}"])
+    fns = {name: on(name, lambda: compile_predict(network)) for name in backend.BACKENDS}
+    rng = np.random.default_rng(0)
+    for n in [*range(1, PerShape.MOST_SHAPES + 3), 1, 2]:
+        x = rng.normal(size=(n, 3)).astype(pytensor.config.floatX)
+        close(fns["jax"](x), fns["c"](x), 1e-5, f"batch of {n}")
+        assert len(fns["jax"]._fns) <= PerShape.MOST_SHAPES
+    assert next(reversed(fns["jax"]._fns)) == ((2, 3),)  # the latest, kept last

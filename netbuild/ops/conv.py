@@ -340,10 +340,14 @@ class ConvGradInput(_ConvGradCOp):
         import jax
 
         conv_ = _jax_conv(self)
+        taps = _xla_cannot(self)
 
         def conv_grad_input(x, w, dy, *y):
+            dz = self._jax_pre_grad(dy, *y)
+            if taps:
+                return _jax_input_grad_by_taps(self, x.shape, w, dz)
             like = jax.ShapeDtypeStruct(x.shape, dy.dtype)
-            return jax.linear_transpose(lambda v: conv_(v, w), like)(self._jax_pre_grad(dy, *y))[0]
+            return jax.linear_transpose(lambda v: conv_(v, w), like)(dz)[0]
 
         return conv_grad_input
 
@@ -419,10 +423,15 @@ class ConvGradWeights(_ConvGradCOp):
         conv_ = _jax_conv(self)
         bias = self.bias
 
+        taps = _xla_cannot(self)
+
         def conv_grad_weights(x, w, dy, *y):
             dz = self._jax_pre_grad(dy, *y)
-            like = jax.ShapeDtypeStruct(w.shape, dz.dtype)
-            (dw,) = jax.linear_transpose(lambda v: conv_(x, v), like)(dz)
+            if taps:
+                dw = _jax_weight_grad_by_taps(self, x, dz, w.shape[2:])
+            else:
+                like = jax.ShapeDtypeStruct(w.shape, dz.dtype)
+                (dw,) = jax.linear_transpose(lambda v: conv_(x, v), like)(dz)
             return (dw, dz.sum(axis=(0, *range(2, dz.ndim)))) if bias else dw
 
         return conv_grad_weights
@@ -474,6 +483,62 @@ def _jax_conv(op: _ConvCOp):
                                         precision=lax.Precision.HIGHEST)
 
     return conv_
+
+
+def _xla_cannot(op: _ConvCOp) -> bool:
+    """Whether ``op``'s geometry has both strides and dilation: XLA's CPU compiler aborts the
+    process on the transposed convolutions JAX makes for its gradients ("Window dimensions do
+    not match RHS shape", jax 0.10.2), so they are computed by :func:`_jax_taps`' products."""
+    return max(op.strides) > 1 and max(op.dilation) > 1
+
+
+def _jax_taps(op: _ConvCOp, kernel, out):
+    """Per kernel tap: its offset, and the ``lax.slice`` bounds and strides of the window
+    positions it meets in the padded input ``(N, C, *padded spatial)``."""
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        first = [o * d for o, d in zip(offset, op.dilation)]
+        last = [f + (m - 1) * s + 1 for f, s, m in zip(first, op.strides, out)]
+        yield offset, first, last
+
+
+def _jax_padded(op: _ConvCOp, spatial) -> list[int]:
+    """The lengths of the input's spatial axes with the op's padding."""
+    return [n + b + a for n, (b, a) in zip(spatial, op.pads)]
+
+
+def _jax_weight_grad_by_taps(op: _ConvCOp, x, dz, kernel):
+    """``dW[f, c, *k] = sum(dz[:, f] * x_padded[:, c, k * dilation + out * strides])``: one
+    product per kernel tap, no convolution (see :func:`_xla_cannot`)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    xp = jnp.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in op.pads])
+    summed = [0, *range(2, dz.ndim)]
+    rows = []
+    for _, first, last in _jax_taps(op, kernel, dz.shape[2:]):
+        patch = lax.slice(xp, [0, 0, *first], [*xp.shape[:2], *last], [1, 1, *op.strides])
+        rows.append(jnp.tensordot(dz, patch, axes=(summed, summed),
+                                  precision=lax.Precision.HIGHEST))  # (F, C)
+    return jnp.stack(rows, axis=-1).reshape(dz.shape[1], x.shape[1], *kernel)
+
+
+def _jax_input_grad_by_taps(op: _ConvCOp, x_shape, w, dz):
+    """``dx``: each kernel tap's ``W[:, :, k]``-product with ``dz`` added back at the input
+    positions it was read from (``lax.pad`` with interior padding places it at the strides),
+    the padding then cut off: no convolution (see :func:`_xla_cannot`)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    padded = _jax_padded(op, x_shape[2:])
+    dx = jnp.zeros((x_shape[0], x_shape[1], *padded), dz.dtype)
+    zero = jnp.array(0, dz.dtype)
+    for offset, first, last in _jax_taps(op, w.shape[2:], dz.shape[2:]):
+        part = jnp.tensordot(dz, w[(slice(None), slice(None), *offset)], axes=([1], [0]),
+                             precision=lax.Precision.HIGHEST)  # (N, *out, C)
+        part = jnp.moveaxis(part, -1, 1)
+        dx = dx + lax.pad(part, zero, [(0, 0, 0), (0, 0, 0)] + [
+            (f, n - l, s - 1) for f, l, n, s in zip(first, last, padded, op.strides)])
+    return dx[(slice(None), slice(None), *(slice(b, n - a) for (b, a), n in zip(op.pads, padded)))]
 
 
 # -- numpy: the same algorithm over the whole batch, for PyTensor's Python modes -------------------
