@@ -121,7 +121,7 @@ def ahead_on_device(batches):
             pending = placed
         if pending is not None:
             yield pending
-    finally:  # a step that raised: the reader behind stops too
+    finally:  # a step that raised: the batches' generator is closed too
         close = getattr(batches, "close", None)
         if close is not None:
             close()

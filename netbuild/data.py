@@ -66,6 +66,12 @@ class Dataset:
         """Whether some of its arrays are read from files (memory-mapped, or several files)."""
         return any(isinstance(a, Rows) or _mappings(a) for a in self.xs + self.ys)
 
+    @property
+    def inputs_read_from_files(self) -> bool:
+        """Whether a batch's inputs are read from their files with ``pread``
+        (:class:`FileReads`), not copied from memory."""
+        return any(reads_files(x) for x in self.xs)
+
 
 def real_path(path: str | os.PathLike) -> Path:
     """``path`` absolute, with ``..`` and symbolic links resolved as the file system does; never
@@ -665,6 +671,7 @@ class FileReads:
     def __init__(self, shape: tuple, dtype, files: list, runs: tuple):
         self.shape, self.dtype = shape, dtype
         self.files = files  # per file: (open file, position of row 0, bytes per row)
+        self.fds = [f.fileno() for f, _, _ in files]
         self.runs = runs  # per run: file number, position in it, bytes, position in the batch
 
     def announce(self) -> None:
@@ -676,22 +683,25 @@ class FileReads:
         advise = getattr(os, "posix_fadvise", None)
         if advise is None or len(file) > self.shape[0] * self.MOST_RUNS_PER_ROW:
             return
-        fds = [f.fileno() for f, _, _ in self.files]
         for k, offset, n in zip(file, at, size):
             try:
-                advise(fds[k], offset, n, os.POSIX_FADV_WILLNEED)
+                advise(self.fds[k], offset, n, os.POSIX_FADV_WILLNEED)
             except OSError:
                 return
 
     def read(self) -> np.ndarray:
         """The batch."""
         out = np.empty(self.shape, self.dtype)
-        view = memoryview(out.reshape(-1)).cast("B")
-        fds = [f.fileno() for f, _, _ in self.files]
+        view = memoryview(out.reshape(-1).view(np.uint8))
         for k, offset, n, to in zip(*self.runs):
             done = 0
             while done < n:
-                got = os.preadv(fds[k], [view[to + done:to + n]], offset + done)
+                try:
+                    got = os.preadv(self.fds[k], [view[to + done:to + n]], offset + done)
+                except OSError as exc:  # the disk, or a network file system, failed
+                    f, start, row_bytes = self.files[k]
+                    raise DataError(f"{f.name}: cannot read row {(offset + done - start) // row_bytes}"
+                                    f" ({exc.strerror or exc}); expected a readable data file") from None
                 if got <= 0:  # the file was cut short since it was checked
                     f, start, row_bytes = self.files[k]
                     raise DataError(f"{f.name}: ends before row {(offset + done - start) // row_bytes}"
@@ -699,6 +709,12 @@ class FileReads:
                                     "to stay as they are while netbuild reads them")
                 done += got
         return out
+
+
+def reads_files(array) -> bool:
+    """Whether :func:`file_reads` reads the rows of ``array`` from its files."""
+    parts = array.parts if isinstance(array, Rows) else [array]
+    return bool(parts) and all(_file_rows(p) is not None for p in parts)
 
 
 def file_reads(array, index) -> FileReads | None:
@@ -715,7 +731,7 @@ def file_reads(array, index) -> FileReads | None:
     low, high = int(asked.min()), int(asked.max())
     if low < -n or high >= n:
         return None
-    index = np.where(asked < 0, asked + n, asked) if low < 0 else asked
+    index = (np.where(asked < 0, asked + n, asked) if low < 0 else asked).astype(np.int64)
     row_bytes = sources[0][2]
     if len(parts) == 1:
         which, starts = np.zeros(len(index), np.intp), np.zeros(1, np.int64)

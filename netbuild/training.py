@@ -55,7 +55,8 @@ class TrainResult:
 @dataclass
 class Callbacks:
     """What the caller hears: the start (the spec and the run directory, before anything
-    compiles), the compile time, each batch, each finished epoch, a resume."""
+    compiles), a note about the run, the compile time, each batch, each finished epoch, a
+    resume."""
 
     started: Callable[[Spec, Path], None] = lambda spec, path: None
     compiled: Callable[[float], None] = lambda seconds: None
@@ -186,7 +187,8 @@ class Trainer:
         network.init_params(int(spec.data.get("seed", 0)))
         sets = data_mod.load_datasets(spec, network)
         cfg = spec.data["train"]
-        if sets.train.mapped and cfg.get("shuffle", True) and int(cfg.get("shuffle_block", 1)) == 1:
+        if sets.train.inputs_read_from_files and cfg.get("shuffle", True) and \
+                int(cfg.get("shuffle_block", 1)) == 1:
             (callbacks or Callbacks()).note(
                 f"{sets.train.source}: the training set is read from its files, one system call per "
                 "shuffled row; train.shuffle_block: 1024 reads runs of 1024 rows (README: data "
@@ -251,7 +253,7 @@ class Trainer:
             if self.cfg.get("shuffle", True) else None
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        total, parts = 0.0, []
+        total, parts, targets = 0.0, [], []
         batches = data_mod.prefetched(train, data_mod.batches(n, batch_size, order))
         if backend.current() == "jax":
             batches = backend.ahead_on_device(batches)
@@ -266,11 +268,12 @@ class Trainer:
                     "train.optimizer.learning_rate, or train.clip_norm)")
             total += part.loss
             parts.append(part)
+            targets.append(arrays[len(train.xs):])  # the epoch's targets in its order, as read
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         results = data_mod.Results.join(parts, n)
-        ys = train.ys if order is None else [y[order] for y in train.ys]
+        ys = [np.concatenate([np.asarray(t[k]) for t in targets]) for k in range(len(train.ys))]
         record: dict = {"epoch": epoch}
         record.update(metrics_mod.scores(self.heads, results, ys))
         if self.evaluate is not None:
