@@ -198,6 +198,30 @@ def clip(grads: list, clip_norm: float | None, clip_value: float | None) -> list
     return grads
 
 
+def _every_param_reaches(network: Network, loss, params: list) -> None:
+    """A located :class:`SpecError` for each layer whose trainable parameters the loss does not
+    depend on differentiably (their layer reaches the outputs only through an embedding's ids,
+    floats truncated to integers), where PyTensor's gradient raised a traceback."""
+    from pytensor.gradient import DisconnectedType
+
+    from .errors import Issue, SpecError
+
+    grads = pytensor.grad(loss, params, disconnected_inputs="ignore", return_disconnected="disconnected")
+    cut = {p.name for p, g in zip(params, grads) if isinstance(g.type, DisconnectedType)}
+    issues = []
+    for node in network.order:
+        names = [node.layer.params[s.name].name for s in node.param_specs if s.name in node.layer.params]
+        if any(n in cut for n in names):
+            issues.append(Issue(network.spec.locate(node.path), node.path,
+                                f"layer '{node.name}' ({node.layer.type}) is not trained by the loss: "
+                                "its output reaches the outputs only through an embedding's ids "
+                                "(floats truncated to integers), which have no gradient; expected "
+                                "each layer with parameters to reach a loss differentiably (feed "
+                                "the embedding a network input of integer ids)"))
+    if issues:
+        raise SpecError(issues)
+
+
 def compile_train(network: Network, train_config: dict, ys_like: list[np.ndarray], seed: int) -> TrainFunctions:
     """The training step: one optimizer update on a batch; its loss is the weighted total of the
     outputs' mean losses (penalties excluded)."""
@@ -208,6 +232,7 @@ def compile_train(network: Network, train_config: dict, ys_like: list[np.ndarray
     means = {name: value.mean() for name, value in per_example.items()}
     loss = _weighted(heads, means)
     params = network.trainable()
+    _every_param_reaches(network, loss, params)
     grads = pytensor.grad(loss + penalty(network), params)
     grads = clip(grads, train_config.get("clip_norm"), train_config.get("clip_value"))
     optimizer = optimizers.get(train_config["optimizer"])

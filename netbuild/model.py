@@ -159,7 +159,7 @@ class Model:
         one array per input."""
         fn = self.predict_function()
         names = list(self.network.outputs)
-        with _ids_in_range(self.network):
+        with ids_in_range(self.network):
             parts = [fn(*[x[idx] for x in xs])
                      for idx in data_mod.batches(len(xs[0]), _batch(batch_size))]
         parts = [p if isinstance(p, list) else [p] for p in parts]
@@ -184,7 +184,7 @@ class Model:
         fn = self.predict_function()
         n = len(xs[0])
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp, \
-                _ids_in_range(self.network):
+                ids_in_range(self.network):
             parts = [Path(tmp) / f"{i}.npy" for i in range(len(keys))]
             maps = None
             for idx in data_mod.batches(n, _batch(batch_size)):
@@ -234,7 +234,7 @@ class Model:
                tuple((str(y.dtype), y.ndim) for y in dataset.ys), backend.current())
         if key not in self._evaluate:
             self._evaluate[key] = compile_eval(self.network, dataset.ys, heads)
-        with _ids_in_range(self.network):
+        with ids_in_range(self.network):
             results = data_mod.run_batches(self._evaluate[key], dataset, _batch(batch_size))
         return scores(heads, results, dataset.ys), results
 
@@ -400,16 +400,32 @@ def _array(value, report) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _ids_in_range(network: Network):
+def ids_in_range(network: Network):
     """An embedding that reads another layer's output (floats truncated to ids) can meet an id
-    outside its table only while computing: a :class:`DataError`, not PyTensor's IndexError."""
+    outside its table only while computing: a :class:`DataError`, not the C op's IndexError
+    (nor, on jax, the NaN rows its host callback notes in ``ops.embedding.jax_bad_ids``)."""
+    from .ops import embedding as embedding_ops
+
+    del embedding_ops.jax_bad_ids[:]
     try:
         yield
+        bad_ids_met()
     except IndexError as exc:
         tables = ", ".join(f"'{n.name}' ({n.layer.config['input_dim']} ids)" for n in network.order
                            if getattr(n.layer, "integer_input", False))
         raise DataError(f"an embedding received an id outside its table ({str(exc).splitlines()[0]});"
                         f" expected ids 0..input_dim-1 for {tables}") from None
+
+
+def bad_ids_met() -> None:
+    """An IndexError for the first id out of range that a jax computation met since
+    :func:`ids_in_range` began (None met: nothing)."""
+    from .ops import embedding as embedding_ops
+
+    if embedding_ops.jax_bad_ids:
+        value, position, rows = embedding_ops.jax_bad_ids[0]
+        del embedding_ops.jax_bad_ids[:]
+        raise IndexError(f"id {value} at position {position} is outside [0, {rows})")
 
 
 def _whole(value) -> bool:

@@ -27,6 +27,7 @@ from . import schedules
 from .checks import check, default_monitor
 from .compile import TrainFunctions, compile_eval, compile_train
 from .errors import NetbuildError, RunError
+from .model import bad_ids_met, ids_in_range
 from .network import Network
 from .runs import Checkpoint, RunDir
 from .spec import Spec, load_spec
@@ -253,14 +254,37 @@ class Trainer:
             if self.cfg.get("shuffle", True) else None
         n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        total, parts, targets = 0.0, [], []
+        parts, targets = [], []
         batches = data_mod.prefetched(train, data_mod.batches(n, batch_size, order))
         if backend.current() == "jax":
             batches = backend.ahead_on_device(batches)
+        with ids_in_range(self.network):
+            self._batches(epoch, batches, n, n_batches, batch_size, start, parts, targets)
+        seconds = time.perf_counter() - start
+        results = data_mod.Results.join(parts, n)
+        ys = [np.concatenate([np.asarray(t[k]) for t in targets]) for k in range(len(train.ys))]
+        record: dict = {"epoch": epoch}
+        record.update(metrics_mod.scores(self.heads, results, ys))
+        if self.evaluate is not None:
+            with ids_in_range(self.network):
+                val = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
+            record.update({f"val_{k}": v for k, v in metrics_mod.scores(self.heads, val,
+                                                            self.sets.validation.ys).items()})
+        record["learning_rate"] = lr
+        record["seconds"] = round(seconds, 4)
+        record["samples_per_second"] = round(n / seconds, 1) if seconds > 0 else None
+        return record
+
+    def _batches(self, epoch: int, batches, n: int, n_batches: int, batch_size: int, start: float,
+                 parts: list, targets: list) -> None:
+        """One epoch's training steps: each batch's results into ``parts``, its targets into
+        ``targets``."""
+        total = 0.0
         for b, (idx, arrays) in enumerate(batches, start=1):
             part = self.fns.step(*arrays)
             loss = part.loss / len(idx)
             if not math.isfinite(loss):
+                bad_ids_met()  # on jax, an id out of range made the loss NaN
                 kept = f"; the last good epoch ({epoch - 1}) is kept in {self.run_dir.path}" if epoch > 1 else ""
                 raise TrainingDiverged(
                     f"training stopped: the loss became {loss} at epoch {epoch}, batch {b} of "
@@ -268,22 +292,9 @@ class Trainer:
                     "train.optimizer.learning_rate, or train.clip_norm)")
             total += part.loss
             parts.append(part)
-            targets.append(arrays[len(train.xs):])  # the epoch's targets in its order, as read
+            targets.append(arrays[len(self.sets.train.xs):])  # the epoch's targets, in its order
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
-        seconds = time.perf_counter() - start
-        results = data_mod.Results.join(parts, n)
-        ys = [np.concatenate([np.asarray(t[k]) for t in targets]) for k in range(len(train.ys))]
-        record: dict = {"epoch": epoch}
-        record.update(metrics_mod.scores(self.heads, results, ys))
-        if self.evaluate is not None:
-            val = data_mod.run_batches(self.evaluate, self.sets.validation, batch_size)
-            record.update({f"val_{k}": v for k, v in metrics_mod.scores(self.heads, val,
-                                                            self.sets.validation.ys).items()})
-        record["learning_rate"] = lr
-        record["seconds"] = round(seconds, 4)
-        record["samples_per_second"] = round(n / seconds, 1) if seconds > 0 else None
-        return record
 
     def run(self, resume_from: Checkpoint | None = None) -> TrainResult:
         with frozen_garbage():

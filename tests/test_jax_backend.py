@@ -14,6 +14,8 @@ from test_layer_table import TABLE, build
 
 from netbuild import api, backend, data
 from netbuild.checks import check
+from netbuild.errors import DataError
+from netbuild.model import ids_in_range
 from netbuild.compile import PerShape, _loss_graph, _weighted, compile_predict, function, target_variables
 
 pytest.importorskip("jax")
@@ -161,3 +163,36 @@ def test_a_jax_function_keeps_a_bounded_number_of_compiled_shapes():
         if n == most + 3:  # 3 was used again just before: 4, the least recently used, went
             assert ((3, 3),) in fns["jax"]._fns and ((4, 3),) not in fns["jax"]._fns
     assert next(reversed(fns["jax"]._fns)) == ((1, 3),)  # compiled again, the latest
+
+
+@pytest.mark.parametrize("name", backend.BACKENDS)
+def test_an_id_out_of_range_that_the_network_computes_is_one_line_on_either_backend(name, tmp_path,
+                                                                                    run_cli):
+    """An embedding reading another layer's output (floats truncated to ids) meets an id outside
+    its table while computing: on c the op raises, on jax a host callback notes it (the rows are
+    NaN); either way training and predicting end in the same located line, exit 1."""
+    np.savez(tmp_path / "d.npz", x=np.full((20, 3), 100.0, np.float32),
+             y=np.zeros((20, 2, 2), np.float32))
+    spec = tmp_path / "ids.yaml"
+    spec.write_text("name: ids\nseed: 0\ndata: {train: d.npz}\nmodel:\n  input_shape: [3]\n"
+                    "  layers: [{type: dense, units: 2}, {type: embedding, input_dim: 4, output_dim: 2}]\n"
+                    "train: {loss: mse, optimizer: {type: sgd}, batch_size: 10, epochs: 1}\n")
+    # the dense layer has no gradient through the ids: refused, located, before anything trains
+    result = run_cli("train", spec, "--run-dir", tmp_path / "run", "--backend", name)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"{spec}:6:12: model.layers[0]: layer 'dense_0' (dense) is not trained by the loss: its output "
+        "reaches the outputs only through an embedding's ids"), result.output
+    network = check(api.load_spec(spec))
+    network.init_params(0)
+    backend.use(name)
+    try:
+        fn = compile_predict(network)
+        with pytest.raises(DataError, match="an embedding received an id outside its table"):
+            with ids_in_range(network):
+                np.asarray(fn(np.full((4, 3), 100.0, pytensor.config.floatX)))
+        with ids_in_range(network):  # ids in range: nothing to say
+            np.asarray(fn(np.zeros((4, 3), pytensor.config.floatX)))
+    finally:
+        backend.use("c")

@@ -56,8 +56,9 @@ class Embedding(Regularized, Layer):
 
     def forward(self, inputs, ctx):
         (ids,) = inputs
-        if not ids.dtype.startswith(("int", "uint")):
+        checked = ids.dtype.startswith(("int", "uint"))  # a network input's, by the data checks
+        if not checked:  # another layer's floats, truncated: checked as the graph runs
             ids = pt.cast(ids, "int64")
         W = self.params["W"]
-        rows = embedding_ops.gather(W, ids.flatten())  # its gradient in C (PyTensor's has none)
+        rows = embedding_ops.gather(W, ids.flatten(), checked)  # its gradient in C (PyTensor's has none)
         return rows.reshape((*[ids.shape[i] for i in range(ids.ndim)], W.shape[1]))

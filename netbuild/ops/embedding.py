@@ -47,8 +47,27 @@ class _EmbeddingCOp(NetbuildCOp):
         return ptr
 
 
+#: The ids out of range that the jax backend's :class:`Gather` met while computing, as
+#: ``(id, position, rows)``: JAX cannot raise inside a compiled function, so a host callback
+#: notes them here and :func:`netbuild.model.ids_in_range` raises the first.
+jax_bad_ids: list = []
+
+
+def _note_bad_ids(rows: int, any_bad, position, value) -> None:
+    if any_bad:
+        jax_bad_ids.append((int(value), int(position), rows))
+
+
 class Gather(_EmbeddingCOp):
-    """``y (n, D) = W[ids]`` for ``W (N, D)`` and ``ids (n,)``."""
+    """``y (n, D) = W[ids]`` for ``W (N, D)`` and ``ids (n,)``. ``checked``: the ids were checked
+    before the graph runs (a network input's, by the data checks); on jax, ids the graph computes
+    (``checked`` False) are checked as it runs, by a host callback (:data:`jax_bad_ids`)."""
+
+    __props__ = ("checked",)
+
+    def __init__(self, checked: bool = False):
+        super().__init__()
+        self.checked = bool(checked)
 
     def make_node(self, W, ids):
         W = pt.as_tensor_variable(W)
@@ -87,12 +106,23 @@ class Gather(_EmbeddingCOp):
 
     def jax(self, node):
         """``y = W[ids]`` (``jnp.take``); NaN rows for ids outside ``[0, N)`` (JAX cannot raise
-        inside a compiled function, and negative ids must not wrap around)."""
+        inside a compiled function, and negative ids must not wrap around), noted in
+        :data:`jax_bad_ids` unless the ids were ``checked``."""
+        import functools
+
+        import jax
         import jax.numpy as jnp
+
+        checked = self.checked
 
         def gather(W, ids):
             n = W.shape[0]
-            ids = jnp.where((ids < 0) | (ids >= n), n, ids)  # n: out of bounds, filled
+            bad = (ids < 0) | (ids >= n)
+            if not checked and ids.shape[0]:  # (static under jax.jit)
+                first = jnp.argmax(bad)
+                jax.debug.callback(functools.partial(_note_bad_ids, n), jnp.any(bad), first,
+                                   ids[first])
+            ids = jnp.where(bad, n, ids)  # n: out of bounds, filled
             return jnp.take(W, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
         return gather
@@ -158,6 +188,6 @@ class GatherGrad(_EmbeddingCOp):
         return gather_grad
 
 
-def gather(W, ids):
-    """``W[ids]`` for a vector of ids, with a gradient in C."""
-    return Gather()(W, ids)
+def gather(W, ids, checked: bool = False):
+    """``W[ids]`` for a vector of ids, with a gradient in C; ``checked``: see :class:`Gather`."""
+    return Gather(checked)(W, ids)
