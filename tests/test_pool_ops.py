@@ -63,14 +63,20 @@ def forward_and_gradient(geometry, x: np.ndarray, dy: np.ndarray, how: str) -> l
     return function([xv, dyv], [y, pytensor.grad(pt.sum(y * dyv), xv)], c=how == "c")(x, dy)
 
 
+def geometry_values(rng) -> list[tuple]:
+    """``(x, dy)`` for each of :data:`GEOMETRIES`: distinct inputs, and output gradients."""
+    values = []
+    for mode, xs, kernel, strides, pads in GEOMETRIES:
+        out = Pool(mode, kernel, strides, pads).out_lengths(xs[2:])
+        values.append((distinct(xs, rng), rng.normal(size=xs[:2] + tuple(out))))
+    return values
+
+
 @pytest.fixture(scope="module")
 def computed():
     rng = np.random.default_rng(0)
     with pytensor.config.change_flags(floatX="float64"):
-        values = []
-        for mode, xs, kernel, strides, pads in GEOMETRIES:
-            out = Pool(mode, kernel, strides, pads).out_lengths(xs[2:])
-            values.append((distinct(xs, rng), rng.normal(size=xs[:2] + tuple(out))))
+        values = geometry_values(rng)
         return values, {how: [forward_and_gradient(g, x, dy, how) for g, (x, dy) in
                               zip(GEOMETRIES, values)] for how in ("c", "py", "graph")}
 
@@ -271,10 +277,7 @@ def jax_computed():
     """Every geometry's ``y`` and ``dx`` in JAX and in C, compiled as one function each."""
     rng = np.random.default_rng(10)
     with pytensor.config.change_flags(floatX="float64"):
-        values = []
-        for mode, xs, kernel, strides, pads in GEOMETRIES:
-            out = Pool(mode, kernel, strides, pads).out_lengths(xs[2:])
-            values.append((distinct(xs, rng), rng.normal(size=xs[:2] + tuple(out))))
+        values = geometry_values(rng)
         graphs = [pool_graph(g, *v) for g, v in zip(GEOMETRIES, values)]
         return jax_and_c(graphs, [a for v in values for a in v])
 
