@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import math
+import mmap
 import os
 import zipfile
 from dataclasses import dataclass
@@ -502,22 +503,34 @@ def in_memory_max() -> int:
 
 
 def in_memory(dataset: Dataset) -> Dataset:
-    """A training or validation set read into memory when its files would be mapped (stored .npz
-    members, or several files) but all of its arrays together take at most :func:`in_memory_max`
-    bytes and fit the memory budget (:func:`netbuild.npz.budget`); else as it is. A small data set is read
-    once instead of on every batch: a copy from the process's memory is cheaper than a read from
-    the kernel's cache (4 MiB: 0.19 ms against 0.27 ms here)."""
+    """A training or validation set with its arrays read into memory where its files would be
+    mapped (stored .npz members, or several files), as many as fit together in
+    :func:`in_memory_max` bytes and the memory budget (:func:`netbuild.npz.budget`), the smallest
+    first: a small data set whole, and of a large one its small arrays (class ids next to
+    gigabytes of inputs); the others stay as they are. What is in memory is read once instead of
+    on every batch: a copy from the process's memory is cheaper than a read from the kernel's
+    cache (4 MiB: 0.19 ms against 0.27 ms here), and a batch of targets read from several files
+    cost its planning and reads (about 50 us a batch) for a few kilobytes."""
     bound = in_memory_max()  # a bad NETBUILD_IN_MEMORY_MAX is an error whatever the files
     if not dataset.mapped:
         return dataset
-    total = sum(int(a.nbytes) for a in dataset.xs + dataset.ys)
     budget = npz.budget()
-    if total > bound or (budget is not None and total > budget):
+    room = bound if budget is None else min(bound, budget)
+    arrays = dataset.xs + dataset.ys
+    chosen = set()
+    for k in sorted(range(len(arrays)), key=lambda k: int(arrays[k].nbytes)):
+        if not (isinstance(arrays[k], Rows) or _mappings(arrays[k])):
+            continue
+        if int(arrays[k].nbytes) > room:
+            break
+        room -= int(arrays[k].nbytes)
+        chosen.add(k)
+    if not chosen:
         return dataset
-    copies = Dataset([np.array(x) for x in dataset.xs], [np.array(y) for y in dataset.ys],
-                     dataset.source)
-    release(dataset)
-    return copies
+    copies = [np.array(a) if k in chosen else a for k, a in enumerate(arrays)]
+    release(Dataset([a for k, a in enumerate(arrays) if k in chosen], [], dataset.source))
+    n = len(dataset.xs)
+    return Dataset(copies[:n], copies[n:], dataset.source)
 
 
 def data_files(spec: Spec, role: str) -> list[tuple[Path, _Reporter]]:
@@ -632,6 +645,12 @@ class Rows:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
+    @functools.cached_property
+    def sources(self) -> list:
+        """Each part's ``(open file, position of row 0, bytes per row)`` (:func:`_file_rows`), or
+        None for a part in memory: found once, not on every batch."""
+        return [_file_rows(p) for p in self.parts]
+
     def __array__(self, dtype=None, copy=None):
         whole = np.concatenate(self.parts)
         return whole if dtype is None else whole.astype(dtype)
@@ -674,34 +693,54 @@ class FileReads:
         self.fds = [f.fileno() for f, _, _ in files]
         self.runs = runs  # per run: file number, position in it, bytes, position in the batch
 
+    @property
+    def announced(self) -> bool:
+        """Whether :meth:`announce` tells the kernel of these runs: not for single shuffled rows
+        (a call per row), nor where there is no ``posix_fadvise``."""
+        return hasattr(os, "posix_fadvise") and len(self.runs[0]) <= self.shape[0] * self.MOST_RUNS_PER_ROW
+
     def announce(self) -> None:
         """Tell the kernel that these rows will be read soon (``posix_fadvise(WILLNEED)``, one
         call per run): it starts reading them from the disk into its cache, without this process
         waiting, so that :meth:`read` copies them from memory (the bench MLP on 2 GiB of blocks
         of 1024 rows from a cold cache: 228-239K samples/s announced, 130-164K not)."""
-        file, at, size, _ = self.runs
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None or len(file) > self.shape[0] * self.MOST_RUNS_PER_ROW:
+        if not self.announced:
             return
+        file, at, size, _ = self.runs
         for k, offset, n in zip(file, at, size):
             try:
-                advise(self.fds[k], offset, n, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self.fds[k], offset, n, os.POSIX_FADV_WILLNEED)
             except OSError:
                 return
 
-    def read(self) -> np.ndarray:
-        """The batch."""
+    def read(self, cached_first: bool = False) -> np.ndarray:
+        """The batch. With ``cached_first``, each run is read first from what the kernel has in
+        its cache alone (``RWF_NOWAIT``), the rest as usual; :attr:`cached` then says whether
+        the cache held all of it (:class:`Announcing` decides from that whether to announce)."""
         out = np.empty(self.shape, self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
+        nowait = _NOWAIT if cached_first else 0
+        self.cached = bool(nowait)
         for k, offset, n, to in zip(*self.runs):
             done = 0
             while done < n:
                 try:
-                    got = os.preadv(self.fds[k], [view[to + done:to + n]], offset + done)
+                    got = os.preadv(self.fds[k], [view[to + done:to + n]], offset + done,
+                                    *((nowait,) if nowait else ()))
+                except BlockingIOError:  # RWF_NOWAIT: not in the cache
+                    got = 0
                 except OSError as exc:  # the disk, or a network file system, failed
-                    f, start, row_bytes = self.files[k]
-                    raise DataError(f"{f.name}: cannot read row {(offset + done - start) // row_bytes}"
-                                    f" ({exc.strerror or exc}); expected a readable data file") from None
+                    if nowait and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        _no_nowait()  # this kernel or file system reads no other way
+                        got = 0
+                    else:
+                        f, start, row_bytes = self.files[k]
+                        raise DataError(f"{f.name}: cannot read row {(offset + done - start) // row_bytes}"
+                                        f" ({exc.strerror or exc}); expected a readable data file") from None
+                if nowait and got < n - done:  # the rest is not in the cache (or the file ends)
+                    self.cached = nowait = False
+                    done += max(got, 0)
+                    continue
                 if got <= 0:  # the file was cut short since it was checked
                     f, start, row_bytes = self.files[k]
                     raise DataError(f"{f.name}: ends before row {(offset + done - start) // row_bytes}"
@@ -711,10 +750,52 @@ class FileReads:
         return out
 
 
+#: ``os.RWF_NOWAIT`` (Linux): a read that takes only what is in the kernel's cache; 0 where
+#: there is none, or once a read with it has been refused.
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _no_nowait() -> None:
+    global _NOWAIT
+    _NOWAIT = 0
+
+
+class Announcing:
+    """Whether to announce a batch's runs to the kernel (:meth:`FileReads.announce`): while
+    reads find rows missing from its cache. The announcement costs a walk of the kernel's cache
+    (60 us per 4 MiB here, a fifth of the read itself) that finds nothing to do when the files
+    are in it, as in every epoch after the first on a machine that holds them. So it stops
+    after ``needed`` batches in a row were all in the cache, and starts again at the first read
+    that was not, with ``needed`` doubled: on files that are not in the cache, the reads that
+    find out (each a wait for the disk) become rarer each time."""
+
+    #: Batches read from the cache in a row before announcing stops, at first.
+    FIRST_NEEDED = 8
+    MOST_NEEDED = 4096
+
+    def __init__(self):
+        self.on, self.hits, self.needed = True, 0, self.FIRST_NEEDED
+
+    def saw(self, cached: bool) -> None:
+        """A batch was read; ``cached``: all of it from the kernel's cache."""
+        if cached:
+            self.hits += 1
+            if self.on and self.hits >= self.needed:
+                self.on = False
+            return
+        self.hits = 0
+        if not self.on:
+            self.on, self.needed = True, min(2 * self.needed, self.MOST_NEEDED)
+
+
 def reads_files(array) -> bool:
     """Whether :func:`file_reads` reads the rows of ``array`` from its files."""
-    parts = array.parts if isinstance(array, Rows) else [array]
-    return bool(parts) and all(_file_rows(p) is not None for p in parts)
+    sources = _sources(array)
+    return bool(sources) and None not in sources
+
+
+def _sources(array) -> list:
+    return array.sources if isinstance(array, Rows) else [_file_rows(array)]
 
 
 def file_reads(array, index) -> FileReads | None:
@@ -722,8 +803,7 @@ def file_reads(array, index) -> FileReads | None:
     files (:func:`_file_rows`; or :class:`Rows` of such arrays) and a 1-D integer index in range
     (negative values counted from the end); None for anything else, which numpy indexes (its
     errors name what was asked for)."""
-    parts = array.parts if isinstance(array, Rows) else [array]
-    sources = [_file_rows(p) for p in parts]
+    sources = _sources(array)
     asked = np.asarray(index)
     if None in sources or asked.ndim != 1 or not len(asked) or asked.dtype.kind not in "iu":
         return None
@@ -731,20 +811,32 @@ def file_reads(array, index) -> FileReads | None:
     low, high = int(asked.min()), int(asked.max())
     if low < -n or high >= n:
         return None
-    index = (np.where(asked < 0, asked + n, asked) if low < 0 else asked).astype(np.int64)
+    index = (np.where(asked < 0, asked + n, asked) if low < 0 else asked).astype(np.int64, copy=False)
     row_bytes = sources[0][2]
-    if len(parts) == 1:
-        which, starts = np.zeros(len(index), np.intp), np.zeros(1, np.int64)
-    else:
+    # the runs of consecutive rows, from the breaks of the index alone (a batch of blocks is a
+    # run or two: the work per batch is in the runs, not the rows)
+    firsts = np.flatnonzero(np.diff(index) != 1) + 1
+    firsts = np.concatenate(([0], firsts)).astype(np.int64)
+    ends = np.append(firsts[1:], len(index))  # past each run's last position in the batch
+    first_row = index[firsts]
+    if len(sources) == 1:
+        part = np.zeros(len(firsts), np.int64)
+    else:  # a run that crosses from one file to the next is cut where it does
         starts = array.starts
-        which = np.searchsorted(starts, index, side="right") - 1
-    breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(which) != 0)) + 1
-    firsts = np.concatenate(([0], breaks))
-    part = which[firsts]
+        part = np.searchsorted(starts, first_row, side="right") - 1
+        last = np.searchsorted(starts, first_row + (ends - firsts) - 1, side="right") - 1
+        if np.any(last != part):
+            crossings = [firsts[r] + starts[p] - first_row[r]
+                         for r in np.flatnonzero(last != part) for p in range(part[r] + 1, last[r] + 1)]
+            cut = np.unique(np.concatenate([firsts, np.array(crossings, np.int64)]))
+            firsts, ends = cut, np.append(cut[1:], len(index))
+            first_row = index[firsts]
+            part = np.searchsorted(starts, first_row, side="right") - 1
+        first_row = first_row - starts[part]
     file_start = np.array([start for _, start, _ in sources], np.int64)
-    at = file_start[part] + (index[firsts] - starts[part]) * row_bytes
-    size = np.diff(np.concatenate((firsts, [len(index)]))) * row_bytes
-    order = np.lexsort((at, part))  # each file's runs in its order
+    at = file_start[part] + first_row * row_bytes
+    size = (ends - firsts) * row_bytes
+    order = np.lexsort((at, part)) if len(part) > 1 else slice(None)  # each file's runs in order
     runs = tuple(v[order].tolist() for v in (part, at, size, firsts * row_bytes))
     return FileReads((len(index), *array.shape[1:]), array.dtype, sources, runs)
 
@@ -889,8 +981,6 @@ def release(dataset: "Dataset") -> None:
 
 
 def _release(maps: list) -> None:
-    import mmap
-
     for m in {id(m): m for m in maps}.values():
         try:
             m.madvise(mmap.MADV_DONTNEED)
@@ -905,10 +995,14 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
     cache is read from the disk while the steps before compute, and then copied when asked for
     (:meth:`FileReads.read`), on the caller's thread.
 
+    Announcing stops while batches are found in the kernel's cache and starts again when one is
+    not (:class:`Announcing`).
+
     Not on a thread of its own: the copy is short next to a step, and a reader thread takes a
     core from a step that computes on all of them (the bench's MLP on 1 GiB of memory-mapped
     blocks of 1024 rows, 2 threads: 412-439K samples/s with a thread gathering two batches
-    ahead, 561-636K without)."""
+    ahead, 561-636K without; glibc's POSIX AIO threads, reading without the GIL, were no faster
+    than this loop either)."""
     import collections
 
     if not dataset.mapped:
@@ -916,25 +1010,38 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
             yield idx, dataset.batch(idx)
         return
     arrays = dataset.xs + dataset.ys
+    through_map = [isinstance(a, Rows) or bool(_mappings(a)) for a in arrays]
     announced: collections.deque = collections.deque()
+    announcing = Announcing()
     gathered = 0
 
     def read(idx, reads):
         nonlocal gathered
-        batch = [a[idx] if r is None else r.read() for a, r in zip(arrays, reads)]
-        if None in reads:  # pages that indexing a map mapped: dropped every RELEASE_EVERY
-            gathered += sum(b.nbytes for b in batch)
-            if gathered >= RELEASE_EVERY:
-                release(dataset)
-                gathered = 0
+        batch, cached = [], None
+        for a, r, mapped in zip(arrays, reads, through_map):
+            if r is None:
+                batch.append(a[idx])
+                if mapped:  # pages that indexing a map mapped: dropped every RELEASE_EVERY
+                    gathered += batch[-1].nbytes
+            elif r.announced and _NOWAIT:
+                batch.append(r.read(cached_first=True))
+                cached = r.cached and cached is not False
+            else:
+                batch.append(r.read())
+        if cached is not None:
+            announcing.saw(cached)
+        if gathered >= RELEASE_EVERY:
+            release(dataset)
+            gathered = 0
         return idx, batch
 
     try:
         for idx in indices:
             reads = [file_reads(a, idx) for a in arrays]
-            for r in reads:
-                if r is not None:
-                    r.announce()
+            if announcing.on:
+                for r in reads:
+                    if r is not None:
+                        r.announce()
             announced.append((idx, reads))
             if len(announced) > ahead:
                 yield read(*announced.popleft())

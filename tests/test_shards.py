@@ -38,15 +38,20 @@ def train(tmp_path, name, data, *extra):
     return netbuild.train(spec, tmp_path / name)
 
 
-@pytest.mark.parametrize("save, mapped", [(np.savez, True), (np.savez, False),
-                                           (np.savez_compressed, False)],
-                         ids=["stored-mapped", "stored-in-memory", "compressed"])
-def test_shards_train_to_the_bits_of_one_file(tmp_path, save, mapped, monkeypatch):
+@pytest.mark.parametrize("save, in_memory", [(np.savez, "0"), (np.savez, None),
+                                              (np.savez, "targets"), (np.savez_compressed, None)],
+                         ids=["stored-mapped", "stored-in-memory", "stored-targets-in-memory",
+                              "compressed"])
+def test_shards_train_to_the_bits_of_one_file(tmp_path, save, in_memory, monkeypatch):
     """One file, the same rows in three files (a list), and a glob of them: the same parameters
     and records (the epoch order is one permutation of all the rows, as for one file), whether
-    the shards are memory-mapped or read into memory (a small data set, by default)."""
-    if mapped:
-        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", "0")
+    the shards are memory-mapped, read into memory (a small data set, by default), or mapped
+    with their targets alone in memory (what fits NETBUILD_IN_MEMORY_MAX)."""
+    if in_memory == "targets":
+        with np.load(TRAIN) as d:
+            in_memory = str(d["y"].nbytes)
+    if in_memory is not None:
+        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", in_memory)
     names = shards(tmp_path / "shards", save=save)
     one = train(tmp_path, "one", TRAIN)
     listed = train(tmp_path, "listed", "[" + ", ".join(names) + "]")
@@ -175,6 +180,105 @@ def test_prefetched_batches_are_the_datasets_read_as_announced_and_errors_reach_
         np.testing.assert_array_equal(a, b)
 
 
+def test_in_memory_reads_the_arrays_that_fit_smallest_first(tmp_path, monkeypatch):
+    """A data set larger than NETBUILD_IN_MEMORY_MAX: its arrays that fit, the smallest first
+    (the class ids), are read into memory and their maps let go; the others stay read from the
+    files. All of it fits: all of it in memory; nothing fits: as it was."""
+    from netbuild import data
+    from netbuild.network import Network
+
+    names = shards(tmp_path / "shards")
+    spec = netbuild.load_spec(MLP, overrides=["data.train=[" + ", ".join(names) + "]"])
+    dataset = data.load(spec, "train", Network.from_spec(spec, init=False))
+    x, y = np.asarray(dataset.x), np.asarray(dataset.y)
+    for bound, x_kept, y_kept in ((y.nbytes, False, True), (y.nbytes - 1, False, False),
+                                  (x.nbytes + y.nbytes, True, True)):
+        monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", str(bound))
+        kept = data.in_memory(data.load(spec, "train", Network.from_spec(spec, init=False)))
+        assert data.reads_files(kept.x) != x_kept and data.reads_files(kept.y) != y_kept, bound
+        assert kept.mapped == (not (x_kept and y_kept))
+        np.testing.assert_array_equal(np.asarray(kept.x), x)
+        np.testing.assert_array_equal(np.asarray(kept.y), y)
+
+
+def test_announcing_stops_while_the_files_are_cached_and_starts_again_when_not(tmp_path,
+                                                                              mapped_data,
+                                                                              monkeypatch):
+    """Runs are announced (posix_fadvise) until FIRST_NEEDED batches in a row were read from
+    the kernel's cache alone (RWF_NOWAIT), then not; a read that finds rows missing (the files
+    dropped from the cache) starts announcing again, with twice as many batches needed to
+    stop. The batches are the same throughout, a read of part of the rows from the cache
+    included; a kernel that refuses RWF_NOWAIT is read as before, always announced."""
+    import os
+
+    from netbuild import data
+    from netbuild.network import Network
+
+    if not data._NOWAIT:
+        pytest.skip("no RWF_NOWAIT here")
+    a = data.Announcing()
+    assert a.on and a.needed == a.FIRST_NEEDED
+    for _ in range(a.FIRST_NEEDED):
+        a.saw(True)
+    assert not a.on
+    a.saw(False)
+    assert a.on and a.needed == 2 * a.FIRST_NEEDED and a.hits == 0
+    a.saw(True), a.saw(False)
+    assert a.on and a.needed == 2 * a.FIRST_NEEDED  # a miss while announcing: no doubling
+
+    names = shards(tmp_path / "shards")
+    spec = netbuild.load_spec(MLP, overrides=["data.train=[" + ", ".join(names) + "]"])
+    dataset = data.load(spec, "train", Network.from_spec(spec, init=False))
+    events = []
+    advise, preadv = os.posix_fadvise, os.preadv
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: events.append(len(events)) or advise(*a))
+    monkeypatch.setattr(data.FileReads, "MOST_RUNS_PER_ROW", 1)  # batches across blocks too
+    order = data.epoch_order(len(dataset), 0, 1, 10)
+    want = list(data.batches(len(dataset), 10, order))
+    batches = data.prefetched(dataset, iter(want))
+    try:
+        got = [next(batches) for _ in range(30)]  # the files were just written: in the cache
+        # x and y, a run or two each, until FIRST_NEEDED batches were read, two ahead
+        assert 2 * data.Announcing.FIRST_NEEDED < len(events) <= 4 * (data.Announcing.FIRST_NEEDED + 2)
+        quiet = len(events)
+        got += [next(batches) for _ in range(10)]
+        assert len(events) == quiet  # nothing announced
+
+        def half_cached(fd, buffers, offset, *flags):
+            """The kernel's cache holds the first half of what is asked for (a short read)."""
+            if flags and flags[0]:
+                (view,) = buffers
+                return preadv(fd, [view[:len(view) // 2]], offset, *flags) if len(view) > 1 else 0
+            return preadv(fd, buffers, offset, *flags)
+
+        monkeypatch.setattr(os, "preadv", half_cached)
+        got += [next(batches) for _ in range(10)]
+        assert len(events) > quiet  # a read found rows missing: announcing again
+        monkeypatch.setattr(os, "preadv", preadv)
+        got += list(batches)
+    finally:
+        batches.close()
+    assert len(got) == len(want)
+    for (idx, arrays), expected in zip(got, want):
+        assert np.array_equal(idx, expected)
+        for g, w in zip(arrays, dataset.batch(expected)):
+            assert np.array_equal(g, w)
+
+    def refused(*args):
+        if len(args) > 3 and args[3]:
+            raise OSError(95, "Operation not supported")
+        return preadv(*args)
+
+    monkeypatch.setattr(os, "preadv", refused)
+    monkeypatch.setattr(data, "_NOWAIT", data._NOWAIT)  # restored after the test
+    events.clear()
+    refused_got = list(data.prefetched(dataset, iter(want)))
+    assert data._NOWAIT == 0 and len(events) >= 2 * len(want) - 2
+    for (_, arrays), expected in zip(refused_got, want):
+        for g, w in zip(arrays, dataset.batch(expected)):
+            assert np.array_equal(g, w)
+
+
 # -- reading batches from the files -----------------------------------------------------------
 def _mapped(tmp_path, name, x):
     from netbuild import data
@@ -223,6 +327,13 @@ def test_gather_reads_runs_of_rows_from_the_file_and_equals_indexing(tmp_path, m
     calls.clear()  # a run across the two files: one read in each
     np.testing.assert_array_equal(rows[np.arange(650, 750)], both[650:750])
     assert len(calls) == 2
+    c = rng.normal(size=(40, 12)).astype(np.float32)
+    three = data.Rows([mapped, _mapped(tmp_path, "b.npz", b)[:30], _mapped(tmp_path, "c.npz", c)])
+    every = np.concatenate([a, b[:30], c])
+    calls.clear()  # a run across three files, and one inside the last: four reads
+    index = np.concatenate([np.arange(690, 740), np.arange(755, 765)])
+    np.testing.assert_array_equal(three[index], every[index])
+    assert len(calls) == 4
     np.testing.assert_array_equal(rows[np.arange(-360, -340)], both[-360:-340])
 
 
