@@ -515,8 +515,10 @@ def in_memory(dataset: Dataset) -> Dataset:
     if not dataset.mapped:
         return dataset
     budget = npz.budget()
-    room = bound if budget is None else min(bound, budget)
     arrays = dataset.xs + dataset.ys
+    # the arrays already in memory (decompressed members) count against the bound too
+    room = (bound if budget is None else min(bound, budget)) - sum(
+        int(a.nbytes) for a in arrays if not (isinstance(a, Rows) or _mappings(a)))
     chosen = set()
     for k in sorted(range(len(arrays)), key=lambda k: int(arrays[k].nbytes)):
         if not (isinstance(arrays[k], Rows) or _mappings(arrays[k])):
@@ -714,9 +716,10 @@ class FileReads:
                 return
 
     def read(self, cached_first: bool = False) -> np.ndarray:
-        """The batch. With ``cached_first``, each run is read first from what the kernel has in
-        its cache alone (``RWF_NOWAIT``), the rest as usual; :attr:`cached` then says whether
-        the cache held all of it (:class:`Announcing` decides from that whether to announce)."""
+        """The batch. With ``cached_first``, the runs are read from what the kernel has in its
+        cache alone (``RWF_NOWAIT``) until one is not all there; that one's rest and the runs
+        after it are read as usual. :attr:`cached` then says whether the cache held all of the
+        batch (:class:`Announcing` decides from that whether to announce)."""
         out = np.empty(self.shape, self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         nowait = _NOWAIT if cached_first else 0
@@ -776,16 +779,20 @@ class Announcing:
     def __init__(self):
         self.on, self.hits, self.needed = True, 0, self.FIRST_NEEDED
 
-    def saw(self, cached: bool) -> None:
-        """A batch was read; ``cached``: all of it from the kernel's cache."""
+    def saw(self, cached: bool) -> bool:
+        """A batch was read; ``cached``: all of it from the kernel's cache. Whether announcing
+        starts again with it (the batches planned but not announced are then announced at once:
+        those would wait for the disk too)."""
         if cached:
             self.hits += 1
             if self.on and self.hits >= self.needed:
                 self.on = False
-            return
+            return False
         self.hits = 0
-        if not self.on:
-            self.on, self.needed = True, min(2 * self.needed, self.MOST_NEEDED)
+        if self.on:
+            return False
+        self.on, self.needed = True, min(2 * self.needed, self.MOST_NEEDED)
+        return True
 
 
 def reads_files(array) -> bool:
@@ -1028,8 +1035,11 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
                 cached = r.cached and cached is not False
             else:
                 batch.append(r.read())
-        if cached is not None:
-            announcing.saw(cached)
+        if cached is not None and announcing.saw(cached):
+            for _, planned in announced:
+                for r in planned:
+                    if r is not None:
+                        r.announce()
         if gathered >= RELEASE_EVERY:
             release(dataset)
             gathered = 0
