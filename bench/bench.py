@@ -16,7 +16,10 @@ PyTorch worker reads) on the same batches in the same order. For each setting in
 workers start (one warm-up epoch each), then epochs alternate, netbuild and PyTorch (each going
 first in every other round), for ``--rounds`` rounds. Each figure is a median over rounds, each ratio the median of the rounds'
 paired ratios (this machine's speed drifts within a minute), and each tool's speed-up from 1
-thread to all cores its median at the defaults over its median on one thread.
+thread to all cores its median at the defaults over its median on one thread. netbuild's
+speed-up is also measured paired, in one process (:func:`paired_gain`, ``bench/threads.py``):
+epochs on 1 thread and on every core alternating, seconds apart, where the workers' medians
+come from processes minutes apart.
 
 Also measured: the numpy matrix-product bound of the MLP at one thread (an epoch of nothing but
 each training step's matrix products, in the step's order, on the step's batches; and, for
@@ -322,6 +325,17 @@ def compile_seconds(name: str, compiledir: Path) -> dict:
     return result
 
 
+def paired_gain(name: str, optimizer: str, rounds: int, workdir: Path) -> float:
+    """netbuild's gain from 1 thread to every core measured in one process: one Trainer, epochs
+    on 1 thread and on every core alternating for ``rounds`` rounds, the median of the rounds'
+    paired ratios (``bench/threads.py``, run at the user's defaults)."""
+    out = workdir / f"gain-{name}-{optimizer}.json"
+    subprocess.run([sys.executable, str(HERE / "threads.py"), "--models", name, "--optimizers",
+                    optimizer, "--rounds", str(rounds), "--out", str(workdir / "threads.md"),
+                    "--json", str(out)], env=_clean_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.read_text())[0]["gain"]
+
+
 def _compile_only(name: str) -> None:
     from models import MODELS
 
@@ -496,17 +510,23 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
         lines.append(f"| {MODELS[r['model']].title} | {r['optimizer']} | {r['setting']} | "
                      f"{r['netbuild_threads']}, {r['torch_threads']} | {_fmt(r['netbuild'])} | "
                      f"{_fmt(r['torch'])} | {r['ratio']:.2f}x | {target:.1f}x |")
-    lines += ["", "Speed-up from 1 thread to all cores (median at the defaults / median on one "
-              "thread, same optimizer):", "",
-              "| model | optimizer | netbuild | PyTorch | netbuild target |", "|---|---|---|---|---|"]
+    lines += ["", "Speed-up from 1 thread to all cores, same optimizer. **separate processes**: the "
+              "median at the defaults / the median on one thread, from the workers above (minutes "
+              "apart); **one process, paired**: netbuild alone (`bench/threads.py`), one Trainer, "
+              f"{rounds} rounds of an epoch on 1 thread and one on every core (each first in every "
+              "other round), the median of the rounds' paired ratios (seconds apart: this "
+              "machine's speed swings up to 2x between runs minutes apart).", "",
+              "| model | optimizer | netbuild, separate processes | netbuild, one process, paired | "
+              "PyTorch, separate processes | netbuild target |", "|---|---|---|---|---|---|"]
     by = {(r["model"], r["optimizer"], r["setting"]): r for r in rows}
     for (model, optimizer, setting), r in by.items():
         one = by.get((model, optimizer, "1 thread"))
         if setting != "defaults" or not one:
             continue
         target = SPEEDUP_TARGETS.get(model)
+        paired = r["speedup"].get("paired")
         lines.append(f"| {MODELS[model].title} | {optimizer} | {r['speedup']['netbuild']:.2f}x"
-                     f" | {r['speedup']['torch']:.2f}x | "
+                     f" | {f'{paired:.2f}x' if paired else '-'} | {r['speedup']['torch']:.2f}x | "
                      f"{f'{target:.1f}x' if target else '-'} |")
     jax_rows = [r for r in rows if r.get("jax")]
     if jax_rows:
@@ -617,6 +637,7 @@ def main() -> None:
                 if "defaults" in by_setting and "1 thread" in by_setting:
                     d, one = by_setting["defaults"], by_setting["1 thread"]
                     d["speedup"] = {tool: d[tool] / one[tool] for tool in ("netbuild", "torch")}
+                    d["speedup"]["paired"] = paired_gain(name, optimizer, args.rounds, tmp)
         memory = None if args.no_memory else peak_memory(tmp)
     print(write_results(Path(args.out), env, rows, compiles, memory, args.rounds))
 

@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default=str(HERE / "RESULTS-threads.md"))
+    parser.add_argument("--json", help="also write the rows (every epoch, the gain) to this file "
+                                       "(make bench reads it)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -88,6 +90,10 @@ def main() -> None:
         lines.append(f"- {r['model']}, {r['optimizer']}: {', '.join(f'{v:,.0f}' for v in r['one'])}; "
                      f"{', '.join(f'{v:,.0f}' for v in r['many'])}")
     Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows))
     print("\n".join(lines))
 
 
