@@ -65,7 +65,7 @@ class Dataset:
     @property
     def mapped(self) -> bool:
         """Whether some of its arrays are read from files (memory-mapped, or several files)."""
-        return any(isinstance(a, Rows) or _mappings(a) for a in self.xs + self.ys)
+        return any(from_files(a) for a in self.xs + self.ys)
 
     @property
     def inputs_read_from_files(self) -> bool:
@@ -518,11 +518,10 @@ def in_memory(dataset: Dataset) -> Dataset:
     arrays = dataset.xs + dataset.ys
     # the arrays already in memory (decompressed members) count against the bound too
     room = (bound if budget is None else min(bound, budget)) - sum(
-        int(a.nbytes) for a in arrays if not (isinstance(a, Rows) or _mappings(a)))
+        int(a.nbytes) for a in arrays if not from_files(a))
     chosen = set()
-    for k in sorted(range(len(arrays)), key=lambda k: int(arrays[k].nbytes)):
-        if not (isinstance(arrays[k], Rows) or _mappings(arrays[k])):
-            continue
+    for k in sorted((k for k, a in enumerate(arrays) if from_files(a)),
+                    key=lambda k: int(arrays[k].nbytes)):
         if int(arrays[k].nbytes) > room:
             break
         room -= int(arrays[k].nbytes)
@@ -694,6 +693,7 @@ class FileReads:
         self.files = files  # per file: (open file, position of row 0, bytes per row)
         self.fds = [f.fileno() for f, _, _ in files]
         self.runs = runs  # per run: file number, position in it, bytes, position in the batch
+        self.cached = False  # set by read(cached_first=True)
 
     @property
     def announced(self) -> bool:
@@ -737,20 +737,23 @@ class FileReads:
                         _no_nowait()  # this kernel or file system reads no other way
                         got = 0
                     else:
-                        f, start, row_bytes = self.files[k]
-                        raise DataError(f"{f.name}: cannot read row {(offset + done - start) // row_bytes}"
-                                        f" ({exc.strerror or exc}); expected a readable data file") from None
+                        raise DataError(f"{self._row(k, offset + done)} ({exc.strerror or exc}); "
+                                        "expected a readable data file") from None
                 if nowait and got < n - done:  # the rest is not in the cache (or the file ends)
                     self.cached = nowait = False
                     done += max(got, 0)
                     continue
                 if got <= 0:  # the file was cut short since it was checked
-                    f, start, row_bytes = self.files[k]
-                    raise DataError(f"{f.name}: ends before row {(offset + done - start) // row_bytes}"
+                    raise DataError(self._row(k, offset + done, "ends before row") +
                                     ", which it held when it was checked; expected the data files "
                                     "to stay as they are while netbuild reads them")
                 done += got
         return out
+
+    def _row(self, k: int, at: int, what: str = "cannot read row") -> str:
+        """``<file>: <what> <row>`` for the row of file ``k`` at byte ``at``."""
+        f, start, row_bytes = self.files[k]
+        return f"{f.name}: {what} {(at - start) // row_bytes}"
 
 
 #: ``os.RWF_NOWAIT`` (Linux): a read that takes only what is in the kernel's cache; 0 where
@@ -981,6 +984,11 @@ def _mappings(array) -> list:
     return [found] if found is not None else []
 
 
+def from_files(array) -> bool:
+    """Whether ``array``'s rows lie in files: memory-mapped, or the parts of several files."""
+    return isinstance(array, Rows) or bool(_mappings(array))
+
+
 def release(dataset: "Dataset") -> None:
     """Drop the pages of the dataset's memory-mapped files from this process (the kernel keeps
     them cached): a pass over a file larger than memory stays in bounded resident memory."""
@@ -1017,10 +1025,15 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
             yield idx, dataset.batch(idx)
         return
     arrays = dataset.xs + dataset.ys
-    through_map = [isinstance(a, Rows) or bool(_mappings(a)) for a in arrays]
+    through_map = [from_files(a) for a in arrays]
     announced: collections.deque = collections.deque()
     announcing = Announcing()
     gathered = 0
+
+    def announce(reads):
+        for r in reads:
+            if r is not None:
+                r.announce()
 
     def read(idx, reads):
         nonlocal gathered
@@ -1037,9 +1050,7 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
                 batch.append(r.read())
         if cached is not None and announcing.saw(cached):
             for _, planned in announced:
-                for r in planned:
-                    if r is not None:
-                        r.announce()
+                announce(planned)
         if gathered >= RELEASE_EVERY:
             release(dataset)
             gathered = 0
@@ -1049,9 +1060,7 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
         for idx in indices:
             reads = [file_reads(a, idx) for a in arrays]
             if announcing.on:
-                for r in reads:
-                    if r is not None:
-                        r.announce()
+                announce(reads)
             announced.append((idx, reads))
             if len(announced) > ahead:
                 yield read(*announced.popleft())

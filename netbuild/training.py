@@ -252,14 +252,12 @@ class Trainer:
         batch_size = int(self.cfg["batch_size"])
         order = data_mod.epoch_order(n, self.seed, epoch, int(self.cfg.get("shuffle_block", 1))) \
             if self.cfg.get("shuffle", True) else None
-        n_batches = math.ceil(n / batch_size)
         start = time.perf_counter()
-        parts, targets = [], []
         batches = data_mod.prefetched(train, data_mod.batches(n, batch_size, order))
         if backend.current() == "jax":
             batches = backend.ahead_on_device(batches)
         with ids_in_range(self.network):
-            self._batches(epoch, batches, n, n_batches, batch_size, start, parts, targets)
+            parts, targets = self._steps(epoch, batches, n, batch_size, start)
         seconds = time.perf_counter() - start
         results = data_mod.Results.join(parts, n)
         ys = [np.concatenate([np.asarray(t[k]) for t in targets]) for k in range(len(train.ys))]
@@ -275,11 +273,11 @@ class Trainer:
         record["samples_per_second"] = round(n / seconds, 1) if seconds > 0 else None
         return record
 
-    def _batches(self, epoch: int, batches, n: int, n_batches: int, batch_size: int, start: float,
-                 parts: list, targets: list) -> None:
-        """One epoch's training steps: each batch's results into ``parts``, its targets into
-        ``targets``."""
-        total = 0.0
+    def _steps(self, epoch: int, batches, n: int, batch_size: int, start: float) -> tuple[list, list]:
+        """One epoch's training steps over ``batches``: each batch's results, and its targets
+        (the epoch's, in its order)."""
+        n_batches = math.ceil(n / batch_size)
+        parts, targets, total = [], [], 0.0
         for b, (idx, arrays) in enumerate(batches, start=1):
             part = self.fns.step(*arrays)
             loss = part.loss / len(idx)
@@ -292,9 +290,10 @@ class Trainer:
                     "train.optimizer.learning_rate, or train.clip_norm)")
             total += part.loss
             parts.append(part)
-            targets.append(arrays[len(self.sets.train.xs):])  # the epoch's targets, in its order
+            targets.append(arrays[len(self.sets.train.xs):])
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
+        return parts, targets
 
     def run(self, resume_from: Checkpoint | None = None) -> TrainResult:
         with frozen_garbage():
