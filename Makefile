@@ -53,9 +53,9 @@ bench-threads: $(STAMP)
 bench-onnx: $(STAMP)
 	$(BIN)/python bench/export.py
 
-# Training on 8 GiB of memory-mapped shards against the in-memory path on 1 GiB of the same rows:
-# samples/s and peak resident memory (bench/RESULTS-data.md; needs 10 GiB of free disk, a few
-# minutes).
+# Training on 8 GiB of memory-mapped shards (written by netbuild.savez, and again by numpy.savez)
+# against the in-memory path on 1 GiB of the same rows: samples/s and peak resident memory
+# (bench/RESULTS-data.md; needs 18 GiB of free disk, about ten minutes).
 bench-data: $(STAMP)
 	$(BIN)/python bench/data.py
 

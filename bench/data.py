@@ -2,7 +2,9 @@
 against that path, in one run -> bench/RESULTS-data.md.
 
 Generates (and removes afterwards) 8 GiB of float32 rows, 1024 features each, in 8 files of
-1 GiB stored uncompressed (``numpy.savez``: netbuild memory-maps them), and 1 GiB of the same
+1 GiB stored uncompressed by ``netbuild.savez`` (netbuild memory-maps them, and reads a batch of
+consecutive rows in place: each array's data is aligned in the file), the same 8 files written
+by ``numpy.savez`` (data unaligned: each batch is copied out of the file), and 1 GiB of the same
 rows (the first file's) in one compressed file (``numpy.savez_compressed``: decompressed into
 memory, the in-memory path). `netbuild train` trains a small MLP (1024-32-10, Adam, batch 1024,
 no validation) for one epoch of the shards, and for as many epochs of the in-memory file as
@@ -53,9 +55,12 @@ def rows(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate(folder: Path, shards: int) -> None:
+    import netbuild
+
     for k in range(shards):
         x, y = rows(k)
-        np.savez(folder / f"train-{k:02d}.npz", x=x, y=y)
+        netbuild.savez(folder / f"train-{k:02d}.npz", x=x, y=y)
+        np.savez(folder / f"numpy-{k:02d}.npz", x=x, y=y)
         if k == 0:
             np.savez_compressed(folder / "memory.npz", x=x, y=y)
         del x, y
@@ -113,6 +118,10 @@ def train(folder: Path, name: str, train: str, block: int, epochs: int = 1) -> d
 #: The epoch orders measured: single rows (train.shuffle_block 1, the default), and blocks of
 #: 1024 consecutive rows (a batch's rows contiguous in its file).
 BLOCKS = (1, 1024)
+#: The data sets: (name, file glob, epoch orders measured). numpy.savez's shards only in blocks:
+#: single rows are read the same way from both writers' files.
+SETS = (("memory", "memory.npz", BLOCKS), ("sharded", "train-*.npz", BLOCKS),
+        ("numpy", "numpy-*.npz", (1024,)))
 
 
 def main() -> None:
@@ -135,17 +144,22 @@ def main() -> None:
         os.sync()  # the files on disk before any timing: writing them back competes with reading
         made = time.perf_counter() - start
         size = sum(f.stat().st_size for f in folder.glob("train-*.npz"))
-        results = {(name, block): [] for block in BLOCKS for name in ("sharded", "memory")}
+        results = {(name, block): [] for name, _, blocks in SETS for block in blocks}
         for _ in range(args.rounds):  # alternating: the machine's speed drifts
             for block in BLOCKS:
-                # as many rows as the sharded run (an epoch per shard): both as exposed to this
-                # machine's swings in speed, where one epoch of 1 GiB took half a second
-                results["memory", block].append(train(folder, "memory", str(folder / "memory.npz"),
-                                                       block, epochs=args.shards))
-                warm(sorted(folder.glob("train-*.npz")))
-                results["sharded", block].append(train(folder, "sharded", str(folder / "train-*.npz"), block))
-                for run in folder.glob("run-*"):
-                    shutil.rmtree(run)
+                for name, files, blocks in SETS:
+                    if block not in blocks:
+                        continue
+                    if name == "memory":
+                        # as many rows as a sharded run (an epoch per shard): both as exposed to
+                        # this machine's swings in speed, where one epoch of 1 GiB took half a second
+                        results[name, block].append(train(folder, name, str(folder / files), block,
+                                                          epochs=args.shards))
+                    else:
+                        warm(sorted(folder.glob(files)))
+                        results[name, block].append(train(folder, name, str(folder / files), block))
+                    for run in folder.glob("run-*"):
+                        shutil.rmtree(run)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     write(Path(args.out), results, size, args.shards, made)
@@ -159,7 +173,10 @@ def write(out: Path, results: dict, size: int, shards: int, made: float) -> None
         "",
         f"Written by `make bench-data` ({time.strftime('%Y-%m-%d %H:%M')}). {shards} files of "
         f"{SHARD_ROWS:,} rows x {WIDTH} float32 ({size / gib:.2f} GiB in all, stored uncompressed, "
-        f"memory-mapped; generated in {made:.0f} s and removed after) against 1 GiB of the same "
+        "memory-mapped), written by `netbuild.savez` (each array's data aligned in the file: a "
+        "batch of consecutive rows is read in place) and again by `numpy.savez` (unaligned: a "
+        f"batch is copied out of the file with `pread`), generated in {made:.0f} s and removed "
+        "after, against 1 GiB of the same "
         "rows (the first file's) in one compressed file, decompressed into memory. `netbuild train`, "
         f"MLP 1024-32-10, Adam, batch 1024, no validation, one epoch of the shards and {shards} "
         "of the in-memory file (the same number of rows), each in a process of its own, "
@@ -174,28 +191,36 @@ def write(out: Path, results: dict, size: int, shards: int, made: float) -> None
         "| epoch order | data | rows | samples/s (each round) | peak resident memory (each round) | process s |",
         "|---|---|---|---|---|---|",
     ]
+    labels = {"sharded": (f"{shards} memory-mapped files, {size / gib:.1f} GiB, netbuild.savez",
+                          shards * SHARD_ROWS),
+              "numpy": (f"{shards} memory-mapped files, {size / gib:.1f} GiB, numpy.savez",
+                        shards * SHARD_ROWS),
+              "memory": ("1 compressed file in memory, 1.0 GiB", SHARD_ROWS)}
     for block in BLOCKS:
         order = "single rows" if block == 1 else f"blocks of {block} rows"
-        for name, label, n in (("sharded", f"{shards} memory-mapped files, {size / gib:.1f} GiB",
-                                shards * SHARD_ROWS),
-                               ("memory", "1 compressed file in memory, 1.0 GiB", SHARD_ROWS)):
+        for name, (label, n) in labels.items():
+            if (name, block) not in results:
+                continue
             runs = results[name, block]
-            lines.append(f"| {order} | {label} | {n:,}{'' if name == 'sharded' else f' x {shards} epochs'} | "
+            lines.append(f"| {order} | {label} | {n:,}{f' x {shards} epochs' if name == 'memory' else ''} | "
                          + ", ".join(f"{r['samples_per_second']:,.0f}" for r in runs) + " | "
                          + ", ".join(f"{r['max_rss_bytes'] / gib:.2f} GiB" for r in runs) + " | "
                          + ", ".join(f"{r['process_seconds']:.0f}" for r in runs) + " |")
     lines.append("")
     for block in BLOCKS:
-        median = {k: statistics.median(r["samples_per_second"] for r in results[k, block])
-                  for k in ("sharded", "memory")}
-        peak = max(r["max_rss_bytes"] for r in results["sharded", block])
         order = "single rows" if block == 1 else f"blocks of {block} rows"
-        paired = [s["samples_per_second"] / m["samples_per_second"]
-                  for s, m in zip(results["sharded", block], results["memory", block])]
-        lines.append(f"- {order}: sharded / in-memory samples/s (medians) "
-                     f"{median['sharded'] / median['memory']:.2f}x (target 0.9x; each round's: "
-                     + ", ".join(f"{r:.2f}x" for r in paired) + "); peak memory of the "
-                     f"sharded runs {peak / gib:.2f} GiB at most (target under 1.5 GiB).")
+        memory = statistics.median(r["samples_per_second"] for r in results["memory", block])
+        for name, writer in (("sharded", "netbuild.savez"), ("numpy", "numpy.savez")):
+            if (name, block) not in results:
+                continue
+            median = statistics.median(r["samples_per_second"] for r in results[name, block])
+            peak = max(r["max_rss_bytes"] for r in results[name, block])
+            paired = [s["samples_per_second"] / m["samples_per_second"]
+                      for s, m in zip(results[name, block], results["memory", block])]
+            lines.append(f"- {order}, shards written by {writer}: sharded / in-memory samples/s "
+                         f"(medians) {median / memory:.2f}x (target 0.9x; each round's: "
+                         + ", ".join(f"{r:.2f}x" for r in paired) + "); peak memory of the "
+                         f"sharded runs {peak / gib:.2f} GiB at most (target under 1.5 GiB).")
     lines.append("")
     out.write_text("\n".join(lines))
     print("\n".join(lines))

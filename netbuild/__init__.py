@@ -8,6 +8,7 @@ The Python API (:mod:`netbuild.api`, which the CLI is built on)::
     run = netbuild.train(spec, run_dir="runs/net")
     model = netbuild.load_model("runs/net")
     model.predict(x); model.evaluate(x, y); model.export_onnx("net.onnx")
+    netbuild.savez("train-00.npz", x=x, y=y)  # a data file whose batches are read in place
 
 A user's mistake raises :class:`NetbuildError`, whose ``str()`` is the located line the CLI prints.
 Importing netbuild configures PyTensor once (C backend, BLAS, float type); see ``backend``.
@@ -33,7 +34,7 @@ from .errors import (  # noqa: E402
 )
 
 #: The API's names, imported from :mod:`netbuild.api` when first used (the CLI's start stays fast).
-_API = ("load_spec", "check", "train", "load_model", "Model", "Run", "Summary", "Callbacks")
+_API = ("load_spec", "check", "train", "load_model", "savez", "Model", "Run", "Summary", "Callbacks")
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -66,6 +66,14 @@ class Dataset:
     def mapped(self) -> bool:
         """Whether some of its arrays are read from files (memory-mapped, or several files)."""
         return any(from_files(a) for a in self.xs + self.ys)
+
+    @property
+    def unaligned_input_files(self) -> list[str]:
+        """The files whose input rows a batch reads with ``pread`` because they lie unaligned
+        there (``numpy.savez``), where aligned (:func:`netbuild.npz.savez`) a batch of one run
+        of rows would be read in place (:meth:`FileReads.view`)."""
+        return list(dict.fromkeys(f.file.name for x in self.xs if reads_files(x)
+                                  for f in _sources(x) if not f.rows.flags.aligned))
 
     @property
     def inputs_read_from_files(self) -> bool:
@@ -271,6 +279,9 @@ CHECK_CHUNK = 2**22
 #: Bytes of a memory-mapped array read between two releases of its pages (:func:`row_chunks`,
 #: :func:`prefetched`).
 RELEASE_EVERY = 256 * 2**20
+#: What a kernel may map around the rows a step reads from a view of a map (:meth:`FileReads.view`),
+#: on each side: the rest of the large folio they lie in, up to a PMD's 2 MiB.
+MAPPED_AROUND = 2 * 2**20
 
 
 def row_chunks(values: np.ndarray):
@@ -648,8 +659,8 @@ class Rows:
 
     @functools.cached_property
     def sources(self) -> list:
-        """Each part's ``(open file, position of row 0, bytes per row)`` (:func:`_file_rows`), or
-        None for a part in memory: found once, not on every batch."""
+        """Each part's :class:`FileRows`, or None for a part in memory: found once, not on every
+        batch."""
         return [_file_rows(p) for p in self.parts]
 
     def __array__(self, dtype=None, copy=None):
@@ -681,8 +692,9 @@ class FileReads:
     rows one each), in the files' order, into the batch. The files' pages are copied without
     being mapped into the process, so nothing stays resident. (Gathered from the map instead, the
     kernel maps the whole large folio around each row touched: one batch of 1024 shuffled rows
-    of 4 KiB mapped 884 MiB of a 1 GiB file.) Made once per batch, for :meth:`announce` and then
-    :meth:`read`."""
+    of 4 KiB mapped 884 MiB of a 1 GiB file.) A batch that is one run of aligned rows is read in
+    place instead (:meth:`view`). Made once per batch, for :meth:`announce` and then
+    :meth:`view` or :meth:`read`."""
 
     #: Runs per row of a batch, at most, for :meth:`announce` to tell the kernel about them (one
     #: call per run): batches of single shuffled rows are not announced.
@@ -690,8 +702,8 @@ class FileReads:
 
     def __init__(self, shape: tuple, dtype, files: list, runs: tuple):
         self.shape, self.dtype = shape, dtype
-        self.files = files  # per file: (open file, position of row 0, bytes per row)
-        self.fds = [f.fileno() for f, _, _ in files]
+        self.files = files  # per file: FileRows
+        self.fds = [f.file.fileno() for f in files]
         self.runs = runs  # per run: file number, position in it, bytes, position in the batch
         self.cached = False  # set by read(cached_first=True)
 
@@ -750,10 +762,48 @@ class FileReads:
                 done += got
         return out
 
+    def view(self) -> np.ndarray | None:
+        """The batch as a read-only view of its file's map, without a copy, when it is one run of
+        rows of one file that lie aligned for their dtype (an archive written by
+        :func:`netbuild.npz.savez`; ``numpy.savez`` puts a member's data where its name leaves
+        it, mostly unaligned, and PyTensor's C code refuses unaligned arrays); else None. The step
+        then reads the rows from the kernel's cache itself, and its pages stay mapped until
+        :func:`release`. A file cut short since it was checked is a :class:`DataError` here,
+        where touching the missing rows would end the process (``SIGBUS``)."""
+        file, at, size, _ = self.runs
+        if len(file) != 1:
+            return None
+        source = self.files[file[0]]
+        if not source.rows.flags.aligned:
+            return None
+        end = at[0] + size[0]
+        if os.fstat(self.fds[file[0]]).st_size < end:
+            raise DataError(self._row(file[0], end - source.row_bytes, "ends before row") +
+                            ", which it held when it was checked; expected the data files to stay "
+                            "as they are while netbuild reads them")
+        first = (at[0] - source.start) // source.row_bytes
+        return np.asarray(source.rows[first:first + size[0] // source.row_bytes])
+
+    def in_cache(self) -> bool:
+        """Whether the kernel's cache holds the batch's runs, as far as the first and last byte of
+        each tell (one-byte ``RWF_NOWAIT`` reads): for :class:`Announcing`, where a :meth:`view`
+        reads nothing itself. Announced runs are read in from the disk as a whole."""
+        probe = bytearray(1)
+        for k, offset, n, _ in zip(*self.runs):
+            for at in (offset, offset + n - 1):
+                try:
+                    if os.preadv(self.fds[k], [probe], at, _NOWAIT) != 1:
+                        return False
+                except OSError as exc:  # BlockingIOError: not in the cache
+                    if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        _no_nowait()
+                    return False
+        return True
+
     def _row(self, k: int, at: int, what: str = "cannot read row") -> str:
         """``<file>: <what> <row>`` for the row of file ``k`` at byte ``at``."""
-        f, start, row_bytes = self.files[k]
-        return f"{f.name}: {what} {(at - start) // row_bytes}"
+        f = self.files[k]
+        return f"{f.file.name}: {what} {(at - f.start) // f.row_bytes}"
 
 
 #: ``os.RWF_NOWAIT`` (Linux): a read that takes only what is in the kernel's cache; 0 where
@@ -818,11 +868,19 @@ def file_reads(array, index) -> FileReads | None:
     if None in sources or asked.ndim != 1 or not len(asked) or asked.dtype.kind not in "iu":
         return None
     n = len(array)
+    first = run_start(asked)
+    if first is not None and first + len(asked) <= n:  # one run (a batch of one shuffle block)
+        k = 0 if len(sources) == 1 else int(np.searchsorted(array.starts, first, side="right")) - 1
+        start, stop = (0, n) if len(sources) == 1 else (int(array.starts[k]), int(array.starts[k + 1]))
+        if first + len(asked) <= stop:  # in one file: its run planned without the general case's work
+            f = sources[k]
+            runs = ([k], [f.start + (first - start) * f.row_bytes], [len(asked) * f.row_bytes], [0])
+            return FileReads((len(asked), *array.shape[1:]), array.dtype, sources, runs)
     low, high = int(asked.min()), int(asked.max())
     if low < -n or high >= n:
         return None
     index = (np.where(asked < 0, asked + n, asked) if low < 0 else asked).astype(np.int64, copy=False)
-    row_bytes = sources[0][2]
+    row_bytes = sources[0].row_bytes
     # the runs of consecutive rows, from the breaks of the index alone (a batch of blocks is a
     # run or two: the work per batch is in the runs, not the rows)
     firsts = np.flatnonzero(np.diff(index) != 1) + 1
@@ -843,7 +901,7 @@ def file_reads(array, index) -> FileReads | None:
             first_row = index[firsts]
             part = np.searchsorted(starts, first_row, side="right") - 1
         first_row = first_row - starts[part]
-    file_start = np.array([start for _, start, _ in sources], np.int64)
+    file_start = np.array([f.start for f in sources], np.int64)
     at = file_start[part] + first_row * row_bytes
     size = (ends - firsts) * row_bytes
     order = np.lexsort((at, part)) if len(part) > 1 else slice(None)  # each file's runs in order
@@ -853,14 +911,54 @@ def file_reads(array, index) -> FileReads | None:
 
 def gather(array, index: np.ndarray) -> np.ndarray:
     """``array[index]`` for a batch's index array: read from the files (:class:`FileReads`)
-    when the array's rows lie in memory-mapped files, else indexed as it is."""
+    when the array's rows lie in memory-mapped files; a view (:func:`consecutive`) when they are
+    consecutive rows in memory; else indexed as it is."""
     reads = file_reads(array, index)
-    return array[index] if reads is None else reads.read()
+    if reads is not None:
+        return reads.read()
+    view = consecutive(array, index)
+    return array[index] if view is None else view
 
 
-def _file_rows(array) -> tuple | None:
-    """``(open file, position of row 0, bytes per row)`` of a C-contiguous array whose rows lie
-    in a file mapped by :func:`netbuild.npz.mapped`, else None."""
+def run_start(index: np.ndarray) -> int | None:
+    """The first row of ``index`` (a 1-D integer array) when it is consecutive rows from there on
+    (a batch within one block of ``train.shuffle_block``, or of an unshuffled pass), else None."""
+    if index.ndim != 1 or not len(index) or index.dtype.kind not in "iu":
+        return None
+    first = int(index[0])
+    if first < 0 or int(index[-1]) != first + len(index) - 1:
+        return None
+    if len(index) > 2 and not (np.diff(index) == 1).all():
+        return None
+    return first
+
+
+def consecutive(array, index) -> np.ndarray | None:
+    """``array[index]`` as a read-only view of ``array``, no copy, where ``index`` is consecutive
+    rows (:func:`run_start`) of an aligned array in range; else None."""
+    if not isinstance(array, np.ndarray) or not array.flags.aligned or array.ndim == 0:
+        return None
+    index = np.asarray(index)
+    first = run_start(index)
+    if first is None or first + len(index) > len(array):
+        return None
+    view = array[first:first + len(index)].view(np.ndarray)
+    view.flags.writeable = False
+    return view
+
+
+class FileRows(NamedTuple):
+    """Where the rows of an array lie in a file mapped by :func:`netbuild.npz.mapped`."""
+
+    file: npz.Reader  # the file, open
+    start: int  # the position of row 0 in it
+    row_bytes: int
+    rows: np.ndarray  # the array (C-contiguous): views of its rows read the map
+
+
+def _file_rows(array) -> FileRows | None:
+    """The :class:`FileRows` of a C-contiguous array whose rows lie in a file mapped by
+    :func:`netbuild.npz.mapped`, else None."""
     if not isinstance(array, np.ndarray) or array.ndim == 0 or not array.flags.c_contiguous:
         return None
     mm = array
@@ -869,7 +967,7 @@ def _file_rows(array) -> tuple | None:
     if mm is None or not mm.flags.c_contiguous:
         return None
     start = mm.offset + (array.__array_interface__["data"][0] - mm.__array_interface__["data"][0])
-    return mm.reader, start, array.itemsize * math.prod(array.shape[1:])
+    return FileRows(mm.reader, start, array.itemsize * math.prod(array.shape[1:]), array)
 
 
 def load_inputs(file: str | Path, spec: Spec, network: Network) -> list[np.ndarray]:
@@ -1008,7 +1106,9 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
     as ``dataset.batch(index)``. The rows of memory-mapped files are announced to the kernel
     ``ahead`` batches before they are read (:meth:`FileReads.announce`), so that a file not in its
     cache is read from the disk while the steps before compute, and then copied when asked for
-    (:meth:`FileReads.read`), on the caller's thread.
+    (:meth:`FileReads.read`), on the caller's thread, or given as a view of the map when the
+    batch is one run of aligned rows (:meth:`FileReads.view`; its pages, mapped as the step reads
+    them, are let go with the others every :data:`RELEASE_EVERY` bytes).
 
     Announcing stops while batches are found in the kernel's cache and starts again when one is
     not (:class:`Announcing`).
@@ -1039,15 +1139,23 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
         nonlocal gathered
         batch, cached = [], None
         for a, r, mapped in zip(arrays, reads, through_map):
+            hit = None  # whether the kernel's cache held the rows, where that is asked
             if r is None:
-                batch.append(a[idx])
+                batch.append(gather(a, idx))
                 if mapped:  # pages that indexing a map mapped: dropped every RELEASE_EVERY
                     gathered += batch[-1].nbytes
+            elif (view := r.view()) is not None:
+                batch.append(view)
+                gathered += view.nbytes + 2 * MAPPED_AROUND  # mapped as the step reads them
+                if r.announced and _NOWAIT:
+                    hit = r.in_cache()
             elif r.announced and _NOWAIT:
                 batch.append(r.read(cached_first=True))
-                cached = r.cached and cached is not False
+                hit = r.cached
             else:
                 batch.append(r.read())
+            if hit is not None:
+                cached = hit and cached is not False
         if cached is not None and announcing.saw(cached):
             for _, planned in announced:
                 announce(planned)

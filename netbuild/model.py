@@ -174,9 +174,11 @@ class Model:
         outputs go to a memory-mapped .npy file beside ``path``, streamed into the archive at the
         end, so the outputs are never all in memory. The write is atomic. Returns each key's
         shape."""
+        import shutil
         import tempfile
         import zipfile
 
+        from . import npz
         from .runs import atomic_write_with
 
         sig = self.network.signature
@@ -201,10 +203,12 @@ class Model:
                 m.flush()
             del maps
 
-            def write(f):
+            def write(f):  # each member's data aligned, as netbuild.savez writes it
                 with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
                     for key, part in zip(keys, parts):
-                        archive.write(part, arcname=f"{key}.npy")  # copied in chunks
+                        with open(part, "rb") as src:
+                            npz.add_member(archive, f"{key}.npy",
+                                           lambda out, src=src: shutil.copyfileobj(src, out, npz.CHUNK))
 
             atomic_write_with(path, write)
         return shapes

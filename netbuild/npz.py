@@ -213,3 +213,50 @@ def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
             raise MemberError(f"holds more than the {size_text(m.nbytes)} its header declares; "
                               "expected a complete .npz archive")
     return out
+
+
+#: Where the archives netbuild writes (:func:`savez`) put each member's data: at a multiple of
+#: this many bytes of the file, as a ``.npy`` file has it (numpy pads its header to 64 bytes).
+ALIGN = 64
+#: The id of the extra field that pads a member's local header (Android's zipalign uses it).
+_PADDING_ID = 0xD935
+_LOCAL_HEADER = 30  # bytes of a zip local file header before its name
+_ZIP64_EXTRA = 20  # the extra field zipfile adds to a member opened with force_zip64
+
+
+def add_member(archive: zipfile.ZipFile, name: str, write) -> None:
+    """Add the member ``name`` to ``archive`` (open for writing, on a seekable file), stored
+    uncompressed, its bytes from ``write(f)``: a ``.npy`` stream, whose data (after a header of a
+    multiple of 64 bytes) then lies at a multiple of :data:`ALIGN` bytes of the file.
+
+    ``numpy.savez`` puts a member's data where the member's name leaves it (``x.npy``: at 183
+    bytes, past a 128-byte header), so a float32 array there lies unaligned, which PyTensor's C
+    code refuses: a batch of its rows must be copied out of the file. Aligned, a batch that is one
+    run of rows is a view of the file's map (:meth:`netbuild.data.FileReads.view`)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # the same bytes every time
+    info.compress_type = zipfile.ZIP_STORED
+    encoded = len(name.encode("utf-8"))
+    pad = -(archive.fp.tell() + _LOCAL_HEADER + encoded + _ZIP64_EXTRA) % ALIGN
+    if 0 < pad < 4:  # an extra field is at least its 4-byte id and size
+        pad += ALIGN
+    if pad:
+        info.extra = struct.pack("<HH", _PADDING_ID, pad - 4) + bytes(pad - 4)
+    with archive.open(info, "w", force_zip64=True) as f:
+        write(f)
+
+
+def savez(path, **arrays) -> None:
+    """Write ``arrays`` to ``path`` as ``numpy.savez`` does (an uncompressed ``.npz`` archive,
+    each array under its keyword; ``numpy.load`` reads it), with each member's data aligned
+    (:func:`add_member`) so that netbuild reads batches of its rows without copying them, and
+    atomically (a temporary file beside ``path``, renamed)."""
+    from .runs import atomic_write_with
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, value in arrays.items():
+                value = np.asanyarray(value)
+                add_member(archive, f"{key}.npy",
+                           lambda out, value=value: np.lib.format.write_array(out, value, allow_pickle=False))
+
+    atomic_write_with(path, write)

@@ -188,12 +188,19 @@ class Trainer:
         network.init_params(int(spec.data.get("seed", 0)))
         sets = data_mod.load_datasets(spec, network)
         cfg = spec.data["train"]
+        note = (callbacks or Callbacks()).note
         if sets.train.inputs_read_from_files and cfg.get("shuffle", True) and \
                 int(cfg.get("shuffle_block", 1)) == 1:
-            (callbacks or Callbacks()).note(
-                f"{sets.train.source}: the training set is read from its files, one system call per "
-                "shuffled row; train.shuffle_block: 1024 reads runs of 1024 rows (README: data "
-                "larger than memory)")
+            note(f"{sets.train.source}: the training set is read from its files, one system call "
+                 "per shuffled row; train.shuffle_block: 1024 reads runs of 1024 rows (README: "
+                 "data larger than memory)")
+        elif (not cfg.get("shuffle", True) or int(cfg.get("shuffle_block", 1)) >= int(cfg["batch_size"])) \
+                and (unaligned := sets.train.unaligned_input_files):  # batches of one run each
+            more = f" and {len(unaligned) - 1} more" if len(unaligned) > 1 else ""
+            note(f"{unaligned[0]}{more}: the inputs lie unaligned in the file (numpy.savez puts an "
+                 "array where its name leaves it), so each batch is copied out of it; written by "
+                 "netbuild.savez, a batch of consecutive rows is read in place (README: data "
+                 "larger than memory)")
         fns = compile_train(network, cfg, sets.train.ys, int(spec.data.get("seed", 0)))
         evaluate = compile_eval(network, sets.validation.ys) if sets.validation else None
         return cls(spec, run_dir, network, sets, fns, evaluate, epochs, callbacks)

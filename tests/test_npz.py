@@ -216,3 +216,55 @@ def test_predict_writes_its_outputs_batch_by_batch(tmp_path, run_cli):
     with np.load(out) as p, np.load(tmp_path / "in.npz") as d:
         assert p.files == ["y"]
         np.testing.assert_array_equal(p["y"], netbuild.load_model(run).predict(d["x"]))
+    with zipfile.ZipFile(out) as archive:  # aligned, as netbuild.savez writes: read in place
+        assert npz.member(out, archive, "y").offset % npz.ALIGN == 0
+
+
+@pytest.mark.parametrize("keys", [["x", "y"], ["inputs", "é", "a_much_longer_name_of_an_array", "b"],
+                                  [f"k{i}" for i in range(40)]])
+def test_savez_writes_what_numpy_reads_with_each_arrays_data_aligned(tmp_path, keys):
+    """netbuild.savez: an uncompressed archive numpy.load reads as numpy.savez's, each member's
+    data at a multiple of ALIGN bytes of the file (numpy.savez's lie where their names leave
+    them: x.npy at 183), the same bytes for the same arrays; any dtype, order and shape."""
+    import netbuild
+
+    rng = np.random.default_rng(1)
+    kinds = [lambda: rng.random((33, 7), dtype=np.float32), lambda: rng.integers(0, 9, 101),
+             lambda: np.asfortranarray(rng.random((5, 3))), lambda: np.array(3.5),
+             lambda: np.zeros((0, 4), np.float16), lambda: rng.random(13) > 0.5,
+             lambda: rng.random((4, 6))[:, ::2]]  # not contiguous
+    arrays = {k: kinds[i % len(kinds)]() for i, k in enumerate(keys)}
+    netbuild.savez(tmp_path / "a.npz", **arrays)
+    with np.load(tmp_path / "a.npz") as back:
+        assert back.files == keys
+        for k in keys:
+            np.testing.assert_array_equal(back[k], arrays[k])
+            assert back[k].dtype == arrays[k].dtype and back[k].shape == arrays[k].shape
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
+        assert archive.testzip() is None  # every CRC-32 right
+        for k in keys:
+            assert npz.member(tmp_path / "a.npz", archive, k).offset % npz.ALIGN == 0, k
+    netbuild.savez(tmp_path / "b.npz", **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    np.savez(tmp_path / "n.npz", x=arrays[keys[0]])
+    with zipfile.ZipFile(tmp_path / "n.npz") as archive:
+        assert npz.member(tmp_path / "n.npz", archive, "x").offset == 183  # what numpy does
+
+
+def test_savez_mistakes_are_one_line_and_leave_the_old_file(tmp_path):
+    """No arrays, an array of Python objects, a folder that is not there: one line each (a
+    NetbuildError), and a file already at the path is left as it was."""
+    import netbuild
+
+    path = tmp_path / "d.npz"
+    netbuild.savez(path, x=np.arange(4))
+    before = path.read_bytes()
+    for arrays, message in (({}, "savez: no arrays given; expected arrays by keyword"),
+                            ({"x": np.array([object()])},
+                             "savez: x: holds Python objects; expected a numeric array")):
+        with pytest.raises(netbuild.NetbuildError, match=message):
+            netbuild.savez(path, **arrays)
+    with pytest.raises(netbuild.NetbuildError, match=r"nowhere/d.npz: cannot write: No such file"):
+        netbuild.savez(tmp_path / "nowhere" / "d.npz", x=np.arange(4))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]

@@ -42,9 +42,10 @@ def train(tmp_path, name, data, *extra):
 
 
 @pytest.mark.parametrize("save, in_memory", [(np.savez, "0"), (np.savez, None),
-                                              (np.savez, "targets"), (np.savez_compressed, None)],
+                                              (np.savez, "targets"), (np.savez_compressed, None),
+                                              (netbuild.savez, "0")],
                          ids=["stored-mapped", "stored-in-memory", "stored-targets-in-memory",
-                              "compressed"])
+                              "compressed", "aligned-mapped"])
 def test_shards_train_to_the_bits_of_one_file(tmp_path, save, in_memory, monkeypatch):
     """One file, the same rows in three files (a list), and a glob of them: the same parameters
     and records (the epoch order is one permutation of all the rows, as for one file), whether
@@ -416,16 +417,187 @@ def test_training_on_single_shuffled_rows_of_files_says_how_to_read_runs(tmp_pat
                                                                          run_cli):
     """A training set read from its files in single shuffled rows (one read each): `netbuild
     train` says so in one note, and how to read runs instead; not with train.shuffle_block, nor
-    for compressed files (decompressed into memory, several files as one set)."""
+    for compressed files (decompressed into memory, several files as one set). With blocks of
+    a batch or more, files whose inputs lie unaligned (numpy.savez) are named in a note saying
+    that netbuild.savez writes them to be read in place; not those it wrote."""
     stored = "[" + ", ".join(shards(tmp_path / "shards")) + "]"
     compressed = "[" + ", ".join(shards(tmp_path / "packed", save=np.savez_compressed)) + "]"
-    for data, block, noted in ((stored, 1, True), (stored, 16, False), (compressed, 1, False)):
-        result = run_cli("train", MLP, "--run-dir", tmp_path / f"run-{block}-{noted}", "--set",
+    aligned = "[" + ", ".join(shards(tmp_path / "aligned", save=netbuild.savez)) + "]"
+    for data, block, noted in ((stored, 1, "one system call per shuffled row; train.shuffle_block: 1024"),
+                               (stored, 16, None), (compressed, 1, None),
+                               (stored, 32, "train-00.npz and 2 more: the inputs lie unaligned in "
+                                            "the file (numpy.savez puts an array where its name "
+                                            "leaves it), so each batch is copied out of it; "
+                                            "written by netbuild.savez"),
+                               (aligned, 32, None), (aligned, 1, "one system call per shuffled row")):
+        result = run_cli("train", MLP, "--run-dir", tmp_path / f"run-{block}-{data[-20:-10]}", "--set",
                          f"data.train={data}", "--set", f"train.shuffle_block={block}", "--set",
                          "train.epochs=1", "--set", "data.validation_split=0")
         out = result.output
         assert result.exit_code == 0, out
         notes = [line for line in out.splitlines() if line.startswith("note:")]
-        assert len(notes) == int(noted), out
+        assert len(notes) == int(noted is not None), out
         if noted:
-            assert "one system call per shuffled row; train.shuffle_block: 1024" in notes[0]
+            assert noted in notes[0], notes
+
+
+# -- batches read in place: files written by netbuild.savez -----------------------------------
+def test_batches_of_one_run_of_aligned_files_are_views_of_their_maps(tmp_path, monkeypatch,
+                                                                   mapped_data):
+    """Files written by netbuild.savez (each array's data aligned): a batch of consecutive rows
+    of one file is a read-only view of the file's map, no row read with pread; a batch across
+    two files, or of several runs, is read as before; from numpy.savez's files (unaligned) every
+    batch is read. Each equals indexing the rows in memory."""
+    import os
+
+    from netbuild import data
+
+    rng = np.random.default_rng(2)
+    a, b = (rng.normal(size=(n, 12)).astype(np.float32) for n in (700, 300))
+    netbuild.savez(tmp_path / "a.npz", x=a)
+    netbuild.savez(tmp_path / "b.npz", x=b)
+    np.savez(tmp_path / "c.npz", x=a)
+    parts = [data.read_arrays(tmp_path / f"{k}.npz", ["x"], data.reporter(k))["x"] for k in "abc"]
+    assert parts[0].flags.aligned and not parts[2].flags.aligned
+    rows, both = data.Rows(parts[:2]), np.concatenate([a, b])
+    reads = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, *rest: reads.append(len(bufs[0])) or preadv(fd, bufs, *rest))
+    cases = [(rows, both, np.arange(100, 164), True),  # in the first file
+             (rows, both, np.arange(720, 784), True),  # in the second
+             (rows, both, np.arange(650, 750), False),  # across the two
+             (rows, both, np.concatenate([np.arange(0, 32), np.arange(64, 96)]), False),
+             (rows, both, np.array([5, 7, 6, 8]), False),  # rows 5 to 8, not in order
+             (parts[0], a, np.arange(100, 164), True),
+             (parts[2], a, np.arange(100, 164), False)]  # numpy.savez's: unaligned
+    for array, values, index, viewed in cases:
+        reads.clear()
+        r = data.file_reads(array, index)
+        view = r.view()
+        assert (view is not None) == viewed, index
+        got = view if viewed else r.read()
+        np.testing.assert_array_equal(got, values[index])
+        if viewed:
+            assert not reads and not got.flags.writeable and got.flags.aligned
+            assert np.shares_memory(got, parts[0] if index[0] < 700 else parts[1])
+            assert type(got) is np.ndarray
+        else:
+            assert sum(reads) == len(index) * 12 * 4
+    # a file cut short since it was checked: one line, not a SIGBUS at the step
+    os.truncate(tmp_path / "b.npz", os.path.getsize(tmp_path / "b.npz") // 2)
+    from netbuild.errors import DataError
+    with pytest.raises(DataError, match=r"b.npz: ends before row \d+, which it held when it was checked"):
+        data.file_reads(rows, np.arange(900, 964)).view()
+
+
+def test_in_memory_batches_of_consecutive_rows_are_read_only_views(tmp_path):
+    """A batch of consecutive rows of an array in memory is a read-only view of it (a step does
+    not copy its rows); rows out of order, with gaps, negative or past the end are gathered."""
+    from netbuild import data
+
+    a = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    for index, viewed in ((np.arange(10, 20), True), (np.arange(0, 50), True), (np.array([4]), True),
+                          (np.arange(10, 20, dtype=np.uint32), True), (np.array([1, 3, 2, 4]), False),
+                          (np.array([1, 2, 4]), False), (np.arange(-5, 0), False),
+                          (np.arange(45, 55) % 50, False), (np.array([], np.int64), False)):
+        got = data.gather(a, index)
+        np.testing.assert_array_equal(got, a[index])
+        assert np.shares_memory(got, a) == viewed, index
+        if viewed:
+            assert not got.flags.writeable and a.flags.writeable
+    with pytest.raises(IndexError):
+        data.gather(a, np.arange(45, 55))
+
+
+def test_training_on_aligned_shards_reads_its_batches_in_place_to_the_same_bits(tmp_path,
+                                                                                monkeypatch,
+                                                                                mapped_data):
+    """Shards written by netbuild.savez, blocks of a batch (32 rows): most batches are views of
+    the files' maps, and the model is bitwise the one trained on the rows in one file in memory
+    (whose batches are views of the array) and on numpy.savez's shards (read with pread)."""
+    from netbuild import data
+
+    views = []
+    view = data.FileReads.view
+    monkeypatch.setattr(data.FileReads, "view",
+                        lambda self: views.append((len(self.runs[0]), v := view(self))) or v)
+    aligned = shards(tmp_path / "aligned", save=netbuild.savez)
+    stored = shards(tmp_path / "stored")
+    runs = {}
+    for name, files in (("aligned", aligned), ("stored", stored)):
+        views.clear()
+        runs[name] = train(tmp_path, f"run-{name}", "[" + ", ".join(files) + "]", "train.shuffle_block=32")
+        # a batch that is one run of one file is a view (the others cross a block or a file)
+        one_run = [runs_ == 1 for runs_, _ in views]
+        assert [v is not None for _, v in views] == (one_run if name == "aligned" else [False] * len(views))
+        assert sum(one_run) > len(one_run) / 3
+    monkeypatch.delenv("NETBUILD_IN_MEMORY_MAX")
+    runs["memory"] = train(tmp_path, "memory", TRAIN, "train.shuffle_block=32")
+    a = runs["memory"].model.network.param_values()
+    for run in (runs["aligned"], runs["stored"]):
+        b = run.model.network.param_values()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_an_epoch_of_views_of_a_mapped_file_keeps_resident_only_what_was_read_since_a_release(
+        tmp_path, monkeypatch):
+    """Batches read in place (views of the map of a file netbuild.savez wrote) map the pages a
+    step reads, and the kernel the rest of their large folios; they are let go every
+    RELEASE_EVERY bytes, counting MAPPED_AROUND on each side of a batch, so an epoch over a file
+    holds about that much of it, not the file."""
+    from netbuild import data
+
+    monkeypatch.setattr(data, "RELEASE_EVERY", 8 * 2**20)
+    a = np.random.default_rng(0).random((16384, 1024), dtype=np.float32)  # 64 MiB
+    netbuild.savez(tmp_path / "big.npz", x=a)
+    mapped = data.read_arrays(tmp_path / "big.npz", ["x"], data.reporter("big.npz"))["x"]
+    dataset = data.Dataset([mapped], [np.zeros(len(a), np.int64)], "big.npz")
+    before, most, views = _file_resident_bytes(), 0, 0
+    order = data.epoch_order(len(a), 0, 1, 256)
+    for idx, (x, _) in data.prefetched(dataset, data.batches(len(a), 256, order)):
+        views += np.shares_memory(x, mapped)
+        assert float(x.sum()) == float(a[idx].sum())  # every page of the batch read
+        most = max(most, _file_resident_bytes() - before)
+    assert views == len(a) // 256
+    assert most < 2 * data.RELEASE_EVERY, f"{most / 2**20:.0f} MiB of the file resident"
+    assert _file_resident_bytes() - before < 4 * 2**20  # released at the end
+
+
+def test_announcing_asks_the_cache_of_batches_read_in_place(tmp_path, mapped_data, monkeypatch):
+    """Batches that are views read nothing, so the kernel's cache is asked with one-byte
+    RWF_NOWAIT reads of each run's ends: while it holds them, announcing stops; when it does
+    not, announcing starts again."""
+    import os
+
+    from netbuild import data
+    from netbuild.network import Network
+
+    if not data._NOWAIT:
+        pytest.skip("no RWF_NOWAIT reads here")
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(3):  # 320 rows each: every batch of a block of 32 rows is one run of a file
+        names.append(str(tmp_path / f"train-{k}.npz"))
+        netbuild.savez(names[-1], x=rng.random((320, 64), dtype=np.float32),
+                       y=rng.integers(0, 10, 320))
+    spec = netbuild.load_spec(MLP, overrides=["data.train=[" + ", ".join(names) + "]"])
+    dataset = data.load(spec, "train", Network.from_spec(spec, init=False))
+    advised = []
+    advise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(1) or advise(*a))
+    want = list(data.batches(len(dataset), 32, data.epoch_order(len(dataset), 0, 1, 32)))
+    batches = data.prefetched(dataset, iter(want))
+    got = [next(batches) for _ in range(data.Announcing.FIRST_NEEDED + 4)]
+    assert all(any(np.shares_memory(arrays[0], part) for part in dataset.x.parts) for _, arrays in got)
+    quiet = len(advised)
+    got += [next(batches) for _ in range(5)]
+    assert len(advised) == quiet  # the files were just written: in the cache, nothing announced
+    monkeypatch.setattr(data.FileReads, "in_cache", lambda self: False)
+    got += [next(batches) for _ in range(3)]
+    assert len(advised) > quiet  # announcing again
+    got += list(batches)
+    for (idx, arrays), expected in zip(got, want):
+        assert np.array_equal(idx, expected)
+        for g, w in zip(arrays, dataset.batch(expected)):
+            assert np.array_equal(g, w)
