@@ -143,28 +143,37 @@ def train(spec: SpecLike | None = None, run_dir: str | os.PathLike | None = None
                list(tracked.problems) if tracked is not None else [])
 
 
-def savez(path: str | os.PathLike, **arrays) -> None:
+def savez(path: str | os.PathLike, /, **arrays) -> None:
     """Write a data file as ``numpy.savez`` does (uncompressed, each array under its keyword;
-    ``numpy.load`` reads it), with each array's data aligned in the file, so that training reads
-    a batch of consecutive rows (``train.shuffle_block``) in place, without copying it (README:
-    data larger than memory). Written atomically: ``path`` is the old file or the new one, never
-    half of one."""
+    ``numpy.load`` reads it; no ``.npz`` is added to ``path``), with each array's data aligned in
+    the file, so that training reads a batch of consecutive rows (``train.shuffle_block``) in
+    place, without copying it (README: data larger than memory). Written atomically: ``path`` is
+    the old file or the new one, never half of one."""
     import numpy as np
 
     from . import npz
-    from .errors import DataError, RunError
+    from .errors import DataError, RunError, printable
 
     if not arrays:
         raise UsageError("savez: no arrays given; expected arrays by keyword, such as x=..., y=...")
+    values = {}
     for key, value in arrays.items():
-        if np.asanyarray(value).dtype.hasobject:
+        if "\0" in key:
+            raise UsageError(f"savez: {printable(repr(key))}: the name holds a NUL character; "
+                             "expected a name without one")
+        try:
+            values[key] = np.asanyarray(value)
+        except ValueError:  # a ragged list
+            raise DataError(f"savez: {key}: is a sequence of unequal lengths, not an array; "
+                            "expected a numeric array") from None
+        if values[key].dtype.hasobject:
             raise DataError(f"savez: {key}: holds Python objects; expected a numeric array")
     try:
-        npz.savez(path, **arrays)
+        npz.savez(path, **values)
     except OSError as exc:
         raise RunError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except ValueError as exc:  # a name holding a NUL byte
-        raise RunError(f"{path!r}: cannot write: {exc}") from None
+    except ValueError:  # the path holds a NUL byte
+        raise RunError(f"{printable(str(path))}: cannot write: the name holds a NUL byte") from None
 
 
 def load_model(path: str | os.PathLike) -> Model:

@@ -764,25 +764,31 @@ class FileReads:
 
     def view(self) -> np.ndarray | None:
         """The batch as a read-only view of its file's map, without a copy, when it is one run of
-        rows of one file that lie aligned for their dtype (an archive written by
-        :func:`netbuild.npz.savez`; ``numpy.savez`` puts a member's data where its name leaves
-        it, mostly unaligned, and PyTensor's C code refuses unaligned arrays); else None. The step
-        then reads the rows from the kernel's cache itself, and its pages stay mapped until
-        :func:`release`. A file cut short since it was checked is a :class:`DataError` here,
-        where touching the missing rows would end the process (``SIGBUS``)."""
+        rows of one file that lie aligned for their dtype (:func:`rows_view`: an archive written
+        by :func:`netbuild.npz.savez`; ``numpy.savez`` puts a member's data where its name
+        leaves it, mostly unaligned); else None. The step then reads the rows from the kernel's
+        cache itself, and its pages stay mapped until :func:`release`.
+
+        A file cut short since it was checked is a :class:`DataError` here, where touching the
+        missing rows would end the process (``SIGBUS``). That is looked at when the view is made:
+        a file cut short while a step reads it, or a disk that fails under the map, still ends
+        the process (:meth:`read` would say so in a line)."""
         file, at, size, _ = self.runs
         if len(file) != 1:
             return None
         source = self.files[file[0]]
-        if not source.rows.flags.aligned:
+        first = (at[0] - source.start) // source.row_bytes
+        view = rows_view(source.rows, first, size[0] // source.row_bytes)
+        if view is None:
             return None
-        end = at[0] + size[0]
-        if os.fstat(self.fds[file[0]]).st_size < end:
-            raise DataError(self._row(file[0], end - source.row_bytes, "ends before row") +
+        held = os.fstat(self.fds[file[0]]).st_size
+        if held < at[0] + size[0]:
+            whole = max(held - source.start, 0) // source.row_bytes  # rows the file still holds
+            missing = max(at[0], source.start + whole * source.row_bytes)  # the first one it does not
+            raise DataError(self._row(file[0], missing, "ends before row") +
                             ", which it held when it was checked; expected the data files to stay "
                             "as they are while netbuild reads them")
-        first = (at[0] - source.start) // source.row_bytes
-        return np.asarray(source.rows[first:first + size[0] // source.row_bytes])
+        return view
 
     def in_cache(self) -> bool:
         """Whether the kernel's cache holds the batch's runs, as far as the first and last byte of
@@ -870,8 +876,8 @@ def file_reads(array, index) -> FileReads | None:
     n = len(array)
     first = run_start(asked)
     if first is not None and first + len(asked) <= n:  # one run (a batch of one shuffle block)
-        k = 0 if len(sources) == 1 else int(np.searchsorted(array.starts, first, side="right")) - 1
-        start, stop = (0, n) if len(sources) == 1 else (int(array.starts[k]), int(array.starts[k + 1]))
+        k = _part_of(array, first)
+        start, stop = (int(array.starts[k]), int(array.starts[k + 1])) if isinstance(array, Rows) else (0, n)
         if first + len(asked) <= stop:  # in one file: its run planned without the general case's work
             f = sources[k]
             runs = ([k], [f.start + (first - start) * f.row_bytes], [len(asked) * f.row_bytes], [0])
@@ -935,16 +941,32 @@ def run_start(index: np.ndarray) -> int | None:
 
 def consecutive(array, index) -> np.ndarray | None:
     """``array[index]`` as a read-only view of ``array``, no copy, where ``index`` is consecutive
-    rows (:func:`run_start`) of an aligned array in range; else None."""
-    if not isinstance(array, np.ndarray) or not array.flags.aligned or array.ndim == 0:
+    rows (:func:`run_start`) in range of an array that can be viewed so (:func:`rows_view`);
+    else None."""
+    if not isinstance(array, np.ndarray) or array.ndim == 0:
         return None
     index = np.asarray(index)
     first = run_start(index)
     if first is None or first + len(index) > len(array):
         return None
-    view = array[first:first + len(index)].view(np.ndarray)
+    return rows_view(array, first, len(index))
+
+
+def rows_view(array: np.ndarray, first: int, n: int) -> np.ndarray | None:
+    """Rows ``first`` to ``first + n`` of ``array`` as a read-only ``numpy.ndarray`` view, where
+    the array is C-contiguous and aligned, else None. Aligned: PyTensor's C code refuses an
+    unaligned array. C-contiguous: a strided view (of a Fortran-ordered array, say) would take
+    another path through BLAS than the copy it replaces, and give other bits."""
+    if not (array.flags.c_contiguous and array.flags.aligned):
+        return None
+    view = array[first:first + n].view(np.ndarray)
     view.flags.writeable = False
     return view
+
+
+def _part_of(array, row: int) -> int:
+    """The part (file) of a :class:`Rows` that holds ``row``; 0 for an array of one part."""
+    return int(np.searchsorted(array.starts, row, side="right")) - 1 if isinstance(array, Rows) else 0
 
 
 class FileRows(NamedTuple):
@@ -1082,6 +1104,13 @@ def _mappings(array) -> list:
     return [found] if found is not None else []
 
 
+def kept(array: np.ndarray) -> np.ndarray:
+    """``array``, or a copy of it where its values lie in a file's map (a batch read in place,
+    :meth:`FileReads.view`): for what outlives its step, such as the targets an epoch's metrics
+    are computed from, which would end the process if their file were cut short since."""
+    return array.copy() if _mappings(array) else array
+
+
 def from_files(array) -> bool:
     """Whether ``array``'s rows lie in files: memory-mapped, or the parts of several files."""
     return isinstance(array, Rows) or bool(_mappings(array))
@@ -1216,11 +1245,15 @@ class Results:
 
 def epoch_order(n: int, seed: int, epoch: int, block: int = 1) -> np.ndarray:
     """The shuffled order of epoch ``epoch``: a function of the seed, the epoch and ``block``
-    alone, whatever files the rows are in. With ``block`` > 1, the blocks of ``block``
-    consecutive rows (the last one shorter) are permuted and each keeps its rows in order."""
+    alone, whatever files the rows are in. With ``block`` > 1, the whole blocks of ``block``
+    consecutive rows are permuted, each keeping its rows in order, and the rows after the last
+    whole block (fewer than ``block``) come last, in order: with a block of a multiple of the
+    batch size every batch but the last is consecutive rows (read in place where they can be,
+    :meth:`FileReads.view`), which a short block placed among the others would shift."""
     rng = np.random.default_rng([seed, epoch])
     if block <= 1:
         return rng.permutation(n)
-    starts = rng.permutation(-(-n // block)) * block
-    order = (starts[:, None] + np.arange(block)).ravel()
-    return order[order < n]  # the last block's rows beyond the end
+    whole = n // block
+    starts = rng.permutation(whole) * block
+    return np.concatenate([(starts[:, None] + np.arange(block)).ravel(),
+                           np.arange(whole * block, n)])

@@ -160,7 +160,7 @@ class Model:
         fn = self.predict_function()
         names = list(self.network.outputs)
         with ids_in_range(self.network):
-            parts = [fn(*[x[idx] for x in xs])
+            parts = [fn(*[data_mod.gather(x, idx) for x in xs])
                      for idx in data_mod.batches(len(xs[0]), _batch(batch_size))]
         parts = [p if isinstance(p, list) else [p] for p in parts]
         if self.network.signature.shorthand_outputs:
@@ -190,7 +190,7 @@ class Model:
             parts = [Path(tmp) / f"{i}.npy" for i in range(len(keys))]
             maps = None
             for idx in data_mod.batches(n, _batch(batch_size)):
-                outs = fn(*[x[idx] for x in xs])
+                outs = fn(*[data_mod.gather(x, idx) for x in xs])  # a file's rows read, not mapped
                 outs = outs if isinstance(outs, list) else [outs]
                 if maps is None:
                     maps = [np.lib.format.open_memmap(p, mode="w+", dtype=o.dtype,

@@ -1,5 +1,6 @@
 """Reading the arrays of an .npz archive in bounded memory: each member's header first, then its
-values, memory-mapped or decompressed in chunks into exactly the space it declares.
+values, memory-mapped or decompressed in chunks into exactly the space it declares; and writing
+archives whose members' data lie aligned in the file (:func:`savez`), read in place.
 
 NumPy's archive reader decompresses a member whole, growing as it reads: an 11 MB archive of
 compressed zeros made ``netbuild check`` hold 14.7 GB before it answered. Here a member's ``.npy``
@@ -107,11 +108,11 @@ def _data_offset(path, info: zipfile.ZipInfo) -> int:
     """Where a member's bytes begin in the archive: after its local file header."""
     with open(path, "rb") as f:
         f.seek(info.header_offset)
-        local = f.read(30)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        local = f.read(_LOCAL_HEADER)
+    if len(local) != _LOCAL_HEADER or local[:4] != b"PK\x03\x04":
         raise MemberError("its local header is damaged; expected a complete .npz archive")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return info.header_offset + _LOCAL_HEADER + name_len + extra_len
 
 
 def member(path, archive: zipfile.ZipFile, key: str) -> Member:
@@ -235,8 +236,9 @@ def add_member(archive: zipfile.ZipFile, name: str, write) -> None:
     run of rows is a view of the file's map (:meth:`netbuild.data.FileReads.view`)."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # the same bytes every time
     info.compress_type = zipfile.ZIP_STORED
-    encoded = len(name.encode("utf-8"))
-    pad = -(archive.fp.tell() + _LOCAL_HEADER + encoded + _ZIP64_EXTRA) % ALIGN
+    encoded = len(info.filename.encode("utf-8"))  # as zipfile writes it (cut at a NUL)
+    # the local header goes where the archive's directory would begin (zipfile seeks there)
+    pad = -(archive.start_dir + _LOCAL_HEADER + encoded + _ZIP64_EXTRA) % ALIGN
     if 0 < pad < 4:  # an extra field is at least its 4-byte id and size
         pad += ALIGN
     if pad:
@@ -245,7 +247,7 @@ def add_member(archive: zipfile.ZipFile, name: str, write) -> None:
         write(f)
 
 
-def savez(path, **arrays) -> None:
+def savez(path, /, **arrays) -> None:
     """Write ``arrays`` to ``path`` as ``numpy.savez`` does (an uncompressed ``.npz`` archive,
     each array under its keyword; ``numpy.load`` reads it), with each member's data aligned
     (:func:`add_member`) so that netbuild reads batches of its rows without copying them, and

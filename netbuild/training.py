@@ -189,13 +189,13 @@ class Trainer:
         sets = data_mod.load_datasets(spec, network)
         cfg = spec.data["train"]
         note = (callbacks or Callbacks()).note
-        if sets.train.inputs_read_from_files and cfg.get("shuffle", True) and \
-                int(cfg.get("shuffle_block", 1)) == 1:
+        block = int(cfg.get("shuffle_block", 1)) if cfg.get("shuffle", True) else 0  # 0: in order
+        if sets.train.inputs_read_from_files and block == 1:
             note(f"{sets.train.source}: the training set is read from its files, one system call "
                  "per shuffled row; train.shuffle_block: 1024 reads runs of 1024 rows (README: "
                  "data larger than memory)")
-        elif (not cfg.get("shuffle", True) or int(cfg.get("shuffle_block", 1)) >= int(cfg["batch_size"])) \
-                and (unaligned := sets.train.unaligned_input_files):  # batches of one run each
+        elif block % int(cfg["batch_size"]) == 0 and (unaligned := sets.train.unaligned_input_files):
+            # batches of consecutive rows (epoch_order), which aligned files would give in place
             more = f" and {len(unaligned) - 1} more" if len(unaligned) > 1 else ""
             note(f"{unaligned[0]}{more}: the inputs lie unaligned in the file (numpy.savez puts an "
                  "array where its name leaves it), so each batch is copied out of it; written by "
@@ -297,7 +297,7 @@ class Trainer:
                     "train.optimizer.learning_rate, or train.clip_norm)")
             total += part.loss
             parts.append(part)
-            targets.append(arrays[len(self.sets.train.xs):])
+            targets.append([data_mod.kept(t) for t in arrays[len(self.sets.train.xs):]])
             done = b * batch_size if b < n_batches else n
             self.on.batch(epoch, b, n_batches, total / done, time.perf_counter() - start)
         return parts, targets

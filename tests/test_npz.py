@@ -221,7 +221,8 @@ def test_predict_writes_its_outputs_batch_by_batch(tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("keys", [["x", "y"], ["inputs", "é", "a_much_longer_name_of_an_array", "b"],
-                                  [f"k{i}" for i in range(40)]])
+                                  [f"k{i}" for i in range(40)],
+                                  ["seven77", "y"]])  # a pad of 1-3 bytes: a whole ALIGN more
 def test_savez_writes_what_numpy_reads_with_each_arrays_data_aligned(tmp_path, keys):
     """netbuild.savez: an uncompressed archive numpy.load reads as numpy.savez's, each member's
     data at a multiple of ALIGN bytes of the file (numpy.savez's lie where their names leave
@@ -242,6 +243,8 @@ def test_savez_writes_what_numpy_reads_with_each_arrays_data_aligned(tmp_path, k
             assert back[k].dtype == arrays[k].dtype and back[k].shape == arrays[k].shape
     with zipfile.ZipFile(tmp_path / "a.npz") as archive:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
+        if keys[0] == "seven77":  # 30 + 11 + 20 bytes of header: padded by 3 + 64
+            assert len(archive.getinfo("seven77.npy").extra) >= npz.ALIGN
         assert archive.testzip() is None  # every CRC-32 right
         for k in keys:
             assert npz.member(tmp_path / "a.npz", archive, k).offset % npz.ALIGN == 0, k

@@ -418,19 +418,20 @@ def test_training_on_single_shuffled_rows_of_files_says_how_to_read_runs(tmp_pat
     """A training set read from its files in single shuffled rows (one read each): `netbuild
     train` says so in one note, and how to read runs instead; not with train.shuffle_block, nor
     for compressed files (decompressed into memory, several files as one set). With blocks of
-    a batch or more, files whose inputs lie unaligned (numpy.savez) are named in a note saying
+    whole batches, files whose inputs lie unaligned (numpy.savez) are named in a note saying
     that netbuild.savez writes them to be read in place; not those it wrote."""
     stored = "[" + ", ".join(shards(tmp_path / "shards")) + "]"
     compressed = "[" + ", ".join(shards(tmp_path / "packed", save=np.savez_compressed)) + "]"
     aligned = "[" + ", ".join(shards(tmp_path / "aligned", save=netbuild.savez)) + "]"
-    for data, block, noted in ((stored, 1, "one system call per shuffled row; train.shuffle_block: 1024"),
-                               (stored, 16, None), (compressed, 1, None),
-                               (stored, 32, "train-00.npz and 2 more: the inputs lie unaligned in "
-                                            "the file (numpy.savez puts an array where its name "
-                                            "leaves it), so each batch is copied out of it; "
-                                            "written by netbuild.savez"),
-                               (aligned, 32, None), (aligned, 1, "one system call per shuffled row")):
-        result = run_cli("train", MLP, "--run-dir", tmp_path / f"run-{block}-{data[-20:-10]}", "--set",
+    unaligned = ("train-00.npz and 2 more: the inputs lie unaligned in the file (numpy.savez puts "
+                 "an array where its name leaves it), so each batch is copied out of it; written "
+                 "by netbuild.savez")
+    for case, (data, block, noted) in enumerate((
+            (stored, 1, "one system call per shuffled row; train.shuffle_block: 1024"),
+            (stored, 16, None), (stored, 48, None),  # blocks that are not whole batches
+            (compressed, 1, None), (stored, 32, unaligned), (stored, 64, unaligned),
+            (aligned, 32, None), (aligned, 1, "one system call per shuffled row"))):
+        result = run_cli("train", MLP, "--run-dir", tmp_path / f"run-{case}", "--set",
                          f"data.train={data}", "--set", f"train.shuffle_block={block}", "--set",
                          "train.epochs=1", "--set", "data.validation_split=0")
         out = result.output
@@ -512,9 +513,10 @@ def test_in_memory_batches_of_consecutive_rows_are_read_only_views(tmp_path):
 def test_training_on_aligned_shards_reads_its_batches_in_place_to_the_same_bits(tmp_path,
                                                                                 monkeypatch,
                                                                                 mapped_data):
-    """Shards written by netbuild.savez, blocks of a batch (32 rows): most batches are views of
-    the files' maps, and the model is bitwise the one trained on the rows in one file in memory
-    (whose batches are views of the array) and on numpy.savez's shards (read with pread)."""
+    """Shards written by netbuild.savez, blocks of a batch (32 rows): every batch is a view of a
+    file's map but the two whose block crosses from one file to the next, and the model and its
+    records are bitwise those trained on numpy.savez's shards (read with pread) and on the rows
+    in one file in memory (whose batches are views of the array)."""
     from netbuild import data
 
     views = []
@@ -527,16 +529,46 @@ def test_training_on_aligned_shards_reads_its_batches_in_place_to_the_same_bits(
     for name, files in (("aligned", aligned), ("stored", stored)):
         views.clear()
         runs[name] = train(tmp_path, f"run-{name}", "[" + ", ".join(files) + "]", "train.shuffle_block=32")
-        # a batch that is one run of one file is a view (the others cross a block or a file)
         one_run = [runs_ == 1 for runs_, _ in views]
         assert [v is not None for _, v in views] == (one_run if name == "aligned" else [False] * len(views))
-        assert sum(one_run) > len(one_run) / 3
+        # x and y of the blocks at rows 480 and 1088 (across two files), in 3 epochs
+        assert len(one_run) - sum(one_run) == 2 * 2 * 3
     monkeypatch.delenv("NETBUILD_IN_MEMORY_MAX")
     runs["memory"] = train(tmp_path, "memory", TRAIN, "train.shuffle_block=32")
     a = runs["memory"].model.network.param_values()
-    for run in (runs["aligned"], runs["stored"]):
+    timing = ("seconds", "samples_per_second")
+    for name, run in runs.items():
         b = run.model.network.param_values()
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+        assert [{k: v for k, v in r.items() if k not in timing} for r in run.history] == \
+            [{k: v for k, v in r.items() if k not in timing} for r in runs["memory"].history], name
+
+
+def test_kept_targets_do_not_touch_a_file_cut_short_after_their_batch(tmp_path):
+    """The targets an epoch keeps for its metrics are copied when their batch was read in place:
+    a file cut short after its last batch was read, the epoch ends and the next one says so in a
+    line, where the kept views would have ended the process (SIGBUS) at the epoch's metrics."""
+    import subprocess
+    import sys
+
+    names = shards(tmp_path / "shards", save=netbuild.savez)
+    script = f"""
+import os, sys, netbuild
+spec = netbuild.load_spec({str(MLP)!r}, overrides=["data.train=[{', '.join(names)}]", "train.epochs=2",
+                          "data.validation_split=0", "train.shuffle_block=32"])
+def batch(epoch, i, n, loss, seconds):
+    if epoch == 1 and i == n:
+        os.truncate({names[0]!r}, 4096)
+try:
+    netbuild.train(spec, {str(tmp_path / "run")!r}, callbacks=netbuild.Callbacks(batch=batch))
+except netbuild.NetbuildError as error:
+    print(error)
+    sys.exit(1)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "NETBUILD_IN_MEMORY_MAX": "0"})
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "train-00.npz: ends before row" in done.stdout and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
@@ -601,3 +633,65 @@ def test_announcing_asks_the_cache_of_batches_read_in_place(tmp_path, mapped_dat
         assert np.array_equal(idx, expected)
         for g, w in zip(arrays, dataset.batch(expected)):
             assert np.array_equal(g, w)
+
+
+def test_fortran_ordered_rows_train_to_the_bits_of_c_ordered_ones(tmp_path, monkeypatch):
+    """Rows stored in Fortran order (as DataFrame.to_numpy gives), in memory and mapped, train
+    to the bits of the same rows in C order with blocks of a batch: a batch of them is copied
+    into C order, where a strided view would take another path through BLAS (61 features: it
+    did, by 1e-7)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(997, 61)).astype(np.float32), rng.integers(0, 10, 997)
+    params = {}
+    for order, save, bound in (("C", np.savez, None), ("F", np.savez, None), ("F", netbuild.savez, "0")):
+        name = f"{order}-{save.__module__}"
+        save(tmp_path / f"{name}.npz", x=np.asfortranarray(x) if order == "F" else x, y=y)
+        (tmp_path / "s.yaml").write_text(f"""
+name: f
+seed: 3
+data: {{train: {name}.npz, validation_split: 0}}
+model:
+  input_shape: [61]
+  layers: [{{type: dense, units: 37, activation: relu}}, {{type: dense, units: 10, activation: softmax}}]
+train: {{loss: categorical_crossentropy, optimizer: {{type: adam, learning_rate: 0.01}}, batch_size: 32,
+        epochs: 2, shuffle_block: 32}}
+""")
+        if bound is None:
+            monkeypatch.delenv("NETBUILD_IN_MEMORY_MAX", raising=False)
+        else:
+            monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", bound)
+        run = netbuild.train(netbuild.load_spec(tmp_path / "s.yaml"), tmp_path / f"run-{name}")
+        params[name] = run.model.network.param_values()
+    a = params["C-numpy"]
+    for name, b in params.items():
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
+def test_in_cache_tells_whether_the_kernel_holds_a_batchs_rows(tmp_path):
+    """FileReads.in_cache (one-byte RWF_NOWAIT reads): true for rows the kernel holds, false once
+    they were dropped from its cache (the file synced, then POSIX_FADV_DONTNEED), true again
+    after they were read."""
+    import os
+
+    from netbuild import data
+
+    if not data._NOWAIT or not hasattr(os, "posix_fadvise"):
+        pytest.skip("no RWF_NOWAIT reads or posix_fadvise here")
+    path = tmp_path / "a.npz"
+    netbuild.savez(path, x=np.random.default_rng(0).random((4096, 256), dtype=np.float32))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    mapped = data.read_arrays(path, ["x"], data.reporter("a.npz"))["x"]
+    reads = data.file_reads(mapped, np.arange(1024, 2048))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reads.read()
+        assert reads.in_cache()
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not reads.in_cache():  # a file system that drops its clean pages when told
+            reads.read()
+            assert reads.in_cache()
+        else:
+            pytest.skip("this file system keeps its pages in the cache when told to drop them")
+    finally:
+        os.close(fd)
