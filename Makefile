@@ -7,7 +7,7 @@ NETBUILD := $(BIN)/netbuild
 # Tests run in parallel on every core; PyTensor's compile cache is shared and locked.
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-tune bench-gpu bench-data clean
+.PHONY: demo test test-slow fuzz data docs bench bench-threads bench-onnx bench-sweep bench-tune bench-gpu bench-data bench-data-paired clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-onnx: $(STAMP)
 # (bench/RESULTS-data.md; needs 18 GiB of free disk, about ten minutes).
 bench-data: $(STAMP)
 	$(BIN)/python bench/data.py
+
+# The same rows read in place, copied out with pread, and in memory, epochs alternating in one
+# process (bench/RESULTS-data-paired.md; needs 5 GiB of free disk, a few minutes).
+bench-data-paired: $(STAMP)
+	$(BIN)/python bench/data_paired.py
 
 # Wall time of an 8-point `netbuild sweep` on 1 and 2 local Dask workers (bench/RESULTS-sweep.md).
 bench-sweep: $(STAMP)
