@@ -368,8 +368,9 @@ def _deltas(ctx, param, values) -> list[tuple[str, float]]:
 
 @cli.command(name="eval")
 @click.argument("model", metavar="MODEL")
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
-              help="An .npz file to evaluate on (default: the spec's data.test).")
+@click.option("--data", "data_file", type=click.Path(), default=None,
+              help="An .npz file, or a folder of .npy files, to evaluate on (default: the spec's "
+                   "data.test).")
 @click.option("--fail-under", multiple=True, callback=_threshold, metavar="METRIC=VALUE",
               help="Exit 3 when METRIC is below VALUE (repeatable), e.g. accuracy=0.95.")
 @click.option("--fail-over", multiple=True, callback=_threshold, metavar="METRIC=VALUE",
@@ -465,8 +466,9 @@ def _gate_cases(metrics: dict, under, over, baseline: dict | None) -> list:
 
 @cli.command()
 @click.argument("model", metavar="MODEL")
-@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
-              help="An .npz file with the inputs under the spec's x_key (each input's key).")
+@click.option("--data", "data_file", required=True, type=click.Path(),
+              help="An .npz file with the inputs under the spec's x_key (each input's key), or a "
+                   "folder of .npy files named by those keys.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Where to write the outputs (.npz, key y; each output's key).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

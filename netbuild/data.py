@@ -225,6 +225,8 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
 def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
                  errors: list | None = None) -> tuple[dict[str, np.ndarray], scans.FileCache]:
     """:func:`read_arrays`, and the file's scan cache (saved by the caller)."""
+    if is_folder(file):
+        return _open_folder(file, wanted, report, errors)
     problem = not_a_regular_file(file)
     if problem:
         raise report.error(problem)
@@ -235,8 +237,7 @@ def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
             raise report.error(problem)
         with open(file, "rb") as f, np.load(f, allow_pickle=False) as archive:
             keys = list(archive.files)
-            missing = [report.error(f"no array '{key}' in the file; its keys are: {_listed(keys)}"
-                                    f"{_closest(key, keys)}") for key in wanted if key not in keys]
+            missing = _missing(wanted, keys, report)
             if missing and errors is None:
                 raise _joined(missing)
             (errors if errors is not None else []).extend(missing)
@@ -261,6 +262,62 @@ def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
         raise report.error(f"is not a readable .npz archive ({exc}); expected an .npz archive "
                            f"with the keys {expected}") from None
     return arrays, cache
+
+
+def _missing(wanted: list[str], keys: list[str], report: _Reporter,
+             holder: str = "the file") -> list[NetbuildError]:
+    """An error for each key of ``wanted`` that is not among a file's (or folder's) ``keys``."""
+    return [report.error(f"no array '{key}' in {holder}; its keys are: {_listed(keys)}"
+                         f"{_closest(key, keys)}") for key in wanted if key not in keys]
+
+
+def is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (of ``.npy`` files, as data); a name the system refuses (too
+    long, a NUL byte) is not, and is reported as a file would be."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def npy_files(folder: Path, report: _Reporter) -> dict[str, Path]:
+    """The arrays of a data folder: its ``.npy`` files (as ``numpy.save`` writes them) by key,
+    the name without ``.npy``, as an .npz archive holds them; a folder without any is an error."""
+    try:
+        files = {p.name[:-len(".npy")]: p for p in sorted(folder.iterdir())
+                 if p.name.endswith(".npy") and p.is_file()}
+    except OSError as exc:
+        raise report.error(f"cannot read: {exc.strerror or exc}") from None
+    if not files:
+        raise report.error("is a folder with no .npy file; expected an .npz file, or a folder of "
+                           ".npy files, one per key (x.npy, y.npy), as numpy.save writes them")
+    return files
+
+
+def _open_folder(folder: Path, wanted: list[str], report: _Reporter,
+                 errors: list | None) -> tuple[dict[str, np.ndarray], scans.FolderCache]:
+    """:func:`_open_arrays` of a folder of ``.npy`` files (:func:`npy_files`): each file's
+    header read, its data memory-mapped (aligned: numpy pads the header to 64 bytes, so a batch
+    of consecutive rows is read in place), its scans cached per file."""
+    files = npy_files(folder, report)
+    missing = _missing(wanted, list(files), report, "the folder")
+    if missing and errors is None:
+        raise _joined(missing)
+    (errors if errors is not None else []).extend(missing)
+    arrays, caches = {}, {}
+    for key in (k for k in wanted if k in files):
+        try:
+            m, header = npz.npy_member(files[key], key)
+            order = "F" if m.fortran else "C"
+            reader = npz.Reader(os.open(files[key], os.O_RDONLY), display_path(files[key]))
+            caches[key] = scans.FileCache(files[key], header, reader.fd)
+            arrays[key] = (npz.mapped(files[key], m.dtype, m.offset, m.shape, order, reader)
+                           if m.nbytes else np.empty(m.shape, m.dtype, order=order))
+        except npz.MemberError as exc:
+            raise report.error(str(exc), key) from None
+        except OSError as exc:
+            raise report.error(f"cannot read {files[key].name}: {exc.strerror or exc}", key) from None
+    return arrays, scans.FolderCache(caches)
 
 
 def _joined(errors: list[NetbuildError]) -> NetbuildError:
@@ -563,7 +620,7 @@ def data_files(spec: Spec, role: str) -> list[tuple[Path, _Reporter]]:
             matched = sorted(glob.glob(pattern))
             if not matched:
                 issues.append(Issue(where, path, f"{entry}: no file matches this pattern; expected "
-                                                 "at least one .npz file"))
+                                                 "at least one .npz file (or folder of .npy files)"))
             files = [real_path(m) for m in matched]
         else:
             files = [resolve_path(spec, entry)]
@@ -608,18 +665,28 @@ def _same_headers(network: Network, shards: list[tuple[Path, _Reporter]]) -> Non
 
 
 def _headers(target: Path, keys: list[str], report: _Reporter) -> dict[str, tuple]:
-    """``{key: (dtype, example shape)}`` of a file's members, from their headers."""
+    """``{key: (dtype, example shape)}`` of a file's members (or a folder's ``.npy`` files),
+    from their headers."""
+    if is_folder(target):
+        files = npy_files(target, report)
+        missing = _missing(keys, list(files), report, "the folder")
+        if missing:
+            raise _joined(missing)
+        try:
+            heads = {key: npz.npy_member(files[key], key)[0] for key in keys}
+        except npz.MemberError as exc:
+            raise report.error(str(exc)) from None
+        except OSError as exc:
+            raise report.error(f"cannot read: {exc.strerror or exc}") from None
+        return {key: (m.dtype, m.shape[1:]) for key, m in heads.items()}
     problem = not_a_regular_file(target) or not_npz(target)
     if problem:
         raise report.error(problem)
     try:
         with np.load(target, allow_pickle=False) as archive:
-            present = list(archive.files)
-            missing = [k for k in keys if k not in present]
+            missing = _missing(keys, list(archive.files), report)
             if missing:
-                raise _joined([report.error(f"no array '{k}' in the file; its keys are: "
-                                            f"{_listed(present)}{_closest(k, present)}")
-                               for k in missing])
+                raise _joined(missing)
             out = {}
             for key in keys:
                 m = npz.member(target, archive.zip, key)

@@ -171,6 +171,30 @@ def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
     return array
 
 
+def npy_member(path, key: str) -> tuple[Member, bytes]:
+    """The header of the ``.npy`` file ``path`` (the array ``key`` of a folder of them), read
+    without its data, and the header's bytes (for the scan cache). Its data is memory-mapped
+    (:func:`mapped`): numpy.save pads the header to 64 bytes, so the data lies aligned."""
+    with open(path, "rb") as f:
+        try:
+            shape, fortran, dtype, header = _read_header(f)
+        except (ValueError, EOFError, struct.error):
+            raise MemberError("is not a NumPy array file (.npy); expected an array saved by "
+                              "numpy.save") from None
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(header)
+    if dtype.hasobject:
+        raise MemberError("holds Python objects (a pickled array), which netbuild never loads; "
+                          "expected a numeric array")
+    found = Member(key, shape, dtype, fortran, False, header)
+    if size < header + found.nbytes:
+        raise MemberError(f"declares shape {shape} of {dtype} ({size_text(found.nbytes)}) but the "
+                          f"file stores {size_text(max(size - header, 0))} of it; expected a "
+                          "complete .npy file")
+    return found, head
+
+
 def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
          what: str = "", reader: Reader | None = None) -> np.ndarray:
     """The member's values: memory-mapped (uncompressed, holding ``reader``: :func:`mapped`), or

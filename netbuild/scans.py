@@ -145,24 +145,29 @@ def cache_dir() -> Path | None:
 _VERSION = "2:" + ",".join(f.name for f in dataclasses.fields(Stats))
 
 
-def identity(stat: os.stat_result, archive: zipfile.ZipFile) -> dict:
+def identity(stat: os.stat_result, archive: zipfile.ZipFile | bytes) -> dict:
     """What an entry holds only for: the file's device, inode, size, modification and status
     change times, and a SHA-256 of the archive's directory (every member's name, sizes,
-    compression and recorded CRC-32)."""
+    compression and recorded CRC-32), or of a ``.npy`` file's header (its bytes, given)."""
     digest = hashlib.sha256()
-    for info in archive.infolist():
-        digest.update(f"{info.filename}\0{info.file_size}\0{info.compress_size}\0"
-                      f"{info.compress_type}\0{info.CRC}\0{info.header_offset}\n".encode())
+    if isinstance(archive, bytes):
+        digest.update(archive)
+    else:
+        for info in archive.infolist():
+            digest.update(f"{info.filename}\0{info.file_size}\0{info.compress_size}\0"
+                          f"{info.compress_type}\0{info.CRC}\0{info.header_offset}\n".encode())
     return {"device": stat.st_dev, "inode": stat.st_ino, "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "headers": digest.hexdigest()}
 
 
 class FileCache:
-    """The cache entry of one .npz file: each member's Stats and whether its CRC-32 was checked.
-    Loaded when the file is opened; :meth:`save` writes it back (atomically) if it changed."""
+    """The cache entry of one .npz file (or ``.npy`` file): each member's Stats and whether its
+    CRC-32 was checked. Loaded when the file is opened; :meth:`save` writes it back (atomically)
+    if it changed."""
 
-    def __init__(self, file: Path, archive: zipfile.ZipFile, fd: int):
-        """``fd``: the archive's open file (its times are the opened file's, not the path's)."""
+    def __init__(self, file: Path, archive: zipfile.ZipFile | bytes, fd: int):
+        """``fd``: the archive's open file (its times are the opened file's, not the path's);
+        ``archive``: the open archive, or a ``.npy`` file's header bytes."""
         self.path = None
         self.members: dict[str, dict] = {}
         self._changed = False
@@ -221,3 +226,18 @@ class FileCache:
             self._changed = False
         except (OSError, TypeError, ValueError):  # a cache is never an error
             pass
+
+
+class FolderCache:
+    """The cache entries of a folder of ``.npy`` files, one :class:`FileCache` per file, by key;
+    a ``.npy`` file has no checksum to check."""
+
+    def __init__(self, caches: dict[str, FileCache]):
+        self.caches = caches
+
+    def stats(self, key: str, values: np.ndarray, what: str) -> Stats:
+        return self.caches[key].stats(key, values, what)
+
+    def save(self) -> None:
+        for cache in self.caches.values():
+            cache.save()

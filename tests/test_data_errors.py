@@ -266,7 +266,9 @@ def test_data_that_is_accepted(name, arrays, canonical, tmp_path, run_cli):
 
 def test_a_folder_and_a_pipe_are_refused_without_blocking(tmp_path, run_cli):
     folder, spec = make_case(tmp_path, lambda p: p.mkdir())
-    assert one_line(run_cli("check", spec)).endswith(f"{shown(folder)}: is a folder; expected an .npz file")
+    assert one_line(run_cli("check", spec)).endswith(
+        f"{shown(folder)}: is a folder with no .npy file; expected an .npz file, or a folder of "
+        ".npy files, one per key (x.npy, y.npy), as numpy.save writes them")
     folder.rmdir()
     os.mkfifo(folder)  # opening a pipe would wait for a writer forever
     assert one_line(run_cli("check", spec)).endswith(
