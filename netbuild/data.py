@@ -139,15 +139,17 @@ def not_npz(file: Path) -> str | None:
     if not head:
         return "is empty (0 bytes); expected an .npz archive"
     if head.startswith(_NPY_MAGIC):
-        return "is a .npy file (a single array), not an .npz archive; expected an .npz archive (numpy.savez)"
+        return ("is a .npy file (a single array), not an .npz archive; expected an .npz archive "
+                "(numpy.savez), or the folder of .npy files, one per key, that holds it")
     if head.startswith(_ZIP_MAGIC):
         return ("is a truncated or damaged .npz archive (it begins like one, but its directory at "
                 "the end is missing); expected a complete .npz archive")
     return "is not an .npz archive (neither a zip file nor a .npy array); expected an .npz archive"
 
 
-def not_a_regular_file(file: Path) -> str | None:
-    """Why ``file`` cannot be read as a data file (missing, a folder, a pipe...), or None."""
+def not_a_regular_file(file: Path, expected: str = "an .npz file") -> str | None:
+    """Why ``file`` cannot be read as a data file (missing, a folder, a pipe...), or None;
+    ``expected`` says what it should be."""
     try:
         os.stat(file)
     except FileNotFoundError:
@@ -158,12 +160,12 @@ def not_a_regular_file(file: Path) -> str | None:
         return "file not found (the name holds a NUL byte)"
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return "is a loop of symbolic links; expected an .npz file"
+            return f"is a loop of symbolic links; expected {expected}"
         return f"cannot read: {exc.strerror or exc}"
     if file.is_dir():
-        return "is a folder; expected an .npz file"
+        return f"is a folder; expected {expected}"
     if not file.is_file():  # a pipe or a device would block or never end
-        return "is not a regular file (a device, pipe or socket); expected an .npz file"
+        return f"is not a regular file (a device, pipe or socket); expected {expected}"
     return None
 
 
@@ -214,7 +216,8 @@ def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Re
 
 def read_arrays(file: Path, wanted: list[str], report: _Reporter,
                 errors: list | None = None) -> dict[str, np.ndarray]:
-    """The arrays under the keys ``wanted`` of an .npz file, refusing pickled objects. A missing
+    """The arrays under the keys ``wanted`` of an .npz file (or a folder of ``.npy`` files),
+    refusing pickled objects. A missing
     key is an error of its own: added to ``errors`` when given (the other arrays are still
     read), else raised (every missing key at once)."""
     arrays, cache = _open_arrays(file, wanted, report, errors)
@@ -223,8 +226,9 @@ def read_arrays(file: Path, wanted: list[str], report: _Reporter,
 
 
 def _open_arrays(file: Path, wanted: list[str], report: _Reporter,
-                 errors: list | None = None) -> tuple[dict[str, np.ndarray], scans.FileCache]:
-    """:func:`read_arrays`, and the file's scan cache (saved by the caller)."""
+                 errors: list | None = None) -> tuple[dict[str, np.ndarray],
+                                                      scans.FileCache | scans.FolderCache]:
+    """:func:`read_arrays`, and the file's (or folder's) scan cache (saved by the caller)."""
     if is_folder(file):
         return _open_folder(file, wanted, report, errors)
     problem = not_a_regular_file(file)
@@ -280,43 +284,66 @@ def is_folder(path: Path) -> bool:
         return False
 
 
-def npy_files(folder: Path, report: _Reporter) -> dict[str, Path]:
-    """The arrays of a data folder: its ``.npy`` files (as ``numpy.save`` writes them) by key,
-    the name without ``.npy``, as an .npz archive holds them; a folder without any is an error."""
+def npy_keys(folder: Path, report: _Reporter) -> list[str]:
+    """The keys of a data folder: the names of its ``.npy`` files without ``.npy`` (listed only
+    to name them in an error); a folder without any is an error."""
     try:
-        files = {p.name[:-len(".npy")]: p for p in sorted(folder.iterdir())
-                 if p.name.endswith(".npy") and p.is_file()}
+        with os.scandir(folder) as entries:
+            keys = sorted(e.name[:-len(".npy")] for e in entries if e.name.endswith(".npy"))
     except OSError as exc:
         raise report.error(f"cannot read: {exc.strerror or exc}") from None
-    if not files:
+    if not keys:
         raise report.error("is a folder with no .npy file; expected an .npz file, or a folder of "
                            ".npy files, one per key (x.npy, y.npy), as numpy.save writes them")
-    return files
+    return keys
+
+
+def _npy_members(folder: Path, wanted: list[str], report: _Reporter,
+                 errors: list | None) -> dict[str, tuple[npz.Member, bytes, npz.Reader]]:
+    """The ``<key>.npy`` files of a data folder for the keys ``wanted``, each opened once
+    (:func:`netbuild.npz.npy_open`: its header, the header's bytes, the open file). A missing
+    key is an error of its own (added to ``errors`` when given, as :func:`_open_arrays` does);
+    any other problem of a file is raised, naming its key."""
+    found, absent = {}, []
+    for key in wanted:
+        path = folder / f"{key}.npy"
+        if os.sep in key or key in (".", "..") or not os.path.lexists(path):
+            absent.append(key)
+            continue
+        problem = not_a_regular_file(path, "a .npy file")
+        if problem:
+            raise report.error(f"{printable(path.name)}: {problem}", key)
+        try:
+            found[key] = npz.npy_open(path, key)
+        except npz.MemberError as exc:
+            raise report.error(str(exc), key) from None
+        except OSError as exc:
+            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}", key) from None
+    if absent:
+        missing = _missing(absent, npy_keys(folder, report), report, "the folder")
+        if errors is None:
+            raise _joined(missing)
+        errors.extend(missing)
+    return found
 
 
 def _open_folder(folder: Path, wanted: list[str], report: _Reporter,
                  errors: list | None) -> tuple[dict[str, np.ndarray], scans.FolderCache]:
-    """:func:`_open_arrays` of a folder of ``.npy`` files (:func:`npy_files`): each file's
-    header read, its data memory-mapped (aligned: numpy pads the header to 64 bytes, so a batch
-    of consecutive rows is read in place), its scans cached per file."""
-    files = npy_files(folder, report)
-    missing = _missing(wanted, list(files), report, "the folder")
-    if missing and errors is None:
-        raise _joined(missing)
-    (errors if errors is not None else []).extend(missing)
+    """:func:`_open_arrays` of a folder of ``.npy`` files (:func:`_npy_members`): each file's
+    data memory-mapped (where it lies aligned, a batch of consecutive rows is read in place), its
+    scans cached per file."""
     arrays, caches = {}, {}
-    for key in (k for k in wanted if k in files):
+    for key, (m, header, reader) in _npy_members(folder, wanted, report, errors).items():
+        path = folder / f"{key}.npy"
+        order = "F" if m.fortran else "C"
+        caches[key] = scans.FileCache(path, header, reader.fd)
         try:
-            m, header = npz.npy_member(files[key], key)
-            order = "F" if m.fortran else "C"
-            reader = npz.Reader(os.open(files[key], os.O_RDONLY), display_path(files[key]))
-            caches[key] = scans.FileCache(files[key], header, reader.fd)
-            arrays[key] = (npz.mapped(files[key], m.dtype, m.offset, m.shape, order, reader)
+            arrays[key] = (npz.mapped(path, m.dtype, m.offset, m.shape, order, reader)
                            if m.nbytes else np.empty(m.shape, m.dtype, order=order))
-        except npz.MemberError as exc:
+        except npz.MemberError as exc:  # replaced since it was opened
             raise report.error(str(exc), key) from None
         except OSError as exc:
-            raise report.error(f"cannot read {files[key].name}: {exc.strerror or exc}", key) from None
+            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}", key) from None
     return arrays, scans.FolderCache(caches)
 
 
@@ -668,17 +695,8 @@ def _headers(target: Path, keys: list[str], report: _Reporter) -> dict[str, tupl
     """``{key: (dtype, example shape)}`` of a file's members (or a folder's ``.npy`` files),
     from their headers."""
     if is_folder(target):
-        files = npy_files(target, report)
-        missing = _missing(keys, list(files), report, "the folder")
-        if missing:
-            raise _joined(missing)
-        try:
-            heads = {key: npz.npy_member(files[key], key)[0] for key in keys}
-        except npz.MemberError as exc:
-            raise report.error(str(exc)) from None
-        except OSError as exc:
-            raise report.error(f"cannot read: {exc.strerror or exc}") from None
-        return {key: (m.dtype, m.shape[1:]) for key, m in heads.items()}
+        return {key: (m.dtype, m.shape[1:])
+                for key, (m, _, _) in _npy_members(target, keys, report, None).items()}
     problem = not_a_regular_file(target) or not_npz(target)
     if problem:
         raise report.error(problem)

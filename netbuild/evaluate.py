@@ -23,7 +23,7 @@ def evaluate(model: str | os.PathLike, data_file: str | os.PathLike | None = Non
     spec = loaded.spec
     heads = loaded.network.signature.outputs
     if data_file is None and not spec.data["data"].get("test"):
-        raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz")
+        raise RunError(f"{spec.source}: the spec has no data.test file; pass --data FILE.npz (or a folder of .npy files)")
     classifying = [h for h in heads if losses.is_classification(h.loss)]
     if confusion and not classifying:
         names = ", ".join(losses.name_of(h.loss) for h in heads)

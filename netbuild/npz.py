@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -124,17 +125,10 @@ def member(path, archive: zipfile.ZipFile, key: str) -> Member:
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, struct.error):
         raise MemberError("is not a NumPy array (a raw file inside the archive); expected an array "
                           "saved by numpy.savez") from None
-    if dtype.hasobject:
-        raise MemberError("holds Python objects (a pickled array), which netbuild never loads; "
-                          "expected a numeric array")
     compressed = info.compress_type != zipfile.ZIP_STORED
     offset = None if compressed else _data_offset(path, info) + header
-    found = Member(key, shape, dtype, fortran, compressed, offset)
-    if not compressed and info.file_size < header + found.nbytes:
-        raise MemberError(f"declares shape {shape} of {dtype} ({size_text(found.nbytes)}) but the "
-                          f"archive stores {size_text(max(info.file_size - header, 0))} of it; "
-                          "expected a complete .npz archive")
-    return found
+    return _declared(key, shape, fortran, dtype, offset, compressed, info.file_size - header,
+                     ".npz archive")
 
 
 class Reader:
@@ -171,28 +165,48 @@ def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
     return array
 
 
-def npy_member(path, key: str) -> tuple[Member, bytes]:
-    """The header of the ``.npy`` file ``path`` (the array ``key`` of a folder of them), read
-    without its data, and the header's bytes (for the scan cache). Its data is memory-mapped
-    (:func:`mapped`): numpy.save pads the header to 64 bytes, so the data lies aligned."""
-    with open(path, "rb") as f:
-        try:
-            shape, fortran, dtype, header = _read_header(f)
-        except (ValueError, EOFError, struct.error):
-            raise MemberError("is not a NumPy array file (.npy); expected an array saved by "
-                              "numpy.save") from None
-        size = os.fstat(f.fileno()).st_size
-        f.seek(0)
-        head = f.read(header)
+def _declared(key: str, shape: tuple, fortran: bool, dtype: np.dtype, offset: int | None,
+              compressed: bool, stored: int, what: str) -> Member:
+    """The :class:`Member` a header declares, once it declares an array that can be: numeric,
+    of dimensions at least 0, addressable, and no larger than the ``stored`` bytes after the
+    header (for data stored as is; ``what`` names the file: ".npz archive" or ".npy file")."""
     if dtype.hasobject:
         raise MemberError("holds Python objects (a pickled array), which netbuild never loads; "
                           "expected a numeric array")
-    found = Member(key, shape, dtype, fortran, False, header)
-    if size < header + found.nbytes:
+    if any(d < 0 for d in shape):
+        raise MemberError(f"declares shape {shape}; expected dimensions of at least 0 (a damaged "
+                          f"{what})")
+    found = Member(key, shape, dtype, fortran, compressed, offset)
+    if found.nbytes >= 2**62 or any(d >= 2**62 for d in shape):
+        raise MemberError(f"declares shape {shape} of {dtype}, more than any machine can address; "
+                          f"expected a complete {what}")
+    if not compressed and stored < found.nbytes:
         raise MemberError(f"declares shape {shape} of {dtype} ({size_text(found.nbytes)}) but the "
-                          f"file stores {size_text(max(size - header, 0))} of it; expected a "
-                          "complete .npy file")
-    return found, head
+                          f"{what.split()[-1]} stores "
+                          f"{size_text(max(stored, 0))} of it; expected a complete {what}")
+    return found
+
+
+def npy_open(path, key: str) -> tuple[Member, bytes, Reader]:
+    """The ``.npy`` file ``path`` (the array ``key`` of a folder of them), opened once: the array
+    its header declares (:class:`Member`, its data at ``offset``), the header's bytes (for the scan
+    cache) and the open file (:class:`Reader`), so that the header, the cache's times and the map
+    (:func:`mapped`, which checks that ``path`` is still this file) are of one file. ``numpy.save``
+    pads its header to 64 bytes (numpy 1.14 and later), so the data lies aligned."""
+    reader = Reader(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), str(path))
+    held = os.fstat(reader.fd)
+    if not stat.S_ISREG(held.st_mode):  # swapped for a pipe since it was looked at
+        raise MemberError("is not a regular file (a device, pipe or socket); expected a .npy file")
+    try:
+        with open(os.dup(reader.fd), "rb") as f:
+            shape, fortran, dtype, header = _read_header(f)
+            f.seek(0)
+            head = f.read(header)
+    except Exception:  # a damaged header fails anywhere in numpy's parsing
+        raise MemberError("is not a NumPy array file (.npy), or its header is damaged; expected "
+                          "an array saved by numpy.save") from None
+    return _declared(key, shape, fortran, dtype, header, False, held.st_size - header,
+                     ".npy file"), head, reader
 
 
 def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,

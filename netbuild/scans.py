@@ -12,11 +12,12 @@ array's pages as it goes. An array of more than :data:`PROGRESS_BYTES` reports i
 the hook set by :func:`reporting` (the CLI's progress line on a terminal).
 
 The cache keeps, per .npz file, the Stats of each member scanned and whether its CRC-32 was
-checked, under ``$NETBUILD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/netbuild``, else
+checked (per ``.npy`` file of a data folder, its array's Stats: a ``.npy`` file has no checksum),
+under ``$NETBUILD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/netbuild``, else
 ``~/.cache/netbuild``; ``NETBUILD_CACHE_DIR=off`` turns it off). An entry holds only while the
 file's device, inode, size, modification and status-change times and header checksum (a SHA-256
 of the archive's directory: each member's name, sizes, compression and the CRC-32 its writer
-recorded) are those it was made from; anything else and the file is scanned again. The status
+recorded; of a ``.npy`` file, its header) are those it was made from; anything else and the file is scanned again. The status
 change time cannot be set back (``touch -r``, ``cp -p`` and ``rsync -t`` set only the
 modification time), and as git does with racy timestamps, no entry is kept for a file changed
 less than :data:`RACY_NS` before its scan: the file system's clock ticks coarsely, and a second
@@ -234,6 +235,12 @@ class FolderCache:
 
     def __init__(self, caches: dict[str, FileCache]):
         self.caches = caches
+
+    def verified(self, key: str) -> bool:
+        return False  # nothing to verify: no checksum
+
+    def mark_verified(self, key: str) -> None:
+        pass
 
     def stats(self, key: str, values: np.ndarray, what: str) -> Stats:
         return self.caches[key].stats(key, values, what)

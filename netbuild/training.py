@@ -199,8 +199,8 @@ class Trainer:
             more = f" and {len(unaligned) - 1} more" if len(unaligned) > 1 else ""
             note(f"{unaligned[0]}{more}: the inputs lie unaligned in the file (numpy.savez puts an "
                  "array where its name leaves it), so each batch is copied out of it; written by "
-                 "netbuild.savez, a batch of consecutive rows is read in place (README: data "
-                 "larger than memory)")
+                 "netbuild.savez (or numpy.save, in a folder of .npy files), a batch of consecutive "
+                 "rows is read in place (README: data larger than memory)")
         fns = compile_train(network, cfg, sets.train.ys, int(spec.data.get("seed", 0)))
         evaluate = compile_eval(network, sets.validation.ys) if sets.validation else None
         return cls(spec, run_dir, network, sets, fns, evaluate, epochs, callbacks)

@@ -52,7 +52,7 @@ def test_folders_of_npy_files_train_to_the_bits_of_the_npz(tmp_path, monkeypatch
     view = data.FileReads.view
     monkeypatch.setattr(data.FileReads, "view", lambda self: views.append(v := view(self)) or v)
     (one,) = folders(tmp_path / "one")
-    several = folders(tmp_path / "several", cuts=(512, 1024))
+    folders(tmp_path / "several", cuts=(512, 1024))
     runs = {name: train(tmp_path, name, source, "train.shuffle_block=32")
             for name, source in (("npz", TRAIN), ("folder", one),
                                  ("glob", tmp_path / "several" / "train-*"))}
@@ -65,7 +65,6 @@ def test_folders_of_npy_files_train_to_the_bits_of_the_npz(tmp_path, monkeypatch
         b = runs[name].model.network.param_values()
         assert all(np.array_equal(a[k], b[k]) for k in a), name
         assert [r["loss"] for r in runs[name].history] == [r["loss"] for r in runs["npz"].history]
-    assert len(several) == 3
 
 
 def _check(run_cli, tmp_path, data: str):
@@ -80,7 +79,8 @@ def _check(run_cli, tmp_path, data: str):
                      "files, one per key (x.npy, y.npy), as numpy.save writes them"),
     (lambda f: np.save(f / "y.npy", np.arange(5)), "no array 'x' in the folder; its keys are: y"),
     (lambda f: ((f / "x.npy").write_text("hello"), np.save(f / "y.npy", np.arange(5))),
-     "key 'x': is not a NumPy array file (.npy); expected an array saved by numpy.save"),
+     "key 'x': is not a NumPy array file (.npy), or its header is damaged; expected an array "
+     "saved by numpy.save"),
     (lambda f: (np.save(f / "x.npy", np.array([{}], dtype=object), allow_pickle=True),
                 np.save(f / "y.npy", np.arange(1))),
      "key 'x': holds Python objects (a pickled array), which netbuild never loads"),
@@ -104,11 +104,81 @@ def test_a_folders_mistake_is_one_located_line(run_cli, tmp_path, make, message)
     assert f"{folder.resolve()}: " in lines[0] and message in lines[0], lines
 
 
-def test_a_folder_unlike_the_first_is_one_line_naming_it(run_cli, tmp_path):
+def test_a_folder_unlike_the_first_is_one_line_naming_it_and_the_key(run_cli, tmp_path):
     names = folders(tmp_path, cuts=(500,), s1=lambda a: {**a, "x": a["x"].astype(np.float64)})
     result = _check(run_cli, tmp_path, "[" + ", ".join(names) + "]")
     (line,) = result.stderr.splitlines()
     assert ": data.train[1]: " in line and "train-01: key 'x': holds float64 examples" in line
+    (tmp_path / "train-01" / "y.npy").write_text("hello")  # compared from the headers too
+    result = _check(run_cli, tmp_path, str(tmp_path / "train-*"))
+    (line,) = result.stderr.splitlines()
+    assert "train-01: key 'y': is not a NumPy array file (.npy), or its header is damaged" in line
+
+
+def test_entries_named_like_a_key_that_are_not_files_are_one_line(run_cli, tmp_path):
+    """A folder, a pipe or a broken symbolic link named x.npy: one line naming x.npy and what it
+    is (a pipe is never opened: it would wait for a writer)."""
+    for name, make, message in (
+            ("folder", lambda p: p.mkdir(), "key 'x': x.npy: is a folder; expected a .npy file"),
+            ("pipe", os.mkfifo, "key 'x': x.npy: is not a regular file (a device, pipe or socket); "
+                                "expected a .npy file"),
+            ("link", lambda p: p.symlink_to(p.parent / "gone.npy"), "key 'x': x.npy: file not found "
+                                                                     "(the symbolic link")):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.save(folder / "y.npy", np.arange(5))
+        make(folder / "x.npy")
+        result = _check(run_cli, tmp_path, str(folder))
+        assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
+        (line,) = result.stderr.splitlines()
+        assert message in line, line
+
+
+def _header(shape: str, descr: str = "<f4") -> bytes:
+    """A .npy header (version 1.0) declaring ``shape`` (its text), padded to 64 bytes."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * (-(10 + len(text) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+
+
+def test_damaged_or_hostile_npy_files_give_one_line(tmp_path):
+    """Cut and bit-flipped copies of a real .npy file, and headers declaring negative or
+    unaddressable shapes: a located line each (or arrays, where the damage left a valid file),
+    never a traceback, nothing allocated from a declared shape."""
+    import random
+
+    from netbuild import data
+    from netbuild.errors import NetbuildError
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    np.save(folder / "y.npy", np.arange(40))
+    np.save(folder / "x.npy", np.arange(40 * 64, dtype=np.float32).reshape(40, 64))
+    whole = (folder / "x.npy").read_bytes()
+    rng = random.Random(0)
+    copies = [whole[:cut] for cut in range(0, 200, 3)]
+    for _ in range(300):
+        copy = bytearray(whole)
+        for _ in range(rng.randint(1, 3)):
+            copy[rng.randrange(128)] = rng.randrange(256)  # in the header
+        copies.append(bytes(copy))
+    hostile = [_header(s) + bytes(40 * 64 * 4) for s in
+               ("(-1, 64)", "(40, -64)", "(-40, -64)", f"({2**64}, 0)", f"(0, {2**64})", f"({2**40}, {2**30})")]
+    report = data._Reporter(None, ("data",), "d")
+    refused = 0
+    for copy in copies + hostile:
+        (folder / "x.npy").write_bytes(copy)
+        try:
+            data.read_arrays(folder, ["x", "y"], report)
+        except NetbuildError as exc:
+            refused += 1
+            assert len(exc.lines()) == 1 and exc.lines()[0].startswith("d: key 'x': "), exc.lines()
+    assert refused >= len(copies) // 2 + len(hostile)
+    for shape, message in (("(-1, 64)", "declares shape (-1, 64); expected dimensions of at least 0"),
+                           (f"({2**40}, {2**30})", "more than any machine can address")):
+        (folder / "x.npy").write_bytes(_header(shape))
+        with pytest.raises(NetbuildError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            data.read_arrays(folder, ["x"], report)
 
 
 def test_eval_and_predict_read_a_folder_as_the_npz(tmp_path, run_cli):
@@ -147,4 +217,13 @@ def test_a_folders_scans_are_cached_per_file(tmp_path, monkeypatch):
     assert load() == []
     with np.load(TRAIN) as d:
         np.save(os.path.join(folder, "x.npy"), d["x"][::-1].copy())
+    assert load() == ["x"]
+    # the same bytes' size, edited in place with its modification time set back: its status
+    # change time tells
+    x = os.path.join(folder, "x.npy")
+    times = os.stat(x)
+    with open(x, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(99.5).tobytes())
+    os.utime(x, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert load() == ["x"]
