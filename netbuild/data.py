@@ -217,9 +217,8 @@ def _read_array(file: Path, archive: np.lib.npyio.NpzFile, key: str, report: _Re
 def read_arrays(file: Path, wanted: list[str], report: _Reporter,
                 errors: list | None = None) -> dict[str, np.ndarray]:
     """The arrays under the keys ``wanted`` of an .npz file (or a folder of ``.npy`` files),
-    refusing pickled objects. A missing
-    key is an error of its own: added to ``errors`` when given (the other arrays are still
-    read), else raised (every missing key at once)."""
+    refusing pickled objects. A missing key is an error of its own: added to ``errors`` when
+    given (the other arrays are still read), else raised (every missing key at once)."""
     arrays, cache = _open_arrays(file, wanted, report, errors)
     cache.save()
     return arrays
@@ -314,7 +313,7 @@ def _npy_members(folder: Path, wanted: list[str], report: _Reporter,
         if problem:
             raise report.error(f"{printable(path.name)}: {problem}", key)
         try:
-            found[key] = npz.npy_open(path, key)
+            found[key] = npz.npy_open(path, key, display_path(path))
         except npz.MemberError as exc:
             raise report.error(str(exc), key) from None
         except OSError as exc:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Opens a file without waiting: a pipe put where a data file was looked at never blocks.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 #: Bytes decompressed at a time.
 CHUNK = 4 * 2**20
 #: The share of the available memory a compressed member may take once decompressed.
@@ -154,7 +156,8 @@ def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
     """The array stored at ``offset`` of ``path``, memory-mapped, holding ``reader`` (the same
     file, open: :class:`Reader`) as its ``reader``. A path that no longer names the reader's file
     (replaced while it was being read) is a :class:`MemberError`."""
-    with open(path, "rb") as f:
+    # never blocks on a pipe swapped in since the file was looked at (O_NONBLOCK)
+    with open(os.open(path, os.O_RDONLY | _NONBLOCK), "rb") as f:
         if reader is not None:
             a, b = os.fstat(f.fileno()), os.fstat(reader.fd)
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
@@ -187,13 +190,14 @@ def _declared(key: str, shape: tuple, fortran: bool, dtype: np.dtype, offset: in
     return found
 
 
-def npy_open(path, key: str) -> tuple[Member, bytes, Reader]:
+def npy_open(path, key: str, name: str) -> tuple[Member, bytes, Reader]:
     """The ``.npy`` file ``path`` (the array ``key`` of a folder of them), opened once: the array
     its header declares (:class:`Member`, its data at ``offset``), the header's bytes (for the scan
     cache) and the open file (:class:`Reader`), so that the header, the cache's times and the map
     (:func:`mapped`, which checks that ``path`` is still this file) are of one file. ``numpy.save``
-    pads its header to 64 bytes (numpy 1.14 and later), so the data lies aligned."""
-    reader = Reader(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), str(path))
+    pads its header to 64 bytes (numpy 1.14 and later), so the data lies aligned. ``name``: the
+    file as messages name it."""
+    reader = Reader(os.open(path, os.O_RDONLY | _NONBLOCK), name)
     held = os.fstat(reader.fd)
     if not stat.S_ISREG(held.st_mode):  # swapped for a pipe since it was looked at
         raise MemberError("is not a regular file (a device, pipe or socket); expected a .npy file")
