@@ -54,14 +54,16 @@ def rows(k: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.random((SHARD_ROWS, WIDTH), dtype=np.float32), rng.integers(0, 10, SHARD_ROWS)
 
 
-def generate(folder: Path, shards: int) -> None:
+def generate(folder: Path, shards: int, compressed: bool = True) -> None:
+    """``shards`` files of rows written by netbuild.savez (train-NN.npz) and by numpy.savez
+    (numpy-NN.npz); with ``compressed``, the first file's rows compressed too (memory.npz)."""
     import netbuild
 
     for k in range(shards):
         x, y = rows(k)
         netbuild.savez(folder / f"train-{k:02d}.npz", x=x, y=y)
         np.savez(folder / f"numpy-{k:02d}.npz", x=x, y=y)
-        if k == 0:
+        if k == 0 and compressed:
             np.savez_compressed(folder / "memory.npz", x=x, y=y)
         del x, y
         gc.collect()
@@ -130,9 +132,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(HERE / "RESULTS-data.md"))
     parser.add_argument("--generate", metavar="FOLDER", help=argparse.SUPPRESS)
+    parser.add_argument("--uncompressed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        generate(Path(args.generate), args.shards)
+        generate(Path(args.generate), args.shards, compressed=not args.uncompressed_only)
         return
     folder = Path(tempfile.mkdtemp(prefix="netbuild-bench-data-"))
     try:

@@ -27,25 +27,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import SPEC, WIDTH, rows  # noqa: E402
+from data import SPEC, WIDTH  # noqa: E402
 
 #: (name, files, NETBUILD_IN_MEMORY_MAX when the Trainer is prepared: None for the default,
 #: which leaves 1 GiB arrays in their files)
-WAYS = (("memory", "aligned-00.npz", str(4 << 30)),
-        ("netbuild.savez", "aligned-*.npz", None),
+WAYS = (("memory", "train-00.npz", str(4 << 30)),
+        ("netbuild.savez", "train-*.npz", None),
         ("numpy.savez", "numpy-*.npz", None))
 SHARDS = 2
-
-
-def generate(folder: Path) -> None:
-    import numpy as np
-
-    import netbuild
-
-    for k in range(SHARDS):
-        x, y = rows(k)
-        netbuild.savez(folder / f"aligned-{k:02d}.npz", x=x, y=y)
-        np.savez(folder / f"numpy-{k:02d}.npz", x=x, y=y)
 
 
 def trainer(folder: Path, name: str, files: str, bound: str | None):
@@ -122,15 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default=str(HERE / "RESULTS-data-paired.md"))
-    parser.add_argument("--generate", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.generate:
-        generate(Path(args.generate))
-        return
     folder = Path(tempfile.mkdtemp(prefix="netbuild-bench-data-paired-"))
     try:
-        # in a process of its own, so that this one never holds the generated rows
-        subprocess.run([sys.executable, __file__, "--generate", str(folder)], check=True)
+        # bench/data.py's rows, in a process of its own, so that this one never holds them
+        subprocess.run([sys.executable, str(HERE / "data.py"), "--generate", str(folder), "--shards",
+                        str(SHARDS), "--uncompressed-only"], check=True)
         os.sync()
         speeds = measure(folder, args.rounds)
     finally:

@@ -1004,8 +1004,12 @@ def gather(array, index: np.ndarray) -> np.ndarray:
     when the array's rows lie in memory-mapped files; a view (:func:`consecutive`) when they are
     consecutive rows in memory; else indexed as it is."""
     reads = file_reads(array, index)
-    if reads is not None:
-        return reads.read()
+    return _indexed(array, index) if reads is None else reads.read()
+
+
+def _indexed(array, index) -> np.ndarray:
+    """``array[index]`` of an array not read from files: a view (:func:`consecutive`) when the
+    index is consecutive rows, else indexed as it is."""
     view = consecutive(array, index)
     return array[index] if view is None else view
 
@@ -1253,8 +1257,8 @@ def prefetched(dataset: "Dataset", indices, ahead: int = 2) -> Iterator[tuple[np
         batch, cached = [], None
         for a, r, mapped in zip(arrays, reads, through_map):
             hit = None  # whether the kernel's cache held the rows, where that is asked
-            if r is None:
-                batch.append(gather(a, idx))
+            if r is None:  # planned above: not read from files
+                batch.append(_indexed(a, idx))
                 if mapped:  # pages that indexing a map mapped: dropped every RELEASE_EVERY
                     gathered += batch[-1].nbytes
             elif (view := r.view()) is not None:

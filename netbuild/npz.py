@@ -195,7 +195,8 @@ def npy_open(path, key: str, name: str) -> tuple[Member, bytes, Reader]:
     its header declares (:class:`Member`, its data at ``offset``), the header's bytes (for the scan
     cache) and the open file (:class:`Reader`), so that the header, the cache's times and the map
     (:func:`mapped`, which checks that ``path`` is still this file) are of one file. ``numpy.save``
-    pads its header to 64 bytes (numpy 1.14 and later), so the data lies aligned. ``name``: the
+    pads its header to 64 bytes (``ARRAY_ALIGN`` in numpy 2.4), so the data lies aligned (a
+    file whose data does not is read with ``pread``: :meth:`netbuild.data.FileReads.view`). ``name``: the
     file as messages name it."""
     reader = Reader(os.open(path, os.O_RDONLY | _NONBLOCK), name)
     held = os.fstat(reader.fd)

@@ -236,12 +236,6 @@ class FolderCache:
     def __init__(self, caches: dict[str, FileCache]):
         self.caches = caches
 
-    def verified(self, key: str) -> bool:
-        return False  # nothing to verify: no checksum
-
-    def mark_verified(self, key: str) -> None:
-        pass
-
     def stats(self, key: str, values: np.ndarray, what: str) -> Stats:
         return self.caches[key].stats(key, values, what)
 
