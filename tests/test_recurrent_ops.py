@@ -20,11 +20,13 @@ from conftest import TEST_MODE, verify_grad
 from pytensor.graph.traversal import ancestors
 from pytensor.scan.op import Scan
 from test_compile import python_nodes
+from test_conv_ops import function as all_in_c
 
 from netbuild.compile import compile_train
 from netbuild.layers.base import Context
 from netbuild.layers.recurrent import GRU, LSTM, SimpleRNN
 from netbuild.network import Network
+from netbuild.ops.projection import project as project_rows
 from netbuild.ops.recurrent import (ACTIVATIONS, CELLS, RecurrentSequence, RecurrentSequenceGrad,
                                     _RecurrentCOp, sequence)
 from netbuild.spec import load_text, validate
@@ -276,6 +278,64 @@ def test_verify_grad_on_the_op(cell, act, ract):
     with fused_ops_in_c():
         verify_grad(fun_masked, values, n_tests=1)
 
+    # projecting its inputs itself: X (3, 2, 2) W_ih (2, G) in place of P
+    X, W_ih = rng.normal(size=(3, 2, 2)), rng.normal(size=(2, values[0].shape[2]))
+    projecting = RecurrentSequence(cell, act, ract, project=True)
+
+    def fun_projecting(*inputs):
+        outs = projecting(*inputs, return_list=True)
+        return outs[0] + outs[1] if cell == "lstm" else outs[0]
+
+    with fused_ops_in_c():
+        verify_grad(fun_projecting, [X, W_ih, *values[1:]], n_tests=1)
+
+
+def _projected(cell: str, dtype: str, masked: bool, project: bool):
+    """The op's outputs and the gradients of all its inputs but the mask, with ``P`` computed by
+    the Projection op (``project`` false) or by the op itself from ``X`` and ``W_ih``."""
+    names = ["X", "W_ih", "b", "W", "h0"] + [e for e in [CELLS[cell][1]] if e]
+    ndims = {"X": 3, "W_ih": 2, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
+    ins = [pt.tensor(n, dtype=dtype, shape=(None,) * ndims[n]) for n in names]
+    X, W_ih, *rest = ins
+    mask = pt.tensor("mask", dtype=dtype, shape=(None, None)) if masked else None
+    if project:
+        outs = sequence(cell, X, *rest[:3], *(rest[3:] or [None]), mask=mask, W_ih=W_ih)
+    else:
+        P = project_rows(X.reshape((-1, X.shape[2])), W_ih).reshape((X.shape[0], X.shape[1], -1))
+        outs = sequence(cell, P, *rest[:3], *(rest[3:] or [None]), mask=mask)
+    weights = pt.tensor("weights", dtype=dtype, shape=(None, None, None))
+    loss = (outs[0] * weights).sum() + ((outs[1] ** 2).sum() if cell == "lstm" else 0)
+    return ins + [mask] * masked + [weights], [*outs, *pytensor.grad(loss, ins)]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+def test_projecting_op_gives_the_bits_of_the_projection_op_then_the_op(cell, masked):
+    """With ``W_ih`` the op projects each step's rows itself, with the product the Projection op
+    computes whole sequences with (one fixed order of terms per value): its outputs and every
+    gradient have the bits of Projection then the op on ``P``, in C, float64 and float32, at
+    shapes that fill no whole tile or panel and more rows than one block (256) of the weight
+    gradients. Its numpy perform agrees with its C code."""
+    rng = np.random.default_rng(7)
+    for dtype, (T, B, U, F) in itertools.product(("float64", "float32"),
+                                                 [(4, 3, 5, 2), (30, 11, 37, 7), (2, 1, 3, 1)]):
+        G = CELLS[cell][0] * U
+        values = [rng.normal(size=(T, B, F)), rng.normal(size=(F, G)) / np.sqrt(F),
+                  *op_inputs(cell, T, B, U, rng)[1:]]
+        values[3] = values[3] / np.sqrt(U)  # W: contracting, as in test_c_matches_numpy
+        values += [step_mask(T, B, rng)] * masked + [rng.normal(size=(T, B, U))]
+        values = [v.astype(dtype) for v in values]
+        separate = all_in_c(*_projected(cell, dtype, masked, project=False), c=True)(*values)
+        ins, outs = _projected(cell, dtype, masked, project=True)
+        fused = all_in_c(ins, outs, c=True)(*values)
+        for i, (a, b) in enumerate(zip(separate, fused)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{dtype} {T, B, U, F} output {i}")
+        tol = {"float64": 1e-12, "float32": 2e-5}[dtype]
+        for i, (c, py) in enumerate(zip(fused, function(ins, outs, c=False)(*values))):
+            scale = max(1.0, float(np.max(np.abs(py)))) if py.size else 1.0
+            np.testing.assert_allclose(c, py, rtol=0, atol=tol * scale,
+                                       err_msg=f"{dtype} {T, B, U, F} output {i}")
+
 
 # -- the compiled training step -------------------------------------------------------------------
 def c_only_training_step(layers: str, input_shape: str, x: np.ndarray) -> list:
@@ -344,7 +404,8 @@ def test_layer_uses_the_op_when_it_has_c_code(overrides, fused):
     assert rnn.fused_activations() == ("tanh", "sigmoid")
 
 
-def test_fused_graph_has_one_projection_and_one_op_per_direction():
+def test_fused_graph_is_one_projecting_op_per_direction():
+    """The op projects each step's inputs itself: no Projection, no product, no scan."""
     from pytensor.tensor.math import Dot
 
     from netbuild.ops.projection import Projection
@@ -360,9 +421,9 @@ def test_fused_graph_has_one_projection_and_one_op_per_direction():
         out = layer.forward([x], Context(training=False))
         nodes = {v.owner for v in ancestors([out]) if v.owner}
         n_dir = 2 if bidirectional else 1
-        assert len([n for n in nodes if isinstance(n.op, RecurrentSequence)]) == n_dir
-        assert len([n for n in nodes if isinstance(n.op, Projection)]) == n_dir
-        assert not [n for n in nodes if isinstance(n.op, (Dot, Scan))]
+        ops = [n.op for n in nodes if isinstance(n.op, RecurrentSequence)]
+        assert len(ops) == n_dir and all(op.project for op in ops)
+        assert not [n for n in nodes if isinstance(n.op, (Projection, Dot, Scan))]
 
 
 def test_op_rejects_bad_arguments():

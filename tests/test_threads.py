@@ -130,13 +130,15 @@ def test_conv_and_pool_ops_give_the_same_bits_on_1_and_2_threads(batch, restore_
 
 def _sequence_function(cell: str, activation: str, recurrent_activation: str, dtype: str,
                        masked: bool = False):
-    """The recurrent op's outputs and every input's gradient, in C."""
-    names = ["P", "b", "W", "h0"] + ([recurrent.CELLS[cell][1]] if recurrent.CELLS[cell][1] else [])
-    ndims = {"P": 3, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
+    """The recurrent op's outputs and every input's gradient, in C: the op as the layers use it,
+    projecting its inputs ``X`` by ``W_ih`` a step at a time."""
+    names = ["X", "W_ih", "b", "W", "h0"] + [e for e in [recurrent.CELLS[cell][1]] if e]
+    ndims = {"X": 3, "W_ih": 2, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
     inputs = [pt.tensor(n, dtype=dtype, shape=(None,) * ndims[n]) for n in names]
     mask = pt.tensor("mask", dtype=dtype, shape=(None, None)) if masked else None
-    outs = recurrent.sequence(cell, *inputs[:4], *(inputs[4:] or [None]), activation=activation,
-                              recurrent_activation=recurrent_activation, mask=mask)
+    X, W_ih, *rest = inputs
+    outs = recurrent.sequence(cell, X, *rest[:3], *(rest[3:] or [None]), activation=activation,
+                              recurrent_activation=recurrent_activation, mask=mask, W_ih=W_ih)
     weights = pt.tensor("weights", dtype=dtype, shape=(None, None, None))
     loss = (outs[0] * weights).sum()
     if cell == "lstm":  # a gradient reaches the cell states too
@@ -160,14 +162,16 @@ def _sequence_function(cell: str, activation: str, recurrent_activation: str, dt
     ("gru", "tanh", "sigmoid"), ("gru", "linear", "hard_sigmoid")])
 def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation, units, batch,
                                           masked, restore_threads):
-    """Each thread runs the loop on its own rows, then computes its own units' columns of the
-    weight gradients, with products that add each value's terms in one order whatever the rows
-    or columns computed with it (ops/packed.c): 1 and 2 threads give the same bits, in float64
-    and float32."""
+    """Each thread runs the loop on its own rows (their input projection and the product with
+    W_hh at every step), then computes its own units' columns of the weight gradients, with
+    products that add each value's terms in one order whatever the rows or columns computed with
+    it (ops/packed.c): 1 and 2 threads give the same bits, in float64 and float32, for the
+    outputs and the gradients of every input (X and W_ih by the Projection ops)."""
     rng = np.random.default_rng(units * batch)
     T, U = 6, units
     G = recurrent.CELLS[cell][0] * U
-    values = {"P": rng.normal(size=(T, batch, G)), "b": rng.normal(size=G) * 0.1,
+    values = {"X": rng.normal(size=(T, batch, 5)), "W_ih": rng.normal(size=(5, G)) * 0.5,
+              "b": rng.normal(size=G) * 0.1,
               "W": rng.normal(size=(U, G)) * 0.3, "h0": rng.normal(size=(batch, U)) * 0.5,
               "c0": rng.normal(size=(batch, U)) * 0.5, "b_hn": rng.normal(size=U) * 0.1}
     mask = (rng.random((T, batch)) < 0.7).astype("float64")

@@ -29,11 +29,12 @@ is the k-th block of ``units`` columns.
     n = act(p[2] + r * q[2])
     h = (1 - z) * n + z * h
 
-The input projection of every timestep is one matrix product ahead of the loop; each step does
-only ``h W_hh`` and elementwise maths. The loop over timesteps, and its gradient, is one C op per
-direction (:mod:`netbuild.ops.recurrent`) when both activations are among the ones it computes
-(linear, tanh, sigmoid, relu, hard_sigmoid); any other activation runs :meth:`Recurrent.step` in a
-``pytensor.scan``, which is also the reference the tests hold the C op to.
+The loop over timesteps, and its gradient, is one C op per direction (:mod:`netbuild.ops.recurrent`)
+when both activations are among the ones it computes (linear, tanh, sigmoid, relu, hard_sigmoid):
+each step's input projection ``x W_ih`` is computed in the loop, the step's rows at a time, beside
+``h W_hh`` and the step's elementwise maths. Any other activation runs :meth:`Recurrent.step` in a
+``pytensor.scan``, after one matrix product for the input projection of every timestep; the scan
+is also the reference the tests hold the C op to.
 
 ``go_backwards`` (Keras semantics) reverses the input sequence before the layer reads it; with
 ``return_sequences`` the outputs stay in that processing order. ``bidirectional`` adds a second
@@ -52,7 +53,6 @@ import pytensor.tensor as pt
 
 from .. import activations, backend, initializers
 from ..ops import recurrent as recurrent_ops
-from ..ops.projection import project
 from .base import Activation, Context, Initializer, Layer, LayerError, ParamSpec, Regularized, Shape, single
 
 
@@ -225,20 +225,17 @@ class Recurrent(Regularized, Layer):
 
     def _fused(self, xs, outer, inner, zero, act: str, ract: str, ms=None) -> list:
         """One C op per direction; the backward direction reads the time-reversed sequence (and
-        mask). Each direction's input projection is one matrix product (netbuild's own, in C:
-        :mod:`netbuild.ops.projection`; the op adds the bias).
+        mask). The op projects each step's inputs itself (``X W_ih``, the products of
+        :mod:`netbuild.ops.projection`) and adds the bias.
         With a mask ``ms (timesteps, batch)`` the op holds the states at a padded step."""
-        steps, batch, features = xs.shape[0], xs.shape[1], xs.shape[2]
         ms = None if ms is None else ms.astype(xs.dtype)
         hs = []
         for d, suffix in enumerate(self.directions):
             seq = xs[::-1] if d else xs
-            P = project(seq.reshape((steps * batch, features)), self.params["W_ih" + suffix]) \
-                .reshape((steps, batch, self.gates * self.units))
             mask = None if ms is None else (ms[::-1] if d else ms)
-            hs.append(recurrent_ops.sequence(self.cell, P, outer[d], self.params["W_hh" + suffix],
+            hs.append(recurrent_ops.sequence(self.cell, seq, outer[d], self.params["W_hh" + suffix],
                                              zero, self.fused_extra(zero, inner[d]), act, ract,
-                                             mask)[0])
+                                             mask, W_ih=self.params["W_ih" + suffix])[0])
         return hs
 
     def _scan(self, xs, outer, inner, zero, ms=None) -> list:

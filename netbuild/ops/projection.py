@@ -1,12 +1,14 @@
 """The recurrent layers' input projection ``Y = X W`` and its gradients, in C.
 
+The recurrent op computes ``X W`` itself, a step at a time (``RecurrentSequence(project=True)``,
+on the same packed product); what the layers' graphs run of this module is the gradients.
+
 :class:`Projection` takes ``X (N, K)`` and ``W (K, M)`` and gives ``Y (N, M)``: the team of
 threads packs ``W`` once (``packed.c``) and each thread multiplies its rows of ``X``. Its
 gradients are ``dX = dY W^T`` (a :class:`Projection` of ``dY`` and ``W^T``) and
 ``dW = X^T dY`` (:class:`ProjectionWeightGrad`: each thread its columns of ``dW``, the rows of
 ``dY`` packed a block at a time). Both add each value's terms in one fixed order, so their bits
-do not depend on the number of threads. The recurrent layers project every step's input with
-one of these (:mod:`netbuild.layers.recurrent`); the C says why they are not BLAS.
+do not depend on the number of threads. The C says why they are not BLAS.
 """
 
 from __future__ import annotations

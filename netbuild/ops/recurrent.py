@@ -3,8 +3,9 @@
 :class:`RecurrentSequence` runs a whole sequence of ``simple_rnn``, ``lstm`` or ``gru`` steps
 (PyTorch's equations, as in :mod:`netbuild.layers.recurrent`) in one Apply node, time-major::
 
-    P (T, B, G*U)   every step's input projection x W_ih (one matrix product ahead of the op)
-    b (G*U,)        its bias: b_ih + b_hh (the GRU's b_hh without its n block)
+    P (T, B, G*U)   every step's input projection x W_ih; or, with ``project`` (the layers' use),
+                    X (T, B, F) and W_ih (F, G*U), projected a step at a time inside the loop
+    b (G*U,)        the projection's bias: b_ih + b_hh (the GRU's b_hh without its n block)
     W (U, G*U)      W_hh
     h0 (B, U)       initial state; the LSTM also takes c0 (B, U), the GRU b_hn (U,)
     M (T, B)        with ``masked``: 0 where a row's step is padding, else 1
@@ -12,8 +13,11 @@
 Its first output is ``H (T, B, U)``, the state after every step (the LSTM's second output is the
 cell state ``C``); the others are what the gradient reads back (the gates of every step and, for
 the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one matrix product (``h W``,
-with ``W`` packed once per call: ``packed.c``) and one fused, vectorized pass of elementwise
-maths that adds ``P[t] + b`` and applies the gates.
+with ``W`` packed once per call: ``packed.c``), with ``project`` a second (``x[t] W_ih``, the
+product :mod:`netbuild.ops.projection` computes, row by row the same bits, while the step's rows
+are in cache), and one fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and
+applies the gates. With ``project`` the gradients of ``X`` and ``W_ih`` are
+:mod:`netbuild.ops.projection`'s, from the gradient op's ``dP``.
 With a mask, a padded step leaves a row's states as they were (``H[t] = H[t-1]``, and ``C``):
 selected, so that whatever the padded inputs hold never reaches a state; backwards, that row's
 gates get no gradient and the state's gradient passes to the step before unchanged. The mask has
@@ -56,7 +60,7 @@ from pytensor.graph.basic import Apply
 from pytensor.link.c.params_type import ParamsType
 from pytensor.scalar import int32, upcast
 
-from . import CCall, NetbuildCOp
+from . import CCall, NetbuildCOp, projection
 
 #: The activations the C code computes, by YAML name, and their codes in it.
 ACTIVATIONS = {"linear": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "hard_sigmoid": 4}
@@ -66,12 +70,14 @@ _KEEPS_INPUT = {"relu", "hard_sigmoid"}
 CELLS = {"simple_rnn": (1, None), "lstm": (4, "c0"), "gru": (3, "b_hn")}
 
 # Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
-_SHAPES = {"P": "Tn, Bn, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
+_SHAPES = {"P": "Tn, Bn, G", "X": "Tn, Bn, F", "W_ih": "F, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
            "M": "Tn, Bn",
            "H": "Tn, Bn, U", "C": "Tn, Bn, U", "S": "Tn, Bn, G", "AC": "Tn, Bn, U",
            "HN": "Tn, Bn, U", "dH": "Tn, Bn, U", "dC": "Tn, Bn, U"}
-for _n in ("P", "b", "W", "h0", "c0", "b_hn"):
+for _n in ("P", "b", "W", "h0", "c0", "b_hn"):  # what the gradient op gives
     _SHAPES["d" + _n] = _SHAPES[_n]
+#: The inputs that give T and B (and F): the forward op's sequence, the gradient op's H.
+_SEQUENCES = ("P", "X", "H")
 
 
 class _RecurrentCOp(NetbuildCOp):
@@ -133,7 +139,7 @@ class _RecurrentCOp(NetbuildCOp):
     def _output_types(self, by_name: dict) -> list:
         """Output types with the static sizes the inputs tell (T, B from the first sequence
         input, U from W)."""
-        seq = next(by_name[n] for n in ("P", "H") if n in by_name)
+        seq = next(by_name[n] for n in _SEQUENCES if n in by_name)
         T, B = seq.type.shape[:2]
         U = by_name["W"].type.shape[0]
         G = None if U is None else self.gates * U
@@ -145,7 +151,7 @@ class _RecurrentCOp(NetbuildCOp):
 
     def infer_shape(self, fgraph, node, shapes):
         by = dict(zip(self.input_names(), shapes))
-        seq = by["P"] if "P" in by else by["H"]
+        seq = next(by[n] for n in _SEQUENCES if n in by)
         sizes = {"Tn": seq[0], "Bn": seq[1], "U": by["W"][0], "G": by["W"][1]}
         return [tuple(sizes[d.strip()] for d in _SHAPES[n].split(","))
                 for n in self.output_names()]
@@ -161,7 +167,7 @@ class _RecurrentCOp(NetbuildCOp):
         buffer, run the kernel without the GIL (:class:`netbuild.ops.CCall`)."""
         call = CCall(self, node, name, sub)
         in_names, out_names = self.input_names(), self.output_names()
-        seq = inputs[in_names.index("P" if "P" in in_names else "H")]
+        seq = inputs[in_names.index(next(n for n in _SEQUENCES if n in in_names))]
         W = inputs[in_names.index("W")]
         kernel, n_work, n_acc = self._kernel()
         call.line(f"int act_ = {sub['params']}->act, ract_ = {sub['params']}->ract;")
@@ -169,6 +175,8 @@ class _RecurrentCOp(NetbuildCOp):
         call.line(f"npy_intp Bn = PyArray_NDIM({seq}) == 3 ? PyArray_DIMS({seq})[1] : 0;")
         call.line(f"npy_intp U = PyArray_NDIM({W}) == 2 ? PyArray_DIMS({W})[0] : 0;")
         call.line(f"npy_intp G = {self.gates} * U;")
+        if "X" in in_names:
+            call.line(f"npy_intp F = PyArray_NDIM({seq}) == 3 ? PyArray_DIMS({seq})[2] : 0;")
         for n, v in zip(in_names, inputs):
             call.check_shape(v, n, _SHAPES[n])
         args = {n: call.input(v) for n, v in zip(in_names, inputs)}
@@ -183,10 +191,11 @@ class _RecurrentCOp(NetbuildCOp):
 def _check_shapes(op: _RecurrentCOp, values: list) -> None:
     """The numpy twin of the C code's shape checks (``netbuild_check_shape``)."""
     by = dict(zip(op.input_names(), values))
-    seq = by["P"] if "P" in by else by["H"]
+    seq = next(by[n] for n in _SEQUENCES if n in by)
     T, B = seq.shape[:2] if seq.ndim == 3 else (0, 0)
     U = by["W"].shape[0] if by["W"].ndim == 2 else 0
-    sizes = {"Tn": T, "Bn": B, "U": U, "G": op.gates * U}
+    F = seq.shape[2] if seq.ndim == 3 else 0
+    sizes = {"Tn": T, "Bn": B, "U": U, "G": op.gates * U, "F": F}
     for name, value in by.items():
         expected = _SHAPES[name]
         want = tuple(sizes[d.strip()] for d in expected.split(","))
@@ -202,13 +211,22 @@ def _zeros_if_disconnected(g, like):
 class RecurrentSequence(_RecurrentCOp):
     """A whole sequence of recurrent steps; see the module docstring.
 
-    Inputs ``P, b, W, h0`` and ``c0`` (lstm) or ``b_hn`` (gru); outputs ``simple_rnn: H, S``,
-    ``lstm: H, C, S, AC``, ``gru: H, S, HN``.
+    Inputs ``P, b, W, h0`` and ``c0`` (lstm) or ``b_hn`` (gru), then ``M`` when ``masked``; with
+    ``project``, ``X, W_ih`` in place of ``P``. Outputs ``simple_rnn: H, S``, ``lstm: H, C, S,
+    AC``, ``gru: H, S, HN``.
     """
+
+    __props__ = (*_RecurrentCOp.__props__, "project")
+
+    def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
+                 masked: bool = False, project: bool = False):
+        super().__init__(cell, activation, recurrent_activation, masked)
+        self.project = bool(project)
 
     def input_names(self):
         extra = CELLS[self.cell][1]
-        return ["P", "b", "W", "h0"] + ([extra] if extra else []) + ["M"] * self.masked
+        return ((["X", "W_ih"] if self.project else ["P"]) + ["b", "W", "h0"]
+                + ([extra] if extra else []) + ["M"] * self.masked)
 
     def output_names(self):
         return {"simple_rnn": ["H", "S"], "lstm": ["H", "C", "S", "AC"],
@@ -236,28 +254,40 @@ class RecurrentSequence(_RecurrentCOp):
         grad = RecurrentSequenceGrad(self.cell, self.activation, self.recurrent_activation,
                                      with_dC, self.masked)
         grads = grad(*[by[n] for n in grad.input_names()], return_list=True)
+        if self.project:  # P = X W_ih: the gradients Projection's pullback gives
+            X, W_ih, dP = by["X"], by["W_ih"], grads[0]
+            rows = dP.reshape((-1, dP.shape[2]))
+            dX = projection.project(rows, W_ih.T).reshape(X.shape)
+            dW_ih = projection.ProjectionWeightGrad()(X.reshape((-1, X.shape[2])), rows)
+            grads = [dX, dW_ih] + grads[1:]
         return grads + [disconnected_type()] * self.masked  # none for the mask
 
     def perform(self, node, inputs, output_storage):
         dtype = node.outputs[0].dtype
         values = [np.asarray(i, dtype=dtype) for i in inputs]
         _check_shapes(self, values)
-        outs = _np_forward(self.cell, self.activation, self.recurrent_activation,
-                           dict(zip(self.input_names(), values)))
+        by = dict(zip(self.input_names(), values))
+        if self.project:
+            X = by.pop("X")
+            by["P"] = (X.reshape(-1, X.shape[2]) @ by.pop("W_ih")).reshape(X.shape[:2] + (-1,))
+        outs = _np_forward(self.cell, self.activation, self.recurrent_activation, by)
         for storage, value in zip(output_storage, outs):
             storage[0] = np.asarray(value, dtype=dtype)
 
     def _kernel(self):
         M = "{M}" if self.masked else "{null}"
-        work = f"nbrec::forward_work<T_>({self.gates}, Bn, U)"
+        F = "F" if self.project else "0"
+        work = f"nbrec::forward_work<T_>({self.gates}, Bn, U, {F})"
+        ins = ("nbrec::inputs<T_>{{{null}, {X}, {W_ih}, F}}" if self.project
+               else "nbrec::inputs<T_>{{{P}, {null}, {null}, 0}}")
         if self.cell == "simple_rnn":
-            return ("nbrec::rnn_forward(act_, Tn, Bn, U, {P}, {b}, {W}, {h0}, " + M + ", {H}, "
-                    "{S}, {w})", work, "0")
+            return ("nbrec::rnn_forward(act_, Tn, Bn, U, " + ins + ", {b}, {W}, {h0}, " + M
+                    + ", {H}, {S}, {w})", work, "0")
         if self.cell == "lstm":
-            return ("nbrec::lstm_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {c0}, "
-                    + M + ", {H}, {C}, {S}, {AC}, {w})", work, "0")
-        return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, {P}, {b}, {W}, {h0}, {b_hn}, " + M
-                + ", {H}, {S}, {HN}, {w})", work, "0")
+            return ("nbrec::lstm_forward(act_, ract_, Tn, Bn, U, " + ins + ", {b}, {W}, {h0}, "
+                    "{c0}, " + M + ", {H}, {C}, {S}, {AC}, {w})", work, "0")
+        return ("nbrec::gru_forward(act_, ract_, Tn, Bn, U, " + ins + ", {b}, {W}, {h0}, "
+                "{b_hn}, " + M + ", {H}, {S}, {HN}, {w})", work, "0")
 
 
 class RecurrentSequenceGrad(_RecurrentCOp):
@@ -323,11 +353,14 @@ class RecurrentSequenceGrad(_RecurrentCOp):
 
 
 def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
-             recurrent_activation: str = "sigmoid", mask=None) -> list:
-    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``. ``mask
-    (T, B)``, when given, is 0 at a padded step (which leaves the states as they were)."""
-    op = RecurrentSequence(cell, activation, recurrent_activation, mask is not None)
-    return op(P, b, W, h0, *([] if extra is None else [extra]),
+             recurrent_activation: str = "sigmoid", mask=None, W_ih=None) -> list:
+    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``. ``P`` is every
+    step's input projection ``(T, B, G*U)``, or with ``W_ih`` the inputs ``X (T, B, F)`` that the
+    op projects itself (``X W_ih``, a step at a time). ``mask (T, B)``, when given, is 0 at a
+    padded step (which leaves the states as they were)."""
+    op = RecurrentSequence(cell, activation, recurrent_activation, mask is not None,
+                           project=W_ih is not None)
+    return op(P, *([] if W_ih is None else [W_ih]), b, W, h0, *([] if extra is None else [extra]),
               *([] if mask is None else [mask]), return_list=True)
 
 
