@@ -160,6 +160,19 @@ template <typename T> static inline size_t netbuild_tgemm_scratch(npy_intp nu) {
     return netbuild_packed_size<T>(NETBUILD_KBLOCK, nu);
 }
 
+/* For each block of NETBUILD_KBLOCK rows of B (rows, nu; row stride ldb; B at its first column),
+   first to last: the block packed into pack, then use(k0, kb, pack) (its first row, its rows). */
+template <typename T, typename F>
+static void netbuild_packed_blocks(npy_intp rows, npy_intp nu, const T* B, npy_intp ldb, T* pack,
+                                   F use) {
+    for (npy_intp k0 = 0; k0 < rows; k0 += NETBUILD_KBLOCK) {
+        const npy_intp kb = rows - k0 < NETBUILD_KBLOCK ? rows - k0 : NETBUILD_KBLOCK;
+        const T* Bk = B + k0 * ldb;
+        netbuild_pack(kb, nu, ldb, [&](npy_intp j) { return Bk + j; }, pack);
+        use(k0, kb, (const T*)pack);
+    }
+}
+
 /* C (M, nu; row stride ldc) = A^T B, or C += A^T B with add: A (rows, M) and B (rows, nu) with
    row strides lda and ldb (B at its first column). NETBUILD_KBLOCK rows of B are packed at a
    time into pack and their products added in row order: each value is the same sum in the same
@@ -168,13 +181,9 @@ template <typename T>
 static void netbuild_packed_tgemm(npy_intp rows, npy_intp M, npy_intp nu, const T* A,
                                   npy_intp lda, const T* B, npy_intp ldb, T* C, npy_intp ldc,
                                   bool add, T* pack) {
-    for (npy_intp k0 = 0; k0 < rows; k0 += NETBUILD_KBLOCK) {
-        const npy_intp kb = rows - k0 < NETBUILD_KBLOCK ? rows - k0 : NETBUILD_KBLOCK;
-        const T* Bk = B + k0 * ldb;
-        netbuild_pack(kb, nu, ldb, [&](npy_intp j) { return Bk + j; }, pack);
-        netbuild_packed_gemm<T>(M, nu, kb, A + k0 * lda, 1, lda, pack, C, ldc, add);
-        add = true;
-    }
-    if (!add)
+    netbuild_packed_blocks(rows, nu, B, ldb, pack, [&](npy_intp k0, npy_intp kb, const T* P) {
+        netbuild_packed_gemm<T>(M, nu, kb, A + k0 * lda, 1, lda, P, C, ldc, add || k0 > 0);
+    });
+    if (!add && rows == 0)
         for (npy_intp i = 0; i < M; ++i) memset(C + i * ldc, 0, sizeof(T) * nu);
 }

@@ -1,8 +1,8 @@
 #section support_code
 /* The recurrent layers' input projection X W_ih and its weight gradient X^T dY
    (netbuild/ops/projection.py), on netbuild's packed products (packed.c, loaded before this).
-   The recurrent op projects its inputs itself, a step at a time, with the same product; the
-   layers' graphs run these for the gradients (dX = dP W_ih^T, dW_ih = X^T dP).
+   The recurrent ops compute X W_ih (a step at a time) and X^T dP themselves, with the same
+   products; the layers' graphs run nbproj_dot for dX = dP W_ih^T.
 
    OpenBLAS gains little from a second core at these shapes (the bench LSTM's 3200 x 32 by
    32 x 512, and 32 x 3200 by 3200 x 512 for the gradient): in PyTensor's per-op profile of its

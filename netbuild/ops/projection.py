@@ -1,7 +1,8 @@
 """The recurrent layers' input projection ``Y = X W`` and its gradients, in C.
 
-The recurrent op computes ``X W`` itself, a step at a time (``RecurrentSequence(project=True)``,
-on the same packed product); what the layers' graphs run of this module is the gradients.
+The recurrent ops compute ``X W`` and ``X^T dY`` themselves (``RecurrentSequence(project=True)``
+and its gradient op, on the same packed products); what the layers' graphs run of this module is
+``dX = dY W^T``, for a recurrent layer whose input needs a gradient.
 
 :class:`Projection` takes ``X (N, K)`` and ``W (K, M)`` and gives ``Y (N, M)``: the team of
 threads packs ``W`` once (``packed.c``) and each thread multiplies its rows of ``X``. Its

@@ -16,8 +16,8 @@ the LSTM, ``act(C)``, for the GRU ``h W_hn + b_hn``). Each step is one matrix pr
 with ``W`` packed once per call: ``packed.c``), with ``project`` a second (``x[t] W_ih``, the
 product :mod:`netbuild.ops.projection` computes, row by row the same bits, while the step's rows
 are in cache), and one fused, vectorized pass of elementwise maths that adds ``P[t] + b`` and
-applies the gates. With ``project`` the gradients of ``X`` and ``W_ih`` are
-:mod:`netbuild.ops.projection`'s, from the gradient op's ``dP``.
+applies the gates. With ``project`` the gradient op also gives ``W_ih``'s gradient, and ``X``'s
+is :mod:`netbuild.ops.projection`'s ``dP W_ih^T``.
 With a mask, a padded step leaves a row's states as they were (``H[t] = H[t-1]``, and ``C``):
 selected, so that whatever the padded inputs hold never reaches a state; backwards, that row's
 gates get no gradient and the state's gradient passes to the step before unchanged. The mask has
@@ -25,7 +25,8 @@ no gradient.
 
 :class:`RecurrentSequenceGrad` is backpropagation through time in C: one gemm per step for the
 state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dgates[t]`` as
-products over all ``T*B`` rows and the bias gradients as column sums (in double, in row order).
+products over all ``T*B`` rows (with ``project`` also ``dW_ih = sum_t x[t]^T dP[t]``, from the
+same packed blocks of rows) and the bias gradients as column sums (in double, in row order).
 It has no gradient of its own (no second derivatives).
 
 Threads: both ops split the rows of the batch (at least a tile of the packed product, 6 or 8
@@ -70,7 +71,7 @@ _KEEPS_INPUT = {"relu", "hard_sigmoid"}
 CELLS = {"simple_rnn": (1, None), "lstm": (4, "c0"), "gru": (3, "b_hn")}
 
 # Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
-_SHAPES = {"P": "Tn, Bn, G", "X": "Tn, Bn, F", "W_ih": "F, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
+_SHAPES = {"P": "Tn, Bn, G", "X": "Tn, Bn, F", "W_ih": "F, G", "dW_ih": "F, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
            "M": "Tn, Bn",
            "H": "Tn, Bn, U", "C": "Tn, Bn, U", "S": "Tn, Bn, G", "AC": "Tn, Bn, U",
            "HN": "Tn, Bn, U", "dH": "Tn, Bn, U", "dC": "Tn, Bn, U"}
@@ -91,11 +92,11 @@ class _RecurrentCOp(NetbuildCOp):
     # without trapping maths g++ may compute both sides of a select: the loops vectorize
     extra_compile_args = ("-fno-trapping-math",)
 
-    __props__ = ("cell", "activation", "recurrent_activation", "masked")
+    __props__ = ("cell", "activation", "recurrent_activation", "masked", "project")
     params_type = ParamsType(act=int32, ract=int32)
 
     def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 masked: bool = False):
+                 masked: bool = False, project: bool = False):
         if cell not in CELLS:
             raise ValueError(f"unknown cell '{cell}'; expected one of {sorted(CELLS)}")
         for a in (activation, recurrent_activation):
@@ -107,6 +108,7 @@ class _RecurrentCOp(NetbuildCOp):
         self.recurrent_activation = recurrent_activation
         self.gates = CELLS[cell][0]
         self.masked = bool(masked)
+        self.project = bool(project)
 
     def input_names(self) -> list[str]:
         raise NotImplementedError
@@ -143,7 +145,8 @@ class _RecurrentCOp(NetbuildCOp):
         T, B = seq.type.shape[:2]
         U = by_name["W"].type.shape[0]
         G = None if U is None else self.gates * U
-        sizes = {"Tn": T, "Bn": B, "U": U, "G": G}
+        F = by_name["X"].type.shape[2] if "X" in by_name else None
+        sizes = {"Tn": T, "Bn": B, "U": U, "G": G, "F": F}
         dtype = by_name["W"].dtype
         return [pt.tensor(dtype=dtype, shape=tuple(sizes[d.strip()] for d in
                                                    _SHAPES[n].split(",")))
@@ -153,6 +156,8 @@ class _RecurrentCOp(NetbuildCOp):
         by = dict(zip(self.input_names(), shapes))
         seq = next(by[n] for n in _SEQUENCES if n in by)
         sizes = {"Tn": seq[0], "Bn": seq[1], "U": by["W"][0], "G": by["W"][1]}
+        if "X" in by:
+            sizes["F"] = by["X"][2]
         return [tuple(sizes[d.strip()] for d in _SHAPES[n].split(","))
                 for n in self.output_names()]
 
@@ -216,13 +221,6 @@ class RecurrentSequence(_RecurrentCOp):
     AC``, ``gru: H, S, HN``.
     """
 
-    __props__ = (*_RecurrentCOp.__props__, "project")
-
-    def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 masked: bool = False, project: bool = False):
-        super().__init__(cell, activation, recurrent_activation, masked)
-        self.project = bool(project)
-
     def input_names(self):
         extra = CELLS[self.cell][1]
         return ((["X", "W_ih"] if self.project else ["P"]) + ["b", "W", "h0"]
@@ -252,13 +250,11 @@ class RecurrentSequence(_RecurrentCOp):
         if with_dC:
             by["dC"] = cotangents[1]
         grad = RecurrentSequenceGrad(self.cell, self.activation, self.recurrent_activation,
-                                     with_dC, self.masked)
+                                     with_dC, self.masked, self.project)
         grads = grad(*[by[n] for n in grad.input_names()], return_list=True)
-        if self.project:  # P = X W_ih: the gradients Projection's pullback gives
-            X, W_ih, dP = by["X"], by["W_ih"], grads[0]
-            rows = dP.reshape((-1, dP.shape[2]))
-            dX = projection.project(rows, W_ih.T).reshape(X.shape)
-            dW_ih = projection.ProjectionWeightGrad()(X.reshape((-1, X.shape[2])), rows)
+        if self.project:  # P = X W_ih: dX = dP W_ih^T (Projection), dW_ih from the gradient op
+            X, W_ih, dP, dW_ih = by["X"], by["W_ih"], grads[0], grads.pop()
+            dX = projection.project(dP.reshape((-1, W_ih.shape[1])), W_ih.T).reshape(X.shape)
             grads = [dX, dW_ih] + grads[1:]
         return grads + [disconnected_type()] * self.masked  # none for the mask
 
@@ -294,27 +290,30 @@ class RecurrentSequenceGrad(_RecurrentCOp):
     """Backpropagation through a :class:`RecurrentSequence`.
 
     Inputs: ``W, h0`` (and ``c0``), the forward op's outputs, then the gradient ``dH`` of ``H``
-    (and ``dC`` of ``C`` when ``with_dC``), then the mask ``M`` when ``masked``. Outputs the
-    gradients of the forward op's inputs but the mask: ``dP, db, dW, dh0`` and ``dc0`` (lstm) or
-    ``db_hn`` (gru).
+    (and ``dC`` of ``C`` when ``with_dC``), then the inputs ``X`` with ``project``, then the mask
+    ``M`` when ``masked``. Outputs the gradients of the forward op's inputs but the mask (and
+    ``X``): ``dP, db, dW, dh0`` and ``dc0`` (lstm) or ``db_hn`` (gru), then ``dW_ih`` with
+    ``project`` (``sum_t x[t]^T dP[t]``, from the blocks of ``dP`` the weight gradient ``dW``
+    packs, in the same order of rows).
     """
 
     __props__ = (*_RecurrentCOp.__props__, "with_dC")
 
     def __init__(self, cell: str, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 with_dC: bool = False, masked: bool = False):
-        super().__init__(cell, activation, recurrent_activation, masked)
+                 with_dC: bool = False, masked: bool = False, project: bool = False):
+        super().__init__(cell, activation, recurrent_activation, masked, project)
         self.with_dC = bool(with_dC) and cell == "lstm"
 
     def input_names(self):
         names = {"simple_rnn": ["W", "h0", "H", "S", "dH"],
                  "lstm": ["W", "h0", "c0", "H", "C", "S", "AC", "dH"] + ["dC"] * self.with_dC,
                  "gru": ["W", "h0", "H", "S", "HN", "dH"]}[self.cell]
-        return names + ["M"] * self.masked
+        return names + ["X"] * self.project + ["M"] * self.masked
 
     def output_names(self):
         extra = CELLS[self.cell][1]
-        return ["dP", "db", "dW", "dh0"] + (["d" + extra] if extra else [])
+        return ["dP", "db", "dW", "dh0"] + (["d" + extra] if extra else []) + \
+            ["dW_ih"] * self.project
 
     def make_node(self, *values):
         tensors = self._tensors(values)
@@ -326,6 +325,8 @@ class RecurrentSequenceGrad(_RecurrentCOp):
         _check_shapes(self, values)
         by = dict(zip(self.input_names(), values))
         outs = _np_backward(self.cell, self.activation, self.recurrent_activation, by)
+        if self.project:  # dW_ih = sum_t x[t]^T dP[t]
+            outs.append(np.einsum("tbf,tbg->fg", by["X"], outs[0]))
         for storage, value in zip(output_storage, outs):
             storage[0] = np.asarray(value, dtype=dtype)
 
@@ -339,17 +340,21 @@ class RecurrentSequenceGrad(_RecurrentCOp):
         cells = n + (" + 2 * Bn * U" if self.masked else "")
         pack = f"{{w}} + {cells}"
         work = f"{cells} + nbrec::backward_work<T_>({self.gates}, U)"
+        ins = ("nbrec::input_grad<T_>{{{X}, F, {dW_ih}}}" if self.project
+               else "nbrec::input_grad<T_>{{{null}, 0, {null}}}")
         if self.cell == "simple_rnn":
             return ("nbrec::rnn_backward(act_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {dH}, " + M +
-                    ", {dP}, {db}, {dW}, {dh0}, {w}, " + sdh + ", " + pack + ", {acc})", work, "U")
+                    ", {dP}, {db}, {dW}, {dh0}, {w}, " + sdh + ", " + pack + ", {acc}, " + ins
+                    + ")", work, "U")
         if self.cell == "lstm":
             dC = "{dC}" if self.with_dC else "{null}"
             return ("nbrec::lstm_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {c0}, {H}, {C}, "
                     "{S}, {AC}, {dH}, " + dC + ", " + M + ", {dP}, {db}, {dW}, {dh0}, {dc0}, "
-                    "{w}, {w} + Bn * U, " + sdh + ", " + sdc + ", " + pack + ", {acc})", work, "G")
+                    "{w}, {w} + Bn * U, " + sdh + ", " + sdc + ", " + pack + ", {acc}, " + ins
+                    + ")", work, "G")
         return ("nbrec::gru_backward(act_, ract_, Tn, Bn, U, {W}, {h0}, {H}, {S}, {HN}, {dH}, "
                 + M + ", {dP}, {db}, {dW}, {dh0}, {db_hn}, {w}, {w} + Bn * U, " + sdh + ", " +
-                pack + ", {acc})", work, "G + U")
+                pack + ", {acc}, " + ins + ")", work, "G + U")
 
 
 def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
