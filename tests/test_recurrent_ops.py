@@ -290,9 +290,10 @@ def test_verify_grad_on_the_op(cell, act, ract):
         verify_grad(fun_projecting, [X, W_ih, *values[1:]], n_tests=1)
 
 
-def _projected(cell: str, dtype: str, masked: bool, project: bool):
+def _projected(cell: str, dtype: str, masked: bool, project: bool, reads_c: bool = True):
     """The op's outputs and the gradients of all its inputs but the mask, with ``P`` computed by
-    the Projection op (``project`` false) or by the op itself from ``X`` and ``W_ih``."""
+    the Projection op (``project`` false) or by the op itself from ``X`` and ``W_ih``; the LSTM's
+    cost reads its cell states too with ``reads_c`` (the gradient op's ``with_dC``)."""
     names = ["X", "W_ih", "b", "W", "h0"] + [e for e in [CELLS[cell][1]] if e]
     ndims = {"X": 3, "W_ih": 2, "b": 1, "W": 2, "h0": 2, "c0": 2, "b_hn": 1}
     ins = [pt.tensor(n, dtype=dtype, shape=(None,) * ndims[n]) for n in names]
@@ -301,10 +302,11 @@ def _projected(cell: str, dtype: str, masked: bool, project: bool):
     if project:
         outs = sequence(cell, X, *rest[:3], *(rest[3:] or [None]), mask=mask, W_ih=W_ih)
     else:
-        P = project_rows(X.reshape((-1, X.shape[2])), W_ih).reshape((X.shape[0], X.shape[1], -1))
+        T, B = X.shape[0], X.shape[1]
+        P = project_rows(X.reshape((T * B, X.shape[2])), W_ih).reshape((T, B, W_ih.shape[1]))
         outs = sequence(cell, P, *rest[:3], *(rest[3:] or [None]), mask=mask)
     weights = pt.tensor("weights", dtype=dtype, shape=(None, None, None))
-    loss = (outs[0] * weights).sum() + ((outs[1] ** 2).sum() if cell == "lstm" else 0)
+    loss = (outs[0] * weights).sum() + ((outs[1] ** 2).sum() if cell == "lstm" and reads_c else 0)
     return ins + [mask] * masked + [weights], [*outs, *pytensor.grad(loss, ins)]
 
 
@@ -315,26 +317,29 @@ def test_projecting_op_gives_the_bits_of_the_projection_op_then_the_op(cell, mas
     computes whole sequences with (one fixed order of terms per value): its outputs and every
     gradient but ``W_ih``'s have the bits of Projection then the op on ``P``, in C, float64 and
     float32, at shapes that fill no whole tile or panel and more rows than one block (256) of the
-    weight gradients. ``W_ih``'s gradient, which the gradient op computes beside ``W_hh``'s (its
-    rows in that order: steps 1..T-1, then step 0), agrees to rounding. The numpy perform agrees
-    with the C code."""
+    weight gradients, with no step and with no feature; the LSTM with and without a gradient
+    reaching its cell states. ``W_ih``'s gradient, which the gradient op computes beside
+    ``W_hh``'s (its rows in that order: steps 1..T-1, then step 0), agrees to rounding. The numpy
+    perform agrees with the C code."""
     rng = np.random.default_rng(7)
-    for dtype, (T, B, U, F) in itertools.product(("float64", "float32"),
-                                                 [(4, 3, 5, 2), (30, 11, 37, 7), (2, 1, 3, 1)]):
+    shapes = [(4, 3, 5, 2), (30, 11, 37, 7), (2, 1, 3, 1), (0, 2, 3, 2), (3, 2, 3, 0)]
+    reads = (True, False) if cell == "lstm" else (True,)
+    for dtype, (T, B, U, F), reads_c in itertools.product(("float64", "float32"), shapes, reads):
         G = CELLS[cell][0] * U
-        values = [rng.normal(size=(T, B, F)), rng.normal(size=(F, G)) / np.sqrt(F),
+        values = [rng.normal(size=(T, B, F)), rng.normal(size=(F, G)) / np.sqrt(max(F, 1)),
                   *op_inputs(cell, T, B, U, rng)[1:]]
         values[3] = values[3] / np.sqrt(U)  # W: contracting, as in test_c_matches_numpy
         values += [step_mask(T, B, rng)] * masked + [rng.normal(size=(T, B, U))]
         values = [v.astype(dtype) for v in values]
-        separate = all_in_c(*_projected(cell, dtype, masked, project=False), c=True)(*values)
-        ins, outs = _projected(cell, dtype, masked, project=True)
+        separate = all_in_c(*_projected(cell, dtype, masked, False, reads_c), c=True)(*values)
+        ins, outs = _projected(cell, dtype, masked, True, reads_c)
         fused = all_in_c(ins, outs, c=True)(*values)
         tol = {"float64": 1e-12, "float32": 2e-5}[dtype]
         dW_ih = len(outs) - (len(ins) - masked - 1) + 1  # outputs, then dX, dW_ih, ...
         for i, (a, b) in enumerate(zip(separate, fused)):
             if i == dW_ih:
-                np.testing.assert_allclose(b, a, rtol=0, atol=tol * max(1.0, np.abs(a).max()),
+                scale = max(1.0, float(np.abs(a).max())) if a.size else 1.0
+                np.testing.assert_allclose(b, a, rtol=0, atol=tol * scale,
                                            err_msg=f"{dtype} {T, B, U, F} dW_ih")
             else:
                 np.testing.assert_array_equal(a, b, err_msg=f"{dtype} {T, B, U, F} output {i}")
@@ -412,10 +417,12 @@ def test_layer_uses_the_op_when_it_has_c_code(overrides, fused):
 
 
 def test_fused_graph_is_one_projecting_op_per_direction():
-    """The op projects each step's inputs itself: no Projection, no product, no scan."""
+    """The op projects each step's inputs itself: no Projection, no product, no scan; its
+    gradient op gives W_ih's gradient (no ProjectionWeightGrad), and one Projection per
+    direction gives the input's."""
     from pytensor.tensor.math import Dot
 
-    from netbuild.ops.projection import Projection
+    from netbuild.ops.projection import Projection, ProjectionWeightGrad
     from netbuild.spec.validate import fill_defaults, schema
 
     x = pt.tensor3("x")
@@ -431,6 +438,12 @@ def test_fused_graph_is_one_projecting_op_per_direction():
         ops = [n.op for n in nodes if isinstance(n.op, RecurrentSequence)]
         assert len(ops) == n_dir and all(op.project for op in ops)
         assert not [n for n in nodes if isinstance(n.op, (Projection, Dot, Scan))]
+        grads = pytensor.grad(out.sum(), [x, *layer.params.values()])
+        backward = [n.op for n in {v.owner for v in ancestors(grads) if v.owner}]
+        grad_ops = [op for op in backward if isinstance(op, RecurrentSequenceGrad)]
+        assert len(grad_ops) == n_dir and all(op.project for op in grad_ops)
+        assert len([op for op in backward if isinstance(op, Projection)]) == n_dir
+        assert not [op for op in backward if isinstance(op, (ProjectionWeightGrad, Dot, Scan))]
 
 
 def test_op_rejects_bad_arguments():
@@ -443,6 +456,10 @@ def test_op_rejects_bad_arguments():
         RecurrentSequence("lstm")(P, b, W, h0)
     with pytest.raises(TypeError, match="W must have 2 axes"):
         RecurrentSequence("simple_rnn")(P, b, pt.tensor3(), h0)
+    with pytest.raises(TypeError, match="takes 6 inputs"):  # X, W_ih in place of P
+        RecurrentSequence("lstm", project=True)(P, b, W, h0, h0)
+    with pytest.raises(TypeError, match="W_ih must have 2 axes"):
+        RecurrentSequence("simple_rnn", project=True)(P, pt.tensor3(), b, W, h0)
 
 
 @pytest.mark.parametrize("c", [True, False], ids=["c", "numpy"])
@@ -455,6 +472,14 @@ def test_shape_mismatch_is_an_error(c):
     fn = function(ins, sequence("lstm", *ins)[0], c)
     with pytest.raises(ValueError, match=r"RecurrentSequence: W has shape \(3, 9,?\); "
                                          r"expected \(U, G\) = \(3, 12,?\)"):
+        fn(*values)
+    # projecting: W_ih with 4 rows for inputs of 5 features
+    values = [rng.normal(size=(2, 2, 5)), rng.normal(size=(4, 12))] + op_inputs("lstm", 2, 2, 3,
+                                                                               rng)[1:]
+    ins = symbols(values)
+    fn = function(ins, sequence("lstm", ins[0], *ins[2:], W_ih=ins[1])[0], c)
+    with pytest.raises(ValueError, match=r"RecurrentSequence: W_ih has shape \(4, 12,?\); "
+                                         r"expected \(F, G\) = \(5, 12,?\)"):
         fn(*values)
 
 

@@ -166,7 +166,7 @@ def test_recurrent_ops_on_1_and_2_threads(cell, activation, recurrent_activation
     W_hh at every step), then computes its own units' columns of the weight gradients, with
     products that add each value's terms in one order whatever the rows or columns computed with
     it (ops/packed.c): 1 and 2 threads give the same bits, in float64 and float32, for the
-    outputs and the gradients of every input (X and W_ih by the Projection ops)."""
+    outputs and the gradients of every input (X's by the Projection op)."""
     rng = np.random.default_rng(units * batch)
     T, U = 6, units
     G = recurrent.CELLS[cell][0] * U

@@ -225,8 +225,8 @@ class Recurrent(Regularized, Layer):
 
     def _fused(self, xs, outer, inner, zero, act: str, ract: str, ms=None) -> list:
         """One C op per direction; the backward direction reads the time-reversed sequence (and
-        mask). The op projects each step's inputs itself (``X W_ih``, the products of
-        :mod:`netbuild.ops.projection`) and adds the bias.
+        mask). The op projects each step's inputs itself (``X W_ih``, on netbuild's packed
+        products) and adds the bias; its gradient op gives ``W_ih``'s gradient too.
         With a mask ``ms (timesteps, batch)`` the op holds the states at a padded step."""
         ms = None if ms is None else ms.astype(xs.dtype)
         hs = []

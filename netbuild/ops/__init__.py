@@ -2,8 +2,8 @@
 too slow: :mod:`netbuild.ops.update` (fused optimizer steps), :mod:`netbuild.ops.random`
 (counter-based uniform draws for dropout), :mod:`netbuild.ops.embedding` (the embedding's
 lookup and its gradient), :mod:`netbuild.ops.recurrent` (the recurrent layers'
-loop over timesteps and its gradient), :mod:`netbuild.ops.projection` (their input projection
-and its gradients), :mod:`netbuild.ops.conv` (convolution as im2col + BLAS
+loop over timesteps and its gradient), :mod:`netbuild.ops.projection` (the gradient of their
+inputs), :mod:`netbuild.ops.conv` (convolution as im2col + BLAS
 gemm, and its gradients), :mod:`netbuild.ops.pool` (max and average pooling, and their
 gradient), :mod:`netbuild.ops.normalization` (layer_norm and its gradient) and
 :mod:`netbuild.ops.softmax` (softmax and softmax cross-entropy, and their gradients).

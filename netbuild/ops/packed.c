@@ -1,7 +1,7 @@
 #section support_code
 /* Matrix products whose right-hand side is packed once and used many times: the recurrent loops'
-   weights, multiplied at every step by a small batch of states (netbuild/ops/recurrent.c), and
-   the recurrent layers' input projections (netbuild/ops/projection.c).
+   weights, multiplied at every step by a small batch of states and inputs
+   (netbuild/ops/recurrent.c), and the products of netbuild/ops/projection.c.
 
    BLAS packs both operands again at every call: on the bench LSTM's per-step products
    (64 x 128 by 128 x 512, and 64 x 512 by 512 x 128, one thread, SkylakeX kernels; a standalone

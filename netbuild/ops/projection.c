@@ -1,14 +1,15 @@
 #section support_code
-/* The recurrent layers' input projection X W_ih and its weight gradient X^T dY
-   (netbuild/ops/projection.py), on netbuild's packed products (packed.c, loaded before this).
-   The recurrent ops compute X W_ih (a step at a time) and X^T dP themselves, with the same
-   products; the layers' graphs run nbproj_dot for dX = dP W_ih^T.
+/* The products Y = X W and dW = X^T dY (netbuild/ops/projection.py), on netbuild's packed
+   products (packed.c, loaded before this). They were the recurrent layers' input projection
+   X W_ih and its weight gradient, which the recurrent ops now compute themselves with the same
+   products (netbuild/ops/recurrent.c); the layers' graphs run nbproj_dot for the input's
+   gradient dX = dP W_ih^T.
 
-   OpenBLAS gains little from a second core at these shapes (the bench LSTM's 3200 x 32 by
-   32 x 512, and 32 x 3200 by 3200 x 512 for the gradient): in PyTensor's per-op profile of its
-   training step, 0.77 and 0.81 ms on one thread, 0.64 and 0.64 ms on two. Both products here add
-   each value's terms in one fixed order whatever the rows or columns computed with it, so their
-   bits do not depend on the number of threads. */
+   Why not BLAS: OpenBLAS gained little from a second core at the bench LSTM's projection
+   (3200 x 32 by 32 x 512, and 32 x 3200 by 3200 x 512 for its gradient): in PyTensor's per-op
+   profile of its training step, 0.77 and 0.81 ms on one thread, 0.64 and 0.64 ms on two. Both
+   products here add each value's terms in one fixed order whatever the rows or columns computed
+   with it, so their bits do not depend on the number of threads. */
 
 /* Rows of Y per thread, at least; columns of dW per thread, at least (a panel of floats). */
 static const npy_intp NBPROJ_ROWS_PER_PART = 64;

@@ -1,4 +1,4 @@
-"""The recurrent layers' input projection ``Y = X W`` and its gradients, in C.
+"""The product ``Y = X W`` and its gradients, in C, on the recurrent ops' packed products.
 
 The recurrent ops compute ``X W`` and ``X^T dY`` themselves (``RecurrentSequence(project=True)``
 and its gradient op, on the same packed products); what the layers' graphs run of this module is

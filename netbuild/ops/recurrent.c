@@ -5,12 +5,13 @@
    a team of threads (netbuild_team_run, at least ROWS_PER_PART rows each) runs the whole loop over
    timesteps on its rows, with no wait between steps. A forward step is, on each thread, the
    product of its rows of h[t-1] with the whole W (packed once per call, the team sharing the
-   packing), then the fused elementwise maths of its rows. A backward step is the elementwise
-   maths of its rows (the gates' gradients dA[t]) and the product of those rows of dA[t] with W^T
-   (packed once) for its rows of dh. After the loop the team waits once, and each thread then
-   computes its columns of the weight gradient (products over all T*B rows, a block of rows at a
-   time) and of the bias gradients (column sums in double, row by row in order). With a batch too
-   small to split, the team is as large as the units allow, for those gradients alone.
+   packing), with the layers' inputs also their projection x[t] W_ih (W_ih packed likewise), then
+   the fused elementwise maths of its rows. A backward step is the elementwise maths of its rows
+   (the gates' gradients dA[t]) and the product of those rows of dA[t] with W^T (packed once) for
+   its rows of dh. After the loop the team waits once, and each thread then computes its columns
+   of the weight gradients, W's and W_ih's (products over all T*B rows, a block of rows at a
+   time), and of the bias gradients (column sums in double, row by row in order). With a batch
+   too small to split, the team is as large as the units allow, for those gradients alone.
 
    Every product is netbuild_packed_gemm, not BLAS: it adds each value's terms in one fixed order
    whatever the rows or columns computed with it, so the outputs have the same bits on any number
@@ -104,15 +105,15 @@ static void column_sums(const T* __restrict x, npy_intp rows, npy_intp ld, npy_i
 }
 
 /* With the input projection in the op (its inputs X (Tn, Bn, F)): where the gradient op puts
-   the projection's weight gradient dW_ih (F, G) = sum_t x[t]^T dP[t]. X null: not computed. */
+   the projection's weight gradient dW_ih (F, G) = sum_t x[t]^T dP[t]. dW null: not computed. */
 template <typename T> struct input_grad {
     const T* X;
     npy_intp F;
     T* dW;
 };
 
-/* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t] (H null: not computed) and, with in.X,
-   of in.dW = sum_t x[t]^T dA[t], per gate block: the rows of steps 1..T-1 (h = H[0..T-2]) then
+/* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t] (dW null: not computed) and, with
+   in.dW, of in.dW = sum_t x[t]^T dA[t], per gate block: the rows of steps 1..T-1 (h = H[0..T-2]) then
    those of step 0 (h0), added in that order, from the same blocks of rows of dA packed once into
    pack (netbuild_packed_blocks): each value is the same sum in the same order whatever the part,
    so both have the same bits on any number of threads. Computing in.dW here, on dA already
@@ -122,11 +123,11 @@ template <typename T> struct input_grad {
 template <typename T>
 static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
                               const T* H, const T* h0, T* dW, T* pack, input_grad<T> in) {
-    const npy_intp G = (npy_intp)g * U, rows = (npy_intp)Tn * Bn, F = in.X ? in.F : 0;
+    const npy_intp G = (npy_intp)g * U, rows = (npy_intp)Tn * Bn, F = in.dW ? in.F : 0;
     const npy_intp later = rows > Bn ? rows - Bn : 0, first = rows < Bn ? rows : Bn;
     for (int q = 0; q < g; ++q) {
-        T* out = H ? dW + q * U + u0 : (T*)0;
-        T* outx = F ? in.dW + q * U + u0 : (T*)0;
+        T* out = dW ? dW + q * U + u0 : (T*)0;
+        T* outx = in.dW ? in.dW + q * U + u0 : (T*)0;
         const T* dAq = dA + q * U + u0;
         bool add = false;
         for (int part = 0; part < 2; ++part) {  // steps 1..T-1, then step 0
@@ -143,23 +144,23 @@ static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_int
         }
         if (!add) {  // no rows
             for (npy_intp i = 0; out && i < U; ++i) memset(out + i * G, 0, sizeof(T) * nu);
-            for (npy_intp i = 0; i < F; ++i) memset(outx + i * G, 0, sizeof(T) * nu);
+            for (npy_intp i = 0; outx && i < F; ++i) memset(outx + i * G, 0, sizeof(T) * nu);
         }
     }
 }
 
-/* After the backward loop, on each thread of the team: the part's columns of dW (from dA), of
-   the bias gradient db (column sums of dP) and, with in.X, of in.dW (from dP) in every gate
-   block. */
+/* After the backward loop, on each thread of the team: the part's columns of dW (from dA: dP,
+   or the GRU's dQ), of the bias gradient db (column sums of dP) and, with in.dW, of in.dW (from
+   dP: with dA = dP from the same packed blocks, else from dP's own). */
 template <typename T>
 static void part_grads(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
                        const T* dP, const T* H, const T* h0, T* dW, T* db, T* pack,
                        double* acc, input_grad<T> in) {
     if (dA == dP) {
         weight_grad_units(Tn, Bn, U, g, u0, nu, dA, H, h0, dW, pack, in);
-    } else {  // the GRU: dW from dQ
+    } else {  // the GRU: dW from dQ, dW_ih from dP
         weight_grad_units(Tn, Bn, U, g, u0, nu, dA, H, h0, dW, pack, input_grad<T>{0, 0, 0});
-        if (in.X) weight_grad_units(Tn, Bn, U, g, u0, nu, dP, (const T*)0, h0, dW, pack, in);
+        if (in.dW) weight_grad_units(Tn, Bn, U, g, u0, nu, dP, H, h0, (T*)0, pack, in);
     }
     for (int q = 0; q < g; ++q)
         column_sums(dP, (npy_intp)Tn * Bn, (npy_intp)g * U, q * U + u0, nu, db + q * U + u0,
@@ -239,12 +240,14 @@ template <typename T> static inline size_t packed_offset(npy_intp rows, npy_intp
     return (size_t)rows * (size_t)(u0 + p * netbuild_nr<T>());
 }
 
-/* Scratch elements of a forward loop: W packed, then X (Bn, g*U); with inputs of F features (the
-   input projection computed in the loop), W_ih packed and a step's projection (Bn, g*U). */
-template <typename T> static inline size_t forward_work(int g, int Bn, int U, npy_intp F) {
+/* Scratch elements of a forward loop: W packed, then X (Bn, g*U); with project (the input
+   projection computed in the loop, from inputs of F features), W_ih packed and a step's
+   projection (Bn, g*U). */
+template <typename T>
+static inline size_t forward_work(int g, int Bn, int U, bool project, npy_intp F) {
     const npy_intp G = (npy_intp)g * U;
     return netbuild_packed_size<T>(U, G) + (size_t)Bn * G
-           + (F > 0 ? netbuild_packed_size<T>(F, G) + (size_t)Bn * G : 0);
+           + (project ? netbuild_packed_size<T>(F, G) + (size_t)Bn * G : 0);
 }
 
 /* Rows of a part's block in a backward loop's scratch: the shared W^T packed (g * U rows) during
@@ -282,23 +285,26 @@ template <typename T, typename F>
 static void forward_loop(int g, int Tn, int Bn, int U, inputs<T> in, const T* W, const T* h0,
                          const T* H, T* work, F cells) {
     const size_t step = (size_t)Bn * U;
-    const npy_intp G = (npy_intp)g * U, Fn = in.X ? in.F : 0;
+    const bool project = in.X != 0;
+    const npy_intp G = (npy_intp)g * U, Fn = project ? in.F : 0;
     T* Wp = work;
     T* X = Wp + netbuild_packed_size<T>(U, G);
-    T* Wip = X + (size_t)Bn * G;                              // with in.X: W_ih packed
-    T* Pl = Wip + (Fn ? netbuild_packed_size<T>(Fn, G) : 0);  // and a step's projection
+    T* Wip = X + (size_t)Bn * G;                     // with project: W_ih packed
+    T* Pl = Wip + netbuild_packed_size<T>(Fn, G);    // and a step's projection
     netbuild_team_run(row_parts(Bn), [&](int p, int n, netbuild_team& team) {
         netbuild_pack_part(p, n, U, G, G, [&](npy_intp c) { return W + c; }, Wp);
-        if (Fn) netbuild_pack_part(p, n, Fn, G, G, [&](npy_intp c) { return in.Wih + c; }, Wip);
+        if (project)
+            netbuild_pack_part(p, n, Fn, G, G, [&](npy_intp c) { return in.Wih + c; }, Wip);
         team.wait(n);
         NBREC_PART(Bn, p, n, r0, nr);
         T *Xp = X + r0 * G, *Plp = Pl + r0 * G;
         for (int t = 0; t < Tn && nr > 0; ++t) {
             const T* hp = t ? H + (t - 1) * step : h0;
             const size_t rt = (size_t)t * Bn + r0;  // the first of the rows at step t
-            if (Fn) netbuild_packed_gemm<T>(nr, G, Fn, in.X + rt * Fn, Fn, 1, Wip, Plp, G, false);
+            if (project)  // (no features: K = 0, a projection of zeros)
+                netbuild_packed_gemm<T>(nr, G, Fn, in.X + rt * Fn, Fn, 1, Wip, Plp, G, false);
             netbuild_packed_gemm<T>(nr, G, U, hp + r0 * U, U, 1, Wp, Xp, G, false);
-            cells(t, r0, nr, (const T*)Xp, Fn ? (const T*)Plp : in.P + rt * G, hp);
+            cells(t, r0, nr, (const T*)Xp, project ? (const T*)Plp : in.P + rt * G, hp);
         }
     });
 }

@@ -25,15 +25,16 @@ no gradient.
 
 :class:`RecurrentSequenceGrad` is backpropagation through time in C: one gemm per step for the
 state's gradient (``dh += dgates W^T``); after the loop ``dW = sum_t h[t-1]^T dgates[t]`` as
-products over all ``T*B`` rows (with ``project`` also ``dW_ih = sum_t x[t]^T dP[t]``, from the
-same packed blocks of rows) and the bias gradients as column sums (in double, in row order).
+products over all ``T*B`` rows (with ``project`` also ``dW_ih = sum_t x[t]^T dP[t]``, for the
+simple RNN and the LSTM from the same packed blocks of rows) and the bias gradients as column
+sums (in double, in row order).
 It has no gradient of its own (no second derivatives).
 
 Threads: both ops split the rows of the batch (at least a tile of the packed product, 6 or 8
 rows, per thread). The rows of a recurrent batch are independent, so each thread runs the whole
 loop over timesteps on its rows, with no wait between steps; after the backward loop the
-threads wait once and each computes its columns of ``dW`` and of the bias gradients (at least
-16 units each). Every product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's
+threads wait once and each computes its columns of ``dW`` (and ``dW_ih``) and of the bias
+gradients (at least 16 units each). Every product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's
 terms in one fixed order whatever the rows or columns it is computed with: both ops give the
 same bits on any number of threads.
 
@@ -70,12 +71,13 @@ _KEEPS_INPUT = {"relu", "hard_sigmoid"}
 #: cell -> (gate blocks G, name of the extra input after h0 or None)
 CELLS = {"simple_rnn": (1, None), "lstm": (4, "c0"), "gru": (3, "b_hn")}
 
-# Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U and G = gates * U).
-_SHAPES = {"P": "Tn, Bn, G", "X": "Tn, Bn, F", "W_ih": "F, G", "dW_ih": "F, G", "b": "G", "W": "U, G", "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U",
-           "M": "Tn, Bn",
+# Shapes of the ops' inputs and outputs, as C initializer lists (Tn, Bn, U, G = gates * U and
+# the inputs' features F).
+_SHAPES = {"P": "Tn, Bn, G", "X": "Tn, Bn, F", "W_ih": "F, G", "b": "G", "W": "U, G",
+           "h0": "Bn, U", "c0": "Bn, U", "b_hn": "U", "M": "Tn, Bn",
            "H": "Tn, Bn, U", "C": "Tn, Bn, U", "S": "Tn, Bn, G", "AC": "Tn, Bn, U",
            "HN": "Tn, Bn, U", "dH": "Tn, Bn, U", "dC": "Tn, Bn, U"}
-for _n in ("P", "b", "W", "h0", "c0", "b_hn"):  # what the gradient op gives
+for _n in ("P", "W_ih", "b", "W", "h0", "c0", "b_hn"):  # what the gradient op gives
     _SHAPES["d" + _n] = _SHAPES[_n]
 #: The inputs that give T and B (and F): the forward op's sequence, the gradient op's H.
 _SEQUENCES = ("P", "X", "H")
@@ -254,7 +256,8 @@ class RecurrentSequence(_RecurrentCOp):
         grads = grad(*[by[n] for n in grad.input_names()], return_list=True)
         if self.project:  # P = X W_ih: dX = dP W_ih^T (Projection), dW_ih from the gradient op
             X, W_ih, dP, dW_ih = by["X"], by["W_ih"], grads[0], grads.pop()
-            dX = projection.project(dP.reshape((-1, W_ih.shape[1])), W_ih.T).reshape(X.shape)
+            rows = dP.reshape((X.shape[0] * X.shape[1], W_ih.shape[1]))
+            dX = projection.project(rows, W_ih.T).reshape(X.shape)
             grads = [dX, dW_ih] + grads[1:]
         return grads + [disconnected_type()] * self.masked  # none for the mask
 
@@ -264,8 +267,7 @@ class RecurrentSequence(_RecurrentCOp):
         _check_shapes(self, values)
         by = dict(zip(self.input_names(), values))
         if self.project:
-            X = by.pop("X")
-            by["P"] = (X.reshape(-1, X.shape[2]) @ by.pop("W_ih")).reshape(X.shape[:2] + (-1,))
+            by["P"] = np.matmul(by.pop("X"), by.pop("W_ih"))  # (T, B, F) (F, G): (T, B, G)
         outs = _np_forward(self.cell, self.activation, self.recurrent_activation, by)
         for storage, value in zip(output_storage, outs):
             storage[0] = np.asarray(value, dtype=dtype)
@@ -273,7 +275,7 @@ class RecurrentSequence(_RecurrentCOp):
     def _kernel(self):
         M = "{M}" if self.masked else "{null}"
         F = "F" if self.project else "0"
-        work = f"nbrec::forward_work<T_>({self.gates}, Bn, U, {F})"
+        work = f"nbrec::forward_work<T_>({self.gates}, Bn, U, {str(self.project).lower()}, {F})"
         ins = ("nbrec::inputs<T_>{{{null}, {X}, {W_ih}, F}}" if self.project
                else "nbrec::inputs<T_>{{{P}, {null}, {null}, 0}}")
         if self.cell == "simple_rnn":
@@ -293,8 +295,9 @@ class RecurrentSequenceGrad(_RecurrentCOp):
     (and ``dC`` of ``C`` when ``with_dC``), then the inputs ``X`` with ``project``, then the mask
     ``M`` when ``masked``. Outputs the gradients of the forward op's inputs but the mask (and
     ``X``): ``dP, db, dW, dh0`` and ``dc0`` (lstm) or ``db_hn`` (gru), then ``dW_ih`` with
-    ``project`` (``sum_t x[t]^T dP[t]``, from the blocks of ``dP`` the weight gradient ``dW``
-    packs, in the same order of rows).
+    ``project`` (``sum_t x[t]^T dP[t]``, its rows in ``dW``'s order: steps 1..T-1, then step 0;
+    for the simple RNN and the LSTM, whose ``dW`` is also from ``dP``, from the same packed
+    blocks).
     """
 
     __props__ = (*_RecurrentCOp.__props__, "with_dC")
@@ -357,15 +360,15 @@ class RecurrentSequenceGrad(_RecurrentCOp):
                 pack + ", {acc}, " + ins + ")", work, "G + U")
 
 
-def sequence(cell: str, P, b, W, h0, extra=None, activation: str = "tanh",
+def sequence(cell: str, seq, b, W, h0, extra=None, activation: str = "tanh",
              recurrent_activation: str = "sigmoid", mask=None, W_ih=None) -> list:
-    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``. ``P`` is every
-    step's input projection ``(T, B, G*U)``, or with ``W_ih`` the inputs ``X (T, B, F)`` that the
-    op projects itself (``X W_ih``, a step at a time). ``mask (T, B)``, when given, is 0 at a
-    padded step (which leaves the states as they were)."""
+    """All of the forward op's outputs for a sequence; ``[0]`` is ``H (T, B, U)``. ``seq`` is
+    every step's input projection ``P (T, B, G*U)``, or with ``W_ih`` the inputs ``X (T, B, F)``
+    that the op projects itself (``X W_ih``, a step at a time). ``mask (T, B)``, when given, is 0
+    at a padded step (which leaves the states as they were)."""
     op = RecurrentSequence(cell, activation, recurrent_activation, mask is not None,
                            project=W_ih is not None)
-    return op(P, *([] if W_ih is None else [W_ih]), b, W, h0, *([] if extra is None else [extra]),
+    return op(seq, *([] if W_ih is None else [W_ih]), b, W, h0, *([] if extra is None else [extra]),
               *([] if mask is None else [mask]), return_list=True)
 
 
