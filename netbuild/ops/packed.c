@@ -6,7 +6,10 @@
    BLAS packs both operands again at every call: on the bench LSTM's per-step products
    (64 x 128 by 128 x 512, and 64 x 512 by 512 x 128, one thread, SkylakeX kernels; a standalone
    timing, each product repeated with its operands in cache) OpenBLAS's sgemm ran at 168-175
-   GFLOP/s where this kernel, on weights packed once, ran at 210-220.
+   GFLOP/s where this kernel, on weights packed once, ran at 210-220, on an earlier development
+   machine (whose OpenBLAS ran a 1024 x 1024 sgemm at 205 GFLOP/s on one thread). On an AMD EPYC
+   whose OpenBLAS runs it at 102, the bench LSTM's forward products ran at 110-113 GFLOP/s here
+   (50 steps of 64 x 128 by 128 x 512, best of 20).
 
    The right-hand matrix B (K, N) is packed into panels of netbuild_nr<T>() columns, each panel
    K rows of NR consecutive values (the last panel padded with zeros). The product keeps a tile
