@@ -113,13 +113,13 @@ template <typename T> struct input_grad {
 };
 
 /* The part's columns of dW (U, G) = sum_t h[t-1]^T dA[t] (dW null: not computed) and, with
-   in.dW, of in.dW = sum_t x[t]^T dA[t], per gate block: the rows of steps 1..T-1 (h = H[0..T-2]) then
-   those of step 0 (h0), added in that order, from the same blocks of rows of dA packed once into
-   pack (netbuild_packed_blocks): each value is the same sum in the same order whatever the part,
-   so both have the same bits on any number of threads. Computing in.dW here, on dA already
-   packed, rather than with netbuild/ops/projection.c's ProjectionWeightGrad: the bench LSTM's two
-   weight gradients (float32, one thread, a standalone timing, best of 20) took 6.5-7.1 ms as
-   this and ProjectionWeightGrad, 5.6-6.0 ms together. */
+   in.dW, of in.dW = sum_t x[t]^T dA[t], per gate block: the rows of steps 1..T-1
+   (h = H[0..T-2]) then those of step 0 (h0), added in that order, from the same blocks of rows
+   of dA packed once into pack (netbuild_packed_blocks): each value is the same sum in the same
+   order whatever the part, so both have the same bits on any number of threads. Computing in.dW
+   here, on dA already packed, rather than with netbuild/ops/projection.c's ProjectionWeightGrad:
+   the bench LSTM's two weight gradients (float32, one thread, a standalone timing, best of 20)
+   took 6.5-7.1 ms as this and ProjectionWeightGrad, 5.6-6.0 ms together. */
 template <typename T>
 static void weight_grad_units(int Tn, int Bn, int U, int g, npy_intp u0, npy_intp nu, const T* dA,
                               const T* H, const T* h0, T* dW, T* pack, input_grad<T> in) {

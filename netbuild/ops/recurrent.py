@@ -34,9 +34,9 @@ Threads: both ops split the rows of the batch (at least a tile of the packed pro
 rows, per thread). The rows of a recurrent batch are independent, so each thread runs the whole
 loop over timesteps on its rows, with no wait between steps; after the backward loop the
 threads wait once and each computes its columns of ``dW`` (and ``dW_ih``) and of the bias
-gradients (at least 16 units each). Every product is ``netbuild_packed_gemm`` (not BLAS), which adds each value's
-terms in one fixed order whatever the rows or columns it is computed with: both ops give the
-same bits on any number of threads.
+gradients (at least 16 units each). Every product is ``netbuild_packed_gemm`` (not BLAS),
+which adds each value's terms in one fixed order whatever the rows or columns it is computed
+with: both ops give the same bits on any number of threads.
 
 ``activation`` and ``recurrent_activation`` are one of :data:`ACTIVATIONS` (the YAML names of
 :mod:`netbuild.activations`, with the same derivatives, boundaries included: relu's is 1 at 0,
