@@ -153,7 +153,14 @@ def savez(path: str | os.PathLike, /, **arrays) -> None:
 
     from . import npz
     from .errors import DataError, RunError, printable
+    from .model import writable
 
+    try:
+        target = Path(path)
+    except TypeError:
+        raise UsageError(f"savez: the path is {type(path).__name__}; expected a str or a "
+                         "path-like object") from None
+    writable(target, overwrite=True)  # a folder, a device, a missing folder: one line each
     if not arrays:
         raise UsageError("savez: no arrays given; expected arrays by keyword, such as x=..., y=...")
     values = {}
@@ -161,6 +168,14 @@ def savez(path: str | os.PathLike, /, **arrays) -> None:
         if "\0" in key:
             raise UsageError(f"savez: {printable(repr(key))}: the name holds a NUL character; "
                              "expected a name without one")
+        try:  # the archive's member name: KEY.npy in UTF-8, at most 65,535 bytes
+            too_long = len(f"{key}.npy".encode("utf-8")) > 0xFFFF
+        except UnicodeEncodeError:
+            raise UsageError(f"savez: {printable(repr(key))}: the name is not valid Unicode; "
+                             "expected a name UTF-8 can encode") from None
+        if too_long:
+            raise UsageError(f"savez: {printable(key[:40])}...: the name is longer than 65,531 "
+                             "bytes in UTF-8; expected a shorter one")
         try:
             values[key] = np.asanyarray(value)
         except ValueError:  # a ragged list
@@ -169,11 +184,9 @@ def savez(path: str | os.PathLike, /, **arrays) -> None:
         if values[key].dtype.hasobject:
             raise DataError(f"savez: {key}: holds Python objects; expected a numeric array")
     try:
-        npz.savez(path, **values)
+        npz.savez(target, **values)
     except OSError as exc:
-        raise RunError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except ValueError:  # the path holds a NUL byte
-        raise RunError(f"{printable(str(path))}: cannot write: the name holds a NUL byte") from None
+        raise RunError(f"{printable(str(target))}: cannot write: {exc.strerror or exc}") from None
 
 
 def load_model(path: str | os.PathLike) -> Model:

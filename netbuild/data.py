@@ -140,7 +140,7 @@ def not_npz(file: Path) -> str | None:
         return "is empty (0 bytes); expected an .npz archive"
     if head.startswith(_NPY_MAGIC):
         return ("is a .npy file (a single array), not an .npz archive; expected an .npz archive "
-                "(numpy.savez), or the folder of .npy files, one per key, that holds it")
+                "(numpy.savez), or the folder that holds it (a folder of .npy files, one per key)")
     if head.startswith(_ZIP_MAGIC):
         return ("is a truncated or damaged .npz archive (it begins like one, but its directory at "
                 "the end is missing); expected a complete .npz archive")
@@ -317,7 +317,8 @@ def _npy_members(folder: Path, wanted: list[str], report: _Reporter,
         except npz.MemberError as exc:
             raise report.error(str(exc), key) from None
         except OSError as exc:
-            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}", key) from None
+            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}",
+                               key) from None
     if absent:
         missing = _missing(absent, npy_keys(folder, report), report, "the folder")
         if errors is None:
@@ -339,10 +340,11 @@ def _open_folder(folder: Path, wanted: list[str], report: _Reporter,
         try:
             arrays[key] = (npz.mapped(path, m.dtype, m.offset, m.shape, order, reader)
                            if m.nbytes else np.empty(m.shape, m.dtype, order=order))
-        except npz.MemberError as exc:  # replaced since it was opened
+        except npz.MemberError as exc:  # cut short since it was opened
             raise report.error(str(exc), key) from None
         except OSError as exc:
-            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}", key) from None
+            raise report.error(f"cannot read {printable(path.name)}: {exc.strerror or exc}",
+                               key) from None
     return arrays, scans.FolderCache(caches)
 
 

@@ -15,6 +15,9 @@ header (its shape and dtype) is read first, a few hundred bytes; then
 
 A member that holds Python objects (a pickled array) is refused; a header that declares more
 data than the archive stores (uncompressed), or a stream that ends early, is a damaged archive.
+
+A lone ``.npy`` file (a data folder's, one per key: :func:`npy_open`) is read the same way: its
+header checked as a member's, its data memory-mapped.
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ class MemberError(ValueError):
 
 @dataclass(frozen=True)
 class Member:
-    """What a member's ``.npy`` header declares, and where its data lies."""
+    """What a member's (or a ``.npy`` file's) header declares, and where its data lies."""
 
     key: str
     shape: tuple
     dtype: np.dtype
     fortran: bool
     compressed: bool
-    #: Offset of the data in the archive file (an uncompressed member's), else None.
+    #: Offset of the data in the archive (an uncompressed member's) or the .npy file, else None.
     offset: int | None
 
     @property
@@ -129,8 +132,9 @@ def member(path, archive: zipfile.ZipFile, key: str) -> Member:
                           "saved by numpy.savez") from None
     compressed = info.compress_type != zipfile.ZIP_STORED
     offset = None if compressed else _data_offset(path, info) + header
-    return _declared(key, shape, fortran, dtype, offset, compressed, info.file_size - header,
-                     ".npz archive")
+    return _declared(key, shape=shape, fortran=fortran, dtype=dtype, offset=offset,
+                     compressed=compressed, stored=info.file_size - header, what=".npz archive",
+                     noun="archive")
 
 
 class Reader:
@@ -153,26 +157,28 @@ class Reader:
 
 def mapped(path, dtype: np.dtype, offset: int, shape: tuple, order: str = "C",
            reader: Reader | None = None) -> np.memmap:
-    """The array stored at ``offset`` of ``path``, memory-mapped, holding ``reader`` (the same
-    file, open: :class:`Reader`) as its ``reader``. A path that no longer names the reader's file
-    (replaced while it was being read) is a :class:`MemberError`."""
+    """The array stored at ``offset`` of ``path``, memory-mapped: from ``reader`` (the file
+    already open, whose header was read: :class:`Reader`), held as the array's ``reader``, else
+    from ``path`` opened now. A file cut shorter than the array since its header was read is a
+    :class:`MemberError`."""
     # never blocks on a pipe swapped in since the file was looked at (O_NONBLOCK)
-    with open(os.open(path, os.O_RDONLY | _NONBLOCK), "rb") as f:
-        if reader is not None:
-            a, b = os.fstat(f.fileno()), os.fstat(reader.fd)
-            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-                raise MemberError("was replaced by another file while it was being read; expected "
-                                  "the file to stay as it is while netbuild reads it")
-        array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    fd = os.dup(reader.fd) if reader is not None else os.open(path, os.O_RDONLY | _NONBLOCK)
+    with open(fd, "rb") as f:
+        try:
+            array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+        except ValueError:  # mmap: the file is now shorter than offset + the array's bytes
+            raise MemberError("was cut short while it was being read; expected the file to stay "
+                              "as it is while netbuild reads it") from None
     array.reader = reader
     return array
 
 
-def _declared(key: str, shape: tuple, fortran: bool, dtype: np.dtype, offset: int | None,
-              compressed: bool, stored: int, what: str) -> Member:
+def _declared(key: str, *, shape: tuple, fortran: bool, dtype: np.dtype, offset: int | None,
+              compressed: bool, stored: int, what: str, noun: str) -> Member:
     """The :class:`Member` a header declares, once it declares an array that can be: numeric,
     of dimensions at least 0, addressable, and no larger than the ``stored`` bytes after the
-    header (for data stored as is; ``what`` names the file: ".npz archive" or ".npy file")."""
+    header (for data stored as is; ``what`` names the kind of file, ".npz archive" or ".npy
+    file", and ``noun`` what stores the data, "archive" or "file")."""
     if dtype.hasobject:
         raise MemberError("holds Python objects (a pickled array), which netbuild never loads; "
                           "expected a numeric array")
@@ -185,7 +191,7 @@ def _declared(key: str, shape: tuple, fortran: bool, dtype: np.dtype, offset: in
                           f"expected a complete {what}")
     if not compressed and stored < found.nbytes:
         raise MemberError(f"declares shape {shape} of {dtype} ({size_text(found.nbytes)}) but the "
-                          f"{what.split()[-1]} stores "
+                          f"{noun} stores "
                           f"{size_text(max(stored, 0))} of it; expected a complete {what}")
     return found
 
@@ -194,10 +200,10 @@ def npy_open(path, key: str, name: str) -> tuple[Member, bytes, Reader]:
     """The ``.npy`` file ``path`` (the array ``key`` of a folder of them), opened once: the array
     its header declares (:class:`Member`, its data at ``offset``), the header's bytes (for the scan
     cache) and the open file (:class:`Reader`), so that the header, the cache's times and the map
-    (:func:`mapped`, which checks that ``path`` is still this file) are of one file. ``numpy.save``
-    pads its header to 64 bytes (``ARRAY_ALIGN`` in numpy 2.4), so the data lies aligned (a
-    file whose data does not is read with ``pread``: :meth:`netbuild.data.FileReads.view`). ``name``: the
-    file as messages name it."""
+    (:func:`mapped` from this open file) are of one file. ``numpy.save`` pads its header to a
+    multiple of 64 bytes (``numpy.lib.format.ARRAY_ALIGN``), so the data lies aligned (a file
+    whose data does not is read with ``pread``: :meth:`netbuild.data.FileReads.read`). ``name``:
+    the file as messages name it."""
     reader = Reader(os.open(path, os.O_RDONLY | _NONBLOCK), name)
     held = os.fstat(reader.fd)
     if not stat.S_ISREG(held.st_mode):  # swapped for a pipe since it was looked at
@@ -210,8 +216,10 @@ def npy_open(path, key: str, name: str) -> tuple[Member, bytes, Reader]:
     except Exception:  # a damaged header fails anywhere in numpy's parsing
         raise MemberError("is not a NumPy array file (.npy), or its header is damaged; expected "
                           "an array saved by numpy.save") from None
-    return _declared(key, shape, fortran, dtype, header, False, held.st_size - header,
-                     ".npy file"), head, reader
+    found = _declared(key, shape=shape, fortran=fortran, dtype=dtype, offset=header,
+                      compressed=False, stored=held.st_size - header, what=".npy file",
+                      noun="file")
+    return found, head, reader
 
 
 def read(path, archive: zipfile.ZipFile, m: Member, verified: bool = False,
@@ -291,8 +299,9 @@ def add_member(archive: zipfile.ZipFile, name: str, write) -> None:
 
 
 def savez(path, /, **arrays) -> None:
-    """Write ``arrays`` to ``path`` as ``numpy.savez`` does (an uncompressed ``.npz`` archive,
-    each array under its keyword; ``numpy.load`` reads it), with each member's data aligned
+    """Write ``arrays`` (numpy arrays, as :func:`netbuild.api.savez` checks them) to ``path`` as
+    ``numpy.savez`` does (an uncompressed ``.npz`` archive, each array under its keyword;
+    ``numpy.load`` reads it), with each member's data aligned
     (:func:`add_member`) so that netbuild reads batches of its rows without copying them, and
     atomically (a temporary file beside ``path``, renamed)."""
     from .runs import atomic_write_with
@@ -300,8 +309,7 @@ def savez(path, /, **arrays) -> None:
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for key, value in arrays.items():
-                value = np.asanyarray(value)
-                add_member(archive, f"{key}.npy",
-                           lambda out, value=value: np.lib.format.write_array(out, value, allow_pickle=False))
+                add_member(archive, f"{key}.npy", lambda out, value=value:
+                           np.lib.format.write_array(out, value, allow_pickle=False))
 
     atomic_write_with(path, write)

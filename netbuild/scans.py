@@ -17,7 +17,8 @@ under ``$NETBUILD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/netbuild``, else
 ``~/.cache/netbuild``; ``NETBUILD_CACHE_DIR=off`` turns it off). An entry holds only while the
 file's device, inode, size, modification and status-change times and header checksum (a SHA-256
 of the archive's directory: each member's name, sizes, compression and the CRC-32 its writer
-recorded; of a ``.npy`` file, its header) are those it was made from; anything else and the file is scanned again. The status
+recorded; of a ``.npy`` file, its header) are those it was made from; anything else and the
+file is scanned again. The status
 change time cannot be set back (``touch -r``, ``cp -p`` and ``rsync -t`` set only the
 modification time), and as git does with racy timestamps, no entry is kept for a file changed
 less than :data:`RACY_NS` before its scan: the file system's clock ticks coarsely, and a second

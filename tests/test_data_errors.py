@@ -100,7 +100,7 @@ CASES = [
      "is not an .npz archive (neither a zip file nor a .npy array); expected an .npz archive", True),
     ("npy-not-npz", lambda p: p.write_bytes(npy_bytes(X)), None,
      "is a .npy file (a single array), not an .npz archive; expected an .npz archive (numpy.savez), "
-     "or the folder of .npy files, one per key, that holds it",
+     "or the folder that holds it (a folder of .npy files, one per key)",
      True),
     ("empty-file", lambda p: p.write_bytes(b""), None, "is empty (0 bytes); expected an .npz archive", True),
     ("truncated", truncated, None,

@@ -181,6 +181,19 @@ def test_damaged_or_hostile_npy_files_give_one_line(tmp_path):
             data.read_arrays(folder, ["x"], report)
 
 
+def test_a_file_cut_after_its_header_was_read_is_one_line(tmp_path):
+    """The map is made from the file whose header was read (held open): a file cut shorter than
+    its array in between is a MemberError, not numpy's ValueError."""
+    from netbuild import npz
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(4096, dtype=np.float32))
+    m, _, reader = npz.npy_open(path, "x", "x.npy")
+    os.truncate(path, m.offset + 100)
+    with pytest.raises(npz.MemberError, match="was cut short while it was being read"):
+        npz.mapped(path, m.dtype, m.offset, m.shape, "C", reader)
+
+
 def test_eval_and_predict_read_a_folder_as_the_npz(tmp_path, run_cli):
     (folder,) = folders(tmp_path)
     run = tmp_path / "run"

@@ -5,6 +5,7 @@ declares more than memory allows (a zip bomb), the same values as numpy's own re
 from __future__ import annotations
 
 import io
+import os
 import time
 import zipfile
 
@@ -256,8 +257,9 @@ def test_savez_writes_what_numpy_reads_with_each_arrays_data_aligned(tmp_path, k
 
 
 def test_savez_mistakes_are_one_line_and_leave_the_old_file(tmp_path):
-    """No arrays, an array of Python objects, a folder that is not there: one line each (a
-    NetbuildError), and a file already at the path is left as it was."""
+    """No arrays, an array of Python objects, names zip cannot hold, a folder that is not there,
+    a folder or a pipe at the path, a path that is no path: one line each (a NetbuildError), and
+    what is at the path is left as it was (a pipe stays a pipe)."""
     import netbuild
 
     path = tmp_path / "d.npz"
@@ -265,9 +267,19 @@ def test_savez_mistakes_are_one_line_and_leave_the_old_file(tmp_path):
     before = path.read_bytes()
     for arrays, message in (({}, "savez: no arrays given; expected arrays by keyword"),
                             ({"x": np.array([object()])},
-                             "savez: x: holds Python objects; expected a numeric array")):
+                             "savez: x: holds Python objects; expected a numeric array"),
+                            ({"\udc80": np.arange(2)}, "the name is not valid Unicode"),
+                            ({"k" * 65532: np.arange(2)}, "the name is longer than 65,531 bytes")):
         with pytest.raises(netbuild.NetbuildError, match=message):
             netbuild.savez(path, **arrays)
-    with pytest.raises(netbuild.NetbuildError, match=r"nowhere/d.npz: cannot write: No such file"):
+    with pytest.raises(netbuild.NetbuildError, match=r"the folder .*nowhere does not exist"):
         netbuild.savez(tmp_path / "nowhere" / "d.npz", x=np.arange(4))
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]
+    os.mkfifo(tmp_path / "pipe")
+    for target, message in ((tmp_path, "is a folder; expected a file name"),
+                            (tmp_path / "pipe", "is not a regular file"),
+                            (3, "savez: the path is int; expected a str or a path-like object")):
+        with pytest.raises(netbuild.NetbuildError, match=message):
+            netbuild.savez(target, x=np.arange(4))
+    assert (tmp_path / "pipe").is_fifo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "pipe"]
