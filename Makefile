@@ -60,7 +60,7 @@ bench-data: $(STAMP)
 	$(BIN)/python bench/data.py
 
 # The same rows read in place, copied out with pread, and in memory, epochs alternating in one
-# process (bench/RESULTS-data-paired.md; needs 5 GiB of free disk, a few minutes).
+# process (bench/RESULTS-data-paired.md; needs 3 GiB of free disk, a few minutes).
 bench-data-paired: $(STAMP)
 	$(BIN)/python bench/data_paired.py
 

@@ -4,10 +4,10 @@ epochs alternating -> bench/RESULTS-data-paired.md.
 ``make bench-data`` runs each side in a process of its own, minutes apart, and this machine's
 speed swings by up to 2x between runs minutes apart: its rounds' pairs spread over 0.76x-1.08x,
 wider than the difference between two ways of reading. Here one process holds three Trainers on
-the same rows (2 files of 1 GiB of float32 rows, 1024 features, blocks of 1024 rows, the bench
+the same rows (a file of 1 GiB of float32 rows, 1024 features, blocks of 1024 rows, the bench
 MLP of ``bench/data.py``): the files written by ``netbuild.savez`` (batches read in place, views
 of the files' maps), the same files written by ``numpy.savez`` (batches copied out with
-``pread``), and the first file's rows read into memory (batches views of the array). Each round
+``pread``), and the same rows read into memory (batches views of the arrays). Each round
 trains one epoch of each, in turn (the order reversed every other round), seconds apart; the
 ratios are taken per round, against that round's in-memory epoch.
 """
@@ -27,14 +27,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import SPEC, WIDTH  # noqa: E402
+from data import SHARD_ROWS, SPEC, WIDTH  # noqa: E402
 
 #: (name, files, NETBUILD_IN_MEMORY_MAX when the Trainer is prepared: None for the default,
 #: which leaves 1 GiB arrays in their files)
 WAYS = (("memory", "train-00.npz", str(4 << 30)),
         ("netbuild.savez", "train-*.npz", None),
         ("numpy.savez", "numpy-*.npz", None))
-SHARDS = 2
+SHARDS = 1  # the in-memory side reads the same rows (an epoch of each is the same length)
 
 
 def trainer(folder: Path, name: str, files: str, bound: str | None):
@@ -64,6 +64,7 @@ def measure(folder: Path, rounds: int) -> dict[str, list[float]]:
     threads.apply(threads.default_threads())  # as `netbuild train` does
     trainers = {name: trainer(folder, name, files, bound) for name, files, bound in WAYS}
     assert trainers["netbuild.savez"].sets.train.mapped and not trainers["memory"].sets.train.mapped
+    assert len({len(t.sets.train) for t in trainers.values()}) == 1  # epochs of the same rows
     speeds = {name: [] for name in trainers}
     try:
         with frozen_garbage():
@@ -87,19 +88,21 @@ def write(out: Path, speeds: dict[str, list[float]], rounds: int) -> None:
         "# The ways netbuild reads a training set, in one process",
         "",
         f"Written by `make bench-data-paired` ({time.strftime('%Y-%m-%d %H:%M')}). One process, "
-        f"{default_threads()} threads (netbuild's default here), three Trainers on the same rows: {SHARDS} "
-        f"files of 262,144 rows x {WIDTH} float32 (1 GiB each) written by `netbuild.savez` (read "
-        "in place) and by `numpy.savez` (copied out with `pread`), and the first file's rows in "
+        f"{default_threads()} threads (netbuild's default here), three Trainers on the same rows: "
+        f"{SHARDS} file(s) of {SHARD_ROWS:,} rows x {WIDTH} float32 "
+        f"({SHARD_ROWS * WIDTH * 4 / 2**30:.0f} GiB each) written by `netbuild.savez` (read "
+        "in place) and by `numpy.savez` (copied out with `pread`), and the same rows in "
         "memory. MLP 1024-32-10, Adam, batch 1024, `train.shuffle_block: 1024`; one epoch of each "
         f"per round, in turn, the order reversed every other round, {rounds} rounds after one "
-        "epoch each to warm up. The files are in the kernel's cache throughout.",
+        "epoch each to warm up. The files were written just before, and an epoch of each reads "
+        "them every round (the kernel's cache holds them unless it reclaims memory).",
         "",
         "| data | samples/s (median) | against the in-memory epoch of the same round (median) | each round |",
         "|---|---|---|---|",
     ]
     for name, _, _ in WAYS:
         ratios = [s / m for s, m in zip(speeds[name], memory)]
-        lines.append(f"| {name if name != 'memory' else 'in memory (1 GiB)'} | "
+        lines.append(f"| {name if name != 'memory' else 'in memory'} | "
                      f"{statistics.median(speeds[name]):,.0f} | {statistics.median(ratios):.2f}x | "
                      + ", ".join(f"{r:.2f}x" for r in ratios) + " |")
     lines.append("")
