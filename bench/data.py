@@ -148,9 +148,9 @@ def main() -> None:
         made = time.perf_counter() - start
         size = sum(f.stat().st_size for f in folder.glob("train-*.npz"))
         results = {(name, block): [] for name, _, blocks in SETS for block in blocks}
-        for _ in range(args.rounds):  # alternating: the machine's speed drifts
-            for block in BLOCKS:
-                for name, files, blocks in SETS:
+        for r in range(args.rounds):  # alternating: the machine's speed drifts
+            for block in BLOCKS:  # each first in every other round
+                for name, files, blocks in (SETS if r % 2 == 0 else SETS[::-1]):
                     if block not in blocks:
                         continue
                     if name == "memory":
@@ -183,7 +183,7 @@ def write(out: Path, results: dict, size: int, shards: int, made: float) -> None
         "rows (the first file's) in one compressed file, decompressed into memory. `netbuild train`, "
         f"MLP 1024-32-10, Adam, batch 1024, no validation, one epoch of the shards and {shards} "
         "of the in-memory file (the same number of rows), each in a process of its own, "
-        f"the runs alternating for {rounds} round(s); samples/s of the epochs' batch loops "
+        f"the runs alternating for {rounds} round(s), their order reversed every other round; samples/s of the epochs' batch loops "
         "(metrics.jsonl), peak resident memory of the process (the kernel's max RSS), with the "
         "epoch order of single rows (`train.shuffle_block: 1`, the default) and of blocks of 1024 "
         "consecutive rows (`train.shuffle_block: 1024`). The shards are read once just before "
