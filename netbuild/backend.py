@@ -188,6 +188,7 @@ def mode(keep_outputs: bool = False):
         from pytensor.compile.mode import Mode
 
         from .linker import ParallelCVMLinker
+        from .ops import dense  # noqa: F401  (registers its rewrite)
 
         _remember_march_flags()
         allow_gc = pytensor.config.allow_gc if _user_set("allow_gc") else not keep_outputs

@@ -6,10 +6,11 @@ v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smal
 ``NETBUILD_THREADS`` overrides that, and ``--threads N`` on a command overrides both.
 
 The same count goes to netbuild's own C ops (OpenMP: convolution and pooling over the images of
-a batch, the recurrent layers and their input projections over the rows of the batch, Adam's
-update over the elements) and to OpenBLAS (PyTensor's matrix products). The two take turns and
-never run at once: inside one of netbuild's parallel loops every BLAS call runs on its caller's
-thread (the ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
+a batch, the recurrent layers and their input projections over the rows of the batch, the dense
+layers' matrix products over the rows or columns of their result, Adam's update over the
+elements) and to OpenBLAS (the products PyTensor still gives it: batched ones). The two take
+turns and never run at once: inside one of netbuild's parallel loops every BLAS call runs on its
+caller's thread (the ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
 ``netbuild/ops/blas.c``), so threads never outnumber the cores.
 """
 
@@ -119,15 +120,17 @@ def resolve(requested: int | None = None) -> int:
     return max(1, min(int(requested), available_cores()))
 
 
-#: Read by OpenMP and OpenBLAS when they load (a user's own values win). netbuild's parallel
-#: loops and OpenBLAS's threads take turns on the same cores, and a pool spinning while the other
-#: works made the bench CNN's epoch on 2 threads slower than on 1 (0.39x its speed with OpenMP
-#: spinning and OpenBLAS's default of 2^28 cycles, 0.1 s). OpenMP's threads sleep at once;
-#: OpenBLAS's wait 2^17 cycles (about 50 us, yielding the core meanwhile) before they sleep, so
-#: that a step's products one after another find them awake: the bench MLP (SGD-momentum, 1- and
-#: 2-thread epochs alternating in one process) gained 1.28x from a second core with 2^4 cycles and
-#: 1.55x with 2^17; the CNN and LSTM gained the same with both.
-WAIT_POLICY = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_THREAD_TIMEOUT": "17"}
+#: Read by OpenMP and OpenBLAS when they load (a user's own values win). Every matrix product
+#: of a netbuild graph runs on OpenMP's threads (:mod:`netbuild.ops.dense`), as its other ops do,
+#: so OpenMP's pool computes the step and OpenBLAS's own threads stay asleep. Between two loops
+#: OpenMP's idle threads spin GOMP_SPINCOUNT rounds (libgomp reckons 100,000 to a millisecond)
+#: before they sleep, so that the next loop, microseconds later, finds them awake: the bench MLP
+#: (SGD-momentum, 2 threads) trained at 35-44K samples/s with threads that slept at once
+#: (``OMP_WAIT_POLICY=passive``), 51-59K with 30,000 rounds. OpenBLAS's threads, for the products
+#: PyTensor still gives it (batched ones), wait 2^17 cycles (about 50 us) before they sleep. Two
+#: pools spinning at once take turns on the cores: OpenMP spinning without end beside OpenBLAS's
+#: default wait of 2^28 cycles made the bench CNN slower on 2 threads than on 1 (0.39x).
+WAIT_POLICY = {"GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "17"}
 
 
 def _load_gomp():
@@ -163,6 +166,8 @@ def wait_policy() -> None:
     ``import netbuild`` sets it first, so that numpy's own OpenBLAS (loaded later) also lets its
     threads sleep."""
     for name, value in WAIT_POLICY.items():
+        if name == "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY" in os.environ:
+            continue  # the user's own policy: libgomp's spin count follows it
         os.environ.setdefault(name, value)
 
 

@@ -138,3 +138,13 @@ def mapped_data(monkeypatch):
     """Data files stay memory-mapped however small (``NETBUILD_IN_MEMORY_MAX=0``; by default a
     small data set is read into memory), here and in the netbuild processes a test starts."""
     monkeypatch.setenv("NETBUILD_IN_MEMORY_MAX", "0")
+
+
+@pytest.fixture
+def restore_threads():
+    """The thread count a test changes (``threads.apply``) put back afterwards."""
+    from netbuild import threads
+
+    before = threads.current()
+    yield
+    threads.apply(before)

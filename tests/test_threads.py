@@ -20,13 +20,6 @@ from netbuild.ops.conv import Conv
 from netbuild.ops.pool import Pool
 
 
-@pytest.fixture
-def restore_threads():
-    before = threads.current()
-    yield
-    threads.apply(before)
-
-
 # -- how many ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("files, limit", [
     ({"cpu.max": "150000 100000\n"}, 2),            # v2: 1.5 cores rounds up
@@ -253,3 +246,21 @@ def test_training_on_1_and_2_threads(config, epochs, bitwise, run_cli, tmp_path,
             np.testing.assert_array_equal(one[key], two[key], err_msg=key)
         else:
             np.testing.assert_allclose(one[key], two[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_openmp_threads_spin_a_while_unless_the_user_sets_a_policy(monkeypatch):
+    """netbuild's default: GOMP_SPINCOUNT (its pool spins between a step's loops); a user's
+    OMP_WAIT_POLICY, or their own spin count, is left to libgomp."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    threads.wait_policy()
+    assert os.environ["GOMP_SPINCOUNT"] == threads.WAIT_POLICY["GOMP_SPINCOUNT"]
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "17"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    threads.wait_policy()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    threads.wait_policy()
+    assert os.environ["GOMP_SPINCOUNT"] == "7"

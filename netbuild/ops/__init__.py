@@ -47,13 +47,27 @@ class _Sections(ExternalCOp):
 
 
 @functools.cache
-def _load(files: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The texts of ``files`` (beside this module) and their ``#section`` blocks, joined in
-    file order, parsed by PyTensor's own ``ExternalCOp.load_c_code``."""
+def _load_file(name: str) -> tuple[str, dict[str, str]]:
+    """The text of one file beside this module and its ``#section`` blocks, parsed by
+    PyTensor's own ``ExternalCOp.load_c_code``: read once per process, so that an op's cache key
+    (a hash of the texts) and the source it compiles always come from the same read."""
     holder = _Sections.__new__(_Sections)
     holder.func_codes, holder.code_sections = [], {}
-    ExternalCOp.load_c_code(holder, [HERE / f for f in files])
-    return tuple(holder.func_codes), holder.code_sections
+    ExternalCOp.load_c_code(holder, [HERE / name])
+    return holder.func_codes[0], holder.code_sections
+
+
+@functools.cache
+def _load(files: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The texts of ``files`` and their ``#section`` blocks, each section joined in file order
+    (as ``ExternalCOp.load_c_code`` joins them)."""
+    codes, sections = [], {}
+    for name in files:
+        text, parts = _load_file(name)
+        codes.append(text)
+        for section, code in parts.items():
+            sections[section] = sections.get(section, "") + code
+    return tuple(codes), sections
 
 
 def _with_static_shapes(make_node):
