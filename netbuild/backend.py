@@ -188,12 +188,12 @@ def mode(keep_outputs: bool = False):
         from pytensor.compile.mode import Mode
 
         from .linker import ParallelCVMLinker
-        from .ops import dense  # noqa: F401  (registers its rewrite)
+        from .ops import dense
 
         _remember_march_flags()
         allow_gc = pytensor.config.allow_gc if _user_set("allow_gc") else not keep_outputs
         _modes[keep_outputs] = Mode(ParallelCVMLinker(use_cloop=True, allow_gc=allow_gc),
-                                    "fast_run").excluding(*EXCLUDED_REWRITES)
+                                    "fast_run").excluding(*EXCLUDED_REWRITES).including(dense.TAG)
     return _modes[keep_outputs]
 
 

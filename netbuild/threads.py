@@ -7,8 +7,9 @@ v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smal
 
 The same count goes to netbuild's own C ops (OpenMP: convolution and pooling over the images of
 a batch, the recurrent layers and their input projections over the rows of the batch, the dense
-layers' matrix products over the rows or columns of their result, Adam's update over the
-elements) and to OpenBLAS (the products PyTensor still gives it: batched ones). The two take
+layers' matrix products over the rows or columns of their result and attention's batched ones
+over the batch, Adam's update over the elements) and to OpenBLAS (what PyTensor still gives
+it: matrix-vector and outer products). The two take
 turns and never run at once: inside one of netbuild's parallel loops every BLAS call runs on its
 caller's thread (the ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
 ``netbuild/ops/blas.c``), so threads never outnumber the cores.
@@ -126,8 +127,9 @@ def resolve(requested: int | None = None) -> int:
 #: OpenMP's idle threads spin GOMP_SPINCOUNT rounds (libgomp reckons 100,000 to a millisecond)
 #: before they sleep, so that the next loop, microseconds later, finds them awake: the bench MLP
 #: (SGD-momentum, 2 threads) trained at 35-44K samples/s with threads that slept at once
-#: (``OMP_WAIT_POLICY=passive``), 51-59K with 30,000 rounds. OpenBLAS's threads, for the products
-#: PyTensor still gives it (batched ones), wait 2^17 cycles (about 50 us) before they sleep. Two
+#: (``OMP_WAIT_POLICY=passive``), 51-59K with 30,000 rounds. OpenBLAS's threads, for what
+#: PyTensor still gives it (matrix-vector and outer products), wait 2^17 cycles (about 50 us) before they
+#: sleep. Two
 #: pools spinning at once take turns on the cores: OpenMP spinning without end beside OpenBLAS's
 #: default wait of 2^28 cycles made the bench CNN slower on 2 threads than on 1 (0.39x).
 WAIT_POLICY = {"GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "17"}
