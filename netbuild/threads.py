@@ -121,17 +121,17 @@ def resolve(requested: int | None = None) -> int:
     return max(1, min(int(requested), available_cores()))
 
 
-#: Read by OpenMP and OpenBLAS when they load (a user's own values win). Every matrix product
-#: of a netbuild graph runs on OpenMP's threads (:mod:`netbuild.ops.dense`), as its other ops do,
-#: so OpenMP's pool computes the step and OpenBLAS's own threads stay asleep. Between two loops
-#: OpenMP's idle threads spin GOMP_SPINCOUNT rounds (libgomp reckons 100,000 to a millisecond)
-#: before they sleep, so that the next loop, microseconds later, finds them awake: the bench MLP
-#: (SGD-momentum, 2 threads) trained at 35-44K samples/s with threads that slept at once
-#: (``OMP_WAIT_POLICY=passive``), 51-59K with 30,000 rounds. OpenBLAS's threads, for what
-#: PyTensor still gives it (matrix-vector and outer products), wait 2^17 cycles (about 50 us) before they
-#: sleep. Two
-#: pools spinning at once take turns on the cores: OpenMP spinning without end beside OpenBLAS's
-#: default wait of 2^28 cycles made the bench CNN slower on 2 threads than on 1 (0.39x).
+#: Read by OpenMP and OpenBLAS when they load (a user's own values win). A netbuild graph's
+#: matrix-matrix products, batched ones included, run on OpenMP's threads
+#: (:mod:`netbuild.ops.dense`), as its other ops do, so OpenMP's pool computes the step. Between
+#: two loops OpenMP's idle threads spin GOMP_SPINCOUNT rounds (30,000: about 0.3 ms on the bench
+#: machine) before they sleep, so that the next loop, microseconds later, finds them awake: the
+#: bench MLP (SGD-momentum, 2 threads) trained at 35-44K samples/s with threads that slept at
+#: once (``OMP_WAIT_POLICY=passive``), 51-59K with 30,000 rounds. OpenBLAS's threads, for what
+#: PyTensor still gives it (matrix-vector and outer products), wait 2^17 cycles (about 50 us)
+#: before they sleep. Two pools spinning at once take turns on the cores: OpenMP spinning without
+#: end beside OpenBLAS's default wait of 2^28 cycles made the bench CNN slower on 2 threads than
+#: on 1 (0.39x).
 WAIT_POLICY = {"GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "17"}
 
 

@@ -64,11 +64,13 @@ def test_not_in_place_when_the_input_is_read_afterwards():
     zeros = np.zeros(5, "float32")
     g = pt.vector("g")
     p2, _, _ = AdamStep(0.9, 0.999, 1e-7)(P, zeros, zeros, g, 0.1, 1.0, 0.0)
-    fn = pytensor.function([g], [p2, P * 2], mode=backend.mode())
-    new, doubled = fn(np.ones(5, "float32"))
-    np.testing.assert_allclose(doubled, 2.0)
-    np.testing.assert_allclose(new, 1 - 0.1 * 0.1 / (np.sqrt(0.001) + 1e-7), rtol=1e-5)
-    np.testing.assert_allclose(P.get_value(), 1.0)
+    for keep in (False, True):  # with keep_outputs, the second call reuses the node's output
+        fn = pytensor.function([g], [p2, P * 2], mode=backend.mode(keep_outputs=keep))
+        for _ in range(2):
+            new, doubled = fn(np.ones(5, "float32"))
+            np.testing.assert_allclose(doubled, 2.0)
+            np.testing.assert_allclose(new, 1 - 0.1 * 0.1 / (np.sqrt(0.001) + 1e-7), rtol=1e-5)
+            np.testing.assert_allclose(P.get_value(), 1.0)
 
 
 def test_sizes_must_agree():

@@ -268,6 +268,20 @@ class CCall:
                      f"{typenum or self.typenum});")
         return f"(({self.ctype}*)PyArray_DATA({var}))"
 
+    def updated(self, var: str, src: str, inplace: bool) -> str:
+        """An output that starts as the input ``src`` and is updated by the kernel: ``src``
+        itself when ``inplace`` and it is a C-ordered, writeable array; else a copy of ``src``,
+        into the node's kept output (as :meth:`output` allocates it) when the op is not in place
+        (an in-place op's last output may be an earlier input: a fresh array then). Returns the
+        C expression of its data."""
+        self.when_ok(f"if ({int(inplace)} && PyArray_IS_C_CONTIGUOUS({src}) "
+                     f"&& PyArray_ISWRITEABLE({src})) {{ Py_XDECREF({var}); {var} = {src}; "
+                     f"Py_INCREF({var}); }} else {{ "
+                     f"if ({int(inplace)} || {var} == {src}) {{ Py_XDECREF({var}); {var} = NULL; }} "
+                     f"err_ = netbuild_output(&{var}, PyArray_NDIM({src}), PyArray_DIMS({src}), "
+                     f"{self.typenum}) || PyArray_CopyInto({var}, {src}); }}")
+        return f"(({self.ctype}*)PyArray_DATA({var}))"
+
     def scratch(self, nbytes: str) -> str:
         """At least ``nbytes`` bytes of the node's scratch buffer; returns a ``char*``
         expression (``s_``)."""

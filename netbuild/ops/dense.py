@@ -117,20 +117,9 @@ class MatrixProduct(BlasCOp):
                 "A's columns to be B's rows", "(long)N", "(long)K",
                 f"(long)PyArray_DIMS({B})[0]", "(long)M")
         _operands(c, A, B, first_axis=0)
-        c.check("N <= 0x7fffffff && K <= 0x7fffffff && M <= 0x7fffffff",
-                "a dimension exceeds BLAS's int: (%ld, %ld) by (%ld, %ld)", "(long)N", "(long)K",
-                "(long)K", "(long)M")
         if self.accumulate:
             c.check_shape(C, "C", "N, M")
-            # in place: C itself where BLAS can write it; else the node's kept output, C
-            # copied into it (no new array each call)
-            c.when_ok(f"if ({int(self.inplace)} && PyArray_IS_C_CONTIGUOUS({C}) "
-                      f"&& PyArray_ISWRITEABLE({C})) {{ Py_XDECREF({out}); {out} = {C}; "
-                      f"Py_INCREF({out}); }} else {{ npy_intp d_[] = {{N, M}}; "
-                      f"if ({out} == {C}) {{ Py_DECREF({out}); {out} = NULL; }} "
-                      f"err_ = netbuild_output(&{out}, 2, d_, {c.typenum}) "
-                      f"|| PyArray_CopyInto({out}, {C}); }}")
-            z = f"((T_*)PyArray_DATA({out}))"
+            z = c.updated(out, C, self.inplace)
             beta_value = f"((dtype_{beta}*)PyArray_DATA({beta}))[0]"
         else:
             z = c.output(out, "N, M")
@@ -145,7 +134,11 @@ class MatrixProduct(BlasCOp):
 def _operands(c: CCall, A: str, B: str, first_axis: int) -> None:
     """Declare ``a_, b_`` (``A, B`` themselves, or C-ordered copies when BLAS cannot read a
     matrix of them as it is) and ``ta_, lda_, tb_, ldb_`` (how BLAS reads them, from the
-    strides of the matrices' two axes, ``first_axis`` and the next: ``nbdense_trans``)."""
+    strides of the matrices' two axes, ``first_axis`` and the next: ``nbdense_trans``), for
+    matrices ``(N, K)`` and ``(K, M)`` whose sides fit BLAS's int."""
+    c.check("N <= 0x7fffffff && K <= 0x7fffffff && M <= 0x7fffffff",
+            "a dimension exceeds BLAS's int: (%ld, %ld) by (%ld, %ld)", "(long)N", "(long)K",
+            "(long)K", "(long)M")
     c.line("PyArrayObject* a_ = NULL; PyArrayObject* b_ = NULL; int lda_ = 1, ldb_ = 1; "
            "char ta_ = 0, tb_ = 0;")
     r, k = first_axis, first_axis + 1
@@ -210,9 +203,6 @@ class BatchedMatrixProduct(BlasCOp):
                 "(batch, K, M)", "(long)S", "(long)N", "(long)K", f"(long)PyArray_DIMS({B})[0]",
                 f"(long)PyArray_DIMS({B})[1]", "(long)M")
         _operands(c, A, B, first_axis=1)
-        c.check("N <= 0x7fffffff && K <= 0x7fffffff && M <= 0x7fffffff",
-                "a dimension exceeds BLAS's int: (%ld, %ld) by (%ld, %ld)", "(long)N", "(long)K",
-                "(long)K", "(long)M")
         z = c.output(out, "S, N, M")
         c.run(f"nbdense_batched<T_>(S, N, K, M, (const T_*)PyArray_DATA(a_), "
               f"PyArray_STRIDES(a_)[0] / (npy_intp)sizeof(T_), ta_, lda_, "

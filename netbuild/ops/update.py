@@ -90,15 +90,10 @@ class AdamStep(NetbuildCOp):
         c.check(f"PyArray_SIZE({m}) == n_ && PyArray_SIZE({v}) == n_ && PyArray_SIZE({g}) == n_",
                 "parameter, moments and gradient differ in size (%ld, %ld, %ld, %ld)", "(long)n_",
                 f"(long)PyArray_SIZE({m})", f"(long)PyArray_SIZE({v})", f"(long)PyArray_SIZE({g})")
-        # the outputs are p, m, v themselves or copies: not netbuild_output's fresh arrays
-        for out, src in zip(outputs, (p, m, v)):
-            c.when_ok(f"Py_XDECREF({out}); if ({int(self.inplace)} "
-                      f"&& PyArray_IS_C_CONTIGUOUS({src}) && PyArray_ISWRITEABLE({src})) "
-                      f"{{ {out} = {src}; Py_INCREF({out}); }} "
-                      f"else {{ {out} = (PyArrayObject*)PyArray_NewCopy({src}, NPY_CORDER); "
-                      f"if (!{out}) err_ = 1; }}")
+        # the outputs are p, m, v themselves (in place) or copies of them
+        p_out, m_out, v_out = (c.updated(out, src, self.inplace)
+                               for out, src in zip(outputs, (p, m, v)))
         grad = c.input(g)
-        p_out, m_out, v_out = (f"((T_*)PyArray_DATA({o}))" for o in outputs)
         c.run(f"netbuild_adam_step<T_>({p_out}, {m_out}, {v_out}, {grad}, n_, "
               f"((dtype_{step}*)PyArray_DATA({step}))[0], ((dtype_{isb}*)PyArray_DATA({isb}))[0], "
               f"(T_)1 - ((dtype_{decay}*)PyArray_DATA({decay}))[0], "
