@@ -15,7 +15,7 @@ import numpy as np
 import pytensor
 import pytensor.tensor as pt
 
-from .ops.update import adam_step
+from .ops.update import adam_step, descent_step
 from .registry import lookup
 
 
@@ -62,9 +62,11 @@ class SGD(Optimizer):
         if mu == 0.0:
             return {param: param - lr * grad}
         v = self.slot(param, "velocity")
-        v_new = mu * v + grad
-        step = grad + mu * v_new if self.config.get("nesterov", False) else v_new
-        return {v: v_new, param: param - lr * step}
+        v_new = mu * v + grad  # PyTensor makes it a Gemm in place where grad is a product
+        if self.config.get("nesterov", False):
+            return {v: v_new, param: param - lr * (grad + mu * v_new)}
+        # p -= lr * v on netbuild's threads (netbuild.ops.update.DescentStep)
+        return {v: v_new, param: descent_step(param, v_new, lr)}
 
 
 class Adam(Optimizer):

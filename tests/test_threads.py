@@ -218,6 +218,22 @@ def test_adam_step_gives_the_same_bits_on_1_and_2_threads(restore_threads):
         np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_descent_step_gives_the_same_bits_on_1_and_2_threads(restore_threads):
+    """SGD-momentum's ``p -= lr * v`` splits a large parameter over the threads (parts of at least
+    128k elements): the same bits on any number of threads, and numpy's values (to the rounding:
+    g++ may fuse the multiply and the subtraction)."""
+    from netbuild.ops.update import DescentStep
+
+    rng = np.random.default_rng(4)
+    n = 400_003  # on 2 threads, two uneven parts
+    p, d = (rng.standard_normal(n).astype("float32") for _ in range(2))
+    pv, dv = pt.vector("p", dtype="float32"), pt.vector("d", dtype="float32")
+    fn = function([pv, dv], DescentStep()(pv, dv, np.float32(0.03)), c=True)
+    one = _on(1, fn, p, d).copy()
+    np.testing.assert_array_equal(one, _on(2, fn, p, d))
+    np.testing.assert_allclose(one, p - np.float64(np.float32(0.03)) * d, rtol=1e-6, atol=1e-7)
+
+
 def _trained(run_cli, config, run, n: int, epochs: int) -> dict:
     result = run_cli("train", CONFIGS / config, "--run-dir", run, "--epochs", epochs, "--threads", n,
                      "--quiet")

@@ -1,4 +1,5 @@
-"""The fused Adam step in C against a numpy reference of PyTorch's Adam/AdamW equations."""
+"""The fused optimizer steps in C: Adam against a numpy reference of PyTorch's Adam/AdamW
+equations, SGD-momentum's ``p -= lr * v`` against numpy."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 
+from conftest import assert_same, jax_function, needs_jax
 from netbuild import backend
-from netbuild.ops.update import AdamStep, adam_step
+from netbuild.ops.update import AdamStep, DescentStep, adam_step
 
 
 def reference(p, m, v, g, lr, t, b1, b2, eps, wd):
@@ -79,3 +81,71 @@ def test_sizes_must_agree():
         P, P * 0, P * 0, g, 0.1, 1.0, 0.0)[0], mode=backend.mode())
     with pytest.raises(ValueError, match="differ in size"):
         fn(np.ones(4, "float32"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_descent_step_in_place_matches_numpy(dtype, transposed):
+    """SGD-momentum as netbuild compiles it: the velocity a Gemm in place, then ``p -= lr * v``
+    in place on the parameter (a transposed velocity is read in the parameter's order)."""
+    with pytensor.config.change_flags(floatX=dtype):  # the momentum constant in this precision
+        _check_descent(dtype, transposed)
+
+
+def _check_descent(dtype, transposed):
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal((37, 23)).astype(dtype)
+    P = pytensor.shared(p0.copy(), name="p")
+    V = pytensor.shared(np.zeros((37, 23), dtype), name="v")
+    x, delta = pt.matrix("x", dtype=dtype), pt.matrix("delta", dtype=dtype)
+    lr = pytensor.shared(np.asarray(0.05, dtype), name="lr")
+    v_new = 0.9 * V + pt.dot(x.T, delta)
+    step = (v_new.T.copy()).T if transposed else v_new  # a column-ordered array when transposed
+    fn = pytensor.function([x, delta], [], updates={V: v_new, P: DescentStep()(P, step, lr)},
+                           mode=backend.mode())
+    ops = [n.op for n in fn.maker.fgraph.toposort() if isinstance(n.op, DescentStep)]
+    assert len(ops) == 1 and ops[0].inplace
+    p, v = p0.astype("float64"), np.zeros((37, 23))
+    for _ in range(3):
+        xs, ds = rng.standard_normal((8, 37)), rng.standard_normal((8, 23))
+        fn(xs.astype(dtype), ds.astype(dtype))
+        v = 0.9 * v + xs.T @ ds
+        p = p - 0.05 * v
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(V.get_value(), v, rtol=tol, atol=tol)
+    np.testing.assert_allclose(P.get_value(), p, rtol=tol, atol=tol)
+
+
+def test_descent_step_reads_any_layout_and_keeps_an_input_read_afterwards():
+    """A transposed step is read in the parameter's order; a parameter read after the step is
+    copied, not overwritten (with and without kept outputs)."""
+    P = pytensor.shared(np.arange(6, dtype="float32").reshape(2, 3), name="p")
+    d = pt.matrix("d", dtype="float32")
+    new = DescentStep()(P, d.T, np.float32(0.5))
+    for keep in (False, True):
+        fn = pytensor.function([d], [new, P * 2], mode=backend.mode(keep_outputs=keep))
+        step = np.arange(6, dtype="float32").reshape(3, 2)
+        for _ in range(2):
+            out, doubled = fn(step)
+            np.testing.assert_array_equal(out, P.get_value() - 0.5 * step.T)
+            np.testing.assert_array_equal(doubled, 2 * np.arange(6).reshape(2, 3))
+
+
+def test_descent_step_sizes_must_agree():
+    P = pytensor.shared(np.ones(5, "float32"))
+    fn = pytensor.function([d := pt.vector("d")], DescentStep()(P, d, 0.1), mode=backend.mode())
+    with pytest.raises(ValueError, match="differ in size"):
+        fn(np.ones(4, "float32"))
+
+
+@needs_jax
+def test_jax_steps_match_c():
+    """Each step's ``jax`` form (``--backend jax``) against its C code."""
+    rng = np.random.default_rng(5)
+    p, m, d = (pt.matrix(k, dtype="float64") for k in "pmd")
+    v = pt.matrix("v", dtype="float64")
+    outs = list(AdamStep(0.9, 0.999, 1e-7)(p, m, v, d, 0.01, 1.3, 0.001)) + [DescentStep()(p, d, 0.05)]
+    values = [rng.normal(size=(6, 5)) for _ in range(4)]
+    values[2] = np.abs(values[2])  # v, a second moment
+    c = pytensor.function([p, m, v, d], outs, mode=backend.mode())
+    assert_same(jax_function([p, m, v, d], outs)(*values), c(*values), 1e-12)

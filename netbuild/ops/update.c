@@ -31,3 +31,21 @@ static void netbuild_adam_step(T* P, T* M, T* V, const T* G, npy_intp n, T step,
         netbuild_adam_span(P + i0, M + i0, V + i0, G + i0, i1 - i0, step, isb, keep, b1, b2, eps);
     });
 }
+
+/* p -= lr d, the step of SGD with momentum (d its velocity). */
+template <typename T>
+__attribute__((noinline)) static void netbuild_descent_span(T* __restrict__ P, const T* __restrict__ D,
+                                                            npy_intp n, T lr) {
+    for (npy_intp i = 0; i < n; ++i) P[i] -= lr * D[i];
+}
+
+/* Parts of at least DESCENT_PER_PART elements on threads of their own (3 streams of memory per
+   element, a third of Adam's: a part the size of Adam's would end before a second thread woke);
+   the same bits on any number of threads. */
+static const npy_intp DESCENT_PER_PART = 131072;
+template <typename T>
+static void netbuild_descent_step(T* P, const T* D, npy_intp n, T lr) {
+    netbuild_for_parts(n, DESCENT_PER_PART, [&](npy_intp i0, npy_intp i1) {
+        netbuild_descent_span(P + i0, D + i0, i1 - i0, lr);
+    });
+}

@@ -4,6 +4,9 @@ PyTensor's fused elementwise loops index every operand through run-time strides 
 float constants as doubles, so g++ cannot vectorize them; Adam's update of a 784 x 512 weight
 took 2-3 ms a step, as long as the layer's matrix products. :class:`AdamStep` reads each of
 ``p, m, v, g`` once, in one contiguous, vectorizable loop, and updates ``p, m, v`` in place.
+:class:`DescentStep` is SGD-momentum's ``p -= lr * v`` (the velocity itself is PyTensor's Gemm,
+``v = momentum * v + x.T @ delta``, in place). Both run on netbuild's threads, each element on
+its own: the same bits on any thread count.
 """
 
 from __future__ import annotations
@@ -101,6 +104,64 @@ class AdamStep(NetbuildCOp):
         return c.code()
 
 
+class DescentStep(NetbuildCOp):
+    """``(p, d, lr) -> p - lr * d``, elementwise (``d``: SGD's velocity); with ``inplace``, ``p``
+    is overwritten (the compiled function's update of its shared variable)."""
+
+    c_file = "update.c"
+    __props__ = ("inplace",)
+
+    def __init__(self, inplace: bool = False):
+        self.inplace = bool(inplace)
+        if self.inplace:
+            self.destroy_map = {0: [0]}
+
+    def make_node(self, p, d, lr):
+        p = pt.as_tensor_variable(p)
+        d = pt.as_tensor_variable(d).astype(p.dtype)
+        lr = pt.as_tensor_variable(lr).astype(p.dtype)
+        if d.type.ndim != p.type.ndim:
+            raise TypeError(f"DescentStep: {d} has {d.type.ndim} axes; expected {p.type.ndim}")
+        if lr.type.ndim != 0:
+            raise TypeError(f"DescentStep: {lr} is not a scalar")
+        return Apply(self, [p, d, lr], [p.type()])
+
+    def perform(self, node, inputs, outputs):
+        p, d, lr = inputs
+        if p.shape != d.shape:
+            raise ValueError(f"DescentStep: parameter and step differ in shape ({p.shape}, {d.shape})")
+        outputs[0][0] = np.asarray(p - lr * d, dtype=node.outputs[0].dtype)
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0]]
+
+    def jax(self, node):
+        def descent_step(p, d, lr):
+            return p - lr * d
+
+        return descent_step
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        if node.outputs[0].dtype not in CTYPES:
+            raise NotImplementedError(f"DescentStep: no C code for {node.outputs[0].dtype}")
+        p, d, lr = inputs
+        c = CCall(self, node, name, sub)
+        c.line(f"const npy_intp n_ = PyArray_SIZE({p});")
+        c.check(f"PyArray_SIZE({d}) == n_", "parameter and step differ in size (%ld, %ld)",
+                "(long)n_", f"(long)PyArray_SIZE({d})")
+        p_out = c.updated(outputs[0], p, self.inplace)
+        step = c.input(d)
+        c.run(f"netbuild_descent_step<T_>({p_out}, {step}, n_, "
+              f"((dtype_{lr}*)PyArray_DATA({lr}))[0])")
+        return c.code()
+
+
+def descent_step(p, d, lr):
+    """``p - lr * d`` (:class:`DescentStep`); compiling makes it work in place where the graph
+    allows."""
+    return DescentStep()(p, d, lr)
+
+
 def adam_step(p, m, v, g, step_size, inv_sqrt_bc2, decay, beta1, beta2, epsilon):
     """The three outputs ``(p', m', v')`` of :class:`AdamStep`; compiling makes it work in place
     where the graph allows (a user's graph may not hold in-place ops)."""
@@ -117,7 +178,18 @@ def inplace_adam_step(fgraph, node):
     return op(*node.inputs, return_list=True)
 
 
+@node_rewriter([DescentStep], inplace=True)
+def inplace_descent_step(fgraph, node):
+    """Update ``p`` in place, where PyTensor's destroy handler allows it."""
+    if node.op.inplace:
+        return False
+    return [DescentStep(inplace=True)(*node.inputs)]
+
+
 # In PyTensor's "inplace" phase, beside its own in-place rewrites.
+optdb.register("netbuild_inplace_descent_step",
+               WalkingGraphRewriter(inplace_descent_step, failure_callback=WalkingGraphRewriter.warn_inplace),
+               "fast_run", "inplace", position=50.1)
 optdb.register("netbuild_inplace_adam_step",
                WalkingGraphRewriter(inplace_adam_step, failure_callback=WalkingGraphRewriter.warn_inplace),
                "fast_run", "inplace", position=50.1)
