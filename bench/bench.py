@@ -325,15 +325,16 @@ def compile_seconds(name: str, compiledir: Path) -> dict:
     return result
 
 
-def paired_gain(name: str, optimizer: str, rounds: int, workdir: Path) -> float:
+def paired_gain(name: str, optimizer: str, rounds: int, workdir: Path) -> dict:
     """netbuild's gain from 1 thread to every core measured in one process: one Trainer, epochs
     on 1 thread and on every core alternating for ``rounds`` rounds, the median of the rounds'
-    paired ratios (``bench/threads.py``, run at the user's defaults)."""
+    paired ratios (``bench/threads.py``, run at the user's defaults). Returns its row: ``gain``,
+    and every epoch (``one``, ``many``)."""
     out = workdir / f"gain-{name}-{optimizer}.json"
     subprocess.run([sys.executable, str(HERE / "threads.py"), "--models", name, "--optimizers",
                     optimizer, "--rounds", str(rounds), "--out", str(workdir / "threads.md"),
                     "--json", str(out)], env=_clean_env(), capture_output=True, text=True, check=True)
-    return json.loads(out.read_text())[0]["gain"]
+    return json.loads(out.read_text())[0]
 
 
 def _compile_only(name: str) -> None:
@@ -571,6 +572,11 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
         lines.append(f"- {r['model']}, {r['optimizer']}, {r['setting']}: netbuild "
                      f"{', '.join(_fmt(v) for v in r['netbuild_all'])}; PyTorch "
                      f"{', '.join(_fmt(v) for v in r['torch_all'])}{jax}{bound}")
+        if r.get("paired_epochs"):
+            one, many = r["paired_epochs"]
+            lines.append(f"- {r['model']}, {r['optimizer']}, paired in one process: netbuild 1 "
+                         f"thread {', '.join(_fmt(v) for v in one)}; every core "
+                         f"{', '.join(_fmt(v) for v in many)}")
     if memory:
         lines += ["", f"Peak memory of `netbuild train` on a {memory['npz_bytes'] / 2**30:.2f} GiB "
                       f"float32 npz (small MLP, validation_split 0.05, one epoch): "
@@ -637,7 +643,9 @@ def main() -> None:
                 if "defaults" in by_setting and "1 thread" in by_setting:
                     d, one = by_setting["defaults"], by_setting["1 thread"]
                     d["speedup"] = {tool: d[tool] / one[tool] for tool in ("netbuild", "torch")}
-                    d["speedup"]["paired"] = paired_gain(name, optimizer, args.rounds, tmp)
+                    pair = paired_gain(name, optimizer, args.rounds, tmp)
+                    d["speedup"]["paired"] = pair["gain"]
+                    d["paired_epochs"] = (pair["one"], pair["many"])
         memory = None if args.no_memory else peak_memory(tmp)
     print(write_results(Path(args.out), env, rows, compiles, memory, args.rounds))
 
