@@ -51,7 +51,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1:][:1] == ["netbuild"]:
+if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1:][:1] in (["netbuild"],
+                                                                                ["bound"]):
     import netbuild  # noqa: F401  first, as `netbuild train` does (before numpy: netbuild.threads)
 #: The environment as the bench was started, before importing netbuild sets thread variables of
 #: its own in this process: what the workers start from.
@@ -238,13 +239,15 @@ class Worker:
 # -- the matrix-product bound --------------------------------------------------------------------
 class StepProducts:
     """The MLP's matrix-product bound: an epoch of nothing but each training step's matrix
-    products (float32), in the step's order, on the step's batches (the same epoch order as
-    netbuild's), with the layouts the step uses (``x.T`` as a view) and outputs written into
-    buffers allocated once. Only the products are timed, not the gather of each batch.
+    products (float32) on the step's batches (the same epoch order as netbuild's), with the
+    layouts the step uses (``x.T`` as a view) and outputs written into buffers allocated once.
+    Only the products are timed, not the gather of each batch.
 
-    ``engine`` "numpy": numpy's ``dot`` (the one-thread bound); "netbuild": one compiled function
-    of the same products on netbuild's own product op (:class:`netbuild.ops.dense.MatrixProduct`,
-    on every core at the defaults): what netbuild's step would reach if all else were free."""
+    ``engine`` "numpy": numpy's ``dot``, in the step's order (the one-thread bound); "netbuild":
+    one compiled function of the same products on netbuild's own product op
+    (:class:`netbuild.ops.dense.MatrixProduct`, on every core at the defaults; in the order
+    PyTensor schedules them): what netbuild's step would reach if all else were free. The
+    worker imports netbuild first (its thread settings, before numpy loads OpenBLAS)."""
 
     def __init__(self, model, engine: str = "numpy"):
         import numpy as np
@@ -279,7 +282,6 @@ class StepProducts:
     def _compiled(self):
         """The same products as one function in netbuild's mode (its threads, its products),
         each written to a shared variable whose buffer the next call reuses."""
-        import netbuild  # noqa: F401  first: its thread settings, before OpenBLAS loads
         import numpy as np
         import pytensor
         import pytensor.tensor as pt
@@ -439,8 +441,8 @@ def environment() -> dict:
     threads.apply(1)
     gflops = measure_gemm()
     threads.apply(threads.available_cores())
-    # The bound runs on numpy's OpenBLAS, netbuild on scipy-openblas32: both are shown, with
-    # each one's 1024 x 1024 sgemm rate on one thread.
+    # The one-thread bound runs on numpy's OpenBLAS, netbuild on scipy-openblas32: both are
+    # shown, with netbuild's 1024 x 1024 sgemm rate on one thread.
     return {"cpu": cpu, "cores the process may use": threads.available_cores(),
             "python": platform.python_version(), "pytensor": pytensor.__version__,
             "torch": torch.__version__, "torch default threads": torch.get_num_threads(),
@@ -448,7 +450,7 @@ def environment() -> dict:
             "netbuild blas": f"{backend.blas_source()} {_version('scipy-openblas32')}",
             "netbuild blas kernels": backend.blas_core(),
             "netbuild sgemm_gflops (1 thread)": round(gflops, 1),
-            "numpy blas (the bound's)": numpy_blas,
+            "numpy blas (the one-thread bound's)": numpy_blas,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(not set)")}
 
 
@@ -585,8 +587,10 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
                   "buffers allocated once: what a step costs if everything else were free, in "
                   "the same rounds as the rows above. **1 thread**: numpy's products (target: "
                   f"netbuild at {BOUND_TARGET:.1f}x of it); **defaults**: netbuild's own product "
-                  "op on every core (one compiled function of the products alone), so bound / "
-                  "PyTorch is the most netbuild's step could reach against PyTorch's. "
+                  "op on every core (one compiled function of the products alone). Bound / "
+                  "PyTorch: the most netbuild's step could reach against PyTorch's in those "
+                  "rounds if all but its products were free (on one thread, netbuild's products "
+                  "are single-threaded OpenBLAS calls, as numpy's). "
                   "\"Products in cache\" (1 thread) sums the same products each timed alone, "
                   "repeated with its operands in cache: faster than any step can run them.", "",
                   "| model | optimizer | setting | netbuild samples/s | bound samples/s | "

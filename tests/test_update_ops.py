@@ -75,24 +75,29 @@ def test_not_in_place_when_the_input_is_read_afterwards():
             np.testing.assert_allclose(P.get_value(), 1.0)
 
 
-def test_sizes_must_agree():
-    P = pytensor.shared(np.ones(5, "float32"))
-    fn = pytensor.function([g := pt.vector("g")], AdamStep(0.9, 0.999, 1e-7)(
-        P, P * 0, P * 0, g, 0.1, 1.0, 0.0)[0], mode=backend.mode())
-    with pytest.raises(ValueError, match="differ in size"):
-        fn(np.ones(4, "float32"))
+@pytest.mark.parametrize("linker", ["c", "py"])
+@pytest.mark.parametrize("shape", [(4,), (3, 2)], ids=["size", "layout"])
+def test_shapes_must_agree(linker, shape):
+    """A gradient of another shape is refused, also one of the same size ((3, 2) for (2, 3)),
+    by the C and by ``perform`` alike."""
+    P = pytensor.shared(np.ones((2, 3) if len(shape) == 2 else 5, "float32"))
+    g = pt.tensor("g", dtype="float32", shape=(None,) * len(shape))
+    mode = backend.mode() if linker == "c" else "FAST_COMPILE"
+    fn = pytensor.function([g], AdamStep(0.9, 0.999, 1e-7)(P, P * 0, P * 0, g, 0.1, 1.0, 0.0)[0],
+                           mode=mode)
+    with pytest.raises(ValueError, match="the parameter and its gradient differ in shape"):
+        fn(np.ones(shape, "float32"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_descent_step_in_place_matches_numpy(dtype, transposed):
+def test_descent_step_in_place_matches_numpy(dtype):
     """SGD-momentum as netbuild compiles it: the velocity a Gemm in place, then ``p -= lr * v``
-    in place on the parameter (a transposed velocity is read in the parameter's order)."""
+    in place on the parameter's own buffer."""
     with pytensor.config.change_flags(floatX=dtype):  # the momentum constant in this precision
-        _check_descent(dtype, transposed)
+        _check_descent(dtype)
 
 
-def _check_descent(dtype, transposed):
+def _check_descent(dtype):
     rng = np.random.default_rng(2)
     p0 = rng.standard_normal((37, 23)).astype(dtype)
     P = pytensor.shared(p0.copy(), name="p")
@@ -100,11 +105,11 @@ def _check_descent(dtype, transposed):
     x, delta = pt.matrix("x", dtype=dtype), pt.matrix("delta", dtype=dtype)
     lr = pytensor.shared(np.asarray(0.05, dtype), name="lr")
     v_new = 0.9 * V + pt.dot(x.T, delta)
-    step = (v_new.T.copy()).T if transposed else v_new  # a column-ordered array when transposed
-    fn = pytensor.function([x, delta], [], updates={V: v_new, P: DescentStep()(P, step, lr)},
+    fn = pytensor.function([x, delta], [], updates={V: v_new, P: DescentStep()(P, v_new, lr)},
                            mode=backend.mode())
     ops = [n.op for n in fn.maker.fgraph.toposort() if isinstance(n.op, DescentStep)]
     assert len(ops) == 1 and ops[0].inplace
+    held = P.get_value(borrow=True)
     p, v = p0.astype("float64"), np.zeros((37, 23))
     for _ in range(3):
         xs, ds = rng.standard_normal((8, 37)), rng.standard_normal((8, 23))
@@ -114,6 +119,40 @@ def _check_descent(dtype, transposed):
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(V.get_value(), v, rtol=tol, atol=tol)
     np.testing.assert_allclose(P.get_value(), p, rtol=tol, atol=tol)
+    assert P.get_value(borrow=True) is held  # updated in its own buffer
+
+
+def test_descent_step_in_place_reads_a_step_of_any_layout():
+    """In place, a column-ordered step, and a row-ordered one seen transposed, are read in the
+    parameter's order."""
+    P = pytensor.shared(np.arange(6, dtype="float32").reshape(2, 3), name="p")
+    held = P.get_value(borrow=True)
+    d = pt.matrix("d", dtype="float32")
+    base = np.arange(6, dtype="float32").reshape(2, 3) * 0.25 + 1
+    for step_of, given in ((lambda d: d, np.asfortranarray(base)),
+                           (lambda d: d.T, np.ascontiguousarray(base.T))):
+        fn = pytensor.function([d], [], updates={P: DescentStep()(P, step_of(d), np.float32(0.5))},
+                               mode=backend.mode())
+        ops = [n.op for n in fn.maker.fgraph.toposort() if isinstance(n.op, DescentStep)]
+        assert len(ops) == 1 and ops[0].inplace
+        before = P.get_value().copy()
+        fn(given)
+        np.testing.assert_array_equal(P.get_value(borrow=True), before - 0.5 * base)
+        assert P.get_value(borrow=True) is held
+
+
+def test_descent_step_perform_matches_c():
+    """The op's Python ``perform`` (PyTensor's Python linker) against its C."""
+    rng = np.random.default_rng(6)
+    p, d = pt.matrix("p", dtype="float64"), pt.matrix("d", dtype="float64")
+    lr = pt.scalar("lr", dtype="float64")
+    out = DescentStep()(p, d, lr)
+    values = [rng.normal(size=(7, 4)), rng.normal(size=(7, 4)), 0.3]
+    py = pytensor.function([p, d, lr], out, mode="FAST_COMPILE")
+    c = pytensor.function([p, d, lr], out, mode=backend.mode())
+    want = values[0] - 0.3 * values[1]
+    np.testing.assert_allclose(py(*values), want, rtol=1e-15)
+    np.testing.assert_allclose(c(*values), want, rtol=1e-12, atol=1e-15)  # g++ may fuse: FMA
 
 
 def test_descent_step_reads_any_layout_and_keeps_an_input_read_afterwards():
@@ -131,11 +170,14 @@ def test_descent_step_reads_any_layout_and_keeps_an_input_read_afterwards():
             np.testing.assert_array_equal(doubled, 2 * np.arange(6).reshape(2, 3))
 
 
-def test_descent_step_sizes_must_agree():
-    P = pytensor.shared(np.ones(5, "float32"))
-    fn = pytensor.function([d := pt.vector("d")], DescentStep()(P, d, 0.1), mode=backend.mode())
-    with pytest.raises(ValueError, match="differ in size"):
-        fn(np.ones(4, "float32"))
+@pytest.mark.parametrize("linker", ["c", "py"])
+def test_descent_step_shapes_must_agree(linker):
+    """A step of the parameter's size in another shape is refused, by the C and ``perform``."""
+    P = pytensor.shared(np.ones((2, 3), "float32"))
+    mode = backend.mode() if linker == "c" else "FAST_COMPILE"
+    fn = pytensor.function([d := pt.matrix("d")], DescentStep()(P, d, 0.1), mode=mode)
+    with pytest.raises(ValueError, match="the parameter and its step differ in shape"):
+        fn(np.ones((3, 2), "float32"))
 
 
 @needs_jax

@@ -40,8 +40,8 @@ __attribute__((noinline)) static void netbuild_descent_span(T* __restrict__ P, c
 }
 
 /* Parts of at least DESCENT_PER_PART elements on threads of their own (3 streams of memory per
-   element, a third of Adam's: a part the size of Adam's would end before a second thread woke);
-   the same bits on any number of threads. */
+   element, against Adam's 7: a part needs twice Adam's elements to be worth a thread; a 512 x 256
+   weight is one part); the same bits on any number of threads. */
 static const npy_intp DESCENT_PER_PART = 131072;
 template <typename T>
 static void netbuild_descent_step(T* P, const T* D, npy_intp n, T lr) {

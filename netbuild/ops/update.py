@@ -20,6 +20,21 @@ from pytensor.graph.rewriting.basic import WalkingGraphRewriter, node_rewriter
 from . import CTYPES, CCall, NetbuildCOp
 
 
+def _same_shape(c: CCall, p: str, other: str, label: str) -> None:
+    """C: ValueError unless ``other`` has the parameter ``p``'s shape (same message as
+    :func:`_same_shape_py`)."""
+    c.check(f"PyArray_NDIM({other}) == PyArray_NDIM({p}) && PyArray_CompareLists("
+            f"PyArray_DIMS({other}), PyArray_DIMS({p}), PyArray_NDIM({p}))",
+            f"the parameter and its {label} differ in shape (%ld and %ld elements)",
+            f"(long)PyArray_SIZE({p})", f"(long)PyArray_SIZE({other})")
+
+
+def _same_shape_py(op, p, other, label: str) -> None:
+    if p.shape != other.shape:
+        raise ValueError(f"{op}: the parameter and its {label} differ in shape "
+                         f"({p.size} and {other.size} elements)")
+
+
 class AdamStep(NetbuildCOp):
     """``(p, m, v, g, step_size, inv_sqrt_bc2, decay) -> (p', m', v')``, elementwise::
 
@@ -57,6 +72,8 @@ class AdamStep(NetbuildCOp):
 
     def perform(self, node, inputs, outputs):
         p, m, v, g, step, isb, decay = inputs
+        for other, label in ((m, "first moment"), (v, "second moment"), (g, "gradient")):
+            _same_shape_py(self, p, other, label)
         m2 = self.beta1 * m + (1 - self.beta1) * g
         v2 = self.beta2 * v + (1 - self.beta2) * g * g
         p2 = (1 - decay) * p - step * m2 / (np.sqrt(v2) * isb + self.epsilon)
@@ -90,9 +107,8 @@ class AdamStep(NetbuildCOp):
         p, m, v, g, step, isb, decay = inputs
         c = CCall(self, node, name, sub)
         c.line(f"const npy_intp n_ = PyArray_SIZE({p});")
-        c.check(f"PyArray_SIZE({m}) == n_ && PyArray_SIZE({v}) == n_ && PyArray_SIZE({g}) == n_",
-                "parameter, moments and gradient differ in size (%ld, %ld, %ld, %ld)", "(long)n_",
-                f"(long)PyArray_SIZE({m})", f"(long)PyArray_SIZE({v})", f"(long)PyArray_SIZE({g})")
+        for other, label in ((m, "first moment"), (v, "second moment"), (g, "gradient")):
+            _same_shape(c, p, other, label)
         # the outputs are p, m, v themselves (in place) or copies of them
         p_out, m_out, v_out = (c.updated(out, src, self.inplace)
                                for out, src in zip(outputs, (p, m, v)))
@@ -128,8 +144,7 @@ class DescentStep(NetbuildCOp):
 
     def perform(self, node, inputs, outputs):
         p, d, lr = inputs
-        if p.shape != d.shape:
-            raise ValueError(f"DescentStep: parameter and step differ in shape ({p.shape}, {d.shape})")
+        _same_shape_py(self, p, d, "step")
         outputs[0][0] = np.asarray(p - lr * d, dtype=node.outputs[0].dtype)
 
     def infer_shape(self, fgraph, node, shapes):
@@ -147,8 +162,7 @@ class DescentStep(NetbuildCOp):
         p, d, lr = inputs
         c = CCall(self, node, name, sub)
         c.line(f"const npy_intp n_ = PyArray_SIZE({p});")
-        c.check(f"PyArray_SIZE({d}) == n_", "parameter and step differ in size (%ld, %ld)",
-                "(long)n_", f"(long)PyArray_SIZE({d})")
+        _same_shape(c, p, d, "step")
         p_out = c.updated(outputs[0], p, self.inplace)
         step = c.input(d)
         c.run(f"netbuild_descent_step<T_>({p_out}, {step}, n_, "
