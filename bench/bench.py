@@ -22,9 +22,9 @@ epochs on 1 thread and on every core alternating, seconds apart, where the worke
 come from processes minutes apart.
 
 Also measured: the matrix-product bound of the MLP (an epoch of nothing but each training step's
-matrix products, in the step's order, on the step's batches: numpy's on one thread, with, for
+matrix products on the step's batches: numpy's on one thread, in the step's order, with, for
 reference, the sum of the products each timed alone with its operands in cache; netbuild's own
-product op on every core at the defaults), the compile time
+product op on every core at the defaults, in PyTensor's order), the compile time
 of each training function with an empty compile cache (a fresh PyTensor compiledir, in a new
 process) and with a warm one, and the peak memory (max RSS) of ``netbuild train`` on a 1 GiB
 float32 npz.
@@ -260,11 +260,14 @@ class StepProducts:
         self.model = model
         self.x, _ = model.data()
         self.w = [rng.standard_normal(shape, dtype=np.float32) for shape in widths]
-        self.h = [np.empty((b, n), np.float32) for _, n in widths]      # layer outputs
         self.dy = [rng.standard_normal((b, n), dtype=np.float32) for _, n in widths]
-        self.dw = [np.empty(shape, np.float32) for shape in widths]
-        self.dx = [np.empty((b, k), np.float32) for k, _ in widths]
-        self._step = self._numpy_step if engine == "numpy" else self._compiled()
+        if engine == "numpy":
+            self.h = [np.empty((b, n), np.float32) for _, n in widths]      # layer outputs
+            self.dw = [np.empty(shape, np.float32) for shape in widths]
+            self.dx = [np.empty((b, k), np.float32) for k, _ in widths]
+            self._step = self._numpy_step
+        else:
+            self._step = self._compiled()
 
     def _numpy_step(self, x) -> None:
         import numpy as np
@@ -583,11 +586,11 @@ def write_results(path: Path, env: dict, rows: list[dict], compiles: dict, memor
     bound_rows = [r for r in rows if r.get("bound")]
     if bound_rows:
         lines += ["", "The MLP's matrix-product bound: an epoch of nothing but each training "
-                  "step's matrix products, in the step's order, on the step's batches, into "
-                  "buffers allocated once: what a step costs if everything else were free, in "
-                  "the same rounds as the rows above. **1 thread**: numpy's products (target: "
-                  f"netbuild at {BOUND_TARGET:.1f}x of it); **defaults**: netbuild's own product "
-                  "op on every core (one compiled function of the products alone). Bound / "
+                  "step's matrix products on the step's batches, into buffers allocated once: what a step costs if everything else were free, in "
+                  "the same rounds as the rows above. **1 thread**: numpy's products, in the step's "
+                  f"order (target: netbuild at {BOUND_TARGET:.1f}x of it); **defaults**: "
+                  "netbuild's own product op on every core (one compiled function of the "
+                  "products alone, in PyTensor's order). Bound / "
                   "PyTorch: the most netbuild's step could reach against PyTorch's in those "
                   "rounds if all but its products were free (on one thread, netbuild's products "
                   "are single-threaded OpenBLAS calls, as numpy's). "

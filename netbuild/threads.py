@@ -8,10 +8,10 @@ v2, ``cpu.cfs_quota_us`` in v1, as ``docker --cpus`` sets it), whichever is smal
 The same count goes to netbuild's own C ops (OpenMP: convolution and pooling over the images of
 a batch, the recurrent layers and their input projections over the rows of the batch, the dense
 layers' matrix products over the rows or columns of their result and attention's batched ones
-over the batch, Adam's and SGD-momentum's updates over the elements) and to OpenBLAS (what PyTensor still gives
-it: matrix-vector and outer products). The two take
-turns and never run at once: inside one of netbuild's parallel loops every BLAS call runs on its
-caller's thread (the ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
+over the batch, Adam's and SGD-momentum's updates over the elements) and to OpenBLAS (what
+PyTensor still gives it: matrix-vector and outer products). The two take turns and never run at
+once: inside one of netbuild's parallel loops every BLAS call runs on its caller's thread (the
+ops set OpenBLAS to one thread for the loop: ``netbuild_serial_blas`` in
 ``netbuild/ops/blas.c``), so threads never outnumber the cores.
 """
 

@@ -58,6 +58,9 @@ class AdamStep(NetbuildCOp):
         if self.inplace:
             self.destroy_map = {0: [0], 1: [1], 2: [2]}
 
+    def in_place(self) -> "AdamStep":
+        return AdamStep(self.beta1, self.beta2, self.epsilon, inplace=True)
+
     def make_node(self, p, m, v, g, step_size, inv_sqrt_bc2, decay):
         p = pt.as_tensor_variable(p)
         tensors = [p] + [pt.as_tensor_variable(t).astype(p.dtype) for t in (m, v, g)]
@@ -132,6 +135,9 @@ class DescentStep(NetbuildCOp):
         if self.inplace:
             self.destroy_map = {0: [0]}
 
+    def in_place(self) -> "DescentStep":
+        return DescentStep(inplace=True)
+
     def make_node(self, p, d, lr):
         p = pt.as_tensor_variable(p)
         d = pt.as_tensor_variable(d).astype(p.dtype)
@@ -182,28 +188,16 @@ def adam_step(p, m, v, g, step_size, inv_sqrt_bc2, decay, beta1, beta2, epsilon)
     return AdamStep(beta1, beta2, epsilon)(p, m, v, g, step_size, inv_sqrt_bc2, decay)
 
 
-@node_rewriter([AdamStep], inplace=True)
-def inplace_adam_step(fgraph, node):
-    """Update ``p, m, v`` in place (PyTensor's destroy handler refuses it where they are still
-    read afterwards, or are not the function's own shared variables)."""
+@node_rewriter([AdamStep, DescentStep], inplace=True)
+def inplace_update_step(fgraph, node):
+    """Update the parameter (and Adam's moments) in place (PyTensor's destroy handler refuses it
+    where they are still read afterwards, or are not the function's own shared variables)."""
     if node.op.inplace:
         return False
-    op = AdamStep(node.op.beta1, node.op.beta2, node.op.epsilon, inplace=True)
-    return op(*node.inputs, return_list=True)
-
-
-@node_rewriter([DescentStep], inplace=True)
-def inplace_descent_step(fgraph, node):
-    """Update ``p`` in place, where PyTensor's destroy handler allows it."""
-    if node.op.inplace:
-        return False
-    return [DescentStep(inplace=True)(*node.inputs)]
+    return node.op.in_place()(*node.inputs, return_list=True)
 
 
 # In PyTensor's "inplace" phase, beside its own in-place rewrites.
-optdb.register("netbuild_inplace_descent_step",
-               WalkingGraphRewriter(inplace_descent_step, failure_callback=WalkingGraphRewriter.warn_inplace),
-               "fast_run", "inplace", position=50.1)
-optdb.register("netbuild_inplace_adam_step",
-               WalkingGraphRewriter(inplace_adam_step, failure_callback=WalkingGraphRewriter.warn_inplace),
+optdb.register("netbuild_inplace_update_step",
+               WalkingGraphRewriter(inplace_update_step, failure_callback=WalkingGraphRewriter.warn_inplace),
                "fast_run", "inplace", position=50.1)
